@@ -1,0 +1,1 @@
+"""Plumbing shared by every service: config, Kafka bus, model store, auth, gRPC server."""
