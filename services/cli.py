@@ -1,0 +1,136 @@
+"""The `flywheel` command. Subcommands import their service lazily, so `--help` is instant
+and no subcommand needs a GPU (or torch) before it does real work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+SERVICES = {
+    "policy": (50051, 8080, "the policy: generation over gRPC, TGI and OpenAI HTTP routes, hot swap"),
+    "feedback": (50052, 8082, "feedback intake: validation, auth, durable hand-off to Kafka"),
+    "reward": (50053, 8083, "preference join, online reward-model training and scoring"),
+    "trainer": (50054, 8084, "continuous PPO, checkpoints, the promotion gate"),
+}
+
+
+def _not_built(what: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    """A command whose service has not landed yet: say so and fail; never pretend."""
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"flywheel {what}: not built yet (tracked in issue {issue}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from flywheel.core import brokers
+
+    if args.impl == "kafka":
+        return brokers.main(["kafka", "run", "--port", str(args.port), "--dir", args.dir])
+    return brokers.run_embedded(args.port)
+
+
+def _models_store(args: argparse.Namespace):
+    from flywheel.core.config import load
+    from flywheel.core.modelstore import ModelStore, ModelStoreConfig
+
+    cfg = load(ModelStoreConfig, root=args.store)
+    return ModelStore(cfg.root)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    store = _models_store(args)
+    names = [args.model] if args.model else store.models()
+    if not names:
+        print(f"no models in {store.root}")
+    for name in names:
+        for m in store.list_versions(name):
+            flags = " promoted" if m.promoted else ""
+            gate = f" gate={m.gate}" if m.gate else ""
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+            print(f"{name} v{m.version} parent=v{m.parent} {m.created_at}{flags}{gate} {metrics}".rstrip())
+    return 0
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    from flywheel.core.errors import FlywheelError
+
+    store = _models_store(args)
+    try:
+        path = store.verify(args.model, args.version)
+    except FlywheelError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"ok: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flywheel",
+        description="Flywheel: online RLHF. Serve a policy, learn a reward model from live user feedback, "
+        "improve the policy with PPO and hot-swap it while serving.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the embedded broker and all four services, print their endpoints")
+    up.set_defaults(run=_not_built("up", 6))
+
+    demo = sub.add_parser("demo", help="`up` plus a panel of simulated users; leaves DIR/report.json and report.png")
+    demo.add_argument("--minutes", type=float, default=20, help="time limit in minutes")
+    demo.add_argument("--out", default="runs/demo", help="directory for report.json and report.png")
+    demo.set_defaults(run=_not_built("demo", 6))
+
+    serve = sub.add_parser("serve", help="run one service (gRPC + HTTP with /metrics)")
+    serve_sub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name, (grpc_port, http_port, about) in SERVICES.items():
+        s = serve_sub.add_parser(name, help=about)
+        s.add_argument("--grpc-port", type=int, default=grpc_port, help=f"gRPC port (default {grpc_port})")
+        s.add_argument("--http-port", type=int, default=http_port, help=f"HTTP port (default {http_port})")
+        issue = {"policy": 3, "feedback": 4, "reward": 4, "trainer": 5}[name]
+        s.set_defaults(run=_not_built(f"serve {name}", issue))
+
+    broker = sub.add_parser("broker", help="run a local Kafka-compatible broker in the foreground")
+    broker.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
+    broker.add_argument(
+        "--impl",
+        choices=["tansu", "kafka"],
+        default="tansu",
+        help="tansu: the embedded in-memory broker (default); kafka: Apache Kafka in KRaft mode from Maven Central jars",
+    )
+    broker.add_argument(
+        "--dir", default=".cache/kafka", help="data directory for --impl kafka (persists across restarts)"
+    )
+    broker.set_defaults(run=_broker)
+
+    models = sub.add_parser("models", help="inspect the model store (FLYWHEEL_MODEL_STORE)")
+    models.add_argument("--store", default=None, help="model store root (default: FLYWHEEL_MODEL_STORE)")
+    models_sub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = models_sub.add_parser("list", help="versions with lineage, metrics and promotion")
+    listing.add_argument("model", nargs="?", help="model name (default: all)")
+    listing.set_defaults(run=_models_list)
+    verify = models_sub.add_parser("verify", help="check every file of a version against its manifest's sha256")
+    verify.add_argument("model", help="model name, e.g. policy")
+    verify.add_argument("version", type=int, nargs="?", default=None, help="version (default: latest)")
+    verify.set_defaults(run=_models_verify)
+    init = models_sub.add_parser("init", help="build the starter policy and reward model (version 0)")
+    init.set_defaults(run=_not_built("models init", 3))
+
+    bench = sub.add_parser("bench", help="run the benchmarks under bench/ (each prints a ratio to its baseline)")
+    bench.set_defaults(run=_not_built("bench", 5))
+
+    ops = sub.add_parser("ops", help="operate a Kubernetes deployment: status, promote, rollback")
+    ops.set_defaults(run=_not_built("ops", 7))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The `flywheel` command: real subprocesses, as a user runs it."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def flywheel(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_contract_command():
+    r = flywheel("--help")
+    assert r.returncode == 0
+    for cmd in ("up", "demo", "serve", "broker", "models", "bench", "ops"):
+        assert f"    {cmd} " in r.stdout
+
+
+def test_serve_help_has_ports_for_each_service():
+    for service, port in (("policy", 50051), ("feedback", 50052), ("reward", 50053), ("trainer", 50054)):
+        r = flywheel("serve", service, "--help")
+        assert r.returncode == 0 and "--grpc-port" in r.stdout and "--http-port" in r.stdout and str(port) in r.stdout
+
+
+@pytest.mark.parametrize("args", [["up"], ["demo", "--minutes", "1"], ["ops"], ["models", "init"]])
+def test_unbuilt_commands_say_so_and_fail(args):
+    r = flywheel(*args)
+    assert r.returncode == 2
+    assert "not built yet" in r.stderr
+
+
+def test_unknown_command_is_an_error():
+    r = flywheel("fly")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
