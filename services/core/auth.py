@@ -1,0 +1,300 @@
+"""Feedback tokens and caller identity.
+
+A feedback token proves that a caller really received an answer: the policy service signs
+(interaction_id, policy_version, user_id, issued, expiry) with HMAC-SHA256 and the feedback
+service checks it before it accepts a rating (DESIGN.md, 'Rules that hold everywhere').
+Callers identify themselves with `authorization: Bearer <token>` in gRPC metadata or the HTTP
+header of the same name; the token is an API key or the admin token.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flywheel.core import errors
+from flywheel.core.config import require, setting
+
+log = logging.getLogger(__name__)
+
+_TOKEN_VERSION = 1
+_FP_LEN = 6  # bytes of keyed fingerprint per bound field, only to tell *which* binding failed
+# version, policy_version, issued, expiry, fp(interaction), fp(user), full HMAC-SHA256
+_TOKEN_LAYOUT = struct.Struct(f">Bqqq{_FP_LEN}s{_FP_LEN}s32s")
+
+_process_key: bytes | None = None
+_process_key_lock = threading.Lock()
+
+
+def process_key() -> bytes:
+    """A random key shared by everything in this process; used when no FLYWHEEL_HMAC_KEY is set."""
+    global _process_key
+    with _process_key_lock:
+        if _process_key is None:
+            _process_key = secrets.token_bytes(32)
+            log.warning(
+                "FLYWHEEL_HMAC_KEY is not set: feedback tokens are signed with a random per-process key, "
+                "so only this process can verify them and they die with it. Set FLYWHEEL_HMAC_KEY "
+                "(the same value on policy and feedback) for anything beyond a single-process dev run."
+            )
+        return _process_key
+
+
+@dataclasses.dataclass
+class AuthConfig:
+    """Keys for feedback tokens and for callers."""
+
+    hmac_key: str = setting(
+        "",
+        "Secret that signs feedback tokens (16+ bytes); policy and feedback need the same value. "
+        "Empty: a random per-process key with a warning, fine only for a single-process dev run.",
+        env="FLYWHEEL_HMAC_KEY",
+    )
+    token_ttl_s: int = setting(
+        7 * 24 * 3600, "How long a feedback token stays valid, in seconds.", env="FLYWHEEL_TOKEN_TTL_S"
+    )
+    api_keys: list[str] = setting(
+        [],
+        "Caller API keys, comma-separated, each `key` or `name:key`. Empty: callers need no key.",
+        env="FLYWHEEL_API_KEYS",
+    )
+    admin_token: str = setting(
+        "",
+        "Bearer token for admin calls (Promote, Rollback, Pause, ...). Empty: admin calls are refused.",
+        env="FLYWHEEL_ADMIN_TOKEN",
+    )
+    require_api_key: bool = setting(
+        True,
+        "When api_keys is set, refuse callers without a key. False: anonymous callers are allowed too, "
+        "and a key only names its caller (an unknown key is still refused).",
+        env="FLYWHEEL_REQUIRE_API_KEY",
+    )
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        require(
+            not self.hmac_key or len(self.hmac_key.encode()) >= 16,
+            n,
+            "hmac_key",
+            "<hidden>",
+            "use at least 16 bytes, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+        )
+        require(self.token_ttl_s > 0, n, "token_ttl_s", self.token_ttl_s, "use a positive number of seconds")
+        names = [name for name, _ in self.named_keys()]
+        require(len(set(names)) == len(names), n, "api_keys", names, "give every key its own name (name:key)")
+        for name, key in self.named_keys():
+            require(bool(key), n, "api_keys", name, "an entry has an empty key: write `key` or `name:key`")
+        require(
+            not self.admin_token or len(self.admin_token) >= 16,
+            n,
+            "admin_token",
+            "<hidden>",
+            "use at least 16 characters",
+        )
+        require(
+            self.admin_token not in {k for _, k in self.named_keys()},
+            n,
+            "admin_token",
+            "<hidden>",
+            "the admin token must differ from every API key",
+        )
+
+    def named_keys(self) -> list[tuple[str, str]]:
+        """(name, key) per API key; an unnamed key is called key1, key2, ... by position."""
+        out = []
+        for i, entry in enumerate(self.api_keys, 1):
+            name, sep, key = entry.strip().partition(":")
+            out.append((name.strip(), key.strip()) if sep else (f"key{i}", name.strip()))
+        return out
+
+    def signer(self) -> TokenSigner:
+        """The TokenSigner for this config (the per-process key when hmac_key is empty)."""
+        key = self.hmac_key.encode() if self.hmac_key else process_key()
+        return TokenSigner(key, self.token_ttl_s)
+
+
+# ---------------------------------------------------------------------------- feedback tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenClaims:
+    """What a verified feedback token vouches for."""
+
+    interaction_id: str
+    user_id: str
+    policy_version: int
+    issued_at: int  # unix seconds
+    expires_at: int  # unix seconds
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class TokenSigner:
+    """Issues and verifies feedback tokens: HMAC-SHA256, url-safe, about 90 characters."""
+
+    def __init__(self, key: bytes, ttl_s: int) -> None:
+        if len(key) < 16:
+            raise ValueError("feedback token key must be at least 16 bytes")
+        if ttl_s <= 0:
+            raise ValueError("feedback token ttl_s must be positive")
+        self._key = key
+        self.ttl_s = int(ttl_s)
+
+    def _fingerprint(self, kind: str, value: str) -> bytes:
+        return hmac.new(self._key, f"fp\0{kind}\0{value}".encode(), hashlib.sha256).digest()[:_FP_LEN]
+
+    def _mac(self, interaction_id: str, policy_version: int, user_id: str, issued: int, expiry: int) -> bytes:
+        # JSON array: unambiguous framing of arbitrary strings (no separator injection).
+        msg = json.dumps(["flywheel-feedback", _TOKEN_VERSION, interaction_id, policy_version, user_id, issued, expiry])
+        return hmac.new(self._key, msg.encode(), hashlib.sha256).digest()
+
+    def issue(self, interaction_id: str, policy_version: int, user_id: str, now: float | None = None) -> str:
+        """A token that lets `user_id` give feedback on `interaction_id` until now + ttl."""
+        issued = int(time.time() if now is None else now)
+        expiry = issued + self.ttl_s
+        raw = _TOKEN_LAYOUT.pack(
+            _TOKEN_VERSION,
+            int(policy_version),
+            issued,
+            expiry,
+            self._fingerprint("interaction", interaction_id),
+            self._fingerprint("user", user_id),
+            self._mac(interaction_id, int(policy_version), user_id, issued, expiry),
+        )
+        return _b64(raw)
+
+    def verify(self, token: str, interaction_id: str, user_id: str, now: float | None = None) -> TokenClaims:
+        """The token's claims, or errors.PermissionDenied saying exactly why it is refused."""
+        try:
+            raw = _unb64(token.strip())
+            version, policy_version, issued, expiry, fp_i, fp_u, mac = _TOKEN_LAYOUT.unpack(raw)
+        except (ValueError, struct.error, AttributeError, TypeError):
+            raise errors.PermissionDenied(
+                "malformed feedback token: pass the feedback_token of the response unchanged"
+            ) from None
+        if version != _TOKEN_VERSION:
+            raise errors.PermissionDenied(f"malformed feedback token: unknown token version {version}")
+        if not hmac.compare_digest(fp_i, self._fingerprint("interaction", interaction_id)):
+            raise errors.PermissionDenied(
+                f"feedback token was issued for another answer, not interaction_id {interaction_id!r}"
+            )
+        if not hmac.compare_digest(fp_u, self._fingerprint("user", user_id)):
+            raise errors.PermissionDenied(f"feedback token was issued for another user, not user_id {user_id!r}")
+        if not hmac.compare_digest(mac, self._mac(interaction_id, policy_version, user_id, issued, expiry)):
+            raise errors.PermissionDenied("feedback token signature is invalid (tampered, or signed with another key)")
+        t = time.time() if now is None else now
+        if t >= expiry:
+            raise errors.PermissionDenied(
+                f"feedback token has expired ({int(t - expiry)} s ago; tokens live {expiry - issued} s)"
+            )
+        return TokenClaims(interaction_id, user_id, policy_version, issued, expiry)
+
+
+# ---------------------------------------------------------------------------- caller identity
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who is calling: an API key's name, "admin" or "anonymous"."""
+
+    who: str
+    is_admin: bool = False
+
+
+ANONYMOUS = Caller("anonymous")
+
+
+def bearer_token(metadata: Any) -> str | None:
+    """The token of `authorization: Bearer <token>`, from gRPC metadata or HTTP headers.
+
+    Accepts a sequence of (key, value) pairs (gRPC invocation metadata, grpc.aio.Metadata) or a
+    headers mapping (dict, aiohttp's CIMultiDict); the header name is matched case-insensitively.
+    """
+    if not metadata:
+        return None
+    pairs: Iterable[Any] = metadata.items() if isinstance(metadata, Mapping) else metadata
+    for pair in pairs:
+        try:
+            key, value = pair[0], pair[1]
+        except (TypeError, IndexError, KeyError):
+            continue
+        if not isinstance(key, str) or key.lower() != "authorization":
+            continue
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        scheme, _, token = str(value).strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+class Authenticator:
+    """Maps a bearer token to a Caller; call it from a servicer with the request's metadata."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self._keys = config.named_keys()
+        self._admin = config.admin_token.encode()
+
+    def _match_key(self, token: str) -> str | None:
+        found = None
+        for name, key in self._keys:  # check every key: timing must not reveal which one matched
+            if hmac.compare_digest(token.encode(), key.encode()):
+                found = name
+        return found
+
+    def _is_admin(self, token: str) -> bool:
+        return bool(self._admin) and hmac.compare_digest(token.encode(), self._admin)
+
+    def caller(self, metadata: Any) -> Caller:
+        """The caller, or errors.Unauthenticated when a key is required but missing or unknown.
+
+        With no API keys configured any bearer token is ignored (OpenAI clients always send one).
+        """
+        token = bearer_token(metadata)
+        if token is not None and self._is_admin(token):
+            return Caller("admin", is_admin=True)
+        if not self._keys:
+            return ANONYMOUS
+        if token is None:
+            if self.config.require_api_key:
+                raise errors.Unauthenticated(
+                    "an API key is required: send metadata `authorization: Bearer <key>` (one of FLYWHEEL_API_KEYS)"
+                )
+            return ANONYMOUS
+        name = self._match_key(token)
+        if name is None:
+            raise errors.Unauthenticated("unknown API key: use one of the keys in FLYWHEEL_API_KEYS")
+        return Caller(name)
+
+    def require_admin(self, metadata: Any) -> Caller:
+        """The admin caller; Unauthenticated without a valid token, PermissionDenied for a caller's key."""
+        token = bearer_token(metadata)
+        if token is None:
+            raise errors.Unauthenticated(
+                "this call needs the admin token: send `authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>`"
+            )
+        if self._is_admin(token):
+            return Caller("admin", is_admin=True)
+        if not self._admin:
+            raise errors.PermissionDenied("admin calls are disabled: set FLYWHEEL_ADMIN_TOKEN on this service")
+        name = self._match_key(token)
+        if name is not None:
+            raise errors.PermissionDenied(f"API key {name!r} may not make admin calls: use the admin token")
+        raise errors.Unauthenticated("invalid admin token: send the value of FLYWHEEL_ADMIN_TOKEN")
