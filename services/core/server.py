@@ -1,0 +1,570 @@
+"""The gRPC + HTTP server every Flywheel service runs (DESIGN.md, 'Services').
+
+One `ServiceServer` owns, in one asyncio event loop:
+  * a grpc.aio server with the service's servicers, grpc.health.v1 (NOT_SERVING until the
+    service calls `set_serving(True)` and again during shutdown) and server reflection;
+  * an interceptor that turns `errors.FlywheelError` into its status code with the message
+    unchanged, any other exception into INTERNAL (logged, never a crash), and counts RPCs;
+  * an aiohttp app with `/metrics`, `/health` (TGI: 200 with an empty body when serving,
+    503 otherwise), `/live`, and whatever routes the service adds before `start()`.
+
+Blocking model work must never run on this loop: an engine runs it in its own thread or
+process (vLLM's EngineClient idea) and hands results back with `loop.call_soon_threadsafe`
+or futures; for one-off blocking calls (loading a checkpoint, hashing files) use
+`await run_blocking(fn, *args)`, which uses a dedicated pool so that a long load can never
+starve the loop's default executor (which asyncio also uses for DNS lookups).
+
+Shutdown (SIGTERM/SIGINT or `stop()`): health NOT_SERVING everywhere -> optional drain pause
+(so load balancers see it) -> gRPC stop with `grace_s` (in-flight RPCs finish, new ones are
+refused) -> HTTP runner cleanup -> `wait()` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import importlib
+import inspect
+import logging
+import math
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from flywheel.core import metrics
+from flywheel.core.config import require, setting
+from flywheel.core.errors import FlywheelError
+
+log = logging.getLogger("flywheel.server")
+T = TypeVar("T")
+
+# Default ports per service (DESIGN.md, 'Services').
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    "policy": (50051, 8080),
+    "feedback": (50052, 8082),
+    "reward": (50053, 8083),
+    "trainer": (50054, 8084),
+}
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Where a service listens and how its gRPC server treats connections."""
+
+    host: str = setting("0.0.0.0", "Interface both servers bind to.", env="FLYWHEEL_HOST")
+    grpc_port: int = setting(50051, "gRPC port (0: pick a free one).", env="FLYWHEEL_GRPC_PORT")
+    http_port: int = setting(
+        8080, "HTTP port for /metrics, /health and HTTP APIs (0: pick a free one).", env="FLYWHEEL_HTTP_PORT"
+    )
+    max_message_mb: int = setting(
+        16, "Largest gRPC message sent or received, in MiB.", env="FLYWHEEL_GRPC_MAX_MESSAGE_MB"
+    )
+    keepalive_time_s: float = setting(
+        30.0, "Server pings an idle connection this often to detect dead peers.", env="FLYWHEEL_GRPC_KEEPALIVE_TIME_S"
+    )
+    keepalive_timeout_s: float = setting(
+        10.0, "A ping unanswered this long closes the connection.", env="FLYWHEEL_GRPC_KEEPALIVE_TIMEOUT_S"
+    )
+    grace_s: float = setting(
+        10.0,
+        "On shutdown, in-flight requests get this long to finish before they are cancelled.",
+        env="FLYWHEEL_GRACE_S",
+    )
+    drain_s: float = setting(
+        0.0,
+        "On shutdown, report NOT_SERVING this long before refusing new RPCs, so load balancers and readiness probes notice.",
+        env="FLYWHEEL_DRAIN_S",
+    )
+    max_concurrent_rpcs: int | None = setting(
+        None,
+        "Refuse RPCs beyond this many at once with RESOURCE_EXHAUSTED (None: no limit).",
+        env="FLYWHEEL_MAX_CONCURRENT_RPCS",
+    )
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        require(bool(self.host), n, "host", self.host, "use an interface address such as 0.0.0.0 or 127.0.0.1")
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            require(
+                isinstance(port, int) and 0 <= port <= 65535,
+                n,
+                name,
+                port,
+                "use a port in 0..65535 (0: pick a free one)",
+            )
+        require(
+            self.grpc_port == 0 or self.grpc_port != self.http_port,
+            n,
+            "http_port",
+            self.http_port,
+            f"gRPC already uses port {self.grpc_port}; give HTTP its own port",
+        )
+        require(1 <= self.max_message_mb <= 2047, n, "max_message_mb", self.max_message_mb, "use 1..2047 MiB")
+        require(
+            self.keepalive_time_s > 0, n, "keepalive_time_s", self.keepalive_time_s, "use a positive number of seconds"
+        )
+        require(
+            self.keepalive_timeout_s > 0,
+            n,
+            "keepalive_timeout_s",
+            self.keepalive_timeout_s,
+            "use a positive number of seconds",
+        )
+        require(self.grace_s >= 0, n, "grace_s", self.grace_s, "use 0 or more seconds")
+        require(self.drain_s >= 0, n, "drain_s", self.drain_s, "use 0 or more seconds")
+        require(
+            self.max_concurrent_rpcs is None or self.max_concurrent_rpcs >= 1,
+            n,
+            "max_concurrent_rpcs",
+            self.max_concurrent_rpcs,
+            "use 1 or more, or leave unset for no limit",
+        )
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        """Channel arguments for grpc.aio.server."""
+        max_bytes = self.max_message_mb * 1024 * 1024
+        return [
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Let clients ping as often as we do without being told "too_many_pings".
+            ("grpc.http2.min_ping_interval_without_data_ms", int(min(self.keepalive_time_s, 10.0) * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Without this a second process can bind the same port on Linux and steal traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+
+
+def server_config(service: str, file_values: dict[str, Any] | None = None, **overrides: Any) -> ServerConfig:
+    """`load(ServerConfig)` with `service`'s default ports (file, env and overrides still win)."""
+    from flywheel.core.config import load
+
+    grpc_port, http_port = DEFAULT_PORTS[service]
+    values: dict[str, Any] = {"grpc_port": grpc_port, "http_port": http_port, **(file_values or {})}
+    return load(ServerConfig, values, **overrides)
+
+
+def retry_after_header(retry_after_s: float) -> str:
+    """Whole seconds, rounded up (HTTP Retry-After allows only integers; gRPC uses the same)."""
+    return str(max(0, math.ceil(retry_after_s)))
+
+
+# ---------------------------------------------------------------- blocking work
+
+_blocking_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking call in a dedicated thread pool and await its result."""
+    global _blocking_pool
+    if _blocking_pool is None:
+        _blocking_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="flywheel-blocking")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_blocking_pool, functools.partial(fn, *args, **kwargs))
+
+
+# ---------------------------------------------------------------- gRPC interceptor
+
+
+def _status_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> tuple[grpc.StatusCode, str, tuple]:
+    """The status code, details and trailing metadata an exception from a handler becomes."""
+    if isinstance(exc, FlywheelError):
+        trailing: tuple[tuple[str, str], ...] = ()
+        if exc.retry_after_s is not None:
+            trailing = (("retry-after", retry_after_header(exc.retry_after_s)),)
+        if exc.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
+            log.error("%s failed: %s", method, exc.message, exc_info=exc)
+        else:
+            log.debug("%s: %s %s", method, exc.code.name, exc.message)
+        return exc.code, exc.message, trailing
+    code = _final_code(context)
+    if code != grpc.StatusCode.OK:  # set_code() then raise, as generated base servicers do
+        log.debug("%s: %s after set_code(%s)", method, type(exc).__name__, code.name)
+        return code, context.details() or str(exc), ()
+    log.error("%s raised an unexpected error", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", ()
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions store the raw integer
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.OK
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to status codes and records request metrics, for every RPC kind."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpc answers UNIMPLEMENTED
+        method = handler_call_details.method
+        service, name = metrics.split_method(method)
+
+        def observe(code: grpc.StatusCode, started: float) -> None:
+            metrics.GRPC_IN_FLIGHT.labels(service, name).dec()
+            metrics.GRPC_REQUESTS.labels(service, name, code.name).inc()
+            metrics.GRPC_LATENCY.labels(service, name).observe(time.perf_counter() - started)
+
+        def unary_response(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, code = time.perf_counter(), grpc.StatusCode.OK
+                metrics.GRPC_IN_FLIGHT.labels(service, name).inc()
+                try:
+                    result = behavior(request, context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    code = _final_code(context)
+                    return result
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:  # the handler called context.abort itself
+                    code = _final_code(context)
+                    raise
+                except Exception as exc:
+                    code, details, trailing = _status_for(exc, context, method)
+                    await context.abort(code, details, trailing_metadata=trailing)
+                finally:
+                    observe(code, started)
+
+            return wrapper
+
+        def stream_response(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started, code = time.perf_counter(), grpc.StatusCode.OK
+                metrics.GRPC_IN_FLIGHT.labels(service, name).inc()
+                try:
+                    result = behavior(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    elif inspect.isawaitable(result):  # handler writes with context.write()
+                        await result
+                    else:  # a plain iterator
+                        for item in result or ():
+                            yield item
+                    code = _final_code(context)
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    code = _final_code(context)
+                    raise
+                except Exception as exc:
+                    code, details, trailing = _status_for(exc, context, method)
+                    await context.abort(code, details, trailing_metadata=trailing)
+                finally:
+                    observe(code, started)
+
+            return wrapper
+
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kw)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kw)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kw)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kw)
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def error_body(exc: BaseException) -> tuple[dict[str, str], int, dict[str, str]]:
+    """TGI's error body, HTTP status and headers for an exception."""
+    if isinstance(exc, FlywheelError):
+        headers = {} if exc.retry_after_s is None else {"Retry-After": retry_after_header(exc.retry_after_s)}
+        return exc.http_body(), exc.http_status, headers
+    body = {"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}", "error_type": "internal"}
+    return body, 500, {}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """FlywheelError -> its HTTP status with TGI's body; anything else -> 500 with the same shape.
+
+    aiohttp's own HTTP exceptions (404, 405, redirects) pass through unchanged. Also records
+    HTTP metrics by route template so that path parameters cannot blow up label cardinality.
+    """
+    started = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # client went away
+        raise
+    except Exception as exc:
+        body, status, headers = error_body(exc)
+        if status >= 500:
+            log.error("%s %s failed", request.method, request.path, exc_info=exc)
+        return web.json_response(body, status=status, headers=headers)
+    finally:
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+
+
+SERVER_KEY: web.AppKey[ServiceServer] = web.AppKey("flywheel.server")
+
+
+async def _health_route(request: web.Request) -> web.Response:
+    server: ServiceServer = request.app[SERVER_KEY]
+    if server.serving:
+        return web.Response(status=200)  # TGI: 200 with an empty body
+    return web.json_response({"error": "not serving", "error_type": "unavailable"}, status=503)
+
+
+async def _live_route(request: web.Request) -> web.Response:
+    return web.Response(status=200)  # liveness: the loop answers, even while the model loads
+
+
+async def _metrics_route(request: web.Request) -> web.Response:
+    body, content_type = metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+# ---------------------------------------------------------------- the server
+
+
+def _service_name_of(add_fn: Callable[..., Any]) -> str:
+    """'add_RewardServicer_to_server' from flywheel.v1.reward_pb2_grpc -> 'flywheel.v1.Reward'."""
+    short = add_fn.__name__.removeprefix("add_").removesuffix("Servicer_to_server")
+    module = importlib.import_module(add_fn.__module__.removesuffix("_grpc"))
+    return module.DESCRIPTOR.services_by_name[short].full_name
+
+
+class ServiceServer:
+    """gRPC + HTTP for one service, with health, reflection, metrics and graceful shutdown.
+
+    Usage::
+
+        server = ServiceServer(cfg, name="reward")
+        server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer(engine))
+        server.http_app.router.add_post("/score", handler)      # optional, before start()
+        await server.start()
+        await engine.load(); await server.set_serving(True)
+        await server.wait()                                     # until SIGTERM or stop()
+    """
+
+    def __init__(self, config: ServerConfig, name: str = "flywheel") -> None:
+        self.config = config
+        self.name = name
+        self.health = HealthServicer()
+        self.http_app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message_mb * 1024**2)
+        self.http_app[SERVER_KEY] = self
+        self.http_app.router.add_get("/health", _health_route)
+        self.http_app.router.add_get("/live", _live_route)
+        self.http_app.router.add_get("/metrics", _metrics_route)
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._servicers: list[tuple[Callable[[Any, Any], None], Any, str]] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._serving = False
+        self._stopping = False
+        self._stop_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._signals: list[signal.Signals] = []
+
+    @property
+    def service_names(self) -> list[str]:
+        return [full_name for _, _, full_name in self._servicers]
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def add_servicer(
+        self, add_fn: Callable[[Any, Any], None], servicer: Any, service_full_name: str | None = None
+    ) -> None:
+        """Register a servicer with its generated `add_XServicer_to_server` (before start()).
+
+        The full service name (for health and reflection) is derived from the generated
+        module when not given, e.g. 'flywheel.v1.Reward'.
+        """
+        if self._grpc is not None:
+            raise RuntimeError("add_servicer() must be called before start()")
+        self._servicers.append((add_fn, servicer, service_full_name or _service_name_of(add_fn)))
+
+    async def start(self, *, handle_signals: bool = True) -> None:
+        """Bind gRPC and HTTP; afterwards `grpc_port`/`http_port` hold the bound ports.
+
+        Health is NOT_SERVING until `set_serving(True)`. With `handle_signals`, SIGTERM and
+        SIGINT start a graceful stop (tests pass False to leave the runner's handlers alone).
+        """
+        if self._grpc is not None:
+            raise RuntimeError("start() called twice")
+        cfg = self.config
+        self._grpc = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=cfg.grpc_options(),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        for add_fn, servicer, _ in self._servicers:
+            add_fn(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], self._grpc)
+        for service in ["", *self.service_names]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.SERVING.set(0)
+
+        address = f"[{cfg.host}]:{cfg.grpc_port}" if ":" in cfg.host else f"{cfg.host}:{cfg.grpc_port}"
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot bind gRPC to {address} ({e}): is the port in use? set --grpc-port") from None
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {address}: is the port in use? set --grpc-port")
+        await self._grpc.start()
+
+        self._runner = web.AppRunner(self.http_app, access_log=None, shutdown_timeout=cfg.grace_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._grpc.stop(0)
+            await self._runner.cleanup()
+            raise OSError(f"cannot bind HTTP to {cfg.host}:{cfg.http_port} ({e}): set --http-port") from None
+        self.http_port = self._runner.addresses[0][1]
+        if handle_signals:
+            self._install_signal_handlers()
+        log.info("%s listening: gRPC %s:%d, HTTP %s:%d", self.name, cfg.host, self.grpc_port, cfg.host, self.http_port)
+
+    async def set_serving(self, serving: bool = True, service: str | None = None) -> None:
+        """Report SERVING (model loaded) or NOT_SERVING on gRPC health and /health.
+
+        `service=None` sets the overall status and every registered service. Ignored once
+        shutdown has begun: a stopping server stays NOT_SERVING.
+        """
+        if self._stopping:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        targets = ["", *self.service_names] if service is None else [service]
+        for name in targets:
+            await self.health.set(name, status)
+        if service is None or service == "":
+            self._serving = serving
+            metrics.SERVING.set(1 if serving else 0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop (idempotent; concurrent callers all wait for the same shutdown)."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._shutdown(self.config.grace_s if grace is None else grace))
+        await asyncio.shield(self._stop_task)
+
+    async def wait(self) -> None:
+        """Return once the server has stopped (after a signal or `stop()`)."""
+        await self._stopped.wait()
+
+    async def run_forever(self, setup: Callable[[ServiceServer], Awaitable[None]] | None = None) -> None:
+        """start(), then `setup(self)` (e.g. load the model, then set_serving), then wait for a signal.
+
+        A signal during setup cancels it; a setup failure stops the server and re-raises.
+        """
+        await self.start(handle_signals=True)
+        if setup is None:
+            await self.wait()
+            return
+        setup_task = asyncio.ensure_future(setup(self))
+        waiter = asyncio.ensure_future(self.wait())
+        await asyncio.wait({setup_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if setup_task.done() and not setup_task.cancelled() and setup_task.exception() is not None:
+            waiter.cancel()
+            await self.stop(grace=0)
+            raise setup_task.exception()
+        if not setup_task.done():
+            setup_task.cancel()
+            await asyncio.gather(setup_task, return_exceptions=True)
+        await waiter
+
+    async def _shutdown(self, grace: float) -> None:
+        self._stopping, self._serving = True, False
+        metrics.SERVING.set(0)
+        try:
+            await self.health.enter_graceful_shutdown()
+            if self._grpc is not None and self.config.drain_s > 0:
+                log.info("%s: NOT_SERVING, draining for %.1fs", self.name, self.config.drain_s)
+                await asyncio.sleep(self.config.drain_s)
+            if self._grpc is not None:
+                log.info("%s: stopping gRPC (grace %.1fs)", self.name, grace)
+                await self._grpc.stop(grace)
+            if self._runner is not None:
+                await self._runner.cleanup()
+        finally:
+            self._remove_signal_handlers()
+            self._stopped.set()
+            log.info("%s stopped", self.name)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                self._signals.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+                log.warning("cannot install a %s handler; stop the server with stop()", sig.name)
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop_task is not None:
+            log.warning("%s: %s during shutdown; still waiting for in-flight requests", self.name, sig.name)
+            return
+        log.info("%s: %s received, shutting down", self.name, sig.name)
+        self._stop_task = asyncio.ensure_future(self._shutdown(self.config.grace_s))
+
+
+def serve(server: ServiceServer, setup: Callable[[ServiceServer], Awaitable[None]] | None = None) -> None:
+    """Blocking entry point for `__main__`: run the server until SIGTERM/SIGINT, then return."""
+    asyncio.run(server.run_forever(setup))
+
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "ErrorInterceptor",
+    "ServerConfig",
+    "ServiceServer",
+    "error_body",
+    "error_middleware",
+    "retry_after_header",
+    "run_blocking",
+    "serve",
+    "server_config",
+]

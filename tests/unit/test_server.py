@@ -1,0 +1,321 @@
+"""ServiceServer: real gRPC and HTTP servers on 127.0.0.1, real clients, exact codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from flywheel.core import errors
+from flywheel.core.config import ConfigError
+from flywheel.core.server import ServerConfig, ServiceServer, run_blocking, server_config
+from flywheel.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[2]
+
+
+class RewardServicer(reward_pb2_grpc.RewardServicer):
+    def __init__(self) -> None:
+        self.slow_started = asyncio.Event()
+
+    async def Score(self, request, context):
+        if not request.prompt:
+            raise errors.InvalidArgument("prompt is empty: send the text the response answers")
+        if request.prompt == "busy":
+            raise errors.ResourceExhausted("queue full: retry later", retry_after_s=1.5)
+        if request.prompt == "bug":
+            raise RuntimeError("boom")
+        if request.prompt == "abort":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        if request.prompt == "slow":
+            self.slow_started.set()
+            await asyncio.sleep(0.8)
+        return reward_pb2.ScoreResponse(score=len(request.response))
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    async def GenerateStream(self, request, context):
+        for i, word in enumerate(request.prompt.split()):
+            if word == "fail":
+                raise errors.Unavailable("engine restarting: retry", retry_after_s=2)
+            if word == "crash":
+                raise KeyError("oops")
+            yield policy_pb2.GenerateStreamResponse(text=f"{i}:{word}")
+
+
+def run(coro_fn: Callable[[ServiceServer], Awaitable[None]], **cfg) -> None:
+    """Start a server on free ports, run the test body against it, always stop it."""
+
+    async def main() -> None:
+        server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=5, **cfg), name="test")
+        server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer())
+        server.add_servicer(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer())
+        await server.start(handle_signals=False)
+        try:
+            await coro_fn(server)
+        finally:
+            await server.stop(grace=0)
+
+    asyncio.run(main())
+
+
+def channel(server: ServiceServer) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+
+
+async def http_get(server: ServiceServer, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{server.http_port}{path}") as r:
+        return r.status, await r.text()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match=r"ServerConfig.grpc_port = 70000: use a port in 0..65535"):
+        ServerConfig(grpc_port=70000)
+    with pytest.raises(ConfigError, match=r"ServerConfig.http_port = 9000: gRPC already uses port 9000"):
+        ServerConfig(grpc_port=9000, http_port=9000)
+    with pytest.raises(ConfigError, match=r"ServerConfig.max_concurrent_rpcs = 0"):
+        ServerConfig(max_concurrent_rpcs=0)
+    with pytest.raises(ConfigError, match=r"ServerConfig.grace_s = -1"):
+        ServerConfig(grace_s=-1)
+    assert ServerConfig(grpc_port=0, http_port=0).grpc_port == 0
+    cfg = server_config("reward")
+    assert (cfg.grpc_port, cfg.http_port) == (50053, 8083)
+    assert server_config("reward", grpc_port=1234).grpc_port == 1234
+
+
+def test_unary_error_mapping_and_metrics() -> None:
+    async def body(server: ServiceServer) -> None:
+        assert server.grpc_port and server.http_port and server.grpc_port != server.http_port
+        async with channel(server) as ch:
+            score = reward_pb2_grpc.RewardStub(ch).Score
+            ok = await score(reward_pb2.ScoreRequest(prompt="hi", response="abc"))
+            assert ok.score == 3
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await score(reward_pb2.ScoreRequest(prompt=""))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details() == "prompt is empty: send the text the response answers"
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await score(reward_pb2.ScoreRequest(prompt="busy"))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.value.details() == "queue full: retry later"
+            assert ("retry-after", "2") in tuple(e.value.trailing_metadata())
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await score(reward_pb2.ScoreRequest(prompt="bug"))
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            assert e.value.details() == "internal error: RuntimeError: boom"
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # the handler's own abort passes through
+                await score(reward_pb2.ScoreRequest(prompt="abort"))
+            assert (e.value.code(), e.value.details()) == (grpc.StatusCode.NOT_FOUND, "no such thing")
+
+            assert (await score(reward_pb2.ScoreRequest(prompt="still", response="up"))).score == 2
+
+        status, text = await http_get(server, "/metrics")
+        assert status == 200
+        for code in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL", "NOT_FOUND"):
+            line = f'flywheel_grpc_requests_total{{code="{code}",method="Score",service="flywheel.v1.Reward"}}'
+            assert line in text, code
+        assert 'flywheel_grpc_latency_seconds_count{method="Score",service="flywheel.v1.Reward"}' in text
+
+    run(body)
+
+
+def test_server_streaming_errors() -> None:
+    async def body(server: ServiceServer) -> None:
+        async with channel(server) as ch:
+            stream = policy_pb2_grpc.PolicyStub(ch).GenerateStream
+            got = [m.text async for m in stream(policy_pb2.GenerateRequest(prompt="a b c"))]
+            assert got == ["0:a", "1:b", "2:c"]
+
+            call = stream(policy_pb2.GenerateRequest(prompt="a b fail c"))
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for m in call:
+                    got.append(m.text)
+            assert got == ["0:a", "1:b"]
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert e.value.details() == "engine restarting: retry"
+            assert ("retry-after", "2") in tuple(e.value.trailing_metadata())
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                _ = [m async for m in stream(policy_pb2.GenerateRequest(prompt="x crash"))]
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            assert e.value.details() == "internal error: KeyError: 'oops'"
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # not implemented by the test servicer
+                await policy_pb2_grpc.PolicyStub(ch).Generate(policy_pb2.GenerateRequest(prompt="x"))
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        _, text = await http_get(server, "/metrics")
+        assert 'code="UNAVAILABLE",method="GenerateStream",service="flywheel.v1.Policy"' in text
+
+    run(body)
+
+
+def test_health_and_reflection() -> None:
+    async def body(server: ServiceServer) -> None:
+        async with channel(server) as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check
+            for name in ("", "flywheel.v1.Reward", "flywheel.v1.Policy"):
+                r = await check(health_pb2.HealthCheckRequest(service=name))
+                assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING, name
+            assert await http_get(server, "/health") == (503, '{"error": "not serving", "error_type": "unavailable"}')
+            assert (await http_get(server, "/live"))[0] == 200
+
+            await server.set_serving(True)
+            for name in ("", "flywheel.v1.Reward", "flywheel.v1.Policy"):
+                r = await check(health_pb2.HealthCheckRequest(service=name))
+                assert r.status == health_pb2.HealthCheckResponse.SERVING, name
+            assert await http_get(server, "/health") == (200, "")
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await check(health_pb2.HealthCheckRequest(service="nope"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+            info = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
+            responses = [r async for r in info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            names = {s.name for s in responses[0].list_services_response.service}
+            assert {"flywheel.v1.Reward", "flywheel.v1.Policy", "grpc.health.v1.Health"} <= names
+            assert "grpc.reflection.v1alpha.ServerReflection" in names
+
+    run(body)
+
+
+def test_http_routes_and_error_middleware() -> None:
+    from aiohttp import web
+
+    async def boom(request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if kind == "busy":
+            raise errors.ResourceExhausted("too many requests", retry_after_s=3)
+        if kind == "bad":
+            raise errors.InvalidArgument("`inputs` must not be empty")
+        raise ValueError("unexpected")
+
+    async def main() -> None:
+        server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0), name="http")
+        server.http_app.router.add_get("/boom/{kind}", boom)
+        await server.start(handle_signals=False)
+        base = f"http://127.0.0.1:{server.http_port}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{base}/boom/busy") as r:
+                    assert r.status == 429 and r.headers["Retry-After"] == "3"
+                    assert await r.json() == {"error": "too many requests", "error_type": "overloaded"}
+                async with s.get(f"{base}/boom/bad") as r:
+                    assert r.status == 422
+                    assert await r.json() == {"error": "`inputs` must not be empty", "error_type": "validation"}
+                async with s.get(f"{base}/boom/other") as r:
+                    assert r.status == 500
+                    assert await r.json() == {
+                        "error": "internal error: ValueError: unexpected",
+                        "error_type": "internal",
+                    }
+                async with s.get(f"{base}/nope") as r:
+                    assert r.status == 404
+                async with s.get(f"{base}/metrics") as r:
+                    assert (
+                        'flywheel_http_requests_total{method="GET",route="/boom/{kind}",status="429"}' in await r.text()
+                    )
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_graceful_stop_finishes_inflight_rpc() -> None:
+    async def body(server: ServiceServer) -> None:
+        await server.set_serving(True)
+        servicer = server._servicers[0][1]
+        async with channel(server) as ch:
+            slow = asyncio.ensure_future(
+                reward_pb2_grpc.RewardStub(ch).Score(reward_pb2.ScoreRequest(prompt="slow", response="xy"))
+            )
+            await servicer.slow_started.wait()
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(server.stop(grace=5))
+            await asyncio.sleep(0.2)  # inside the drain window: still reachable, NOT_SERVING
+            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (await http_get(server, "/health"))[0] == 503
+            await server.set_serving(True)  # ignored once shutdown began
+            assert not server.serving
+            assert (await slow).score == 2  # the in-flight RPC completed
+            await stopping
+            assert time.monotonic() - started < 3
+            await asyncio.wait_for(server.wait(), 1)
+        async with channel(server) as ch:  # new RPCs are refused now
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await reward_pb2_grpc.RewardStub(ch).Score(reward_pb2.ScoreRequest(prompt="x"), timeout=2)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    run(body, drain_s=0.4)
+
+
+def test_run_blocking_runs_off_the_loop() -> None:
+    import threading
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        ident = await run_blocking(lambda x: (threading.get_ident(), x * 2), 21)
+        assert ident[0] != loop_thread and ident[1] == 42
+
+    asyncio.run(main())
+
+
+SERVER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from flywheel.core.server import ServerConfig, ServiceServer, serve
+    from flywheel.v1 import reward_pb2_grpc
+
+    async def setup(server):
+        await server.set_serving(True)
+        print(f"READY {server.grpc_port} {server.http_port}", flush=True)
+
+    server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=2), name="sub")
+    server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, reward_pb2_grpc.RewardServicer())
+    serve(server, setup)
+    print("EXITED", flush=True)
+    """
+)
+
+
+def test_sigterm_exits_cleanly() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), line + proc.stderr.read()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "EXITED" in out
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
