@@ -1,0 +1,449 @@
+"""Versioned, self-verifying checkpoints in a directory (the model store).
+
+Layout (DESIGN.md, 'Kafka carries pointers, not weights')::
+
+    <root>/<model>/v000003/            save_pretrained safetensors, tokenizer, extra files
+    <root>/<model>/v000003/manifest.json   version, parent, sha256 + size per file, metrics, ...
+    <root>/<model>/.tmp-*              a publish in progress (or interrupted): never listed
+    <root>/<model>/.lock               serialises version numbering between publishers
+
+A version directory appears only by an atomic rename of a complete, hashed, fsynced temp
+directory, so a reader sees either the whole version or nothing. Consumers call `verify` (or
+`verify_digests` with the digests of a ModelUpdate) before `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from flywheel.core import errors
+from flywheel.core.config import require, setting
+from flywheel.v1 import events_pb2
+
+MANIFEST = "manifest.json"
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MANIFEST_TMP = re.compile(rf"^\.{re.escape(MANIFEST)}\..*\.tmp$")  # leftover of an interrupted rewrite
+_STALE_TMP_S = 24 * 3600.0  # a .tmp-* dir this old is abandoned even if its owner cannot be checked
+_HOST = socket.gethostname()
+
+
+@dataclasses.dataclass
+class ModelStoreConfig:
+    """Where checkpoints live and how many are kept."""
+
+    root: str = setting(
+        "~/.cache/flywheel/models",
+        "Model store directory (a local disk or a volume shared by trainer, policy and reward).",
+        env="FLYWHEEL_MODEL_STORE",
+    )
+    keep_last: int = setting(
+        5,
+        "Versions kept per model by retention, besides every promoted one and the starter (v0).",
+        env="FLYWHEEL_MODEL_STORE_KEEP_LAST",
+    )
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        require(bool(self.root.strip()), n, "root", self.root, "set FLYWHEEL_MODEL_STORE to a directory")
+        require(self.keep_last >= 1, n, "keep_last", self.keep_last, "use 1 or more (the latest is always kept)")
+
+    def store(self) -> ModelStore:
+        return ModelStore(Path(self.root).expanduser())
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What a version directory holds and where it came from; `manifest.json` on disk."""
+
+    model: str
+    version: int
+    parent: int | None
+    created_at: float  # unix seconds
+    files: dict[str, dict[str, Any]]  # relpath -> {"sha256": hex, "size": bytes}
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    promoted: bool = False
+    gate: str = ""  # why it was promoted (e.g. "gate", "manual_promote")
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # lineage, trainer config, ...
+    path: Path | None = dataclasses.field(default=None, compare=False)  # set when read from disk
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, path: Path | None = None) -> Manifest:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        data = {k: v for k, v in data.items() if k in known}  # newer writers may add keys
+        data["metrics"] = {k: float(v) for k, v in (data.get("metrics") or {}).items()}
+        return cls(**data, path=path)
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _walk_files(root: Path) -> list[str]:
+    """Every regular file below root as a posix relpath, manifest excluded."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink() or p.is_file():
+            rel = p.relative_to(root).as_posix()
+            if rel != MANIFEST and not _MANIFEST_TMP.match(rel):
+                out.append(rel)
+    return out
+
+
+def _owner_is_dead(tmp_name: str) -> bool:
+    """True when `.tmp-<host>-<pid>-*` was made on this host by a process that no longer runs."""
+    prefix = f".tmp-{_HOST}-"
+    if not tmp_name.startswith(prefix):
+        return False
+    pid_text = tmp_name[len(prefix) :].split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + fsync + rename so a crash leaves the old or the new file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def verify_dir(path: Path, expected: dict[str, dict[str, Any]]) -> Path:
+    """Check that `path` holds exactly the files in `expected` with their sha256 and size."""
+    path = Path(path)
+    if not path.is_dir():
+        raise errors.IntegrityError(f"checkpoint directory {str(path)!r} does not exist")
+    for rel, want in sorted(expected.items()):
+        f = path / rel
+        if not f.is_file():
+            raise errors.IntegrityError(f"checkpoint {path}: file {rel!r} is missing")
+        size = f.stat().st_size
+        if "size" in want and size != int(want["size"]):
+            raise errors.IntegrityError(
+                f"checkpoint {path}: file {rel!r} has {size} bytes, manifest says {want['size']}"
+            )
+        got = sha256_file(f)
+        if got != want["sha256"]:
+            raise errors.IntegrityError(
+                f"checkpoint {path}: file {rel!r} has sha256 {got[:12]}..., manifest says {want['sha256'][:12]}..."
+            )
+    extra = sorted(set(_walk_files(path)) - set(expected))
+    if extra:
+        raise errors.IntegrityError(f"checkpoint {path}: unexpected file(s) not in the manifest: {', '.join(extra)}")
+    return path
+
+
+def verify_digests(path: str | os.PathLike, expected: Iterable[events_pb2.FileDigest]) -> Path:
+    """`verify_dir` with the FileDigest list of a ModelUpdate (a consumer that came from Kafka)."""
+    digests = {d.path: {"sha256": d.sha256, "size": d.size} for d in expected}
+    if not digests:
+        raise errors.IntegrityError(f"checkpoint {path}: the update lists no files, refusing to load unverified")
+    return verify_dir(Path(path), digests)
+
+
+class ModelStore:
+    """Checkpoints of named models under one root; safe for several processes on one filesystem."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ paths and locking
+
+    def model_dir(self, model: str) -> Path:
+        if not _NAME.match(model or ""):
+            raise errors.InvalidArgument(f"model name {model!r}: use letters, digits, '.', '_' and '-'")
+        return self.root / model
+
+    def version_path(self, model: str, version: int) -> Path:
+        return self.model_dir(model) / version_dir_name(version)
+
+    @contextlib.contextmanager
+    def _lock(self, model: str) -> Iterator[None]:
+        """An exclusive flock per model: numbering and manifest rewrites never interleave."""
+        d = self.model_dir(model)
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _versions_on_disk(self, model: str) -> list[int]:
+        d = self.model_dir(model)
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            m = _VERSION_DIR.match(p.name)
+            if m and (p / MANIFEST).is_file():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(
+        self,
+        model: str,
+        write_fn: Callable[[Path], Any],
+        parent: int | None,
+        metrics: dict[str, float] | None = None,
+        version: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Write a new version atomically; `write_fn(tmp_dir)` writes its files.
+
+        `version=None` takes max existing + 1 (0 for the first); an explicit version (e.g. 0 for
+        the starter) must not exist yet. If write_fn raises, nothing is published.
+        """
+        d = self.model_dir(model)
+        d.mkdir(parents=True, exist_ok=True)
+        self.clean_tmp(model)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_HOST}-{os.getpid()}-", dir=d))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; readers on a shared volume may be another uid
+        try:
+            write_fn(tmp)
+            if (tmp / MANIFEST).exists():
+                raise errors.InvalidArgument(f"write_fn wrote {MANIFEST!r}; that name belongs to the store")
+            files: dict[str, dict[str, Any]] = {}
+            for rel in _walk_files(tmp):
+                f = tmp / rel
+                if f.is_symlink():
+                    raise errors.InvalidArgument(f"write_fn left a symlink {rel!r}; write regular files")
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                files[rel] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+            if not files:
+                raise errors.InvalidArgument(f"publish of {model!r}: write_fn wrote no files")
+            with self._lock(model):
+                existing = self._versions_on_disk(model)
+                if version is None:
+                    v = existing[-1] + 1 if existing else 0
+                else:
+                    v = int(version)
+                    if v < 0 or v in existing or (self.version_path(model, v)).exists():
+                        raise errors.FailedPrecondition(
+                            f"{model} version {v} already exists (or is negative); known: {existing}"
+                        )
+                manifest = Manifest(
+                    model=model,
+                    version=v,
+                    parent=parent,
+                    created_at=time.time(),
+                    files=files,
+                    metrics={k: float(x) for k, x in (metrics or {}).items()},
+                    extra=dict(extra or {}),
+                )
+                _write_atomic(tmp / MANIFEST, manifest.to_json())
+                _fsync_dir(tmp)
+                final = self.version_path(model, v)
+                os.rename(tmp, final)  # atomic on POSIX; fails if final exists and is non-empty
+                _fsync_dir(d)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest.path = final
+        return manifest
+
+    def clean_tmp(self, model: str, older_than_s: float = _STALE_TMP_S) -> int:
+        """Delete .tmp-* dirs of interrupted publishes; returns how many.
+
+        A dir made on this host by a process that is gone is deleted at once; any other one
+        (another host's, or unnamed) only when older than `older_than_s`.
+        """
+        d = self.model_dir(model)
+        n = 0
+        if not d.is_dir():
+            return 0
+        for p in d.glob(".tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if _owner_is_dead(p.name) or time.time() - p.stat().st_mtime >= older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
+        return n
+
+    # ------------------------------------------------------------------ read
+
+    def get(self, model: str, version: int) -> Manifest:
+        """The manifest of one version, or errors.NotFound listing the known versions."""
+        p = self.version_path(model, version) / MANIFEST
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            known = self._versions_on_disk(model)
+            raise errors.NotFound(
+                f"{model} version {version} is not in the model store {self.root}; known versions: {known or 'none'}"
+            ) from None
+        try:
+            return Manifest.from_json(text, path=p.parent)
+        except (ValueError, TypeError) as e:
+            raise errors.IntegrityError(f"manifest {p} is unreadable: {e}") from None
+
+    def list_versions(self, model: str) -> list[Manifest]:
+        return [self.get(model, v) for v in self._versions_on_disk(model)]
+
+    def latest(self, model: str, promoted_only: bool = False) -> Manifest | None:
+        """The newest version (or newest promoted one), None when there is none."""
+        for v in reversed(self._versions_on_disk(model)):
+            m = self.get(model, v)
+            if m.promoted or not promoted_only:
+                return m
+        return None
+
+    def verify(self, model: str, version: int) -> Path:
+        """The version's directory after checking every file against its manifest."""
+        m = self.get(model, version)
+        return verify_dir(self.version_path(model, version), m.files)
+
+    def load_path(self, model: str, version: int | None = None) -> Path:
+        """A verified directory ready for `from_pretrained` (the latest version when None)."""
+        if version is None:
+            m = self.latest(model)
+            if m is None:
+                raise errors.NotFound(f"model {model!r} has no versions in the model store {self.root}")
+            version = m.version
+        return self.verify(model, version)
+
+    # ------------------------------------------------------------------ update manifests
+
+    def update(
+        self,
+        model: str,
+        version: int,
+        *,
+        metrics: dict[str, float] | None = None,
+        promoted: bool | None = None,
+        gate: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Merge metrics/extra and set promoted/gate; the manifest is rewritten atomically."""
+        with self._lock(model):
+            m = self.get(model, version)
+            m.metrics.update({k: float(x) for k, x in (metrics or {}).items()})
+            m.extra.update(extra or {})
+            if promoted is not None:
+                m.promoted = promoted
+            if gate is not None:
+                m.gate = gate
+            _write_atomic(self.version_path(model, version) / MANIFEST, m.to_json())
+        return m
+
+    def mark_promoted(
+        self, model: str, version: int, gate: str = "gate", metrics: dict[str, float] | None = None
+    ) -> Manifest:
+        return self.update(model, version, promoted=True, gate=gate, metrics=metrics)
+
+    def retain(self, model: str, keep_last: int) -> list[int]:
+        """Delete old versions except the last `keep_last`, every promoted one and version 0.
+
+        Returns the deleted versions. A version is first renamed to a .tmp-* name, so a reader
+        never sees half of one.
+        """
+        if keep_last < 1:
+            raise errors.InvalidArgument(f"keep_last = {keep_last}: use 1 or more (the latest is always kept)")
+        deleted = []
+        with self._lock(model):
+            versions = self._versions_on_disk(model)
+            keep = set(versions[-keep_last:]) | {0}
+            for v in versions:
+                if v in keep or self.get(model, v).promoted:
+                    continue
+                src = self.version_path(model, v)
+                trash = self.model_dir(model) / f".tmp-{_HOST}-{os.getpid()}-deleting-{version_dir_name(v)}"
+                os.rename(src, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                deleted.append(v)
+        return deleted
+
+    # ------------------------------------------------------------------ announcements
+
+    def to_update(self, manifest: Manifest, reason: str) -> events_pb2.ModelUpdate:
+        """The ModelUpdate that announces `manifest` on Kafka (a pointer plus digests, no weights)."""
+        path = manifest.path or self.version_path(manifest.model, manifest.version)
+        msg = events_pb2.ModelUpdate(
+            model=manifest.model,
+            version=manifest.version,
+            parent=manifest.parent if manifest.parent is not None else 0,
+            uri=Path(path).resolve().as_uri(),
+            files=[
+                events_pb2.FileDigest(path=rel, sha256=d["sha256"], size=int(d["size"]))
+                for rel, d in sorted(manifest.files.items())
+            ],
+            metrics=manifest.metrics,
+            reason=reason,
+        )
+        msg.created_at.FromNanoseconds(int(manifest.created_at * 1e9))
+        return msg
+
+    def from_update(self, update: events_pb2.ModelUpdate) -> Path:
+        """The verified local directory a ModelUpdate points to (checked against its own digests).
+
+        A `file://` URI is used as is when it exists (a shared volume mounted at the same path);
+        otherwise the version is looked up by model and version in this store.
+        """
+        path = None
+        if update.uri:
+            parsed = urlparse(update.uri)
+            if parsed.scheme not in ("file", ""):
+                raise errors.InvalidArgument(f"model update uri {update.uri!r}: only file:// is supported")
+            candidate = Path(unquote(parsed.path))
+            if candidate.is_dir():
+                path = candidate
+        if path is None:
+            path = self.version_path(update.model, update.version)
+            if not path.is_dir():
+                self.get(update.model, update.version)  # raises NotFound with the known versions
+        return verify_digests(path, update.files)
