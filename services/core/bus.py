@@ -1,0 +1,476 @@
+"""The Kafka bus: protobuf events over kafka-python, at-least-once with idempotent effects.
+
+The rules (DESIGN.md, 'Rules that hold everywhere'):
+- producers use acks=all and idempotence;
+- a consumer commits a record's offset only after its handler returned (the effect is
+  durable); a handler that keeps failing is retried with exponential backoff, then the
+  record goes to the dead-letter topic with the error, and the consumer moves on;
+- every event has an id and applying it twice changes nothing: `SeenIds` helps with that.
+
+kafka-python speaks only the classic consumer-group protocol (not KIP-848), which is what
+both Apache Kafka and the embedded Tansu broker serve here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kerrors
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter, Gauge, Histogram
+
+from flywheel.core import errors
+from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+PRODUCED = Counter("flywheel_bus_produced", "Records acknowledged by Kafka (acks=all).", ["topic"])
+PRODUCE_ERRORS = Counter("flywheel_bus_produce_errors", "Records Kafka did not acknowledge.", ["topic"])
+CONSUMED = Counter(
+    "flywheel_bus_consumed", "Records whose handler returned (offset then committed).", ["topic", "group"]
+)
+FAILED = Counter("flywheel_bus_handler_failures", "Handler exceptions (each try counts).", ["topic", "group"])
+DEAD_LETTERED = Counter("flywheel_bus_dead_lettered", "Records sent to the dead-letter topic.", ["topic", "group"])
+LAG = Gauge(
+    "flywheel_bus_consumer_lag",
+    "Records not yet processed (high watermark - next offset).",
+    ["topic", "partition", "group"],
+)
+HANDLER_SECONDS = Histogram("flywheel_bus_handler_seconds", "Time a handler took on one record.", ["topic", "group"])
+
+# Headers of a dead-lettered record (the DeadLetter value repeats them).
+H_ERROR, H_ERROR_TYPE, H_TOPIC = "flywheel-error", "flywheel-error-type", "flywheel-original-topic"
+H_PARTITION, H_OFFSET, H_GROUP, H_ATTEMPTS = (
+    "flywheel-original-partition",
+    "flywheel-original-offset",
+    "flywheel-consumer-group",
+    "flywheel-attempts",
+)
+
+Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]] | None
+
+
+def _headers(headers: Headers) -> list[tuple[str, bytes]]:
+    items = headers.items() if isinstance(headers, Mapping) else (headers or [])
+    return [(k, v.encode() if isinstance(v, str) else bytes(v)) for k, v in items]
+
+
+def ensure_topics(kafka: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.0) -> list[str]:
+    """Create the missing topics of `topics`; return the names created.
+
+    Event topics get `topics.partitions` partitions and `retention_ms`; the model-update
+    topics get one partition and cleanup.policy=compact (only the latest version per model
+    matters, and one partition keeps announcements in order). "Already exists", also from a
+    creator racing us, is fine.
+    """
+    try:
+        admin = KafkaAdminClient(**kafka.client_options(), bootstrap_timeout_ms=int(timeout_s * 1000))
+    except kerrors.KafkaError as e:
+        raise errors.Unavailable(f"cannot reach Kafka at {kafka.bootstrap!r} to create topics: {e}") from e
+    try:
+        existing = set(admin.list_topics())
+        wanted: dict[str, dict[str, Any]] = {}
+        for name in topics.all():
+            if name in existing:
+                continue
+            if name in topics.compacted():
+                cfg = {"cleanup.policy": "compact"}
+                wanted[name] = {"num_partitions": 1, "replication_factor": topics.replication_factor, "configs": cfg}
+            else:
+                cfg = {"retention.ms": str(topics.retention_ms)}
+                n = topics.partitions
+                wanted[name] = {"num_partitions": n, "replication_factor": topics.replication_factor, "configs": cfg}
+        if not wanted:
+            return []
+        result = admin.create_topics(wanted, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+        created = []
+        for t in result["topics"]:
+            code = t["error_code"]
+            if code == 0:
+                created.append(t["name"])
+            elif code != kerrors.TopicAlreadyExistsError.errno:
+                err = kerrors.for_code(code).__name__
+                raise errors.FailedPrecondition(f"creating topic {t['name']!r} failed: {err}: {t.get('error_message')}")
+        admin.wait_for_topics(list(wanted), timeout_ms=int(timeout_s * 1000))
+        return created
+    except kerrors.KafkaError as e:
+        raise errors.Unavailable(f"Kafka at {kafka.bootstrap!r} did not create topics in time: {e}") from e
+    finally:
+        admin.close()
+
+
+class Producer:
+    """Publishes protobuf events with acks=all and idempotence; the client connects on first use."""
+
+    def __init__(self, kafka: KafkaConfig, **overrides: Any) -> None:
+        self.kafka = kafka
+        self._opts = {
+            **kafka.client_options(),
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 5,
+            "max_block_ms": kafka.request_timeout_ms,
+            "bootstrap_timeout_ms": kafka.request_timeout_ms,
+            **overrides,
+        }
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> KafkaProducer:
+        if self._producer is None:
+            with self._lock:
+                if self._producer is None:
+                    try:
+                        self._producer = KafkaProducer(**self._opts)
+                    except kerrors.KafkaError as e:
+                        raise errors.Unavailable(f"cannot reach Kafka at {self.kafka.bootstrap!r}: {e}") from e
+        return self._producer
+
+    def send_raw(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = None) -> Any:
+        """Send bytes as they are (the dead-letter path); returns kafka-python's future."""
+        try:
+            fut = self.client.send(topic, value=value, key=key, headers=_headers(headers))
+        except kerrors.KafkaError as e:
+            PRODUCE_ERRORS.labels(topic).inc()
+            raise errors.Unavailable(
+                f"Kafka at {self.kafka.bootstrap!r} did not take a record for {topic!r}: {e}"
+            ) from e
+        fut.add_callback(lambda _md: PRODUCED.labels(topic).inc())
+        fut.add_errback(lambda _e: PRODUCE_ERRORS.labels(topic).inc())
+        return fut
+
+    def send(self, topic: str, key: str | None, message: Message, headers: Headers = None) -> Any:
+        """Queue `message` for `topic` under `key`; returns a future of its RecordMetadata."""
+        return self.send_raw(topic, key.encode() if key is not None else None, message.SerializeToString(), headers)
+
+    def send_sync(
+        self, topic: str, key: str | None, message: Message, headers: Headers = None, timeout_s: float | None = None
+    ) -> Any:
+        """Send and wait for the broker's ack; errors.Unavailable when it does not come in time."""
+        fut = self.send(topic, key, message, headers)
+        return self._wait(fut, topic, timeout_s)
+
+    def _wait(self, fut: Any, topic: str, timeout_s: float | None) -> Any:
+        timeout_s = timeout_s if timeout_s is not None else self.kafka.request_timeout_ms / 1000
+        try:
+            return fut.get(timeout=timeout_s)
+        except kerrors.KafkaError as e:
+            raise errors.Unavailable(
+                f"Kafka at {self.kafka.bootstrap!r} did not acknowledge a record for {topic!r} within {timeout_s:g}s: {e}"
+            ) from e
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=timeout_s)
+            except kerrors.KafkaError as e:
+                raise errors.Unavailable(f"Kafka at {self.kafka.bootstrap!r}: flush did not finish: {e}") from e
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=timeout_s)
+            self._producer = None
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclasses.dataclass
+class Record:
+    """One consumed record, value decoded to its protobuf message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: Message
+    headers: dict[str, bytes]
+    timestamp_ms: int
+
+
+Handler = Callable[[Record], None]
+
+
+class Consumer:
+    """A consumer-group loop: decode, handle, commit after the handler returned; retry, then dead-letter.
+
+    `decoders` maps each topic to its protobuf class. Offsets are committed after each poll
+    batch and at least every `commit_interval_s` (so slow handlers still make progress),
+    always only up to records whose handler returned or that went to the DLQ (acked).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        group: str,
+        decoders: Mapping[str, type[Message]],
+        handler: Handler,
+        *,
+        dlq_topic: str | None = "flywheel.dlq",
+        producer: Producer | None = None,
+        auto_offset_reset: str = "earliest",
+        max_poll_records: int = 200,
+        poll_timeout_ms: int = 200,
+        commit_interval_s: float = 1.0,
+        **overrides: Any,
+    ) -> None:
+        self.kafka, self.group, self.decoders, self.handler = kafka, group, dict(decoders), handler
+        self.dlq_topic = dlq_topic
+        self._own_producer = producer is None and dlq_topic is not None
+        self.producer = producer or (Producer(kafka) if dlq_topic else None)
+        self.poll_timeout_ms, self.commit_interval_s = poll_timeout_ms, commit_interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
+        self._positions: dict[TopicPartition, int] = {}  # next offset to process, for the lag gauge
+        self._last_commit = time.monotonic()
+        self._lag_at = 0.0
+        self.error: BaseException | None = None
+        opts = {
+            **kafka.client_options(),
+            "group_id": group,
+            "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset,
+            "max_poll_records": max_poll_records,
+            "max_poll_interval_ms": kafka.max_poll_interval_ms,
+            "session_timeout_ms": kafka.session_timeout_ms,
+            "heartbeat_interval_ms": max(100, kafka.session_timeout_ms // 3),
+            **overrides,
+        }
+        try:
+            self.consumer = KafkaConsumer(**opts)
+        except kerrors.KafkaError as e:
+            raise errors.Unavailable(f"cannot reach Kafka at {kafka.bootstrap!r} for group {group!r}: {e}") from e
+        self.consumer.subscribe(list(self.decoders))
+
+    # --- one record -----------------------------------------------------------------
+    def _decode(self, msg: Any) -> Record:
+        if msg.value is None:
+            raise ValueError("record has no value (a tombstone); expected a protobuf message")
+        value = self.decoders[msg.topic].FromString(msg.value)
+        key = msg.key.decode("utf-8", "replace") if msg.key is not None else None
+        headers = {k: v for k, v in (msg.headers or [])}
+        return Record(msg.topic, msg.partition, msg.offset, key, value, headers, msg.timestamp)
+
+    def _process(self, msg: Any) -> None:
+        """Handle one record with retries; dead-letter it if every try fails."""
+        try:
+            record = self._decode(msg)
+        except Exception as e:  # undecodable: no retry can help
+            FAILED.labels(msg.topic, self.group).inc()
+            self._dead_letter(msg, e, attempts=0)
+            return
+        delay = self.kafka.retry_backoff_s
+        for attempt in range(1, self.kafka.max_attempts + 1):
+            start = time.perf_counter()
+            try:
+                self.handler(record)
+                HANDLER_SECONDS.labels(msg.topic, self.group).observe(time.perf_counter() - start)
+                CONSUMED.labels(msg.topic, self.group).inc()
+                return
+            except Exception as e:
+                FAILED.labels(msg.topic, self.group).inc()
+                log.warning(
+                    "%s[%d]@%d try %d/%d: %r", msg.topic, msg.partition, msg.offset, attempt, self.kafka.max_attempts, e
+                )
+                if attempt == self.kafka.max_attempts:
+                    self._dead_letter(msg, e, attempts=attempt)
+                    return
+                if self._stop.wait(delay):  # shutting down: leave it uncommitted for the next owner
+                    raise _Stopping() from None
+                delay = min(delay * 2, 5.0)
+
+    def _dead_letter(self, msg: Any, exc: BaseException, attempts: int) -> None:
+        if self.producer is None or self.dlq_topic is None or msg.topic == self.dlq_topic:
+            log.error(
+                "dropping %s[%d]@%d after %d tries (no DLQ): %r", msg.topic, msg.partition, msg.offset, attempts, exc
+            )
+            return
+        now = Timestamp()
+        now.GetCurrentTime()
+        dl = events_pb2.DeadLetter(
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key or b"",
+            value=msg.value or b"",
+            consumer_group=self.group,
+            error_type=type(exc).__name__,
+            error=str(exc)[:4000],
+            attempts=attempts,
+            failed_at=now,
+        )
+        headers = list(msg.headers or []) + _headers(
+            {
+                H_ERROR: str(exc)[:4000],
+                H_ERROR_TYPE: type(exc).__name__,
+                H_TOPIC: msg.topic,
+                H_PARTITION: str(msg.partition),
+                H_OFFSET: str(msg.offset),
+                H_GROUP: self.group,
+                H_ATTEMPTS: str(attempts),
+            }
+        )
+        # Wait for the ack: the offset is committed next, so the DLQ copy must be durable first.
+        self.producer._wait(
+            self.producer.send_raw(self.dlq_topic, msg.key, dl.SerializeToString(), headers), self.dlq_topic, None
+        )
+        DEAD_LETTERED.labels(msg.topic, self.group).inc()
+        log.error("dead-lettered %s[%d]@%d after %d tries: %r", msg.topic, msg.partition, msg.offset, attempts, exc)
+
+    # --- the loop -------------------------------------------------------------------
+    def commit(self) -> None:
+        """Commit every record processed so far (their effects are durable)."""
+        if not self._pending:
+            return
+        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._pending.items()}
+        try:
+            self.consumer.commit(offsets)
+        except kerrors.CommitFailedError as e:  # a rebalance took the partitions: the new owner redoes them
+            log.warning("commit failed (group %s rebalanced); records will be redelivered: %s", self.group, e)
+        self._pending.clear()
+        self._last_commit = time.monotonic()
+
+    def _update_lag(self) -> None:
+        if time.monotonic() - self._lag_at < 1.0:
+            return
+        self._lag_at = time.monotonic()
+        for tp in self.consumer.assignment():
+            with contextlib.suppress(kerrors.KafkaError):
+                high = self.consumer.highwater(tp)
+                pos = self._positions.get(tp)
+                if high is not None and pos is not None:
+                    LAG.labels(tp.topic, str(tp.partition), self.group).set(max(0, high - pos))
+
+    def poll_once(self, timeout_ms: int | None = None) -> int:
+        """Poll one batch, process it, commit; return how many records were processed."""
+        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms)
+        done = 0
+        for tp, msgs in batches.items():
+            for msg in msgs:
+                if self._stop.is_set():
+                    break
+                self._process(msg)
+                self._pending[tp] = msg.offset + 1
+                self._positions[tp] = msg.offset + 1
+                done += 1
+                if time.monotonic() - self._last_commit >= self.commit_interval_s:
+                    self.commit()
+        self.commit()
+        self._update_lag()
+        return done
+
+    def run(self, max_records: int | None = None, timeout_s: float | None = None) -> int:
+        """Process records until stop() (or `max_records`, or `timeout_s`); then commit and close."""
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        total = 0
+        try:
+            while not self._stop.is_set():
+                if max_records is not None and total >= max_records:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                try:
+                    total += self.poll_once()
+                except _Stopping:
+                    break
+        finally:
+            self.close()
+        return total
+
+    def start(self) -> threading.Thread:
+        """Run the loop in a daemon thread (services call stop() on shutdown)."""
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as e:  # surfaced to the owner via .error
+                self.error = e
+                log.exception("consumer loop of group %s died", self.group)
+
+        self._thread = threading.Thread(target=target, name=f"consumer-{self.group}", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Graceful shutdown: finish the current record, commit, close."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.commit()
+        with contextlib.suppress(Exception):
+            self.consumer.close(autocommit=False)
+        if self._own_producer and self.producer is not None:
+            self.producer.close()
+
+
+class _Stopping(Exception):
+    """Raised inside the loop when stop() interrupts a retry backoff."""
+
+
+class SeenIds:
+    """A durable set of processed event ids (sqlite3), so a redelivered event leaves one effect.
+
+    `apply_once(id, effect)` runs `effect(conn)` and records the id in one transaction: with
+    effects kept in the same database the pair is atomic (exactly-once effect on top of
+    at-least-once delivery). `add(id)` is the plain check-and-mark for external effects.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+        self._lock = threading.Lock()
+
+    def __contains__(self, event_id: str) -> bool:
+        with self._lock:
+            return self.conn.execute("SELECT 1 FROM seen WHERE id = ?", (event_id,)).fetchone() is not None
+
+    def add(self, event_id: str) -> bool:
+        """Mark `event_id` seen; True the first time, False for a duplicate."""
+        return self.apply_once(event_id, lambda _conn: None)
+
+    def apply_once(self, event_id: str, effect: Callable[[sqlite3.Connection], None]) -> bool:
+        """Run `effect` unless `event_id` was applied before; True if it ran (and is now durable)."""
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self.conn.execute("INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", (event_id, time.time()))
+                if cur.rowcount == 0:
+                    self.conn.execute("ROLLBACK")
+                    return False
+                effect(self.conn)
+                self.conn.execute("COMMIT")
+                return True
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
