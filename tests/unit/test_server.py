@@ -248,6 +248,8 @@ def test_graceful_stop_finishes_inflight_rpc() -> None:
                 reward_pb2_grpc.RewardStub(ch).Score(reward_pb2.ScoreRequest(prompt="slow", response="xy"))
             )
             await servicer.slow_started.wait()
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="flywheel.v1.Reward"))
+            watched = [(await watch.read()).status]
             started = time.monotonic()
             stopping = asyncio.ensure_future(server.stop(grace=5))
             await asyncio.sleep(0.2)  # inside the drain window: still reachable, NOT_SERVING
@@ -258,6 +260,11 @@ def test_graceful_stop_finishes_inflight_rpc() -> None:
             assert not server.serving
             assert (await slow).score == 2  # the in-flight RPC completed
             await stopping
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # an open Watch does not hold the stop for grace_s
+                while (r := await watch.read()) is not grpc.aio.EOF:
+                    watched.append(r.status)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert watched == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
             assert time.monotonic() - started < 3
             await asyncio.wait_for(server.wait(), 1)
         async with channel(server) as ch:  # new RPCs are refused now
