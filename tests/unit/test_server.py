@@ -326,3 +326,14 @@ def test_sigterm_exits_cleanly() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    async def body(server: ServiceServer) -> None:
+        for grpc_port, http_port, what in ((server.grpc_port, 0, "gRPC"), (0, server.http_port, "HTTP")):
+            other = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=grpc_port, http_port=http_port))
+            with pytest.raises(OSError, match=f"cannot bind {what} to 127.0.0.1:"):
+                await other.start(handle_signals=False)
+            await other.stop(grace=0)
+
+    run(body)
