@@ -302,7 +302,9 @@ def error_body(exc: BaseException) -> tuple[dict[str, str], int, dict[str, str]]
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """FlywheelError -> its HTTP status with TGI's body; anything else -> 500 with the same shape.
 
     aiohttp's own HTTP exceptions (404, 405, redirects) pass through unchanged. Also records
