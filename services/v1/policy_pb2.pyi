@@ -66,14 +66,16 @@ class GeneratePairRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., candidate_version: _Optional[int] = ...) -> None: ...
 
 class GeneratePairResponse(_message.Message):
-    __slots__ = ("pair_id", "a", "b")
+    __slots__ = ("pair_id", "a", "b", "feedback_token")
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     A_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     pair_id: str
     a: GenerateResponse
     b: GenerateResponse
-    def __init__(self, pair_id: _Optional[str] = ..., a: _Optional[_Union[GenerateResponse, _Mapping]] = ..., b: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    feedback_token: str
+    def __init__(self, pair_id: _Optional[str] = ..., a: _Optional[_Union[GenerateResponse, _Mapping]] = ..., b: _Optional[_Union[GenerateResponse, _Mapping]] = ..., feedback_token: _Optional[str] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
