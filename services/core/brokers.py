@@ -250,6 +250,8 @@ class ApacheKafka(_Child):
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # Let tests use 2 s sessions, so a killed consumer's partitions move on quickly.
+            "group.min.session.timeout.ms": "1000",
             # Tests create their own topics; a typo'd topic must fail, not appear silently.
             "auto.create.topics.enable": "false",
             "num.network.threads": "2",

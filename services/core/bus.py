@@ -348,8 +348,8 @@ class Consumer:
         self._pending.clear()
         self._last_commit = time.monotonic()
 
-    def _update_lag(self) -> None:
-        if time.monotonic() - self._lag_at < 1.0:
+    def _update_lag(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._lag_at < 1.0:
             return
         self._lag_at = time.monotonic()
         for tp in self.consumer.assignment():
@@ -392,6 +392,8 @@ class Consumer:
                 except _Stopping:
                     break
         finally:
+            with contextlib.suppress(Exception):
+                self._update_lag(force=True)
             self.close()
         return total
 
