@@ -7,6 +7,8 @@ caller the same precise thing (DESIGN.md, 'Bad input gets a precise error').
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -63,3 +65,8 @@ class IntegrityError(FlywheelError):
     """A checkpoint or record failed verification (sha256 mismatch, missing file)."""
 
     code, http_status, error_type = grpc.StatusCode.DATA_LOSS, 500, "integrity"
+
+
+def retry_after_header(retry_after_s: float) -> str:
+    """Whole seconds, rounded up (HTTP Retry-After allows only integers; gRPC uses the same)."""
+    return str(max(0, math.ceil(retry_after_s)))

@@ -28,7 +28,6 @@ import functools
 import importlib
 import inspect
 import logging
-import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +40,9 @@ from grpc_reflection.v1alpha import reflection
 
 from flywheel.core import metrics
 from flywheel.core.config import require, setting
-from flywheel.core.errors import FlywheelError
+from flywheel.core.errors import FlywheelError, retry_after_header
+from flywheel.core.health import HEALTH_SERVICE, HealthService
+from flywheel.core.http import error_body, error_middleware
 
 log = logging.getLogger("flywheel.server")
 T = TypeVar("T")
@@ -53,8 +54,6 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "reward": (50053, 8083),
     "trainer": (50054, 8084),
 }
-_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 @dataclasses.dataclass
@@ -155,11 +154,6 @@ def server_config(service: str, file_values: dict[str, Any] | None = None, **ove
     grpc_port, http_port = DEFAULT_PORTS[service]
     values: dict[str, Any] = {"grpc_port": grpc_port, "http_port": http_port, **(file_values or {})}
     return load(ServerConfig, values, **overrides)
-
-
-def retry_after_header(retry_after_s: float) -> str:
-    """Whole seconds, rounded up (HTTP Retry-After allows only integers; gRPC uses the same)."""
-    return str(max(0, math.ceil(retry_after_s)))
 
 
 # ---------------------------------------------------------------- blocking work
@@ -287,110 +281,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kw)
         return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kw)
-
-
-# ---------------------------------------------------------------- HTTP
-
-
-def error_body(exc: BaseException) -> tuple[dict[str, str], int, dict[str, str]]:
-    """TGI's error body, HTTP status and headers for an exception."""
-    if isinstance(exc, FlywheelError):
-        headers = {} if exc.retry_after_s is None else {"Retry-After": retry_after_header(exc.retry_after_s)}
-        return exc.http_body(), exc.http_status, headers
-    body = {"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}", "error_type": "internal"}
-    return body, 500, {}
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """FlywheelError -> its HTTP status with TGI's body; anything else -> 500 with the same shape.
-
-    aiohttp's own HTTP exceptions (404, 405, redirects) pass through unchanged. Also records
-    HTTP metrics by route template so that path parameters cannot blow up label cardinality.
-    """
-    started = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # client went away
-        raise
-    except Exception as exc:
-        body, status, headers = error_body(exc)
-        if status >= 500:
-            log.error("%s %s failed", request.method, request.path, exc_info=exc)
-        return web.json_response(body, status=status, headers=headers)
-    finally:
-        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
-        metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
-
-
-class HealthService(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1, whose Watch streams end (UNAVAILABLE) once shutdown has told them NOT_SERVING.
-
-    grpc_health's aio servicer keeps every Watch open until the server cancels it, so each
-    watcher (gRPC client-side health checking uses Watch) would hold a graceful stop for
-    the whole grace period. Everything starts NOT_SERVING.
-    """
-
-    def __init__(self) -> None:
-        self._status: dict[str, int] = {"": _NOT_SERVING}
-        self._version = 0  # bumped on every change, so a watcher never misses one
-        self._changed = asyncio.Condition()
-        self._shutting_down = False
-        self._closed = False
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
-        status = self._status.get(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
-        last = None
-        while True:
-            seen = self._version
-            status = self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            if status != last:
-                await context.write(health_pb2.HealthCheckResponse(status=status))
-                last = status
-            if self._closed:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            async with self._changed:
-                await self._changed.wait_for(lambda seen=seen: self._version != seen or self._closed)
-
-    def status(self, service: str = "") -> int | None:
-        return self._status.get(service)
-
-    async def set(self, service: str, status: int) -> None:
-        """Set one service's status; ignored once shutdown began."""
-        if not self._shutting_down:
-            await self._update({service: status})
-
-    async def enter_graceful_shutdown(self) -> None:
-        """Everything NOT_SERVING, for good."""
-        await self._update(dict.fromkeys(self._status, _NOT_SERVING))
-        self._shutting_down = True
-
-    async def close(self) -> None:
-        """End every Watch stream (after they have seen NOT_SERVING)."""
-        self._closed = True
-        await self._update({})
-
-    async def _update(self, changes: dict[str, int]) -> None:
-        async with self._changed:
-            self._status.update(changes)
-            self._version += 1
-            self._changed.notify_all()
 
 
 SERVER_KEY: web.AppKey[ServiceServer] = web.AppKey("flywheel.server")

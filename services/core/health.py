@@ -1,0 +1,71 @@
+"""grpc.health.v1 for Flywheel's servers (see HealthService for why it is our own)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1, whose Watch streams end (UNAVAILABLE) once shutdown has told them NOT_SERVING.
+
+    grpc_health's aio servicer keeps every Watch open until the server cancels it, so each
+    watcher (gRPC client-side health checking uses Watch) would hold a graceful stop for
+    the whole grace period. Everything starts NOT_SERVING.
+    """
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": _NOT_SERVING}
+        self._version = 0  # bumped on every change, so a watcher never misses one
+        self._changed = asyncio.Condition()
+        self._shutting_down = False
+        self._closed = False
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        last = None
+        while True:
+            seen = self._version
+            status = self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._closed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            async with self._changed:
+                await self._changed.wait_for(lambda seen=seen: self._version != seen or self._closed)
+
+    def status(self, service: str = "") -> int | None:
+        return self._status.get(service)
+
+    async def set(self, service: str, status: int) -> None:
+        """Set one service's status; ignored once shutdown began."""
+        if not self._shutting_down:
+            await self._update({service: status})
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Everything NOT_SERVING, for good."""
+        await self._update(dict.fromkeys(self._status, _NOT_SERVING))
+        self._shutting_down = True
+
+    async def close(self) -> None:
+        """End every Watch stream (after they have seen NOT_SERVING)."""
+        self._closed = True
+        await self._update({})
+
+    async def _update(self, changes: dict[str, int]) -> None:
+        async with self._changed:
+            self._status.update(changes)
+            self._version += 1
+            self._changed.notify_all()
