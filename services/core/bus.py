@@ -128,6 +128,7 @@ class Producer:
         }
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
+        self._metrics: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}  # label lookups cost per record
 
     @property
     def client(self) -> KafkaProducer:
@@ -143,14 +144,17 @@ class Producer:
     def send_raw(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = None) -> Any:
         """Send bytes as they are (the dead-letter path); returns kafka-python's future."""
         try:
-            fut = self.client.send(topic, value=value, key=key, headers=_headers(headers))
+            fut = self.client.send(topic, value=value, key=key, headers=_headers(headers) if headers else None)
         except kerrors.KafkaError as e:
             PRODUCE_ERRORS.labels(topic).inc()
             raise errors.Unavailable(
                 f"Kafka at {self.kafka.bootstrap!r} did not take a record for {topic!r}: {e}"
             ) from e
-        fut.add_callback(lambda _md: PRODUCED.labels(topic).inc())
-        fut.add_errback(lambda _e: PRODUCE_ERRORS.labels(topic).inc())
+        ok, failed = self._metrics.get(topic) or self._metrics.setdefault(
+            topic, (PRODUCED.labels(topic).inc, PRODUCE_ERRORS.labels(topic).inc)
+        )
+        fut.add_callback(lambda _md: ok())
+        fut.add_errback(lambda _e: failed())
         return fut
 
     def send(self, topic: str, key: str | None, message: Message, headers: Headers = None) -> Any:
@@ -243,6 +247,7 @@ class Consumer:
         self._last_commit = time.monotonic()
         self._lag_at = 0.0
         self.error: BaseException | None = None
+        self._metrics: dict[str, tuple[Callable[[float], None], Callable[[], None]]] = {}
         opts = {
             **kafka.client_options(),
             "group_id": group,
@@ -266,7 +271,7 @@ class Consumer:
             raise ValueError("record has no value (a tombstone); expected a protobuf message")
         value = self.decoders[msg.topic].FromString(msg.value)
         key = msg.key.decode("utf-8", "replace") if msg.key is not None else None
-        headers = {k: v for k, v in (msg.headers or [])}
+        headers = dict(msg.headers) if msg.headers else {}
         return Record(msg.topic, msg.partition, msg.offset, key, value, headers, msg.timestamp)
 
     def _process(self, msg: Any) -> None:
@@ -282,8 +287,12 @@ class Consumer:
             start = time.perf_counter()
             try:
                 self.handler(record)
-                HANDLER_SECONDS.labels(msg.topic, self.group).observe(time.perf_counter() - start)
-                CONSUMED.labels(msg.topic, self.group).inc()
+                seconds, consumed = self._metrics.get(msg.topic) or self._metrics.setdefault(
+                    msg.topic,
+                    (HANDLER_SECONDS.labels(msg.topic, self.group).observe, CONSUMED.labels(msg.topic, self.group).inc),
+                )
+                seconds(time.perf_counter() - start)
+                consumed()
                 return
             except Exception as e:
                 FAILED.labels(msg.topic, self.group).inc()
