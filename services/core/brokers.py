@@ -37,6 +37,8 @@ POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
 
 LOG4J2 = """\
 status = warn
+# Kafka logs its own shutdown from a JVM hook; log4j2 must not stop logging first.
+shutdownHook = disable
 appender.out.type = Console
 appender.out.name = out
 appender.out.layout.type = PatternLayout

@@ -266,3 +266,38 @@ def test_duplicate_delivery_leaves_one_effect(kafka: KafkaConfig, topics_config:
     assert "f-42" in seen and len(seen) == 1 and not seen.add("f-42") and seen.add("f-43")
     seen.close()
     assert "f-42" in bus.SeenIds(tmp_path / "seen.sqlite")  # durable across reopen
+
+
+def test_stop_finishes_the_current_record_commits_and_closes(kafka: KafkaConfig, topics_config: TopicsConfig) -> None:
+    t = topics_config
+    bus.ensure_topics(kafka, t)
+    with bus.Producer(kafka) as producer:
+        for i in range(3):
+            producer.send(t.interactions, f"k{i}", events_pb2.Interaction(interaction_id=f"i{i}"))
+        producer.flush()
+    started, handled = [], []
+
+    def slow(r: bus.Record) -> None:
+        started.append(r.offset)
+        time.sleep(0.5)
+        handled.append(r.offset)
+
+    c = bus.Consumer(kafka, "stopper", {t.interactions: events_pb2.Interaction}, slow, dlq_topic=None)
+    thread = c.start()
+    wait_for(lambda: started, 15, "the first record")
+    c.stop()
+    assert not thread.is_alive() and c.error is None
+    assert handled == started == [0]  # finished the record in hand, started no other
+    assert committed(kafka, "stopper", t.interactions) == 1
+
+
+def test_send_sync_says_clearly_when_kafka_is_unreachable() -> None:
+    from flywheel.core import errors
+    from flywheel.core.brokers import free_port
+
+    kafka = KafkaConfig(bootstrap=f"127.0.0.1:{free_port()}", request_timeout_ms=1000)
+    producer = bus.Producer(kafka)
+    t0 = time.monotonic()
+    with pytest.raises(errors.Unavailable, match="cannot reach Kafka at '127.0.0.1:"):
+        producer.send_sync("flywheel.feedback", "k", events_pb2.FeedbackEvent(feedback_id="f"))
+    assert time.monotonic() - t0 < 10
