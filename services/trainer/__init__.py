@@ -1,0 +1,3 @@
+"""The trainer service: continuous PPO (or RLOO / GRPO) against the live reward model,
+checkpoints in the model store, the promotion gate, resume after a crash, and the gRPC
+Trainer control API. See loop.py for the algorithm, top to bottom."""

@@ -1,0 +1,455 @@
+"""Rollouts with the trainer's own copy of the policy: sampling, temperature-scaled log-probs, values.
+
+The policy is any Hugging Face causal LM (`from_pretrained` from a name or a path); the
+critic is a zero-initialised linear value head on the policy's last hidden state (a shared
+backbone, as in TRL's former AutoModelForCausalLMWithValueHead).
+
+Details from Huang et al. 2024 (arXiv 2403.17031):
+  * log-probs come from logits divided by the sampling temperature, so the ratio and the
+    KL are those of the distribution that was sampled from;
+  * a distinct pad token: padding is never confused with EOS, and everything after the
+    first EOS is padding and masked out;
+  * prompts are left-padded and position ids follow the attention mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from flywheel.core import errors
+from flywheel.trainer.ppo import entropy_from_logits, logprobs_from_logits
+
+log = logging.getLogger(__name__)
+
+
+class ValueHead(nn.Module):
+    """hidden (B, T, H) -> value (B, T); zero-initialised (DESIGN.md training defaults)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One batch of experience (OpenRLHF's Experience): prompt-major, group samples adjacent."""
+
+    prompts: list[str]  # B strings (one per sequence, repeated within a group)
+    responses: list[str]  # B decoded responses (special tokens removed)
+    query_ids: torch.Tensor  # (B, P) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response_ids: torch.Tensor  # (B, T) generated ids, pad after the first EOS
+    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool, did the response end with EOS
+    logprobs: torch.Tensor | None = None  # (B, T) under the rollout policy
+    ref_logprobs: torch.Tensor | None = None  # (B, T) under the frozen reference
+    values: torch.Tensor | None = None  # (B, T) critic values (PPO only)
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def index(self, idx: torch.Tensor) -> Rollout:
+        """The sub-batch of rows `idx` (a minibatch)."""
+        pick = [int(i) for i in idx]
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = [v[i] for i in pick] if isinstance(v, list) else (None if v is None else v[idx])
+        return Rollout(**out)
+
+
+def encode_prompts(
+    tok: PreTrainedTokenizerBase, prompts: list[str], max_tokens: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, mask), each (B, P), prompts truncated on the left to max_tokens."""
+    rows = [tok(p)["input_ids"][-max_tokens:] for p in prompts]
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, P - len(r) :] = torch.tensor(r)
+            mask[b, P - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_after_eos(
+    response_ids: torch.Tensor, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad everything after the first EOS; returns (ids (B, T), mask (B, T) float incl. EOS, has_eos (B,))."""
+    is_eos = response_ids == eos_id
+    has_eos = is_eos.any(1)
+    first = torch.where(
+        has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, response_ids.shape[1], dtype=torch.long)
+    )
+    pos = torch.arange(response_ids.shape[1], device=response_ids.device).unsqueeze(0)
+    mask = (pos <= first.unsqueeze(1)).float()  # (B, T)
+    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return ids, mask, has_eos
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    max_prompt_tokens: int = 256,
+    generator_seed: int | None = None,
+) -> Rollout:
+    """Sample one response per prompt (pure temperature sampling: no top-k/top-p, as PPO assumes)."""
+    device = next(model.parameters()).device
+    query_ids, query_mask = encode_prompts(tok, prompts, max_prompt_tokens, device)
+    gen_cfg = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    state = None
+    if generator_seed is not None:  # the gate: same samples for every version, RNG left untouched
+        state = torch.random.get_rng_state()
+        torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
+    finally:
+        model.train(was_training)
+        if state is not None:
+            torch.random.set_rng_state(state)
+    raw = out[:, query_ids.shape[1] :]  # (B, T<=max_new_tokens)
+    if raw.shape[1] < max_new_tokens:  # every sequence stopped early: pad to a fixed T
+        fill = torch.full((raw.shape[0], max_new_tokens - raw.shape[1]), tok.pad_token_id, device=device)
+        raw = torch.cat([raw, fill], 1)
+    response_ids, response_mask, has_eos = mask_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
+    responses = tok.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(list(prompts), responses, query_ids, query_mask, response_ids, response_mask, has_eos)
+
+
+def forward(
+    model: PreTrainedModel,
+    batch: Rollout,
+    temperature: float,
+    value_head: ValueHead | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs of the response tokens from temperature-scaled logits, plus values and entropy.
+
+    Returns (logprobs (B, T), values (B, T) or None, entropy (B, T) or None). The token at
+    response position t is predicted by the hidden state at sequence position P - 1 + t, whose
+    value estimates the return from that state on.
+    """
+    ids = torch.cat([batch.query_ids, batch.response_ids], 1)  # (B, P+T)
+    attn = torch.cat([batch.query_mask, batch.response_mask.long()], 1)  # (B, P+T)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions follow the mask
+    P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state  # (B, P+T, H)
+    hidden = hidden[:, P - 1 : P - 1 + T]  # (B, T, H)
+    logits = model.get_output_embeddings()(hidden).float() / temperature  # (B, T, V)
+    logprobs = logprobs_from_logits(logits, batch.response_ids)
+    values = value_head(hidden) if value_head is not None else None
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, values, entropy
+
+
+# ----------------------------------------------------------------------- a tiny policy for tests
+
+TINY_WORDS = (
+    "the a is to and of you it we can help your order please thanks hello yes no good bad "
+    "how what why when where reset password bread tire refund invoice today now soon here there"
+).split()
+
+
+def tiny_policy(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A config-built random Llama with a word-level tokenizer (distinct pad/bos/eos), saved to out_dir.
+
+    For tests and the benchmark: tiny, deterministic from the seed, no download.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(TINY_WORDS)))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------- where rewards come from
+
+
+class RewardSource(Protocol):
+    """Anything that scores (prompt, response) pairs; higher is better."""
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+class RewardInfo(NamedTuple):
+    version: int
+    score_mean: float
+    score_std: float
+
+
+class GrpcReward:
+    """RewardSource over the Reward service (ScoreBatch; GetInfo for normalization statistics)."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        import grpc
+
+        from flywheel.v1 import reward_pb2_grpc
+
+        self.address, self.timeout_s = address, timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = reward_pb2_grpc.RewardStub(self._channel)
+        self.version = -1
+
+    def _call(self, method: Any, request: Any) -> Any:
+        import grpc
+
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise errors.Unavailable(f"reward service at {self.address} failed: {e.code().name}: {e.details()}") from e
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from flywheel.v1 import reward_pb2
+
+        items = [reward_pb2.ScoreRequest(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
+        resp = self._call(self._stub.ScoreBatch, reward_pb2.ScoreBatchRequest(items=items))
+        if len(resp.scores) != len(items):
+            raise errors.Unavailable(f"reward service returned {len(resp.scores)} scores for {len(items)} items")
+        self.version = resp.reward_version
+        return list(resp.scores)
+
+    def info(self) -> RewardInfo | None:
+        from flywheel.v1 import reward_pb2
+
+        r = self._call(self._stub.GetInfo, reward_pb2.RewardInfoRequest())
+        return RewardInfo(r.reward_version, r.score_mean, r.score_std)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+# ----------------------------------------------------------------------- where prompts come from
+
+FALLBACK_PROMPTS = [
+    "how do I reset my password?",
+    "where is my order?",
+    "how can I get a refund?",
+    "how do I bake bread?",
+    "how do I change a flat tire?",
+    "I need an invoice for my purchase.",
+    "hello, how are you today?",
+    "what can you help me with?",
+]
+
+
+def default_pool() -> list[str]:
+    """The policy corpus' prompts when that module is there, else a small built-in list."""
+    try:
+        from flywheel.policy import corpus
+
+        return list(corpus.prompts()) or list(FALLBACK_PROMPTS)
+    except Exception:  # the policy package is optional for the trainer
+        return list(FALLBACK_PROMPTS)
+
+
+def split_pool(pool: list[str], n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out gate prompts): a seeded split keeping at least 3/4 for training.
+
+    A pool too small to spare any (fewer than 4 prompts) is used for both, which the gate's
+    verdict then cannot tell from overfitting: give a larger pool for a meaningful gate.
+    """
+    order = list(dict.fromkeys(pool))
+    random.Random(seed).shuffle(order)
+    k = min(n_heldout, len(order) // 4)
+    if k == 0:
+        return order, order
+    return order[k:], order[:k]
+
+
+class PoolPrompts:
+    """PromptSource over a fixed list; its cursor is a consumed offset like a Kafka one."""
+
+    def __init__(self, pool: list[str]) -> None:
+        if not pool:
+            raise errors.InvalidArgument("the prompt pool is empty: set FLYWHEEL_TRAINER_PROMPT_POOL")
+        self.pool, self.cursor = list(pool), 0
+
+    def take(self, n: int) -> list[str]:
+        out = [self.pool[(self.cursor + i) % len(self.pool)] for i in range(n)]
+        self.cursor += n
+        return out
+
+    def demonstrations(self) -> list[tuple[str, str]]:
+        return []
+
+    def position(self) -> dict[str, int]:
+        return {"pool": self.cursor}
+
+    def seek(self, position: dict[str, int]) -> None:
+        self.cursor = int(position.get("pool", 0))
+
+    def commit(self, position: dict[str, int]) -> None:
+        pass
+
+    def lag(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaPrompts(PoolPrompts):
+    """Prompts of served answers (flywheel.interactions), topped up from the pool when traffic is thin.
+
+    The partitions are assigned, not group-balanced (one trainer is active at a time): the
+    trainer's checkpoint holds the offsets and is the source of truth; they are also committed
+    to the consumer group after each checkpoint, for lag dashboards and a trainer with no state.
+    With ptx on, demonstrations ("demonstration" PreferencePairs) are read the same way.
+    """
+
+    def __init__(
+        self,
+        kafka: Any,
+        topic: str,
+        pool: list[str],
+        group: str,
+        model: str,
+        preferences_topic: str | None = None,
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        super().__init__(pool)
+        self.topic, self.model, self.poll_timeout_ms = topic, model, poll_timeout_ms
+        self.prefs_topic = preferences_topic
+        try:
+            self.consumer = KafkaConsumer(
+                **kafka.client_options(), group_id=group, enable_auto_commit=False, auto_offset_reset="earliest"
+            )
+            tps = []
+            for t in filter(None, [topic, preferences_topic]):
+                parts = self.consumer.partitions_for_topic(t)
+                if not parts:
+                    raise errors.Unavailable(
+                        f"topic {t!r} does not exist on {kafka.bootstrap!r}: create the topics first"
+                    )
+                tps += [TopicPartition(t, p) for p in sorted(parts)]
+        except errors.FlywheelError:
+            raise
+        except Exception as e:
+            raise errors.Unavailable(f"cannot read prompts from Kafka at {kafka.bootstrap!r}: {e}") from e
+        self.tps = tps
+        self.consumer.assign(tps)
+        self._demos: list[tuple[str, str]] = []
+
+    def take(self, n: int) -> list[str]:
+        from flywheel.v1 import events_pb2
+
+        live: list[str] = []
+        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=n)
+        for tp, msgs in batches.items():
+            for msg in msgs:
+                try:
+                    if tp.topic == self.topic:
+                        ev = events_pb2.Interaction.FromString(msg.value)
+                        if ev.prompt and (not ev.model or ev.model == self.model):
+                            live.append(ev.prompt)
+                    else:
+                        pair = events_pb2.PreferencePair.FromString(msg.value)
+                        if pair.source == "demonstration" and pair.prompt and pair.chosen:
+                            self._demos = (self._demos + [(pair.prompt, pair.chosen)])[-256:]
+                except Exception:  # an undecodable record is skipped, never fatal
+                    continue
+        return live[:n] + (super().take(n - len(live)) if len(live) < n else [])
+
+    def demonstrations(self) -> list[tuple[str, str]]:
+        return list(self._demos)
+
+    def position(self) -> dict[str, int]:
+        pos = {f"{tp.topic}:{tp.partition}": int(self.consumer.position(tp)) for tp in self.tps}
+        return {**pos, "pool": self.cursor}
+
+    def seek(self, position: dict[str, int]) -> None:
+        super().seek(position)
+        for tp in self.tps:
+            key = f"{tp.topic}:{tp.partition}"
+            if key in position:
+                self.consumer.seek(tp, int(position[key]))
+
+    def commit(self, position: dict[str, int]) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {
+            tp: OffsetAndMetadata(int(position[f"{tp.topic}:{tp.partition}"]), "", -1)
+            for tp in self.tps
+            if f"{tp.topic}:{tp.partition}" in position
+        }
+        try:
+            self.consumer.commit(offsets)
+        except Exception as e:  # lag reporting only: the checkpoint holds the truth
+            log.warning("committing trainer offsets failed: %s", e)
+
+    def lag(self) -> int:
+        try:
+            ends = self.consumer.end_offsets([tp for tp in self.tps if tp.topic == self.topic])
+            return int(sum(max(0, end - self.consumer.position(tp)) for tp, end in ends.items()))
+        except Exception:
+            return -1
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.consumer.close(autocommit=False)
