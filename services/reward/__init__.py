@@ -1,0 +1,1 @@
+"""The reward service: preference join, online reward-model training, hot-swapped scoring."""

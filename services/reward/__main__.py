@@ -1,0 +1,38 @@
+"""`flywheel serve reward` / `python -m flywheel.reward`: run the reward service until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from flywheel.core.server import DEFAULT_PORTS, serve, server_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    grpc_default, http_default = DEFAULT_PORTS["reward"]
+    p = argparse.ArgumentParser(prog="flywheel serve reward", description=__doc__)
+    p.add_argument("--grpc-port", type=int, default=None, help=f"gRPC port (default {grpc_default})")
+    p.add_argument("--http-port", type=int, default=None, help=f"HTTP port (default {http_default})")
+    p.add_argument("--config", default=None, help="YAML config file (default: FLYWHEEL_CONFIG)")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
+
+    config = RewardServiceConfig.from_env(args.config)
+    service = RewardService(config)
+    server = build_server(service, server_config("reward", grpc_port=args.grpc_port, http_port=args.http_port))
+    try:
+        serve(server, service.setup)
+    finally:
+        service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""The preference join: interactions + feedback -> PreferencePairs, in a durable sqlite store.
+
+What each kind of feedback becomes (DESIGN.md, issue 4):
+- preference on a GeneratePair pair_id: one pair, chosen = the preferred side, weight 1. A TIE
+  gives two pairs of weight 0.5, one each way (their BT losses pull the two scores together;
+  source "tie", left out of the held-out accuracy).
+- thumbs / rating on an interaction: a pointwise label (up = 1, down = 0; rating r on 1..S ->
+  (r-1)/(S-1)) for the binary loss, and pairs against earlier labels of the same kind on other
+  answers to the same prompt (up > down; higher rating > lower, margin from the gap), with a
+  lower weight than a direct choice.
+- demonstration: a pair (demonstration > the model's answer) and a supervised example row.
+
+Feedback that arrives before its interaction(s) waits `orphan_wait_s`, then is dropped and
+counted (`flywheel_reward_feedback_dropped{reason="orphaned"}`). Every effect of a record is
+one sqlite transaction keyed by primary keys (feedback_id, interaction_id, pair_id), so a
+redelivered record changes nothing; pair ids are a hash of their source ids, so the same
+feedback always yields the same pair ids. Pairs are written with published=0 and sent to
+flywheel.preferences (acks=all) before the handler returns; the consumer then commits. A crash
+in between republishes them on the next record (the key is the pair id: consumers dedupe).
+The held-out split is a hash of the pair's source feedback ids (so both halves of a tie, and
+every pair that uses a held-out label, land on the same side).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from flywheel.core import bus
+from flywheel.reward.config import JoinConfig
+from flywheel.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+K = events_pb2  # enum values: K.FEEDBACK_KIND_THUMBS, K.PREFERENCE_A, ...
+
+PAIRS_BUILT = Counter("flywheel_reward_pairs_built", "Preference pairs built by the join.", ["source"])
+FEEDBACK_JOINED = Counter("flywheel_reward_feedback_joined", "Feedback events joined.", ["kind"])
+FEEDBACK_DUPLICATE = Counter("flywheel_reward_feedback_duplicates", "Redelivered feedback ignored.")
+FEEDBACK_DROPPED = Counter("flywheel_reward_feedback_dropped", "Feedback not joined, by reason.", ["reason"])
+PENDING = Gauge("flywheel_reward_feedback_pending", "Feedback waiting for its interaction.")
+JOIN_LAG = Histogram(
+    "flywheel_reward_join_lag_seconds",
+    "From feedback accepted (its created_at) to its pairs stored.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+)
+# Live evaluation that users' feedback gives for free, per policy version.
+THUMBS = Counter("flywheel_live_thumbs", "Thumbs by policy version.", ["policy_version", "thumb"])
+RATINGS = Counter(
+    "flywheel_live_ratings", "Ratings by policy version (normalized to 0..1 in the sum).", ["policy_version", "stat"]
+)
+OUTCOMES = Counter("flywheel_live_pairwise", "Pairwise outcomes by policy version.", ["policy_version", "outcome"])
+THUMBS_UP_RATE = Gauge("flywheel_live_thumbs_up_rate", "Share of thumbs up.", ["policy_version"])
+MEAN_RATING = Gauge("flywheel_live_mean_rating", "Mean rating normalized to 0..1.", ["policy_version"])
+WIN_RATE = Gauge("flywheel_live_win_rate", "Pairwise win rate (ties count half).", ["policy_version"])
+
+MAX_PARTNERS = 32  # pairs inferred per new thumbs/rating label, against the most recent others
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS interactions (
+  interaction_id TEXT PRIMARY KEY, pair_id TEXT, side TEXT, prompt TEXT, response TEXT,
+  policy_version INTEGER, user_id TEXT, created_at REAL);
+CREATE INDEX IF NOT EXISTS interactions_pair ON interactions(pair_id);
+CREATE TABLE IF NOT EXISTS feedback (
+  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, pair_id TEXT, status TEXT NOT NULL,
+  received_at REAL NOT NULL, event BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(status, interaction_id, pair_id);
+CREATE TABLE IF NOT EXISTS pairs (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT UNIQUE NOT NULL, split TEXT NOT NULL,
+  published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+  feedback_id TEXT PRIMARY KEY, seq INTEGER, interaction_id TEXT, kind TEXT, prompt TEXT, response TEXT,
+  label REAL NOT NULL, split TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS labels_prompt ON labels(prompt, kind);
+CREATE TABLE IF NOT EXISTS demonstrations (
+  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, prompt TEXT, demonstration TEXT, created_at REAL);
+"""
+
+
+def _h(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def pair_id_of(source: str, chosen_key: str, rejected_key: str, feedback_ids: Sequence[str]) -> str:
+    """Deterministic pair id: the same feedback on the same answers always gives the same id."""
+    return "p-" + _h(source, chosen_key, rejected_key, *sorted(feedback_ids))[:32]
+
+
+def is_heldout(key: str, percent: int) -> bool:
+    return int(_h("split", key)[:8], 16) % 100 < percent
+
+
+@dataclasses.dataclass
+class PairRow:
+    """One stored pair, as the trainer reads it."""
+
+    seq: int
+    pair_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    weight: float
+    margin: float
+    source: str
+    split: str
+
+
+@dataclasses.dataclass
+class LabelRow:
+    """One pointwise label (thumbs/rating), as the trainer reads it."""
+
+    prompt: str
+    response: str
+    label: float  # 0..1
+
+
+class PreferenceStore:
+    """The durable join state and preference dataset (one sqlite file, WAL, synchronous=FULL)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.executescript(_SCHEMA)
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    def _q(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        with self.lock:
+            return self.conn.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _row(r: tuple) -> PairRow:
+        seq, split, blob = r
+        m = events_pb2.PreferencePair.FromString(blob)
+        return PairRow(seq, m.pair_id, m.prompt, m.chosen, m.rejected, m.weight, m.margin, m.source, split)
+
+    def pairs_after(self, seq: int, split: str | None = "train", limit: int = 100_000) -> list[PairRow]:
+        """Pairs stored after `seq` (in arrival order), of one split or of both (None)."""
+        where = "seq > ?" + (" AND split = ?" if split else "")
+        args = (seq, split) if split else (seq,)
+        return [
+            self._row(r)
+            for r in self._q(
+                f"SELECT seq, split, message FROM pairs WHERE {where} ORDER BY seq LIMIT {int(limit)}", args
+            )
+        ]
+
+    def count_pairs(self, split: str | None = None) -> int:
+        if split is None:
+            return self._q("SELECT COUNT(*) FROM pairs")[0][0]
+        return self._q("SELECT COUNT(*) FROM pairs WHERE split = ?", (split,))[0][0]
+
+    def max_seq(self) -> int:
+        return self._q("SELECT COALESCE(MAX(seq), 0) FROM pairs")[0][0]
+
+    def labels(self, split: str = "train", limit: int = 100_000) -> list[LabelRow]:
+        rows = self._q(
+            "SELECT prompt, response, label FROM labels WHERE split = ? ORDER BY seq LIMIT ?", (split, limit)
+        )
+        return [LabelRow(*r) for r in rows]
+
+    def supervised_examples(self, limit: int = 100_000) -> list[tuple[str, str]]:
+        """(prompt, demonstration) rows for supervised fine-tuning of the policy."""
+        return self._q("SELECT prompt, demonstration FROM demonstrations ORDER BY created_at LIMIT ?", (limit,))
+
+    def feedback_status(self, feedback_id: str) -> str | None:
+        rows = self._q("SELECT status FROM feedback WHERE feedback_id = ?", (feedback_id,))
+        return rows[0][0] if rows else None
+
+    def pending_count(self) -> int:
+        return self._q("SELECT COUNT(*) FROM feedback WHERE status = 'pending'")[0][0]
+
+
+class PreferenceJoin:
+    """Applies interactions and feedback to the store and publishes the pairs they make.
+
+    `publish(pairs)` must return only once Kafka acknowledged every pair (or raise); None keeps
+    pairs local (tests, or a store without a broker).
+    """
+
+    def __init__(
+        self,
+        config: JoinConfig,
+        store: PreferenceStore,
+        publish: Callable[[list[events_pb2.PreferencePair]], None] | None = None,
+    ) -> None:
+        self.config, self.store, self.publish = config, store, publish
+        self._live: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        PENDING.set(store.pending_count())
+
+    # ------------------------------------------------------------------ entry points
+    def handle(self, record: bus.Record) -> None:
+        """bus.Consumer handler: the effect is durable and the pairs acknowledged when it returns."""
+        msg = record.value
+        if isinstance(msg, events_pb2.Interaction):
+            self.on_interaction(msg)
+        elif isinstance(msg, events_pb2.FeedbackEvent):
+            self.on_feedback(msg)
+        elif isinstance(msg, events_pb2.PreferencePair):
+            self.on_pair(msg)
+        self.flush()
+
+    def on_interaction(self, it: events_pb2.Interaction) -> list[events_pb2.PreferencePair]:
+        """Store an interaction; join the feedback that was waiting for it."""
+        if not it.interaction_id:
+            FEEDBACK_DROPPED.labels("invalid_interaction").inc()
+            return []
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO interactions VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    it.interaction_id,
+                    it.pair_id,
+                    it.pair_side,
+                    it.prompt,
+                    it.response,
+                    it.policy_version,
+                    it.user_id,
+                    it.created_at.ToNanoseconds() / 1e9 if it.HasField("created_at") else time.time(),
+                ),
+            )
+            if cur.rowcount == 0:
+                return []
+            waiting = c.execute(
+                "SELECT event FROM feedback WHERE status = 'pending' AND (interaction_id = ? OR (pair_id != '' AND pair_id = ?))",
+                (it.interaction_id, it.pair_id),
+            ).fetchall()
+            pairs = []
+            for (blob,) in waiting:
+                pairs += self._join(c, events_pb2.FeedbackEvent.FromString(blob))
+        PENDING.set(self.store.pending_count())
+        return pairs
+
+    def on_feedback(self, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
+        """Store a feedback event once (by feedback_id) and join it if its interactions are here."""
+        if not fb.feedback_id:
+            FEEDBACK_DROPPED.labels("invalid").inc()
+            log.warning("feedback without feedback_id dropped: %s", fb)
+            return []
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
+                (fb.feedback_id, fb.interaction_id, fb.pair_id, "pending", time.time(), fb.SerializeToString()),
+            )
+            if cur.rowcount == 0:
+                FEEDBACK_DUPLICATE.inc()
+                return []
+            pairs = self._join(c, fb)
+        PENDING.set(self.store.pending_count())
+        return pairs
+
+    def on_pair(self, pair: events_pb2.PreferencePair) -> None:
+        """A pair from flywheel.preferences (ours come back and are ignored; others join the dataset)."""
+        if not pair.pair_id or not pair.chosen or not pair.rejected:
+            return
+        key = ",".join(sorted(pair.source_feedback_ids)) or pair.pair_id
+        with self._tx() as c:
+            self._insert_pair(c, pair, published=1, split_keys=[key])
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop feedback that waited longer than `orphan_wait_s` for its interaction."""
+        cutoff = (now if now is not None else time.time()) - self.config.orphan_wait_s
+        with self._tx() as c:
+            n = c.execute(
+                "UPDATE feedback SET status = 'orphaned' WHERE status = 'pending' AND received_at < ?", (cutoff,)
+            ).rowcount
+        if n:
+            FEEDBACK_DROPPED.labels("orphaned").inc(n)
+            log.warning(
+                "dropped %d feedback event(s) whose interaction never arrived within %.0fs",
+                n,
+                self.config.orphan_wait_s,
+            )
+            PENDING.set(self.store.pending_count())
+        return n
+
+    def flush(self) -> int:
+        """Publish every stored pair Kafka has not acknowledged yet; mark them published."""
+        if self.publish is None:
+            return 0
+        rows = self.store._q("SELECT seq, message FROM pairs WHERE published = 0 ORDER BY seq")
+        if not rows:
+            return 0
+        self.publish([events_pb2.PreferencePair.FromString(blob) for _, blob in rows])
+        with self._tx() as c:
+            c.executemany("UPDATE pairs SET published = 1 WHERE seq = ?", [(s,) for s, _ in rows])
+        return len(rows)
+
+    # ------------------------------------------------------------------ the join
+    def _tx(self) -> _Tx:
+        return _Tx(self.store)
+
+    def _join(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
+        """Make fb's pairs if its interactions are here; otherwise leave it pending."""
+        kind = fb.kind
+        if kind == K.FEEDBACK_KIND_PREFERENCE:
+            if not fb.pair_id or fb.preference == K.PREFERENCE_UNSPECIFIED:
+                return self._invalid(c, fb, "a preference needs pair_id and A, B or TIE")
+            sides = {
+                r[0]: r[1:]
+                for r in c.execute(
+                    "SELECT side, interaction_id, prompt, response, policy_version FROM interactions WHERE pair_id = ?",
+                    (fb.pair_id,),
+                )
+            }
+            if "A" not in sides or "B" not in sides:
+                return []
+            pairs = self._preference_pairs(fb, sides["A"], sides["B"])
+        elif kind in (K.FEEDBACK_KIND_THUMBS, K.FEEDBACK_KIND_RATING, K.FEEDBACK_KIND_DEMONSTRATION):
+            if not fb.interaction_id:
+                return self._invalid(c, fb, "thumbs, rating and demonstration need interaction_id")
+            row = c.execute(
+                "SELECT interaction_id, prompt, response, policy_version FROM interactions WHERE interaction_id = ?",
+                (fb.interaction_id,),
+            ).fetchone()
+            if row is None:
+                return []
+            if kind == K.FEEDBACK_KIND_DEMONSTRATION:
+                pairs = self._demonstration(c, fb, row)
+            else:
+                pairs = self._pointwise(c, fb, row)
+                if pairs is None:
+                    return self._invalid(c, fb, "thumbs must be +1/-1 and a rating 1..rating_scale (scale >= 2)")
+        else:
+            return self._invalid(c, fb, f"unknown feedback kind {kind}")
+        split_keys = {p.pair_id: list(p.source_feedback_ids) for p in pairs}
+        stored = [p for p in pairs if self._insert_pair(c, p, 0, split_keys[p.pair_id])]
+        c.execute("UPDATE feedback SET status = 'joined' WHERE feedback_id = ?", (fb.feedback_id,))
+        FEEDBACK_JOINED.labels(K.FeedbackKind.Name(kind)).inc()
+        if fb.HasField("created_at"):
+            JOIN_LAG.observe(max(0.0, time.time() - fb.created_at.ToNanoseconds() / 1e9))
+        return stored
+
+    def _invalid(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent, why: str) -> list:
+        c.execute("UPDATE feedback SET status = 'invalid' WHERE feedback_id = ?", (fb.feedback_id,))
+        FEEDBACK_DROPPED.labels("invalid").inc()
+        log.warning("feedback %s dropped: %s", fb.feedback_id, why)
+        return []
+
+    def _make(
+        self,
+        fb_ids: list[str],
+        source: str,
+        prompt: str,
+        chosen: tuple[str, str],
+        rejected: tuple[str, str],
+        weight: float,
+        margin: float = 0.0,
+    ) -> events_pb2.PreferencePair:
+        """chosen/rejected: (interaction_id, text)."""
+        p = events_pb2.PreferencePair(
+            pair_id=pair_id_of(source, chosen[0] or chosen[1], rejected[0] or rejected[1], fb_ids),
+            prompt=prompt,
+            chosen=chosen[1],
+            rejected=rejected[1],
+            weight=weight,
+            margin=margin,
+            chosen_interaction_id=chosen[0],
+            rejected_interaction_id=rejected[0],
+            source_feedback_ids=sorted(fb_ids),
+            source=source,
+        )
+        p.created_at.GetCurrentTime()
+        return p
+
+    def _preference_pairs(self, fb: events_pb2.FeedbackEvent, a: tuple, b: tuple) -> list[events_pb2.PreferencePair]:
+        (ia, prompt, ra, va), (ib, _, rb, vb) = a, b
+        ids = [fb.feedback_id]
+        if fb.preference == K.PREFERENCE_TIE:
+            self._outcome(va, "tie"), self._outcome(vb, "tie")
+            return [
+                self._make(ids, "tie", prompt, (ia, ra), (ib, rb), 0.5),
+                self._make(ids, "tie", prompt, (ib, rb), (ia, ra), 0.5),
+            ]
+        (win, lose) = ((ia, ra, va), (ib, rb, vb)) if fb.preference == K.PREFERENCE_A else ((ib, rb, vb), (ia, ra, va))
+        self._outcome(win[2], "win"), self._outcome(lose[2], "loss")
+        return [self._make(ids, "preference", prompt, win[:2], lose[:2], 1.0)]
+
+    def _pointwise(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent, row: tuple) -> list | None:
+        iid, prompt, response, version = row
+        if fb.kind == K.FEEDBACK_KIND_THUMBS:
+            if fb.value not in (1, -1):
+                return None
+            label, kind, weight = (1.0 if fb.value > 0 else 0.0), "thumbs", self.config.thumbs_pair_weight
+            THUMBS.labels(str(version), "up" if fb.value > 0 else "down").inc()
+            self._live_update(str(version), "thumbs", label)
+        else:
+            if fb.rating_scale < 2 or not 1 <= fb.value <= fb.rating_scale:
+                return None
+            label, kind, weight = (fb.value - 1) / (fb.rating_scale - 1), "rating", self.config.rating_pair_weight
+            RATINGS.labels(str(version), "count").inc()
+            RATINGS.labels(str(version), "sum").inc(label)
+            self._live_update(str(version), "rating", label)
+        split = "heldout" if is_heldout(fb.feedback_id, self.config.heldout_percent) else "train"
+        seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM labels").fetchone()[0]
+        partners = c.execute(
+            "SELECT feedback_id, interaction_id, response, label FROM labels WHERE prompt = ? AND kind = ? "
+            "AND interaction_id != ? AND response != ? AND label != ? ORDER BY seq DESC LIMIT ?",
+            (prompt, kind, iid, response, label, MAX_PARTNERS),
+        ).fetchall()
+        c.execute(
+            "INSERT OR IGNORE INTO labels VALUES (?,?,?,?,?,?,?,?)",
+            (fb.feedback_id, seq, iid, kind, prompt, response, label, split),
+        )
+        pairs = []
+        for ofid, oiid, oresp, olabel in partners:
+            mine, other = (iid, response), (oiid, oresp)
+            chosen, rejected = (mine, other) if label > olabel else (other, mine)
+            margin = self.config.rating_margin * abs(label - olabel) if kind == "rating" else 0.0
+            pairs.append(self._make([fb.feedback_id, ofid], kind, prompt, chosen, rejected, weight, margin))
+        return pairs
+
+    def _demonstration(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent, row: tuple) -> list:
+        iid, prompt, response, _ = row
+        if not fb.demonstration.strip():
+            return self._invalid(c, fb, "a demonstration needs its text")
+        c.execute(
+            "INSERT OR IGNORE INTO demonstrations VALUES (?,?,?,?,?)",
+            (fb.feedback_id, iid, prompt, fb.demonstration, time.time()),
+        )
+        if fb.demonstration == response:
+            return []  # the user wrote the answer it already gave: nothing to prefer
+        return [
+            self._make(
+                [fb.feedback_id],
+                "demonstration",
+                prompt,
+                ("", fb.demonstration),
+                (iid, response),
+                self.config.demonstration_weight,
+            )
+        ]
+
+    def _insert_pair(
+        self, c: sqlite3.Connection, p: events_pb2.PreferencePair, published: int, split_keys: list[str]
+    ) -> bool:
+        held = any(is_heldout(k, self.config.heldout_percent) for k in split_keys)
+        cur = c.execute(
+            "INSERT OR IGNORE INTO pairs (pair_id, split, published, source, weight, margin, message) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (p.pair_id, "heldout" if held else "train", published, p.source, p.weight, p.margin, p.SerializeToString()),
+        )
+        if cur.rowcount:
+            PAIRS_BUILT.labels(p.source or "external").inc()
+        return bool(cur.rowcount)
+
+    # ------------------------------------------------------------------ live evaluation
+    def _outcome(self, version: int, outcome: str) -> None:
+        OUTCOMES.labels(str(version), outcome).inc()
+        self._live_update(str(version), "pairwise", {"win": 1.0, "tie": 0.5, "loss": 0.0}[outcome])
+
+    def _live_update(self, version: str, what: str, value: float) -> None:
+        s = self._live[version]
+        s[what + "_n"] += 1
+        s[what + "_sum"] += value
+        gauge = {"thumbs": THUMBS_UP_RATE, "rating": MEAN_RATING, "pairwise": WIN_RATE}[what]
+        gauge.labels(version).set(s[what + "_sum"] / s[what + "_n"])
+
+    def live_stats(self) -> dict[str, dict[str, float]]:
+        return json.loads(json.dumps(self._live))
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT under the store's lock; ROLLBACK on any error."""
+
+    def __init__(self, store: PreferenceStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store.lock.acquire()
+        self.store.conn.execute("BEGIN IMMEDIATE")
+        return self.store.conn
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.store.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.store.lock.release()

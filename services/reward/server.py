@@ -1,0 +1,210 @@
+"""gRPC `Reward` (a thin servicer) and the assembly of the reward service's parts.
+
+RewardServicer only converts protobuf to (prompts, responses) and back; the scorer does the
+batching and the version bookkeeping, off the event loop (`run_blocking`).
+
+RewardService wires: the join consumer (interactions + feedback + preferences -> sqlite ->
+flywheel.preferences), the online trainer thread (-> model store -> flywheel.reward.updates),
+and the scorer's update consumer (flywheel.reward.updates -> verify -> hot swap). Run one
+trainer per deployment (`TrainConfig.enabled` on one replica): every replica scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from flywheel.core import bus, errors
+from flywheel.core.config import KafkaConfig, TopicsConfig, load_section
+from flywheel.core.modelstore import ModelStore, ModelStoreConfig
+from flywheel.core.server import ServiceServer, run_blocking
+from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
+from flywheel.reward.join import PreferenceJoin, PreferenceStore
+from flywheel.reward.model import Scorer
+from flywheel.reward.starter import ensure_starter
+from flywheel.reward.trainer import OnlineTrainer
+from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RewardServicer(reward_pb2_grpc.RewardServicer):
+    def __init__(self, service: RewardService) -> None:
+        self.service = service
+        self.scorer, self.limits = service.scorer, service.config.score
+
+    def _check(self, items: list[Any]) -> tuple[list[str], list[str]]:
+        if not items:
+            raise errors.InvalidArgument("ScoreBatch needs at least one item")
+        if len(items) > self.limits.max_batch_items:
+            raise errors.InvalidArgument(
+                f"ScoreBatch has {len(items)} items; at most {self.limits.max_batch_items} per call: split it"
+            )
+        for i, it in enumerate(items):
+            for name in ("prompt", "response"):
+                text = getattr(it, name)
+                if not text.strip():
+                    raise errors.InvalidArgument(f"item {i}: {name} is empty; score a non-empty {name}")
+                if len(text) > self.limits.max_text_chars:
+                    raise errors.InvalidArgument(
+                        f"item {i}: {name} has {len(text)} characters; at most {self.limits.max_text_chars}"
+                    )
+        return [it.prompt for it in items], [it.response for it in items]
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> Any:
+        prompts, responses = self._check([request])
+        scores, version = await run_blocking(self.scorer.score, prompts, responses)
+        return reward_pb2.ScoreResponse(score=scores[0], reward_version=version)
+
+    async def ScoreBatch(self, request: reward_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> Any:
+        prompts, responses = self._check(list(request.items))
+        scores, version = await run_blocking(self.scorer.score, prompts, responses)
+        return reward_pb2.ScoreBatchResponse(scores=scores, reward_version=version)
+
+    async def GetInfo(self, request: reward_pb2.RewardInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        if not self.scorer.ready:
+            raise errors.Unavailable("the reward model is not loaded yet; retry shortly")
+        m = self.scorer.metrics
+        mean, std = self.scorer.stats()
+        return reward_pb2.RewardInfo(
+            model=self.service.config.model.name,
+            reward_version=self.scorer.version or 0,
+            heldout_accuracy=m.get("heldout_accuracy", -1.0),
+            pairs_trained=int(m.get("pairs_trained", 0)),
+            pairs_heldout=int(m.get("pairs_heldout", 0)),
+            score_mean=mean,
+            score_std=std,
+            training_steps=int(m.get("training_steps", 0)),
+        )
+
+
+@dataclasses.dataclass
+class RewardServiceConfig:
+    """Every concern of the reward service."""
+
+    join: JoinConfig = dataclasses.field(default_factory=JoinConfig)
+    model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    topics: TopicsConfig = dataclasses.field(default_factory=TopicsConfig)
+    store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
+
+    @classmethod
+    def from_env(cls, path: str | None = None) -> RewardServiceConfig:
+        """Defaults < YAML sections (reward_join, reward_model, ...; kafka, topics, model_store) < env."""
+        return cls(
+            join=load_section(JoinConfig, "reward_join", path),
+            model=load_section(RewardModelConfig, "reward_model", path),
+            train=load_section(TrainConfig, "reward_train", path),
+            score=load_section(ScoreConfig, "reward_score", path),
+            kafka=load_section(KafkaConfig, "kafka", path),
+            topics=load_section(TopicsConfig, "topics", path),
+            store=load_section(ModelStoreConfig, "model_store", path),
+        )
+
+
+class RewardService:
+    """The reward service's background parts; `start()` blocks until the scorer has a model."""
+
+    def __init__(self, config: RewardServiceConfig) -> None:
+        self.config = config
+        self.store: ModelStore = config.store.store()
+        self.scorer = Scorer(config.model.max_length, config.model.device, config.score.chunk_size)
+        self.dataset = PreferenceStore(Path(config.join.state_dir).expanduser() / "join.sqlite")
+        self.producer = bus.Producer(config.kafka)
+        self.join = PreferenceJoin(config.join, self.dataset, self._publish_pairs)
+        self.trainer: OnlineTrainer | None = None
+        self._consumers: list[bus.Consumer] = []
+        self._stop = threading.Event()
+        self._expiry: threading.Thread | None = None
+
+    # Kafka effects that must be acknowledged before the caller goes on.
+    def _publish_pairs(self, pairs: list[events_pb2.PreferencePair]) -> None:
+        futures = [self.producer.send(self.config.topics.preferences, p.pair_id, p) for p in pairs]
+        for f in futures:
+            self.producer._wait(f, self.config.topics.preferences, self.config.join.publish_timeout_s)
+
+    def _announce(self, update: events_pb2.ModelUpdate) -> None:
+        self.producer.send_sync(self.config.topics.reward_updates, update.model, update)
+
+    def _on_update(self, record: bus.Record) -> None:
+        """Latest announcement wins; an older one only when it says rollback (history replays at start)."""
+        u: events_pb2.ModelUpdate = record.value
+        cur = self.scorer.version
+        if u.model != self.config.model.name or u.version == cur:
+            return
+        if cur is not None and u.version < cur and u.reason != "rollback":
+            return
+        self.scorer.apply_update(u, self.store)
+
+    def start(self) -> None:
+        cfg = self.config
+        bus.ensure_topics(cfg.kafka, cfg.topics)
+        ensure_starter(self.store, cfg.model)
+        latest = self.store.latest(cfg.model.name)
+        assert latest is not None
+        self.scorer.load(self.store.verify(latest.model, latest.version), latest.version, latest.metrics)
+        updates = bus.Consumer(
+            cfg.kafka,
+            f"{cfg.join.group}-scorer-{uuid.uuid4().hex[:8]}",
+            {cfg.topics.reward_updates: events_pb2.ModelUpdate},
+            self._on_update,
+            dlq_topic=None,
+            auto_offset_reset="earliest",
+        )
+        join = bus.Consumer(
+            cfg.kafka,
+            cfg.join.group,
+            {
+                cfg.topics.interactions: events_pb2.Interaction,
+                cfg.topics.feedback: events_pb2.FeedbackEvent,
+                cfg.topics.preferences: events_pb2.PreferencePair,
+            },
+            self.join.handle,
+            dlq_topic=cfg.topics.dlq,
+            producer=self.producer,
+        )
+        self._consumers = [updates, join]
+        for c in self._consumers:
+            c.start()
+        self.join.flush()  # pairs stored but not acknowledged before a crash
+        if cfg.train.enabled:
+            self.trainer = OnlineTrainer(cfg.train, cfg.model, self.store, self.dataset, self._announce)
+            self.trainer.start()
+        self._expiry = threading.Thread(target=self._expire_loop, name="reward-join-expiry", daemon=True)
+        self._expiry.start()
+
+    def _expire_loop(self) -> None:
+        period = min(5.0, max(0.2, self.config.join.orphan_wait_s / 4))
+        while not self._stop.wait(period):
+            try:
+                self.join.expire()
+            except Exception:
+                log.exception("orphan expiry failed; retrying")
+
+    async def setup(self, server: ServiceServer) -> None:
+        """ServiceServer.run_forever's setup: start everything, then report SERVING."""
+        await run_blocking(self.start)
+        await server.set_serving(True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.trainer is not None:
+            self.trainer.stop()
+        for c in self._consumers:
+            c.stop()
+        self.producer.close()
+        self.dataset.close()
+
+
+def build_server(service: RewardService, server_config: Any) -> ServiceServer:
+    server = ServiceServer(server_config, name="reward")
+    server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer(service))
+    return server

@@ -1,0 +1,224 @@
+"""Online reward-model training in its own thread: new pairs + replay -> versions in the model store.
+
+The loop, top to bottom:
+1. resume from the latest version in the model store (its manifest says which pairs it has
+   seen: `extra.pair_seq`, the dataset's sequence number), and load every training pair up to
+   there into the replay buffer: a restarted service goes on from the persisted dataset;
+2. when new training pairs arrive, run a round of steps (`steps_per_new_pair` per new pair,
+   capped): each batch takes the next new pairs and fills at least `replay_fraction` of it
+   with past pairs drawn at random (replay keeps the model from forgetting), plus a few
+   pointwise thumbs/rating labels for the binary loss;
+3. every `publish_every_steps` steps and at the end of a round: evaluate pairwise accuracy on
+   the held-out split, and unless it fell more than `max_accuracy_drop` below the last
+   published version, publish a version (parent lineage, metrics) and announce it on
+   flywheel.reward.updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import threading
+from collections.abc import Callable
+
+import torch
+from prometheus_client import Counter, Gauge
+
+from flywheel.core.modelstore import Manifest, ModelStore
+from flywheel.reward.config import RewardModelConfig, TrainConfig
+from flywheel.reward.join import PairRow, PreferenceStore
+from flywheel.reward.model import RewardModel, evaluate, train_step
+from flywheel.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+STEPS = Counter("flywheel_reward_training_steps", "Reward-model optimizer steps.")
+ACCURACY = Gauge("flywheel_reward_heldout_accuracy", "Held-out pairwise accuracy of the latest evaluated model.")
+PAIRS_TRAINED = Gauge("flywheel_reward_pairs_trained", "Distinct training pairs the model has seen.")
+LOSS = Gauge("flywheel_reward_train_loss", "Loss of the last training step.")
+PUBLISHED = Counter("flywheel_reward_versions", "Versions evaluated, by outcome (published, gated).", ["outcome"])
+
+
+@dataclasses.dataclass
+class TrainerStatus:
+    version: int
+    training_steps: int
+    pairs_trained: int
+    pairs_heldout: int
+    heldout_accuracy: float
+    last_loss: float
+
+
+class OnlineTrainer:
+    """Trains the reward model as pairs arrive; `announce(update)` must return once Kafka has it."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model_config: RewardModelConfig,
+        store: ModelStore,
+        dataset: PreferenceStore,
+        announce: Callable[[events_pb2.ModelUpdate], None] | None = None,
+    ) -> None:
+        self.config, self.model_config, self.store, self.dataset = config, model_config, store, dataset
+        self.announce = announce
+        self.rng = random.Random(config.seed)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.rm: RewardModel | None = None
+        self.replay: list[PairRow] = []
+        self.cursor = 0  # dataset seq of the last pair taken into training
+        self.version = 0  # version the weights in memory descend from
+        self.steps = 0
+        self.last_accuracy = -1.0  # of the last published version
+        self.last_loss = float("nan")
+        self._steps_since_publish = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def resume(self) -> Manifest:
+        """Load the latest version and the replay buffer of every pair it was trained on."""
+        m = self.store.latest(self.model_config.name)
+        if m is None:
+            raise RuntimeError(f"no {self.model_config.name!r} version in the model store: build the starter first")
+        self.rm = RewardModel.load(
+            self.store.verify(m.model, m.version), self.model_config.max_length, self.model_config.device
+        )
+        self.optimizer = torch.optim.AdamW(self.rm.model.parameters(), lr=self.config.lr, eps=1e-5)
+        self.version = m.version
+        self.cursor = int(m.extra.get("pair_seq", 0))
+        self.steps = int(m.metrics.get("training_steps", 0))
+        self.last_accuracy = m.metrics.get("heldout_accuracy", -1.0)
+        self.replay = [p for p in self.dataset.pairs_after(0, "train") if p.seq <= self.cursor]
+        PAIRS_TRAINED.set(len(self.replay))
+        log.info(
+            "reward trainer resumes from version %d (%d pairs seen, %d steps)", m.version, len(self.replay), self.steps
+        )
+        return m
+
+    def start(self) -> threading.Thread:
+        if self.rm is None:
+            self.resume()
+        torch.manual_seed(self.config.seed)
+
+        def target() -> None:
+            try:
+                while not self._stop.is_set():
+                    if not self.run_round():
+                        self._stop.wait(self.config.poll_s)
+            except BaseException as e:  # surfaced via .error and the log; scoring goes on
+                self.error = e
+                log.exception("reward trainer died")
+
+        self._thread = threading.Thread(target=target, name="reward-trainer", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ one round
+    def run_round(self) -> bool:
+        """Train on the pairs that arrived since the last round; False when there was nothing to do."""
+        assert self.rm is not None, "call resume() first"
+        new = self.dataset.pairs_after(self.cursor, "train")
+        if not new or len(self.replay) + len(new) < self.config.min_pairs:
+            return False
+        cfg = self.config
+        n_steps = min(cfg.max_steps_per_round, max(1, math.ceil(len(new) * cfg.steps_per_new_pair)))
+        n_replay = math.ceil(cfg.batch_size * cfg.replay_fraction) if self.replay else 0
+        n_new = max(1, cfg.batch_size - n_replay)
+        labels = self.dataset.labels("train") if cfg.binary_weight > 0 else []
+        k = 0
+        for _ in range(n_steps):
+            if self._stop.is_set():
+                break
+            batch = [new[(k + i) % len(new)] for i in range(min(n_new, len(new)))]
+            k += len(batch)
+            if self.replay:
+                batch += self.rng.choices(self.replay, k=cfg.batch_size - len(batch))
+            lab = self.rng.choices(labels, k=max(1, cfg.batch_size // 4)) if labels else []
+            out = train_step(self.rm, self.optimizer, batch, lab, cfg.binary_weight)
+            self.steps += 1
+            self._steps_since_publish += 1
+            self.last_loss = out["loss"]
+            STEPS.inc()
+            LOSS.set(out["loss"])
+            if k >= len(new) and not self.replay:  # first data ever: later steps can replay it
+                self.replay = list(new)
+            if self._steps_since_publish >= cfg.publish_every_steps:
+                self._commit_progress(new)
+                self.maybe_publish()
+        self._commit_progress(new)
+        if self._steps_since_publish:
+            self.maybe_publish()
+        return True
+
+    def _commit_progress(self, new: list[PairRow]) -> None:
+        """Move the cursor past this round's pairs and add them to the replay buffer."""
+        seen = {p.seq for p in self.replay}
+        self.replay += [p for p in new if p.seq not in seen]
+        self.cursor = max(self.cursor, new[-1].seq)
+        PAIRS_TRAINED.set(len(self.replay))
+
+    # ------------------------------------------------------------------ versions
+    def maybe_publish(self) -> Manifest | None:
+        """Evaluate; publish and announce unless held-out accuracy dropped too far."""
+        assert self.rm is not None
+        self._steps_since_publish = 0
+        heldout = self.dataset.pairs_after(0, "heldout", limit=self.config.max_heldout_eval)
+        ev = evaluate(self.rm, heldout)
+        acc = ev["heldout_accuracy"]
+        if acc >= 0:
+            ACCURACY.set(acc)
+        if acc >= 0 and self.last_accuracy >= 0 and acc < self.last_accuracy - self.config.max_accuracy_drop:
+            PUBLISHED.labels("gated").inc()
+            log.warning(
+                "reward model not published: held-out accuracy %.3f < last %.3f - %.3f",
+                acc,
+                self.last_accuracy,
+                self.config.max_accuracy_drop,
+            )
+            return None
+        metrics = {
+            **ev,
+            "pairs_trained": len(self.replay),
+            "pairs_heldout": len([p for p in heldout if p.source != "tie"]),
+            "training_steps": self.steps,
+            "train_loss": self.last_loss,
+        }
+        cfg = dataclasses.asdict(self.config)
+        m = self.store.publish(
+            self.model_config.name,
+            self.rm.save,
+            parent=self.version,
+            metrics=metrics,
+            extra={"pair_seq": self.cursor, "train_config": cfg},
+        )
+        self.version, self.last_accuracy = m.version, acc
+        PUBLISHED.labels("published").inc()
+        log.info(
+            "published reward version %d (held-out accuracy %.3f, %d pairs, %d steps)",
+            m.version,
+            acc,
+            len(self.replay),
+            self.steps,
+        )
+        if self.announce is not None:
+            self.announce(self.store.to_update(m, "trained"))
+        self.store.retain(self.model_config.name, self.config.keep_last)
+        return m
+
+    def status(self) -> TrainerStatus:
+        return TrainerStatus(
+            self.version,
+            self.steps,
+            len(self.replay),
+            self.dataset.count_pairs("heldout"),
+            self.last_accuracy,
+            self.last_loss,
+        )
