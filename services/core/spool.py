@@ -117,8 +117,16 @@ class DurableSpool:
         """Store one record durably; its seq. errors.ResourceExhausted when the spool is full."""
         return self.append_many([(topic, key, value, headers)])[0]
 
-    def append_many(self, records: Sequence[tuple[str, str | bytes | None, bytes, Any]]) -> list[int]:
-        """Store records durably in one transaction (one fsync), in order; their seqs."""
+    def append_many(
+        self,
+        records: Sequence[tuple[str, str | bytes | None, bytes, Any]],
+        before_visible: Callable[[list[int]], None] | None = None,
+    ) -> list[int]:
+        """Store records durably in one transaction (one fsync), in order; their seqs.
+
+        `before_visible(seqs)` runs after the commit but before the drain thread can see the
+        records (e.g. to hand ProducerSender.adopt the futures of sends that timed out).
+        """
         rows = [(t, k.encode() if isinstance(k, str) else k, bytes(v), _encode_headers(h)) for t, k, v, h in records]
         size = sum(len(r[2]) for r in rows)
         with self._lock:
@@ -143,6 +151,8 @@ class DurableSpool:
                 raise
             self._count += len(rows)
             self._bytes += size
+            if before_visible is not None:
+                before_visible(seqs)
         self._publish_depth()
         self._wake.set()
         return seqs

@@ -1,0 +1,90 @@
+"""Configuration of the feedback service: limits, rate limits, local stores, Kafka hand-off."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flywheel.core.config import require, setting
+
+
+@dataclasses.dataclass
+class FeedbackConfig:
+    """What the feedback intake accepts and where it keeps its durable state."""
+
+    rating_scale: int = setting(3, "Ratings are integers 1..rating_scale.", env="FLYWHEEL_RATING_SCALE")
+    max_batch: int = setting(100, "Most items in one SubmitBatch.", env="FLYWHEEL_FEEDBACK_MAX_BATCH")
+    max_id_chars: int = setting(
+        128, "Longest feedback_id, interaction_id or pair_id.", env="FLYWHEEL_FEEDBACK_MAX_ID_CHARS"
+    )
+    max_user_id_chars: int = setting(256, "Longest user_id.", env="FLYWHEEL_FEEDBACK_MAX_USER_ID_CHARS")
+    max_comment_chars: int = setting(2000, "Longest comment.", env="FLYWHEEL_FEEDBACK_MAX_COMMENT_CHARS")
+    max_demonstration_chars: int = setting(
+        8000, "Longest demonstration (the answer the user wanted).", env="FLYWHEEL_FEEDBACK_MAX_DEMONSTRATION_CHARS"
+    )
+    per_user_rate: float = setting(
+        20.0, "Token bucket per user_id: events per second (0: no limit).", env="FLYWHEEL_FEEDBACK_USER_RATE"
+    )
+    per_user_burst: int = setting(100, "Token bucket per user_id: burst size.", env="FLYWHEEL_FEEDBACK_USER_BURST")
+    per_key_rate: float = setting(
+        5000.0,
+        "Token bucket per API key (all anonymous callers share one): events per second (0: no limit).",
+        env="FLYWHEEL_FEEDBACK_KEY_RATE",
+    )
+    per_key_burst: int = setting(
+        20000, "Token bucket per API key: burst size (at least max_batch).", env="FLYWHEEL_FEEDBACK_KEY_BURST"
+    )
+    state_dir: str = setting(
+        ".flywheel/feedback",
+        "Directory of the spool and the seen-id store (a persistent volume in Kubernetes).",
+        env="FLYWHEEL_FEEDBACK_STATE_DIR",
+    )
+    spool_path: str = setting(
+        "", "Spool database (empty: <state_dir>/spool.sqlite).", env="FLYWHEEL_FEEDBACK_SPOOL_PATH"
+    )
+    spool_max_records: int = setting(
+        1_000_000,
+        "Spool capacity in records; beyond it submissions get 429.",
+        env="FLYWHEEL_FEEDBACK_SPOOL_MAX_RECORDS",
+    )
+    spool_max_mb: int = setting(1024, "Spool capacity in MiB of events.", env="FLYWHEEL_FEEDBACK_SPOOL_MAX_MB")
+    dedup_path: str = setting(
+        "", "Seen feedback_id store (empty: <state_dir>/seen.sqlite).", env="FLYWHEEL_FEEDBACK_DEDUP_PATH"
+    )
+    dedup_retention_s: int = setting(
+        8 * 24 * 3600,
+        "How long a feedback_id is remembered (longer than the feedback-token TTL, after which a retry is refused anyway).",
+        env="FLYWHEEL_FEEDBACK_DEDUP_RETENTION_S",
+    )
+    send_timeout_s: float = setting(
+        5.0,
+        "Wait this long for Kafka's ack (acks=all) before the event goes to the spool instead.",
+        env="FLYWHEEL_FEEDBACK_SEND_TIMEOUT_S",
+    )
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        require(2 <= self.rating_scale <= 100, n, "rating_scale", self.rating_scale, "use 2..100 (3 by default)")
+        require(1 <= self.max_batch <= 10_000, n, "max_batch", self.max_batch, "use 1..10000")
+        for name in ("max_id_chars", "max_user_id_chars", "max_comment_chars", "max_demonstration_chars"):
+            require(getattr(self, name) >= 1, n, name, getattr(self, name), "use 1 or more characters")
+        for name in ("per_user_rate", "per_key_rate"):
+            require(getattr(self, name) >= 0, n, name, getattr(self, name), "use events per second, or 0 for no limit")
+        require(self.per_user_burst >= 1, n, "per_user_burst", self.per_user_burst, "use 1 or more")
+        require(
+            self.per_key_burst >= self.max_batch,
+            n,
+            "per_key_burst",
+            self.per_key_burst,
+            f"use at least max_batch ({self.max_batch}), or a full batch could never pass",
+        )
+        require(bool(self.state_dir), n, "state_dir", self.state_dir, "name a writable directory")
+        require(self.spool_max_records >= 1, n, "spool_max_records", self.spool_max_records, "use 1 or more")
+        require(self.spool_max_mb >= 1, n, "spool_max_mb", self.spool_max_mb, "use 1 or more MiB")
+        require(self.dedup_retention_s > 0, n, "dedup_retention_s", self.dedup_retention_s, "use a positive number")
+        require(self.send_timeout_s > 0, n, "send_timeout_s", self.send_timeout_s, "use a positive number of seconds")
+
+    def spool_file(self) -> str:
+        return self.spool_path or f"{self.state_dir}/spool.sqlite"
+
+    def dedup_file(self) -> str:
+        return self.dedup_path or f"{self.state_dir}/seen.sqlite"

@@ -1,0 +1,499 @@
+"""The feedback engine behind the gRPC and HTTP front ends: validate, authorize, rate-limit,
+deduplicate, and hand each event durably to Kafka (or to the local spool when Kafka is away).
+
+Per item, in this order:
+  1. shape (`validate`): INVALID_ARGUMENT saying what is wrong and what to send;
+  2. the feedback token (HMAC over interaction_id or pair_id, policy version and user):
+     PERMISSION_DENIED with the signer's reason;
+  3. the user's token bucket, only now, so that forged tokens cannot spend a victim's budget;
+  4. the feedback_id: seen before -> DUPLICATE, nothing new is recorded;
+  5. hand-off: Kafka with acks=all -> ACCEPTED; unreachable or too slow -> the durable spool
+     -> SPOOLED; spool full -> RESOURCE_EXHAUSTED. Nothing is acknowledged before it is durable.
+
+Idempotency and crashes. A feedback_id is recorded as seen only *after* its event is durable
+(acked by Kafka, or committed to the spool). The other order (record, then send) would let a
+crash between the two lose an event while a retry is answered DUPLICATE: an acknowledged
+loss. With our order a crash in that window can at worst put a second copy of the event on
+the topic when the client retries; both copies carry the same feedback_id and consumers apply
+each id once (DESIGN.md: at-least-once, idempotent effects), so nothing is double-counted.
+The seen-id store is written behind (group commits every few ms, WAL + synchronous=NORMAL:
+it survives a process crash), because losing a mark costs at most such a duplicate, while an
+fsync per request would cap intake at a few hundred per second. While an id is in flight, a
+concurrent request with the same id gets ABORTED ("retry to learn the outcome").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Histogram
+
+from flywheel.core import bus, errors
+from flywheel.core.auth import AuthConfig, Caller, TokenClaims
+from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.core.metrics import LATENCY_BUCKETS
+from flywheel.core.server import run_blocking
+from flywheel.core.spool import DurableSpool, ProducerSender
+from flywheel.feedback.config import FeedbackConfig
+from flywheel.v1 import events_pb2, feedback_pb2
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = Counter("flywheel_feedback_accepted", "Feedback acknowledged, by kind and outcome.", ["kind", "status"])
+REJECTED = Counter("flywheel_feedback_rejected", "Feedback refused, by reason (status code).", ["reason"])
+HANDOFF_SECONDS = Histogram(
+    "flywheel_feedback_handoff_seconds", "Time to make a batch durable (Kafka ack or spool).", buckets=LATENCY_BUCKETS
+)
+
+KINDS = {
+    "thumbs": events_pb2.FEEDBACK_KIND_THUMBS,
+    "rating": events_pb2.FEEDBACK_KIND_RATING,
+    "preference": events_pb2.FEEDBACK_KIND_PREFERENCE,
+    "demonstration": events_pb2.FEEDBACK_KIND_DEMONSTRATION,
+}
+ACCEPTED_S, SPOOLED_S, DUPLICATE_S = (
+    feedback_pb2.SUBMIT_STATUS_ACCEPTED,
+    feedback_pb2.SUBMIT_STATUS_SPOOLED,
+    feedback_pb2.SUBMIT_STATUS_DUPLICATE,
+)
+H_EVENT_ID = "flywheel-event-id"
+
+
+class InFlight(errors.FlywheelError):
+    """The same feedback_id is being submitted by another request right now."""
+
+    code, http_status, error_type = grpc.StatusCode.ABORTED, 409, "conflict"
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
+    """The kind of a well-formed request ("thumbs", ...), or errors.InvalidArgument saying what to fix."""
+
+    def bad(msg: str) -> errors.InvalidArgument:
+        return errors.InvalidArgument(msg)
+
+    if not req.feedback_id:
+        raise bad("feedback_id is required: send a client-chosen unique id (e.g. a UUID) so a retry counts once")
+    if len(req.feedback_id) > cfg.max_id_chars:
+        raise bad(f"feedback_id has {len(req.feedback_id)} characters: use at most {cfg.max_id_chars}")
+    if not req.user_id:
+        raise bad("user_id is required: send the id of the end user the answer was served to")
+    if len(req.user_id) > cfg.max_user_id_chars:
+        raise bad(f"user_id has {len(req.user_id)} characters: use at most {cfg.max_user_id_chars}")
+    kind = req.WhichOneof("value")
+    if kind is None:
+        raise bad(
+            f"no feedback value: send exactly one of thumbs (+1 or -1), rating (1..{cfg.rating_scale}), "
+            "preference (A, B or TIE, with pair_id) or demonstration (the answer the user wanted)"
+        )
+    if req.interaction_id and req.pair_id:
+        raise bad("send interaction_id or pair_id, not both (pair_id only for a preference between two answers)")
+    for name in ("interaction_id", "pair_id"):
+        value = getattr(req, name)
+        if len(value) > cfg.max_id_chars:
+            raise bad(f"{name} has {len(value)} characters: use at most {cfg.max_id_chars}")
+    if kind == "preference":
+        if not req.pair_id:
+            raise bad("preference feedback is about a pair: send the pair_id (and token) that GeneratePair returned")
+        if req.preference not in (events_pb2.PREFERENCE_A, events_pb2.PREFERENCE_B, events_pb2.PREFERENCE_TIE):
+            raise bad(f"preference must be A, B or TIE, got {events_pb2.Preference.Name(req.preference)}")
+    else:
+        if not req.interaction_id:
+            hint = " (for one side of a pair, its own interaction_id and token)" if req.pair_id else ""
+            raise bad(f"{kind} feedback is about one answer: send its interaction_id, not pair_id{hint}")
+        if kind == "thumbs" and req.thumbs not in (1, -1):
+            raise bad(f"thumbs must be +1 (up) or -1 (down), got {req.thumbs}")
+        if kind == "rating" and not 1 <= req.rating <= cfg.rating_scale:
+            raise bad(f"rating must be an integer in 1..{cfg.rating_scale}, got {req.rating}")
+        if kind == "demonstration":
+            if not req.demonstration.strip():
+                raise bad("demonstration is empty: send the answer the user would have wanted")
+            if len(req.demonstration) > cfg.max_demonstration_chars:
+                raise bad(
+                    f"demonstration has {len(req.demonstration)} characters: use at most {cfg.max_demonstration_chars}"
+                )
+    if len(req.comment) > cfg.max_comment_chars:
+        raise bad(f"comment has {len(req.comment)} characters: use at most {cfg.max_comment_chars}")
+    return kind
+
+
+def build_event(
+    req: feedback_pb2.FeedbackRequest, kind: str, claims: TokenClaims, scale: int
+) -> events_pb2.FeedbackEvent:
+    """The FeedbackEvent for a validated request and its verified token."""
+    now = Timestamp()
+    now.GetCurrentTime()
+    return events_pb2.FeedbackEvent(
+        feedback_id=req.feedback_id,
+        interaction_id=req.interaction_id,
+        pair_id=req.pair_id,
+        kind=KINDS[kind],
+        value=req.thumbs if kind == "thumbs" else req.rating if kind == "rating" else 0,
+        rating_scale=scale if kind == "rating" else 0,
+        preference=req.preference if kind == "preference" else events_pb2.PREFERENCE_UNSPECIFIED,
+        demonstration=req.demonstration,
+        comment=req.comment,
+        user_id=req.user_id,
+        policy_version=claims.policy_version,
+        created_at=now,
+    )
+
+
+# ---------------------------------------------------------------------------- rate limits
+
+
+class RateLimiter:
+    """Token buckets by name (rate events/s, `burst` deep); LRU-bounded so memory stays flat."""
+
+    def __init__(self, rate: float, burst: int, what: str, max_names: int = 100_000) -> None:
+        self.rate, self.burst, self.what, self.max_names = rate, burst, what, max_names
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, name: str, n: int = 1, now: float | None = None) -> None:
+        """Spend n tokens of `name`'s bucket, or errors.ResourceExhausted with retry_after_s."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.pop(name, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < n:
+            self._buckets[name] = (tokens, now)
+            wait = (n - tokens) / self.rate
+            err = errors.ResourceExhausted(
+                f"rate limit for {self.what} {name!r} reached ({self.rate:g} events/s, burst {self.burst}): "
+                f"retry in {wait:.2f} s",
+                retry_after_s=wait,
+            )
+            err.reason = "rate_limited"  # type: ignore[attr-defined]
+            raise err
+        self._buckets[name] = (tokens - n, now)
+        if len(self._buckets) > self.max_names:
+            self._buckets.popitem(last=False)
+
+
+# ---------------------------------------------------------------------------- seen ids
+
+
+class SeenFeedbackIds:
+    """Durable set of accepted feedback_ids with in-flight reservations and write-behind commits."""
+
+    def __init__(self, path: str, retention_s: float, flush_interval_s: float = 0.005) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; see the module doc
+        self._conn.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+        self.retention_s, self.flush_interval_s = retention_s, flush_interval_s
+        self._prune()
+        self._lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self._unflushed: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, name="feedback-seen-ids", daemon=True)
+        self._thread.start()
+
+    def _prune(self) -> None:
+        self._conn.execute("DELETE FROM seen WHERE at < ?", (time.time() - self.retention_s,))
+
+    def reserve(self, ids: list[str]) -> list[str]:
+        """Per id: "new" (now reserved: commit or release it), "seen" or "busy" (in flight)."""
+        out = []
+        with self._lock:
+            for i in ids:
+                if i in self._inflight:
+                    out.append("busy")
+                elif i in self._unflushed or self._conn.execute("SELECT 1 FROM seen WHERE id=?", (i,)).fetchone():
+                    out.append("seen")
+                else:
+                    self._inflight.add(i)
+                    out.append("new")
+        return out
+
+    def commit(self, ids: list[str]) -> None:
+        """Mark reserved ids seen (their events are durable); written to disk within milliseconds."""
+        now = time.time()
+        with self._lock:
+            for i in ids:
+                self._inflight.discard(i)
+                self._unflushed[i] = now
+
+    def release(self, ids: list[str]) -> None:
+        """Drop reservations whose events were not made durable (the client may retry)."""
+        with self._lock:
+            self._inflight.difference_update(ids)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._unflushed:
+                return
+            rows = list(self._unflushed.items())
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", rows)
+            self._conn.execute("COMMIT")
+            self._unflushed.clear()
+
+    def _flush_loop(self) -> None:
+        last_prune = time.monotonic()
+        while not self._stop.wait(self.flush_interval_s):
+            try:
+                self.flush()
+                if time.monotonic() - last_prune > 3600:
+                    with self._lock:
+                        self._prune()
+                    last_prune = time.monotonic()
+            except sqlite3.Error:
+                log.exception("writing seen feedback ids failed; retrying")
+
+    def __contains__(self, feedback_id: str) -> bool:
+        with self._lock:
+            if feedback_id in self._unflushed:
+                return True
+            return self._conn.execute("SELECT 1 FROM seen WHERE id=?", (feedback_id,)).fetchone() is not None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.flush()
+        self._conn.close()
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+@dataclasses.dataclass
+class _Item:
+    index: int
+    feedback_id: str
+    kind: str
+    key: str
+    value: bytes
+
+
+class FeedbackIntake:
+    """Validates, authorizes, deduplicates and durably hands off feedback. Async API for front ends."""
+
+    def __init__(
+        self,
+        config: FeedbackConfig,
+        kafka: KafkaConfig,
+        topics: TopicsConfig,
+        auth: AuthConfig,
+        producer: bus.Producer | None = None,
+    ) -> None:
+        self.config, self.kafka, self.topics = config, kafka, topics
+        self.signer = auth.signer()
+        self.user_limits = RateLimiter(config.per_user_rate, config.per_user_burst, "user")
+        self.key_limits = RateLimiter(config.per_key_rate, config.per_key_burst, "caller")
+        timeout_ms = int(config.send_timeout_s * 1000)
+        self.producer = producer or bus.Producer(kafka, max_block_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+        self.spool: DurableSpool | None = None
+        self.seen: SeenFeedbackIds | None = None
+        self.sender = ProducerSender(self.producer, timeout_s=config.send_timeout_s)
+
+    def open(self) -> None:
+        """Open the stores and start draining the spool (blocking; call with run_blocking)."""
+        cfg = self.config
+        self.seen = SeenFeedbackIds(cfg.dedup_file(), cfg.dedup_retention_s)
+        self.spool = DurableSpool(
+            cfg.spool_file(), name="feedback", max_records=cfg.spool_max_records, max_bytes=cfg.spool_max_mb << 20
+        )
+        self.spool.start(self.sender)
+
+    def ensure_topics(self) -> None:
+        """Create the feedback topic if missing; best effort (blocking)."""
+        try:
+            bus.ensure_topics(self.kafka, self.topics, timeout_s=self.config.send_timeout_s)
+        except errors.FlywheelError as e:
+            log.warning("could not check topics (feedback will spool until Kafka answers): %s", e)
+
+    def close(self, drain_timeout_s: float = 5.0) -> None:
+        """Try to empty the spool, then close stores and the producer (blocking)."""
+        if self.spool is not None:
+            self.spool.close(drain_timeout_s)
+        if self.seen is not None:
+            self.seen.close()
+        try:
+            self.producer.close(timeout_s=2.0)
+        except Exception as e:  # noqa: BLE001 - closing a producer of a dead broker may complain
+            log.warning("closing the Kafka producer: %s", e)
+
+    # ----------------------------------------------------------------- front-end API
+    async def submit(self, req: feedback_pb2.FeedbackRequest, caller: Caller) -> feedback_pb2.FeedbackResponse:
+        """One submission; raises its FlywheelError."""
+        (result,) = await self.submit_batch([req], caller)
+        if isinstance(result, errors.FlywheelError):
+            raise result
+        return result
+
+    async def submit_batch(
+        self, reqs: list[feedback_pb2.FeedbackRequest], caller: Caller
+    ) -> list[feedback_pb2.FeedbackResponse | errors.FlywheelError]:
+        """Per item, in order: its response, or the error that refused it."""
+        if self.spool is None or self.seen is None:
+            raise errors.Unavailable("the feedback service is still starting: retry in a moment", retry_after_s=1)
+        n = len(reqs)
+        if not 1 <= n <= self.config.max_batch:
+            REJECTED.labels("invalid_argument").inc()
+            raise errors.InvalidArgument(f"a batch holds 1..{self.config.max_batch} items, got {n}: split it")
+        try:
+            self.key_limits.take(caller.who, n)
+        except errors.ResourceExhausted as e:
+            REJECTED.labels(reason(e)).inc(n)
+            raise
+        results: list[Any] = [None] * n
+        items: list[_Item] = []
+        first: dict[str, int] = {}  # feedback_id -> first index in this batch
+        follows: list[tuple[int, int]] = []  # repeated id in this batch -> index of its first
+        for i, req in enumerate(reqs):
+            try:
+                kind = validate(req, self.config)
+                if not req.feedback_token:
+                    raise errors.PermissionDenied(
+                        "feedback_token is missing: pass the feedback_token that came with the answer "
+                        "(for a preference, the pair's token from GeneratePair)"
+                    )
+                subject = req.pair_id if kind == "preference" else req.interaction_id
+                claims = self.signer.verify(req.feedback_token, subject, req.user_id)
+                self.user_limits.take(req.user_id, 1)
+            except errors.FlywheelError as e:
+                results[i] = e
+                continue
+            if req.feedback_id in first:
+                follows.append((i, first[req.feedback_id]))
+                continue
+            first[req.feedback_id] = i
+            event = build_event(req, kind, claims, self.config.rating_scale)
+            items.append(_Item(i, req.feedback_id, kind, subject, event.SerializeToString()))
+        if items:
+            await self._dedup_and_hand_off(items, results)
+        for i, j in follows:
+            prior = results[j]
+            ok = isinstance(prior, feedback_pb2.FeedbackResponse)
+            results[i] = (
+                feedback_pb2.FeedbackResponse(feedback_id=reqs[i].feedback_id, status=DUPLICATE_S) if ok else prior
+            )
+            if ok:
+                ACCEPTED.labels(reqs[i].WhichOneof("value") or "unknown", "duplicate").inc()
+        for r in results:
+            if isinstance(r, errors.FlywheelError):
+                REJECTED.labels(reason(r)).inc()
+        return results
+
+    async def _dedup_and_hand_off(self, items: list[_Item], results: list[Any]) -> None:
+        marks = await run_blocking(self.seen.reserve, [it.feedback_id for it in items])
+        fresh = []
+        for it, mark in zip(items, marks, strict=True):
+            if mark == "seen":
+                results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=DUPLICATE_S)
+                ACCEPTED.labels(it.kind, "duplicate").inc()
+            elif mark == "busy":
+                results[it.index] = InFlight(
+                    f"feedback_id {it.feedback_id!r} is being submitted by another request right now: "
+                    "retry in a moment to learn its outcome",
+                    retry_after_s=1,
+                )
+            else:
+                fresh.append(it)
+        if not fresh:
+            return
+        started = time.perf_counter()
+        try:
+            outcomes = await self._hand_off(fresh)
+        except BaseException:
+            self.seen.release([it.feedback_id for it in fresh])
+            raise
+        HANDOFF_SECONDS.observe(time.perf_counter() - started)
+        done, failed = [], []
+        for it, outcome in zip(fresh, outcomes, strict=True):
+            if isinstance(outcome, errors.FlywheelError):
+                results[it.index] = outcome
+                failed.append(it.feedback_id)
+            else:
+                results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=outcome)
+                ACCEPTED.labels(it.kind, "accepted" if outcome == ACCEPTED_S else "spooled").inc()
+                done.append(it.feedback_id)
+        self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
+        self.seen.release(failed)
+
+    def _send_all(self, items: list[_Item]) -> list[Any]:
+        """Queue every event on the producer (blocking: metadata may be fetched); futures or errors."""
+        out: list[Any] = []
+        topic = self.topics.feedback
+        for it in items:
+            try:
+                out.append(self.producer.send_raw(topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)]))
+            except errors.FlywheelError as e:
+                out.extend([e] * (len(items) - len(out)))
+                break
+        return out
+
+    async def _hand_off(self, items: list[_Item]) -> list[int | errors.FlywheelError]:
+        """ACCEPTED once Kafka acked (acks=all); otherwise SPOOLED once on disk; or the spool's error."""
+        loop = asyncio.get_running_loop()
+        outcomes: list[Any] = [None] * len(items)
+        pending: dict[int, Any] = {}  # index -> kafka future still in flight when we gave up waiting
+        to_spool = list(range(len(items)))
+        # A non-empty spool means Kafka was unreachable lately: queue behind it (keeps order, and
+        # spares every caller a send timeout); the drain thread finds out when Kafka is back.
+        if self.spool.depth() == 0:
+            futures = await run_blocking(self._send_all, items)
+            waiters = [_to_asyncio(loop, f) for f in futures if not isinstance(f, errors.FlywheelError)]
+            if waiters:
+                await asyncio.wait(waiters, timeout=self.config.send_timeout_s)
+            to_spool = []
+            for i, f in enumerate(futures):
+                if not isinstance(f, errors.FlywheelError) and f.succeeded():
+                    outcomes[i] = ACCEPTED_S
+                    continue
+                to_spool.append(i)
+                if not isinstance(f, errors.FlywheelError) and not f.is_done:
+                    pending[i] = f
+        if to_spool:
+            records = [
+                (self.topics.feedback, items[i].key, items[i].value, [(H_EVENT_ID, items[i].feedback_id)])
+                for i in to_spool
+            ]
+
+            def adopt(seqs: list[int]) -> None:
+                for i, seq in zip(to_spool, seqs, strict=True):
+                    if i in pending:
+                        self.sender.adopt(seq, pending[i])
+
+            try:
+                await run_blocking(self.spool.append_many, records, adopt)
+                for i in to_spool:
+                    outcomes[i] = SPOOLED_S
+            except errors.FlywheelError as e:
+                e.reason = "spool_full" if isinstance(e, errors.ResourceExhausted) else None  # type: ignore[attr-defined]
+                for i in to_spool:
+                    outcomes[i] = e
+        return outcomes
+
+
+def reason(e: errors.FlywheelError) -> str:
+    """The `reason` label of a refusal: rate_limited, spool_full, or the status code in lower case."""
+    return getattr(e, "reason", None) or e.code.name.lower()
+
+
+def _to_asyncio(loop: asyncio.AbstractEventLoop, fut: Any) -> asyncio.Future[None]:
+    """An asyncio future that completes (on `loop`) when a kafka-python future does."""
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def done(_: Any) -> None:
+        loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    fut.add_callback(done)
+    fut.add_errback(done)
+    return waiter

@@ -1,0 +1,162 @@
+"""Front ends of the feedback service: a thin gRPC `Feedback` servicer and HTTP `POST /feedback`.
+
+Both only convert between the wire and `FeedbackRequest`, identify the caller, and call the
+FeedbackIntake engine; every rule lives in intake.py, so both front ends answer alike.
+Errors travel as FlywheelError: the server's interceptor and error middleware turn them into
+gRPC codes and TGI-shaped HTTP bodies (403 / 409 / 422 / 429 / 503, Retry-After when known).
+
+Health: SERVING as soon as the spool and the seen-id store are open, even when Kafka is down.
+That is the point of the spool: feedback is accepted (SUBMIT_STATUS_SPOOLED) and drains when
+Kafka returns; flywheel_spool_depth tells operators that Kafka is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from flywheel.core import errors
+from flywheel.core.auth import AuthConfig, Authenticator
+from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.core.server import ServerConfig, ServiceServer, run_blocking
+from flywheel.feedback.config import FeedbackConfig
+from flywheel.feedback.intake import REJECTED, FeedbackIntake
+from flywheel.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STRING_FIELDS = ("feedback_id", "interaction_id", "pair_id", "feedback_token", "user_id", "demonstration", "comment")
+VALUE_FIELDS = ("thumbs", "rating", "preference", "demonstration")
+JSON_FIELDS = (*STRING_FIELDS[:5], "thumbs", "rating", "preference", "demonstration", "comment")
+PREFERENCES = {"A": events_pb2.PREFERENCE_A, "B": events_pb2.PREFERENCE_B, "TIE": events_pb2.PREFERENCE_TIE}
+STATUS_NAMES = {
+    feedback_pb2.SUBMIT_STATUS_ACCEPTED: "accepted",
+    feedback_pb2.SUBMIT_STATUS_SPOOLED: "spooled",
+    feedback_pb2.SUBMIT_STATUS_DUPLICATE: "duplicate",
+}
+
+
+def _caller(auth: Authenticator, metadata: Any) -> Any:
+    try:
+        return auth.caller(metadata)
+    except errors.FlywheelError:
+        REJECTED.labels("unauthenticated").inc()
+        raise
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
+    """gRPC flywheel.v1.Feedback over a FeedbackIntake."""
+
+    def __init__(self, intake: FeedbackIntake, auth: Authenticator) -> None:
+        self.intake, self.auth = intake, auth
+
+    async def Submit(
+        self, request: feedback_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.FeedbackResponse:
+        caller = _caller(self.auth, context.invocation_metadata())
+        return await self.intake.submit(request, caller)
+
+    async def SubmitBatch(
+        self, request: feedback_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitBatchResponse:
+        caller = _caller(self.auth, context.invocation_metadata())
+        results = await self.intake.submit_batch(list(request.items), caller)
+        out = feedback_pb2.SubmitBatchResponse()
+        for item, r in zip(request.items, results, strict=True):
+            if isinstance(r, errors.FlywheelError):
+                out.results.add(
+                    response=feedback_pb2.FeedbackResponse(feedback_id=item.feedback_id),
+                    error_code=r.code.name,
+                    error=r.message,
+                )
+            else:
+                out.results.add(response=r)
+        return out
+
+
+def request_from_json(body: Any, rating_scale: int = 3) -> feedback_pb2.FeedbackRequest:
+    """A FeedbackRequest from the JSON body of POST /feedback; errors.InvalidArgument (422) otherwise."""
+    if not isinstance(body, dict):
+        raise errors.InvalidArgument(f"the body must be a JSON object with the fields {', '.join(JSON_FIELDS)}")
+    unknown = sorted(set(body) - set(JSON_FIELDS))
+    if unknown:
+        raise errors.InvalidArgument(
+            f"unknown field(s) {', '.join(map(repr, unknown))}: the fields are {', '.join(JSON_FIELDS)}"
+        )
+    given = [k for k in VALUE_FIELDS if body.get(k) is not None]
+    if len(given) > 1:
+        raise errors.InvalidArgument(
+            f"send exactly one of thumbs, rating, preference or demonstration, got {' and '.join(given)}"
+        )
+    req = feedback_pb2.FeedbackRequest()
+    for name in STRING_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise errors.InvalidArgument(f"{name} must be a string, got {json.dumps(value)[:60]}")
+        setattr(req, name, value)
+    expected = {"thumbs": "+1 (up) or -1 (down)", "rating": f"an integer in 1..{rating_scale}"}
+    for name, what in expected.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
+            raise errors.InvalidArgument(f"{name} must be {what}, got {json.dumps(value)[:60]}")
+        setattr(req, name, value)
+    pref = body.get("preference")
+    if pref is not None:
+        if not isinstance(pref, str) or pref.upper() not in PREFERENCES:
+            raise errors.InvalidArgument(f'preference must be "A", "B" or "TIE", got {json.dumps(pref)[:60]}')
+        req.preference = PREFERENCES[pref.upper()]
+    return req
+
+
+def feedback_route(intake: FeedbackIntake, auth: Authenticator) -> Any:
+    """The aiohttp handler of POST /feedback."""
+
+    async def handle(request: web.Request) -> web.Response:
+        caller = _caller(auth, request.headers)
+        try:
+            body = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            REJECTED.labels("invalid_argument").inc()
+            raise errors.InvalidArgument(f"the body is not valid JSON ({e}): send a JSON object") from None
+        try:
+            req = request_from_json(body, intake.config.rating_scale)
+        except errors.FlywheelError:
+            REJECTED.labels("invalid_argument").inc()
+            raise
+        resp = await intake.submit(req, caller)
+        return web.json_response({"feedback_id": resp.feedback_id, "status": STATUS_NAMES[resp.status]})
+
+    return handle
+
+
+def build_server(
+    server_cfg: ServerConfig,
+    config: FeedbackConfig,
+    kafka: KafkaConfig,
+    topics: TopicsConfig,
+    auth: AuthConfig,
+) -> tuple[ServiceServer, FeedbackIntake]:
+    """The feedback ServiceServer (gRPC + HTTP routes registered) and its engine, not started yet."""
+    intake = FeedbackIntake(config, kafka, topics, auth)
+    authenticator = Authenticator(auth)
+    server = ServiceServer(server_cfg, name="feedback")
+    server.add_servicer(feedback_pb2_grpc.add_FeedbackServicer_to_server, FeedbackServicer(intake, authenticator))
+    server.http_app.router.add_post("/feedback", feedback_route(intake, authenticator))
+    return server, intake
+
+
+async def open_and_serve(server: ServiceServer, intake: FeedbackIntake) -> None:
+    """Open the stores, report SERVING, and create the topic in the background (Kafka may be down)."""
+    await run_blocking(intake.open)
+    await server.set_serving(True)
+    loop = asyncio.get_running_loop()
+    loop.run_in_executor(None, intake.ensure_topics)  # its own thread: it can wait for a dead broker
