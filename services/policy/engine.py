@@ -1,0 +1,614 @@
+"""Continuous-batching inference engine for any Hugging Face causal LM, with hot-swapped weights.
+
+One scheduler thread owns the model. Requests wait in a bounded FCFS queue; at every step the
+scheduler (1) applies a pending hot swap, (2) drops cancelled sequences, (3) admits waiting
+requests within the token budget and the concurrent-sequence cap and prefills them in one
+left-padded forward, (4) decodes one token for every running sequence, (5) lets finished
+sequences leave. This is Orca's iteration-level scheduling (Yu et al., OSDI 2022) as vLLM and
+TGI run it; the KV cache is kept per running batch and re-shaped only when the batch changes
+(TGI's `Batch.concatenate` / `Batch.filter`): left padding, an attention mask and explicit
+position ids make each row compute exactly what it would compute alone.
+
+Front ends only see `generate`, `stream`, `info`, `load_version`, `start` and `stop` (vLLM's
+EngineClient idea): results reach asyncio through `loop.call_soon_threadsafe`, never by
+blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+
+from flywheel.core import errors
+from flywheel.policy.config import EngineConfig
+from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
+from flywheel.policy.sampling import SamplingParams, select_next
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _Metrics:
+    """Prometheus series of the engine (base units, `_total` counters). Created once per process."""
+
+    def __init__(self) -> None:
+        p = "flywheel_policy_"
+        self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for a slot.")
+        self.running = Gauge(p + "running_sequences", "Sequences in the running batch.")
+        self.tokens = Counter(p + "generated_tokens", "Tokens generated.")
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled.")
+        self.requests = Counter(p + "requests", "Finished or refused requests by outcome.", ["outcome"])
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Submit to first token.", buckets=_LATENCY)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between two tokens.", buckets=_LATENCY)
+        self.e2e_seconds = Histogram(p + "request_duration_seconds", "Submit to last token.", buckets=_LATENCY)
+        self.queue_seconds = Histogram(p + "queue_time_seconds", "Submit to admission.", buckets=_LATENCY)
+        self.step_seconds = Histogram(p + "step_duration_seconds", "One scheduler step.", buckets=_LATENCY)
+        self.swaps = Counter(p + "swaps", "Hot swaps by outcome (ok, failed).", ["outcome"])
+        self.swap_seconds = Histogram(p + "swap_duration_seconds", "Load plus switch of a new version.")
+        self.version = Gauge(p + "serving_version", "Model-store version being served.")
+
+
+METRICS = _Metrics()
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One generation: exactly one of `prompt` or `messages` (a chat), plus sampling fields."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_new_tokens: int | None = None  # None: EngineConfig.default_max_new_tokens
+    temperature: float = 1.0  # 0 = greedy unless do_sample
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: a random seed, reported in the result
+    stop: list[str] = dataclasses.field(default_factory=list)
+    do_sample: bool = False
+    logprobs: bool = False
+    ignore_eos: bool = False  # keep going past EOS (benchmarks; vLLM's ignore_eos)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.do_sample)
+
+
+@dataclasses.dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float | None  # set when the request asked for logprobs
+    special: bool
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished answer. `version` produced every one of its tokens."""
+
+    text: str
+    finish_reason: str  # "eos_token", "length" or "stop_sequence"
+    prompt_tokens: int
+    generated_tokens: int
+    tokens: list[Token]
+    version: int
+    model: str
+    seed: int
+    queue_time_s: float
+    time_to_first_token_s: float
+    total_time_s: float
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    """One streamed token and the text it adds; the last event also carries the result."""
+
+    token: Token | None
+    text: str
+    result: Result | None = None
+
+
+@dataclasses.dataclass
+class EngineInfo:
+    model: str
+    version: int | None
+    device: str
+    dtype: str
+    max_context_tokens: int
+    max_input_tokens: int
+    max_new_tokens: int
+    max_concurrent_sequences: int
+    max_queue: int
+    running: int
+    waiting: int
+    ready: bool
+    last_swap_error: str
+
+
+class Sequence:
+    """A request's state inside the engine. Fields below `model` are owned by the scheduler thread."""
+
+    def __init__(self, req: GenerationRequest, prompt_ids: list[int], loaded: LoadedModel, max_new: int, stream: bool):
+        self.req, self.params, self.stream = req, req.sampling(), stream
+        self.prompt_ids, self.tokenized_by, self.max_new_tokens = prompt_ids, loaded, max_new
+        self.seed = req.seed if req.seed is not None else secrets.randbits(63)
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.cancelled = False  # set from the event loop; read by the scheduler between steps
+        self.done = False
+        self.t_submit = time.perf_counter()
+        self.model: LoadedModel | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to 'nothing generated' (admission, or a re-prefill after a swap)."""
+        self.generated: list[int] = []
+        self.tokens: list[Token] = []
+        self.text, self.emitted = "", 0
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None
+        self.t_admit = self.t_first = self.t_last = 0.0
+
+    def emit(self, item: TokenEvent | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self.cancelled = True
+
+
+class Engine:
+    """The policy engine. Thread-safe; `generate`/`stream` are coroutines for the event loop."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._cv = threading.Condition()
+        self._waiting: deque[Sequence] = deque()  # guarded by _cv
+        self._pending_swap: LoadedModel | None = None  # guarded by _cv
+        self._swap_applied = threading.Event()
+        self._current: LoadedModel | None = None  # read anywhere, replaced only by the scheduler
+        self._batches: dict[int, Batch] = {}  # id(LoadedModel) -> running batch; scheduler-owned
+        self._running = 0
+        self._swap_lock = threading.Lock()
+        self._last_swap_error = ""
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent). Requests are refused until a model is loaded."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler; waiting and running requests fail with UNAVAILABLE."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None and self._thread is not None and self._thread.is_alive()
+
+    def info(self) -> EngineInfo:
+        cur, c = self._current, self.config
+        with self._cv:
+            waiting = len(self._waiting)
+        return EngineInfo(
+            model=cur.source if cur else c.model,
+            version=cur.version if cur else None,
+            device=str(cur.device) if cur else c.device,
+            dtype=str(cur.dtype).removeprefix("torch.") if cur else c.dtype,
+            max_context_tokens=cur.context if cur else 0,
+            max_input_tokens=min(c.max_input_tokens, cur.context - 1) if cur else c.max_input_tokens,
+            max_new_tokens=c.max_new_tokens_cap,
+            max_concurrent_sequences=c.max_concurrent_sequences,
+            max_queue=c.max_queue,
+            running=self._running,
+            waiting=waiting,
+            ready=self.ready,
+            last_swap_error=self._last_swap_error,
+        )
+
+    # ------------------------------------------------------------------ hot swap
+    def load_version(self, path: str, version: int) -> EngineInfo:
+        """Load `path` as `version` in the caller's thread, then switch between two decode steps.
+
+        Blocking: call it from a worker thread (`asyncio.to_thread`). Loading the version already
+        served is a no-op (announcements arrive at least once); an older version is a rollback,
+        loaded like any other. A checkpoint that cannot be loaded raises FailedPrecondition and
+        the current version keeps serving.
+        """
+        with self._swap_lock:
+            cur = self._current
+            if cur is not None and cur.version == version and cur.source == str(path):
+                return self.info()
+            self._wait_for_drain()  # at most two copies of the weights: old + new
+            t0 = time.perf_counter()
+            try:
+                loaded = load_model(str(path), version, self.config)
+            except Exception as e:  # noqa: BLE001 - any failure to load is a refused checkpoint
+                METRICS.swaps.labels("failed").inc()
+                self._last_swap_error = f"version {version} from {path}: {type(e).__name__}: {e}"
+                log.error("hot swap refused: %s", self._last_swap_error)
+                raise errors.FailedPrecondition(
+                    f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}); "
+                    f"still serving version {cur.version if cur else None}"
+                ) from e
+            self._swap_applied.clear()
+            with self._cv:
+                self._pending_swap = loaded
+                self._cv.notify_all()
+            if not (self._thread and self._thread.is_alive()):
+                self._apply_swap()  # not started yet: nothing is running, switch here
+            self._swap_applied.wait()
+            METRICS.swaps.labels("ok").inc()
+            METRICS.swap_seconds.observe(time.perf_counter() - t0)
+            METRICS.version.set(version)
+            self._last_swap_error = ""
+            log.info("serving policy version %s from %s", version, path)
+            return self.info()
+
+    def _wait_for_drain(self) -> None:
+        deadline = time.monotonic() + self.config.swap_drain_timeout_s
+        while len(self._batches) > 1:
+            if time.monotonic() > deadline:
+                raise errors.Unavailable("the previous swap is still draining: announce the version again later")
+            time.sleep(0.01)
+
+    def _apply_swap(self) -> None:
+        """Scheduler side of a swap: runs between steps, so no step ever mixes versions."""
+        with self._cv:
+            new, self._pending_swap = self._pending_swap, None
+        if new is None:
+            return
+        old, self._current = self._current, new
+        if old is not None and self.config.swap_policy == "reprefill" and id(old) in self._batches:
+            # Restart every answer whose tokens no caller has seen from its prompt on the new
+            # weights, so its result reports the new version for all its tokens. A stream that
+            # already sent tokens cannot take them back: it finishes on the old weights.
+            batch = self._batches[id(old)]
+            restart = [s for s in batch.seqs if not (s.stream and s.generated)]
+            batch.filter([s for s in batch.seqs if s not in restart])
+            with self._cv:
+                for s in reversed(restart):
+                    s.reset()
+                    s.model = None
+                    self._waiting.appendleft(s)  # keep their place ahead of newer requests
+        self._drop_empty_batches()
+        self._swap_applied.set()
+
+    def _drop_empty_batches(self) -> None:
+        for key in [k for k, b in self._batches.items() if not b.seqs]:
+            del self._batches[key]  # the last reference to an old model goes here
+        self._running = sum(len(b.seqs) for b in self._batches.values())
+
+    # ------------------------------------------------------------------ public API
+    async def generate(self, req: GenerationRequest) -> Result:
+        """The whole answer. Cancelling the awaiting task frees the sequence's slot."""
+        seq = self._submit(req, stream=False)
+        try:
+            while True:
+                ev = await seq.queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if ev.result is not None:
+                    return ev.result
+        finally:
+            self._cancel(seq)
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Tokens as they come; the last event has `.result`. Closing the iterator (or cancelling
+        the task that iterates) frees the slot; use `contextlib.aclosing` for prompt release."""
+        seq = self._submit(req, stream=True)
+        try:
+            while True:
+                ev = await seq.queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.result is not None:
+                    return
+        finally:
+            self._cancel(seq)
+
+    def _cancel(self, seq: Sequence) -> None:
+        if seq.done:
+            return
+        seq.cancelled = True
+        with self._cv:
+            try:
+                self._waiting.remove(seq)
+                METRICS.requests.labels("cancelled").inc()
+            except ValueError:
+                pass  # running: the scheduler drops it before its next step
+            METRICS.queue_depth.set(len(self._waiting))
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ validation
+    def _submit(self, req: GenerationRequest, stream: bool) -> Sequence:
+        try:
+            loaded = self._current
+            if loaded is None or not self.ready:
+                raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
+            max_new = self._validate_params(req)
+            ids = self._tokenize(req, loaded)
+            self._check_length(len(ids), max_new, loaded)
+            seq = Sequence(req, ids, loaded, max_new, stream)
+            with self._cv:
+                if len(self._waiting) >= self.config.max_queue:
+                    raise errors.ResourceExhausted(
+                        f"the queue is full ({self.config.max_queue} requests waiting): retry later",
+                        retry_after_s=1.0,
+                    )
+                self._waiting.append(seq)
+                METRICS.queue_depth.set(len(self._waiting))
+                self._cv.notify_all()
+            return seq
+        except errors.FlywheelError as e:
+            METRICS.requests.labels(f"rejected_{e.error_type}").inc()
+            raise
+
+    def _validate_params(self, req: GenerationRequest) -> int:
+        bad = errors.InvalidArgument
+        cap = self.config.max_new_tokens_cap
+        max_new = self.config.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if max_new < 1:
+            raise bad(f"max_new_tokens = {max_new}: ask for at least 1 token")
+        if max_new > cap:
+            raise bad(f"max_new_tokens = {max_new} is over the limit of {cap}: ask for at most {cap}")
+        if not req.temperature >= 0:
+            raise bad(f"temperature = {req.temperature}: use a value >= 0 (0 = greedy)")
+        if not 0 < req.top_p <= 1:
+            raise bad(f"top_p = {req.top_p}: use a value in (0, 1] (1 = off)")
+        if req.top_k < 0:
+            raise bad(f"top_k = {req.top_k}: use a value >= 0 (0 = off)")
+        if not req.repetition_penalty > 0:
+            raise bad(f"repetition_penalty = {req.repetition_penalty}: use a value > 0 (1 = off)")
+        if req.seed is not None and not 0 <= req.seed < 2**64:
+            raise bad(f"seed = {req.seed}: use an integer from 0 to 2**64-1")
+        if len(req.stop) > MAX_STOP_SEQUENCES:
+            raise bad(f"{len(req.stop)} stop sequences: send at most {MAX_STOP_SEQUENCES}")
+        for s in req.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+                raise bad(f"stop sequence {s!r}: each must be a non-empty string of at most {MAX_STOP_CHARS} chars")
+        return max_new
+
+    def _tokenize(self, req: GenerationRequest, loaded: LoadedModel) -> list[int]:
+        bad = errors.InvalidArgument
+        if req.prompt is not None and req.messages:
+            raise bad("set either prompt or messages, not both")
+        if req.messages is not None:
+            if not req.messages:
+                raise bad("messages is empty: send at least one message")
+            for i, m in enumerate(req.messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise bad(f"messages[{i}] must have a role ({', '.join(ROLES)}) and a string content")
+            if not any(m["content"].strip() for m in req.messages):
+                raise bad("every message is empty: send some text")
+            if not loaded.tokenizer.chat_template:
+                raise bad(f"model {loaded.source!r} has no chat template: send a prompt instead of messages")
+            try:
+                return list(loaded.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True))
+            except Exception as e:  # noqa: BLE001 - a template can reject a conversation shape
+                raise bad(f"the chat template rejected these messages: {e}") from e
+        if req.prompt is None or not req.prompt.strip():
+            raise bad("prompt is empty: send some text (or messages)")
+        return loaded.encode(req.prompt)
+
+    def _check_length(self, n: int, max_new: int, loaded: LoadedModel) -> None:
+        limit = self.config.max_input_tokens
+        if n > limit:
+            raise errors.InvalidArgument(
+                f"the prompt has {n} tokens, over the limit of {limit} input tokens: shorten it"
+            )
+        if n + max_new > loaded.context:
+            raise errors.InvalidArgument(
+                f"prompt ({n} tokens) + max_new_tokens ({max_new}) = {n + max_new} is over the model's context "
+                f"of {loaded.context} tokens: lower max_new_tokens to at most {max(loaded.context - n, 0)} "
+                f"or shorten the prompt"
+            )
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._pending_swap or self._batches):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the thread must survive anything a batch does
+                log.exception("engine step failed; failing its sequences")
+                self._fail_all(errors.FlywheelError(f"generation failed: {type(e).__name__}: {e}"))
+        self._fail_all(errors.Unavailable("the policy engine is shutting down: retry on another replica"))
+
+    def _fail_all(self, err: errors.FlywheelError) -> None:
+        with self._cv:
+            victims = list(self._waiting) + [s for b in self._batches.values() for s in b.seqs]
+            self._waiting.clear()
+            self._batches.clear()
+            self._running = 0
+        for s in victims:
+            s.done = True
+            s.emit(err)
+            METRICS.requests.labels("error").inc()
+        METRICS.queue_depth.set(0)
+        METRICS.running.set(0)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        self._apply_swap()
+        for batch in self._batches.values():
+            if any(s.cancelled for s in batch.seqs):
+                for s in batch.seqs:
+                    if s.cancelled and not s.done:
+                        s.done = True
+                        METRICS.requests.labels("cancelled").inc()
+                batch.filter([s for s in batch.seqs if not s.cancelled])
+        self._drop_empty_batches()
+        admitted = self._admit()
+        new_batch = None
+        if admitted:
+            new_batch = Batch.prefill(self._current, admitted)
+            self._after_forward(new_batch, new_batch.last_logits)
+        for batch in list(self._batches.values()):
+            self._after_forward(batch, batch.decode())
+        if new_batch is not None:
+            key = id(self._current)
+            if key in self._batches:
+                self._batches[key].merge(new_batch)
+            else:
+                self._batches[key] = new_batch
+        for batch in self._batches.values():
+            if any(s.done for s in batch.seqs):
+                batch.filter([s for s in batch.seqs if not s.done])
+        self._drop_empty_batches()
+        METRICS.running.set(self._running)
+        METRICS.step_seconds.observe(time.perf_counter() - t0)
+
+    def _admit(self) -> list[Sequence]:
+        """FCFS admission within the sequence cap and the step's token budget (no overtaking)."""
+        cur = self._current
+        budget = self.config.max_tokens_per_step - self._running
+        slots = self.config.max_concurrent_sequences - self._running
+        admitted: list[Sequence] = []
+        with self._cv:
+            while self._waiting and slots > 0:
+                seq = self._waiting[0]
+                if seq.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if seq.tokenized_by is not cur:  # a swap may bring another tokenizer
+                    seq.prompt_ids, seq.tokenized_by = self._retokenize(seq, cur), cur
+                if seq.done:  # refused by the new model's limits
+                    self._waiting.popleft()
+                    continue
+                if len(seq.prompt_ids) > budget:
+                    break
+                self._waiting.popleft()
+                budget -= len(seq.prompt_ids)
+                slots -= 1
+                admitted.append(seq)
+            METRICS.queue_depth.set(len(self._waiting))
+        now = time.perf_counter()
+        for seq in admitted:
+            seq.model, seq.t_admit = cur, now
+            seq.generator = torch.Generator(device=cur.device).manual_seed(seq.seed)
+            seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=cur.device)
+            METRICS.queue_seconds.observe(now - seq.t_submit)
+            METRICS.prompt_tokens.inc(len(seq.prompt_ids))
+        return admitted
+
+    def _retokenize(self, seq: Sequence, cur: LoadedModel) -> list[int]:
+        try:
+            ids = self._tokenize(seq.req, cur)
+            self._check_length(len(ids), seq.max_new_tokens, cur)
+            return ids
+        except errors.FlywheelError as e:
+            seq.done = True
+            seq.emit(e)
+            return []
+
+    def _after_forward(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Sample one token per row of `batch` from logits (B, V) and hand events to the callers."""
+        seqs = batch.seqs
+        tokens, logprobs = select_next(
+            logits, [s.params for s in seqs], [s.seen for s in seqs], [s.generator for s in seqs]
+        )
+        batch.next_ids = tokens
+        now = time.perf_counter()
+        ids, lps = tokens.tolist(), logprobs.tolist()
+        METRICS.tokens.inc(len(ids))
+        for seq, tok, lp in zip(seqs, ids, lps, strict=True):
+            if seq.done:
+                continue
+            if seq.t_first == 0.0:
+                seq.t_first = now
+                METRICS.ttft.observe(now - seq.t_submit)
+            else:
+                METRICS.itl.observe(now - seq.t_last)
+            seq.t_last = now
+            self._append(seq, batch.model, tok, lp)
+
+    def _append(self, seq: Sequence, m: LoadedModel, tok: int, lp: float) -> None:
+        seq.generated.append(tok)
+        if seq.params.repetition_penalty != 1.0:
+            seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=seq.seen.device)])
+        special = tok in m.special_ids
+        if tok in m.eos_ids and not seq.req.ignore_eos:
+            seq.finish_reason = "eos_token"
+        else:
+            seq.text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            cut = _find_stop(seq.text, seq.req.stop, seq.emitted)
+            if cut is not None:
+                seq.text, seq.finish_reason = seq.text[:cut], "stop_sequence"
+            elif len(seq.generated) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+        token = Token(tok, m.tokenizer.decode([tok]), lp if seq.req.logprobs else None, special)
+        seq.tokens.append(token)
+        if seq.finish_reason is not None:
+            seq.done = True
+            result = self._result(seq, m)
+            seq.emit(TokenEvent(token, seq.text[seq.emitted :], result))
+            METRICS.requests.labels(seq.finish_reason).inc()
+            METRICS.e2e_seconds.observe(result.total_time_s)
+        elif seq.stream:
+            end = _safe_end(seq.text, seq.req.stop)
+            delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
+            seq.emitted = max(seq.emitted, end)
+            seq.emit(TokenEvent(token, delta))
+
+    def _result(self, seq: Sequence, m: LoadedModel) -> Result:
+        now = time.perf_counter()
+        return Result(
+            text=seq.text,
+            finish_reason=seq.finish_reason or "length",
+            prompt_tokens=len(seq.prompt_ids),
+            generated_tokens=len(seq.generated),
+            tokens=seq.tokens,
+            version=m.version,
+            model=m.source,
+            seed=seq.seed,
+            queue_time_s=seq.t_admit - seq.t_submit,
+            time_to_first_token_s=seq.t_first - seq.t_submit,
+            total_time_s=now - seq.t_submit,
+        )
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Index where the earliest stop string starts in text, or None."""
+    hits = [i for s in stops if (i := text.find(s, max(0, emitted - len(s)))) >= 0]
+    return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """How much of text a stream may send: hold back an incomplete UTF-8 character and any
+    suffix that could be the start of a stop string (TGI's stop criteria see the same text)."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k : end] == s[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold

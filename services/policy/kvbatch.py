@@ -1,0 +1,181 @@
+"""A loaded model version and the running batch of sequences decoded on it, with its KV cache.
+
+The batch keeps one `DynamicCache` of shape (B, H, L, D) per layer for all its sequences,
+left-padded to a common length L, with an attention mask (B, L) that is 1 on real tokens.
+Position ids are the count of real tokens before each new one, so a padded row computes the
+same values as the sequence would alone. The cache is re-shaped only when the batch changes:
+`filter` drops rows (and trims columns that became all padding), `merge` left-pads two batches
+to one length and stacks them (TGI's CausalLMBatch.filter / concatenate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from flywheel.policy.config import EngineConfig
+
+if TYPE_CHECKING:
+    from flywheel.policy.engine import Sequence
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedModel:
+    """Weights, tokenizer and the model-store version they are. Immutable pairing: a sequence
+    holds the LoadedModel it was admitted on, and its result reads the version from there."""
+
+    source: str
+    version: int
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    context: int
+    eos_ids: frozenset[int]
+    special_ids: frozenset[int]
+    pad_id: int
+    logits_to_keep: bool
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+        kw = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **kw,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for but CUDA is not available: use device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
+    """from_pretrained + a one-token smoke forward, so a broken checkpoint fails here, off the serving path."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    cfg = model.config
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model only {vocab} embeddings")
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not context:
+        context = tok.model_max_length if tok.model_max_length < 1_000_000 else DEFAULT_CONTEXT
+    eos: set[int] = set()
+    for e in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        eos.update(e if isinstance(e, list) else [] if e is None else [e])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+    params = inspect.signature(model.forward).parameters
+    loaded = LoadedModel(
+        source=path,
+        version=version,
+        model=model,
+        tokenizer=tok,
+        device=device,
+        dtype=dtype,
+        context=int(context),
+        eos_ids=frozenset(eos),
+        special_ids=frozenset(tok.all_special_ids),
+        pad_id=pad,
+        logits_to_keep="logits_to_keep" in params,
+    )
+    probe = torch.tensor([[pad]], device=device)
+    out = loaded.forward(probe, torch.ones_like(probe), torch.zeros_like(probe), DynamicCache())
+    if not torch.isfinite(out.logits).all():
+        raise ValueError("the model produces non-finite logits")
+    return loaded
+
+
+class Batch:
+    """Running sequences of one LoadedModel and their shared, left-padded KV cache."""
+
+    def __init__(self, model: LoadedModel, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor):
+        self.model, self.seqs, self.cache, self.mask = model, seqs, cache, mask  # mask (B, L) long
+        self.next_ids: torch.Tensor | None = None  # (B,) sampled, not yet in the cache
+        self.last_logits: torch.Tensor | None = None
+
+    @classmethod
+    def prefill(cls, m: LoadedModel, seqs: list[Sequence]) -> Batch:
+        """One forward over the left-padded prompts; leaves their last-position logits (B, V)."""
+        length = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), length), m.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            n = len(s.prompt_ids)
+            ids[b, length - n :] = torch.tensor(s.prompt_ids)
+            mask[b, length - n :] = 1
+        ids, mask = ids.to(m.device), mask.to(m.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = m.forward(ids, mask, pos, DynamicCache())
+        batch = cls(m, list(seqs), out.past_key_values, mask)
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def decode(self) -> torch.Tensor:
+        """Feed each row's last sampled token; returns next-token logits (B, V)."""
+        assert self.next_ids is not None
+        ones = torch.ones((len(self.seqs), 1), dtype=self.mask.dtype, device=self.mask.device)
+        pos = self.mask.sum(-1, keepdim=True)  # real tokens so far = position of the new one
+        mask = torch.cat([self.mask, ones], dim=1)
+        out = self.model.forward(self.next_ids[:, None], mask, pos, self.cache)
+        self.cache, self.mask = out.past_key_values, mask
+        return out.logits[:, -1, :]
+
+    def filter(self, keep: list[Sequence]) -> None:
+        """Keep only `keep` (in their current order), then drop leading all-padding columns."""
+        wanted = {id(s) for s in keep}
+        idx = [i for i, s in enumerate(self.seqs) if id(s) in wanted]
+        if len(idx) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in idx]
+        if not idx:
+            self.cache, self.mask, self.next_ids = DynamicCache(), self.mask[:0], None
+            return
+        t = torch.tensor(idx, device=self.mask.device)
+        self.cache.batch_select_indices(t)
+        self.mask = self.mask[t]
+        if self.next_ids is not None:
+            self.next_ids = self.next_ids[t]
+        first = int((self.mask.sum(0) > 0).int().argmax())
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
+
+    def merge(self, other: Batch) -> None:
+        """Append `other`'s rows (same model), left-padding the shorter cache with masked zeros."""
+        assert other.model is self.model and other.next_ids is not None and self.next_ids is not None
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        pad_a, pad_b = length - self.mask.shape[1], length - other.mask.shape[1]
+        for la, lb in zip(self.cache.layers, other.cache.layers, strict=True):
+            la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))])
+            la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (pad_a, 0)), F.pad(other.mask, (pad_b, 0))])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.seqs = self.seqs + other.seqs
