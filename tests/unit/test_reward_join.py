@@ -1,0 +1,197 @@
+"""The preference join: each feedback kind -> its pairs, duplicates, orphans, restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel.reward.config import JoinConfig
+from flywheel.reward.join import PreferenceJoin, PreferenceStore
+from flywheel.v1 import events_pb2 as ev
+
+
+def interaction(iid: str, prompt: str = "q", response: str = "", pair: str = "", side: str = "", v: int = 1):
+    return ev.Interaction(
+        interaction_id=iid,
+        prompt=prompt,
+        response=response or f"answer {iid}",
+        pair_id=pair,
+        pair_side=side,
+        policy_version=v,
+    )
+
+
+def fb(fid: str, kind: int, iid: str = "", pair: str = "", **kw) -> ev.FeedbackEvent:
+    return ev.FeedbackEvent(feedback_id=fid, kind=kind, interaction_id=iid, pair_id=pair, **kw)
+
+
+class Harness:
+    def __init__(self, path, **cfg) -> None:
+        self.published: list[ev.PreferencePair] = []
+        self.store = PreferenceStore(path / "join.sqlite")
+        self.join = PreferenceJoin(JoinConfig(**cfg), self.store, self.published.extend)
+
+    def apply(self, *msgs) -> None:
+        for m in msgs:
+            if isinstance(m, ev.Interaction):
+                self.join.on_interaction(m)
+            else:
+                self.join.on_feedback(m)
+            self.join.flush()
+
+    def pairs(self):
+        return self.store.pairs_after(0, split=None)
+
+
+@pytest.fixture
+def h(tmp_path) -> Harness:
+    return Harness(tmp_path, heldout_percent=0)
+
+
+def test_preference_makes_one_pair_chosen_by_side(h: Harness) -> None:
+    h.apply(
+        interaction("a", pair="P", side="A"),
+        interaction("b", pair="P", side="B"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_B),
+    )
+    (p,) = h.pairs()
+    assert (p.chosen, p.rejected, p.weight, p.source) == ("answer b", "answer a", 1.0, "preference")
+    (msg,) = h.published
+    assert msg.chosen_interaction_id == "b" and msg.rejected_interaction_id == "a" and msg.pair_id == p.pair_id
+    assert list(msg.source_feedback_ids) == ["f1"]
+
+
+def test_tie_makes_two_half_weight_pairs_each_way(h: Harness) -> None:
+    h.apply(
+        interaction("a", pair="P", side="A"),
+        interaction("b", pair="P", side="B"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_TIE),
+    )
+    got = sorted((p.chosen, p.rejected, p.weight, p.source) for p in h.pairs())
+    assert got == [("answer a", "answer b", 0.5, "tie"), ("answer b", "answer a", 0.5, "tie")]
+
+
+def test_thumbs_make_labels_and_lower_weight_pairs_on_the_same_prompt(h: Harness) -> None:
+    h.apply(
+        interaction("a", "q"),
+        interaction("b", "q"),
+        interaction("c", "other"),
+        fb("f1", ev.FEEDBACK_KIND_THUMBS, "a", value=1),
+        fb("f2", ev.FEEDBACK_KIND_THUMBS, "c", value=-1),
+    )
+    assert h.pairs() == []  # different prompts do not pair
+    h.apply(fb("f3", ev.FEEDBACK_KIND_THUMBS, "b", value=-1), fb("f4", ev.FEEDBACK_KIND_THUMBS, "b", value=-1))
+    got = [(p.chosen, p.rejected, p.weight, p.source) for p in h.pairs()]
+    assert got == [("answer a", "answer b", 0.5, "thumbs")] * 2  # f4 is a second user's 'down' on b: more evidence
+    assert len({p.pair_id for p in h.pairs()}) == 2
+    labels = sorted((x.response, x.label) for x in h.store.labels())
+    assert labels == [("answer a", 1.0), ("answer b", 0.0), ("answer b", 0.0), ("answer c", 0.0)]
+
+
+def test_ratings_make_pairs_with_a_margin_from_the_gap(h: Harness) -> None:
+    h.apply(
+        interaction("a"),
+        interaction("b"),
+        interaction("c"),
+        fb("f1", ev.FEEDBACK_KIND_RATING, "a", value=1, rating_scale=3),
+        fb("f2", ev.FEEDBACK_KIND_RATING, "b", value=3, rating_scale=3),
+        fb("f3", ev.FEEDBACK_KIND_RATING, "c", value=2, rating_scale=3),
+    )
+    got = sorted((p.chosen, p.rejected, p.margin) for p in h.pairs())
+    assert got == [("answer b", "answer a", 1.0), ("answer b", "answer c", 0.5), ("answer c", "answer a", 0.5)]
+    assert all(p.weight == 0.5 and p.source == "rating" for p in h.pairs())
+    assert sorted(x.label for x in h.store.labels()) == [0.0, 0.5, 1.0]
+
+
+def test_demonstration_makes_a_pair_and_a_supervised_example(h: Harness) -> None:
+    h.apply(interaction("a", "q", "meh"), fb("f1", ev.FEEDBACK_KIND_DEMONSTRATION, "a", demonstration="great"))
+    (p,) = h.pairs()
+    assert (p.prompt, p.chosen, p.rejected, p.source) == ("q", "great", "meh", "demonstration")
+    assert h.published[0].chosen_interaction_id == "" and h.published[0].rejected_interaction_id == "a"
+    assert h.store.supervised_examples() == [("q", "great")]
+
+
+def test_invalid_feedback_is_dropped_not_joined(h: Harness) -> None:
+    h.apply(
+        interaction("a"),
+        fb("f1", ev.FEEDBACK_KIND_THUMBS, "a", value=5),
+        fb("f2", ev.FEEDBACK_KIND_RATING, "a", value=4, rating_scale=3),
+    )
+    assert h.pairs() == [] and h.store.labels() == []
+    assert h.store.feedback_status("f1") == h.store.feedback_status("f2") == "invalid"
+
+
+def test_duplicates_change_nothing(h: Harness) -> None:
+    msgs = [
+        interaction("a", pair="P", side="A"),
+        interaction("b", pair="P", side="B"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A),
+        interaction("c"),
+        interaction("d"),
+        fb("f2", ev.FEEDBACK_KIND_THUMBS, "c", value=1),
+        fb("f3", ev.FEEDBACK_KIND_THUMBS, "d", value=-1),
+    ]
+    h.apply(*msgs)
+    before = [(p.pair_id, p.seq) for p in h.pairs()]
+    assert len(before) == 2 and len(h.published) == 2
+    h.apply(*msgs, *msgs)  # redelivery
+    assert [(p.pair_id, p.seq) for p in h.pairs()] == before and len(h.published) == 2
+    assert len(h.store.labels()) == 2
+
+
+def test_feedback_before_its_interaction_waits_then_joins_or_expires(h: Harness) -> None:
+    h.apply(
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A),
+        fb("f2", ev.FEEDBACK_KIND_DEMONSTRATION, "x", demonstration="better"),
+        interaction("a", pair="P", side="A"),
+    )
+    assert h.pairs() == [] and h.store.pending_count() == 2
+    h.apply(interaction("b", pair="P", side="B"))  # the pair is complete: f1 joins
+    assert [p.source for p in h.pairs()] == ["preference"] and h.store.pending_count() == 1
+    assert h.join.expire() == 0  # not waited long enough yet
+    import time
+
+    assert h.join.expire(now=time.time() + 301) == 1  # orphan_wait_s = 300 by default
+    assert h.store.feedback_status("f2") == "orphaned"
+    h.apply(interaction("x"))  # too late: an expired orphan stays dropped
+    assert [p.source for p in h.pairs()] == ["preference"]
+
+
+def test_restart_keeps_state_and_republishes_unacknowledged_pairs(tmp_path) -> None:
+    h1 = Harness(tmp_path, heldout_percent=0)
+    h1.join.publish = None  # Kafka down: pairs are stored but not acknowledged
+    h1.apply(
+        interaction("a", pair="P", side="A"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A),
+    )
+    h1.apply(interaction("b", pair="P", side="B"))
+    assert len(h1.pairs()) == 1 and h1.published == []
+    h1.store.close()
+    h2 = Harness(tmp_path, heldout_percent=0)  # restart on the same file
+    assert h2.join.flush() == 1 and len(h2.published) == 1
+    h2.apply(
+        interaction("b", pair="P", side="B"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A),
+    )
+    assert len(h2.pairs()) == 1 and len(h2.published) == 1
+
+
+def test_heldout_split_is_deterministic_and_near_the_configured_share(tmp_path) -> None:
+    h = Harness(tmp_path, heldout_percent=10)
+    for i in range(400):
+        h.apply(
+            interaction(f"{i}a", pair=f"P{i}", side="A"),
+            interaction(f"{i}b", pair=f"P{i}", side="B"),
+            fb(f"f{i}", ev.FEEDBACK_KIND_PREFERENCE, pair=f"P{i}", preference=ev.PREFERENCE_A),
+        )
+    held = h.store.count_pairs("heldout")
+    assert 20 <= held <= 60 and h.store.count_pairs("train") == 400 - held
+    h2 = Harness(tmp_path / "again", heldout_percent=10)
+    for i in range(400):
+        h2.apply(
+            interaction(f"{i}a", pair=f"P{i}", side="A"),
+            interaction(f"{i}b", pair=f"P{i}", side="B"),
+            fb(f"f{i}", ev.FEEDBACK_KIND_PREFERENCE, pair=f"P{i}", preference=ev.PREFERENCE_A),
+        )
+    assert [p.pair_id for p in h2.store.pairs_after(0, "heldout")] == [
+        p.pair_id for p in h.store.pairs_after(0, "heldout")
+    ]
