@@ -27,7 +27,7 @@ from flywheel.core import errors
 from flywheel.core.modelstore import Manifest, ModelStore
 from flywheel.trainer import gate, ppo, state
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.rollout import RewardSource, ValueHead, forward, generate, split_pool
+from flywheel.trainer.rollout import RewardSource, ValueHead, forward, generate
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Trainer:
         announce: Announce | None = None,
         keep_last: int = 5,
         reward_info: Callable[[], Any] | None = None,
+        heldout: list[str] | None = None,
     ) -> None:
         self.cfg, self.store, self.reward, self.prompts = cfg, store, reward, prompts
         self.announce, self.keep_last, self.reward_info = announce, keep_last, reward_info
@@ -104,7 +105,10 @@ class Trainer:
             else ppo.FixedKLController(cfg.kl_coef)
         )
         self.moments = ppo.RunningMoments()
-        _, self.gate_prompts = split_pool(getattr(prompts, "pool", []), cfg.gate_prompts, cfg.seed)
+        # Held-out gate prompts: given (split_pool of the pool), else the pool itself.
+        self.gate_prompts = list(heldout or prompts.pool)
+        self.gate_prompts = [self.gate_prompts[i % len(self.gate_prompts)] for i in range(cfg.gate_prompts)]
+        self.last_lag = 0
         self._serving_eval: tuple[int, Any] | None = None
         self._reset_to: int | None = None
 
@@ -406,16 +410,16 @@ class Trainer:
             raise errors.FailedPrecondition(f"cannot {what}: this trainer is {self.status}, not the active one")
 
     def pause(self, reason: str = "") -> None:
-        with self.lock:
-            self._require_active("pause")
-            self.paused = True
-            state.save_control(self.dir, {"paused": True, "reason": reason})
+        """Stop taking steps after the current one (persisted: a restarted trainer stays paused)."""
+        self._require_active("pause")
+        self.paused = True
+        state.save_control(self.dir, {"paused": True, "reason": reason})
+        log.warning("paused: %s", reason or "(no reason given)")
 
     def resume(self) -> None:
-        with self.lock:
-            self._require_active("resume")
-            self.paused = False
-            state.save_control(self.dir, {"paused": False})
+        self._require_active("resume")
+        self.paused = False
+        state.save_control(self.dir, {"paused": False})
 
     def promote(self, version: int, reason: str = "") -> Manifest:
         """Announce `version` bypassing the gate. Refused while paused (a pause freezes what serves,
@@ -461,9 +465,6 @@ class Trainer:
         self.version = v
         self._new_optimizer()
 
-    def lag(self) -> int:
-        return self.prompts.lag()
-
     # ------------------------------------------------------------------ the service loop
 
     def run(self, stop: threading.Event) -> None:
@@ -489,6 +490,7 @@ class Trainer:
                     self._apply_reset()
                     try:
                         self.train_step()
+                        self.last_lag = self.prompts.lag()  # Kafka clients are not thread-safe: read it here
                         backoff = 1.0
                     except errors.Unavailable as e:  # the reward service or Kafka is away: wait, retry
                         log.warning("step failed, retrying in %.0fs: %s", backoff, e)

@@ -1,0 +1,108 @@
+"""`python -m flywheel.trainer` (and `flywheel serve trainer`): the trainer service.
+
+Configuration: the `trainer`, `kafka`, `topics`, `model_store` and `auth` sections of the
+YAML file (FLYWHEEL_CONFIG or --config) and their FLYWHEEL_* variables; the reward service
+at FLYWHEEL_REWARD_ADDR (default localhost:50053). Health turns SERVING once this replica
+holds the active-trainer lock and has loaded its models; a standby stays NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+
+from flywheel.core.auth import AuthConfig, Authenticator
+from flywheel.core.config import KafkaConfig, TopicsConfig, load_section
+from flywheel.core.errors import FlywheelError
+from flywheel.core.modelstore import ModelStoreConfig
+from flywheel.core.server import ServiceServer, serve, server_config
+from flywheel.trainer.config import TrainerConfig
+from flywheel.trainer.loop import Trainer
+from flywheel.trainer.rollout import GrpcReward, KafkaPrompts, PoolPrompts, default_pool, split_pool
+from flywheel.trainer.server import TrainerServicer
+from flywheel.v1 import trainer_pb2_grpc
+
+log = logging.getLogger("flywheel.trainer")
+
+
+def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
+    """The Trainer wired to its reward service, prompt source, model store and announcer."""
+    cfg = load_section(TrainerConfig, "trainer", config_path)
+    kafka = load_section(KafkaConfig, "kafka", config_path)
+    topics = load_section(TopicsConfig, "topics", config_path)
+    store = load_section(ModelStoreConfig, "model_store", config_path)
+    auth = Authenticator(load_section(AuthConfig, "auth", config_path))
+    reward = GrpcReward(os.environ.get("FLYWHEEL_REWARD_ADDR", "localhost:50053"))
+
+    def reward_info() -> object:  # normalization statistics; None while the reward service cannot say
+        try:
+            return reward.info()
+        except Exception:
+            return None
+
+    train, heldout = split_pool(cfg.prompt_pool or default_pool(), cfg.gate_prompts, cfg.seed)
+    announce = None
+    if kafka.bootstrap:
+        from flywheel.core.bus import Producer, ensure_topics
+
+        ensure_topics(kafka, topics)
+        producer = Producer(kafka)
+
+        def announce(update: object) -> None:  # a flywheel.v1.ModelUpdate
+            producer.send_sync(topics.policy_updates, update.model, update)
+
+    else:
+        log.warning("FLYWHEEL_KAFKA_BOOTSTRAP is not set: prompts come from the pool and versions are not announced")
+    if cfg.prompt_source == "kafka" and kafka.bootstrap:
+        prefs = topics.preferences if cfg.ptx_coef > 0 else None
+        prompts = KafkaPrompts(
+            kafka, topics.interactions, train, cfg.consumer_group, cfg.model, prefs, cfg.poll_timeout_ms
+        )
+    else:
+        prompts = PoolPrompts(train)
+    trainer = Trainer(
+        cfg, store.store(), reward, prompts, announce, store.keep_last, reward_info=reward_info, heldout=heldout
+    )
+    return trainer, auth
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flywheel serve trainer", description="Continuous PPO, checkpoints, the gate.")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50054)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port for /metrics and /health (default 8084)")
+    p.add_argument("--config", default=None, help="YAML config file (default: FLYWHEEL_CONFIG)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    server = ServiceServer(server_config("trainer", grpc_port=args.grpc_port, http_port=args.http_port), name="trainer")
+    try:
+        trainer, auth = build(args.config)
+    except FlywheelError as e:
+        print(f"flywheel trainer: {e}", file=sys.stderr)
+        return 2
+    server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer, auth))
+    stop = threading.Event()
+    thread = threading.Thread(target=trainer.run, args=(stop,), name="trainer-loop", daemon=True)
+
+    async def setup(srv: ServiceServer) -> None:
+        thread.start()  # models load in the loop's thread, never on the event loop
+        while trainer.status in ("standby", "starting"):  # a standby waits here, NOT_SERVING
+            await asyncio.sleep(0.5)
+        if trainer.status == "stopped":
+            raise RuntimeError("the training loop stopped during start-up; see the log above")
+        await srv.set_serving(True)
+
+    try:
+        serve(server, setup)
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
