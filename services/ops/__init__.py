@@ -1,0 +1,1 @@
+"""Operating Flywheel on Kubernetes: `flywheel ops` and the trainer's Lease rule."""

@@ -1,0 +1,216 @@
+"""`flywheel ops`: operate a Flywheel release on Kubernetes.
+
+  status    pods of the release, the policy version each policy replica serves (Policy.GetInfo
+            on the pod's IP), the trainer's state, step and consumer lag (Trainer.GetStatus),
+            and which trainer pod holds the Lease
+  promote   announce a version, bypassing the gate (Trainer.Promote)
+  rollback  announce an earlier promoted version again (Trainer.Rollback)
+
+Trainer RPCs carry the admin token as `authorization: Bearer <token>` metadata. Pod IPs are
+reachable from inside the cluster (or a VPN into the pod network); from a laptop, port-forward
+the trainer Service and pass --trainer-addr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import grpc
+
+from flywheel.ops import k8s
+
+
+def fullname(release: str) -> str:
+    """The chart's `flywheel.fullname` (no overrides): the release name if it contains 'flywheel'."""
+    return release if "flywheel" in release else f"{release}-flywheel"
+
+
+def _metadata(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def policy_info(addr: str, timeout: float) -> dict[str, Any]:
+    """Policy.GetInfo of one replica, or {'error': ...}."""
+    from flywheel.v1 import policy_pb2, policy_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(addr) as channel:
+            info = policy_pb2_grpc.PolicyStub(channel).GetInfo(policy_pb2.GetInfoRequest(), timeout=timeout)
+    except grpc.RpcError as e:
+        return {"error": f"{e.code().name}: {e.details()}"}
+    return {
+        "policy_version": info.policy_version,
+        "model": info.model,
+        "device": info.device,
+        "running": info.running_sequences,
+        "waiting": info.waiting_requests,
+        "spooled": info.spooled_interactions,
+        "last_swap_error": info.last_swap_error,
+    }
+
+
+def trainer_call(addr: str, token: str | None, method: str, request: Any, timeout: float) -> Any:
+    """One Trainer RPC with the admin token; raises grpc.RpcError."""
+    from flywheel.v1 import trainer_pb2_grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        return getattr(stub, method)(request, timeout=timeout, metadata=_metadata(token))
+
+
+def status_dict(status: Any) -> dict[str, Any]:
+    return {
+        "state": status.state,
+        "step": status.step,
+        "serving_version": status.serving_version,
+        "training_version": status.training_version,
+        "consumer_lag": status.consumer_lag,
+        "metrics": dict(status.metrics),
+    }
+
+
+def _trainer_addr(args: argparse.Namespace) -> str:
+    if args.trainer_addr:
+        return args.trainer_addr
+    return os.environ.get("FLYWHEEL_TRAINER_ADDR") or f"{fullname(args.release)}-trainer.{args.namespace}.svc:50054"
+
+
+def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """Everything `status` shows, and whether every part answered."""
+    from flywheel.v1 import trainer_pb2
+
+    ok = True
+    out: dict[str, Any] = {"namespace": args.namespace, "release": args.release, "pods": [], "lease": None}
+    try:
+        api = k8s.api_client(args.api_server, args.kubeconfig, args.context)
+        pods = k8s.list_pods(api, args.namespace, args.release)
+        for pod in pods:
+            row = dataclasses.asdict(pod)
+            if pod.component == "policy" and pod.ip and pod.grpc_port and pod.phase == "Running":
+                row["info"] = policy_info(f"{pod.ip}:{pod.grpc_port}", args.timeout)
+                ok &= "error" not in row["info"]
+            out["pods"].append(row)
+        lease = k8s.coordination(api).read_namespaced_lease(
+            f"{fullname(args.release)}-trainer", args.namespace, _request_timeout=10
+        )
+        out["lease"] = {"holder": lease.spec.holder_identity, "renew_time": str(lease.spec.renew_time)}
+    except Exception as e:  # no cluster access: still report what the trainer says
+        status = getattr(e, "status", None)
+        if status == 404 and out["pods"]:
+            out["lease"] = {"holder": None, "renew_time": None}
+        else:
+            out["kubernetes_error"] = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+            ok = False
+    try:
+        st = trainer_call(_trainer_addr(args), args.token, "GetStatus", trainer_pb2.GetStatusRequest(), args.timeout)
+        out["trainer"] = status_dict(st)
+    except grpc.RpcError as e:
+        out["trainer"] = {"error": f"{e.code().name}: {e.details()}"}
+        ok = False
+    return out, ok
+
+
+def print_status(s: dict[str, Any]) -> None:
+    print(f"release {s['release']} in namespace {s['namespace']}")
+    if "kubernetes_error" in s:
+        print(f"  kubernetes: {s['kubernetes_error']}")
+    print(f"  {'COMPONENT':<9} {'POD':<40} {'PHASE':<10} {'READY':<5} {'RESTARTS':>8}  SERVES")
+    for p in s["pods"]:
+        info = p.get("info") or {}
+        serves = info.get("error") or (f"v{info['policy_version']}" if "policy_version" in info else "")
+        if info.get("last_swap_error"):
+            serves += f" (last swap error: {info['last_swap_error']})"
+        ready = "yes" if p["ready"] else "no"
+        print(f"  {p['component']:<9} {p['name']:<40} {p['phase']:<10} {ready:<5} {p['restarts']:>8}  {serves}")
+    versions = {p["info"]["policy_version"] for p in s["pods"] if "policy_version" in (p.get("info") or {})}
+    if len(versions) > 1:
+        print(f"  policy replicas serve different versions: {sorted(versions)} (a swap is in progress or stuck)")
+    if s.get("lease"):
+        print(f"  trainer lease holder: {s['lease']['holder'] or '(none)'}")
+    t = s.get("trainer") or {}
+    if "error" in t:
+        print(f"  trainer: {t['error']}")
+    else:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(t["metrics"].items()))
+        print(
+            f"  trainer: {t['state']} step={t['step']} serving=v{t['serving_version']} "
+            f"training=v{t['training_version']} lag={t['consumer_lag']} {metrics}".rstrip()
+        )
+
+
+def _status(args: argparse.Namespace) -> int:
+    s, ok = collect_status(args)
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        print_status(s)
+    return 0 if ok else 1
+
+
+def _announce(args: argparse.Namespace) -> int:
+    from flywheel.v1 import trainer_pb2
+
+    if not args.token:
+        print("flywheel ops: the Trainer needs the admin token: set FLYWHEEL_ADMIN_TOKEN or --token", file=sys.stderr)
+        return 2
+    method, req = (
+        ("Promote", trainer_pb2.PromoteRequest)
+        if args.action == "promote"
+        else ("Rollback", trainer_pb2.RollbackRequest)
+    )
+    try:
+        st = trainer_call(
+            _trainer_addr(args), args.token, method, req(version=args.version, reason=args.reason), args.timeout
+        )
+    except grpc.RpcError as e:
+        print(f"flywheel ops {args.action} v{args.version}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(f"{args.action} v{args.version}: serving v{st.serving_version} (trainer {st.state}, step {st.step})")
+    return 0
+
+
+def build_parser(prog: str = "flywheel ops") -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", default=k8s.current_namespace("flywheel"), help="namespace of the release")
+    common.add_argument("--release", default="flywheel", help="Helm release name (default flywheel)")
+    common.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    common.add_argument("--context", default=None, help="kubeconfig context")
+    common.add_argument("--api-server", default=None, help="Kubernetes API URL without auth, e.g. from `kubectl proxy`")
+    common.add_argument(
+        "--trainer-addr",
+        default=None,
+        help="trainer gRPC host:port (default FLYWHEEL_TRAINER_ADDR, else the release's trainer Service)",
+    )
+    common.add_argument(
+        "--token", default=os.environ.get("FLYWHEEL_ADMIN_TOKEN"), help="admin token (default FLYWHEEL_ADMIN_TOKEN)"
+    )
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds per RPC (default 5)")
+
+    p = argparse.ArgumentParser(prog=prog, description="Operate a Flywheel release on Kubernetes.")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    st = sub.add_parser("status", parents=[common], help="pods, served policy versions, trainer step and lag")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(run=_status)
+    for action, about in (
+        ("promote", "announce a version to the policy replicas, bypassing the gate"),
+        ("rollback", "announce an earlier promoted version again"),
+    ):
+        a = sub.add_parser(action, parents=[common], help=about)
+        a.add_argument("version", type=int, help="model-store version")
+        a.add_argument("--reason", default="", help="why (recorded in the trainer's log)")
+        a.set_defaults(run=_announce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
