@@ -187,38 +187,60 @@ class RateLimiter:
 
 
 class SeenFeedbackIds:
-    """Durable set of accepted feedback_ids with in-flight reservations and write-behind commits."""
+    """Durable set of accepted feedback_ids with in-flight reservations and write-behind commits.
+
+    The state lock guards only in-memory sets, so `commit` and `release` (called on the event
+    loop) never wait for disk; sqlite reads and the flusher's writes use their own connections.
+    Every committed id is always in `_unflushed`, `_flushing` or the table.
+    """
 
     def __init__(self, path: str, retention_s: float, flush_interval_s: float = 0.005) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; see the module doc
-        self._conn.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+        self._writer = self._connect(path)
+        self._writer.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+        self._reader = self._connect(path)
         self.retention_s, self.flush_interval_s = retention_s, flush_interval_s
         self._prune()
-        self._lock = threading.Lock()
+        self._lock, self._read_lock, self._write_lock = threading.Lock(), threading.Lock(), threading.Lock()
         self._inflight: set[str] = set()
         self._unflushed: dict[str, float] = {}
+        self._flushing: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="feedback-seen-ids", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; see the module doc
+        return conn
+
     def _prune(self) -> None:
-        self._conn.execute("DELETE FROM seen WHERE at < ?", (time.time() - self.retention_s,))
+        self._writer.execute("DELETE FROM seen WHERE at < ?", (time.time() - self.retention_s,))
 
     def reserve(self, ids: list[str]) -> list[str]:
-        """Per id: "new" (now reserved: commit or release it), "seen" or "busy" (in flight)."""
-        out = []
-        with self._lock:
-            for i in ids:
+        """Per id: "new" (now reserved: commit or release it), "seen" or "busy" (in flight). Blocking."""
+        out, lookup = [], []
+        with self._lock:  # memory only; a reservation keeps everyone else off the id while we read
+            for n, i in enumerate(ids):
                 if i in self._inflight:
                     out.append("busy")
-                elif i in self._unflushed or self._conn.execute("SELECT 1 FROM seen WHERE id=?", (i,)).fetchone():
+                elif i in self._unflushed or i in self._flushing:
                     out.append("seen")
                 else:
                     self._inflight.add(i)
                     out.append("new")
+                    lookup.append(n)
+        if lookup:
+            with self._read_lock:
+                found = [
+                    n for n in lookup if self._reader.execute("SELECT 1 FROM seen WHERE id=?", (ids[n],)).fetchone()
+                ]
+            with self._lock:
+                for n in found:
+                    self._inflight.discard(ids[n])
+                    out[n] = "seen"
         return out
 
     def commit(self, ids: list[str]) -> None:
@@ -235,14 +257,24 @@ class SeenFeedbackIds:
             self._inflight.difference_update(ids)
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._unflushed:
-                return
-            rows = list(self._unflushed.items())
-            self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", rows)
-            self._conn.execute("COMMIT")
-            self._unflushed.clear()
+        with self._write_lock:
+            with self._lock:
+                if not self._unflushed:
+                    return
+                self._flushing, self._unflushed = self._unflushed, {}
+            try:
+                self._writer.execute("BEGIN")
+                self._writer.executemany("INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", self._flushing.items())
+                self._writer.execute("COMMIT")
+            except BaseException:
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+                with self._lock:  # keep them for the next try
+                    self._unflushed.update(self._flushing)
+                    self._flushing = {}
+                raise
+            with self._lock:
+                self._flushing = {}
 
     def _flush_loop(self) -> None:
         last_prune = time.monotonic()
@@ -250,7 +282,7 @@ class SeenFeedbackIds:
             try:
                 self.flush()
                 if time.monotonic() - last_prune > 3600:
-                    with self._lock:
+                    with self._write_lock:
                         self._prune()
                     last_prune = time.monotonic()
             except sqlite3.Error:
@@ -258,15 +290,17 @@ class SeenFeedbackIds:
 
     def __contains__(self, feedback_id: str) -> bool:
         with self._lock:
-            if feedback_id in self._unflushed:
+            if feedback_id in self._unflushed or feedback_id in self._flushing:
                 return True
-            return self._conn.execute("SELECT 1 FROM seen WHERE id=?", (feedback_id,)).fetchone() is not None
+        with self._read_lock:
+            return self._reader.execute("SELECT 1 FROM seen WHERE id=?", (feedback_id,)).fetchone() is not None
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self.flush()
-        self._conn.close()
+        self._reader.close()
+        self._writer.close()
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -392,7 +426,10 @@ class FeedbackIntake:
         return results
 
     async def _dedup_and_hand_off(self, items: list[_Item], results: list[Any]) -> None:
-        marks = await run_blocking(self.seen.reserve, [it.feedback_id for it in items])
+        started = time.perf_counter()
+        # One trip to the blocking pool per request: reserve the ids, queue the new events.
+        direct = self.spool.depth() == 0
+        marks, sent = await run_blocking(self._reserve_and_send, items, direct)
         fresh = []
         for it, mark in zip(items, marks, strict=True):
             if mark == "seen":
@@ -408,9 +445,8 @@ class FeedbackIntake:
                 fresh.append(it)
         if not fresh:
             return
-        started = time.perf_counter()
         try:
-            outcomes = await self._hand_off(fresh)
+            outcomes = await self._hand_off(fresh, sent)
         except BaseException:
             self.seen.release([it.feedback_id for it in fresh])
             raise
@@ -427,33 +463,37 @@ class FeedbackIntake:
         self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
         self.seen.release(failed)
 
-    def _send_all(self, items: list[_Item]) -> list[Any]:
-        """Queue every event on the producer (blocking: metadata may be fetched); futures or errors."""
+    def _reserve_and_send(self, items: list[_Item], direct: bool) -> tuple[list[str], list[Any] | None]:
+        """Blocking: reserve the ids; queue the new events on the producer when `direct`."""
+        marks = self.seen.reserve([it.feedback_id for it in items])
+        if not direct:
+            return marks, None
+        fresh = [it for it, m in zip(items, marks, strict=True) if m == "new"]
         out: list[Any] = []
         topic = self.topics.feedback
-        for it in items:
+        for it in fresh:
             try:
                 out.append(self.producer.send_raw(topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)]))
-            except errors.FlywheelError as e:
-                out.extend([e] * (len(items) - len(out)))
+            except errors.FlywheelError as e:  # no connection, or no metadata within send_timeout_s
+                out.extend([e] * (len(fresh) - len(out)))
                 break
-        return out
+        return marks, out
 
-    async def _hand_off(self, items: list[_Item]) -> list[int | errors.FlywheelError]:
-        """ACCEPTED once Kafka acked (acks=all); otherwise SPOOLED once on disk; or the spool's error."""
-        loop = asyncio.get_running_loop()
+    async def _hand_off(self, items: list[_Item], sent: list[Any] | None) -> list[int | errors.FlywheelError]:
+        """ACCEPTED once Kafka acked (acks=all); otherwise SPOOLED once on disk; or the spool's error.
+
+        `sent` holds the producer futures (None: the spool had a backlog, so Kafka was away
+        lately: queue behind it, which keeps order and spares each caller a send timeout).
+        """
         outcomes: list[Any] = [None] * len(items)
         pending: dict[int, Any] = {}  # index -> kafka future still in flight when we gave up waiting
         to_spool = list(range(len(items)))
-        # A non-empty spool means Kafka was unreachable lately: queue behind it (keeps order, and
-        # spares every caller a send timeout); the drain thread finds out when Kafka is back.
-        if self.spool.depth() == 0:
-            futures = await run_blocking(self._send_all, items)
-            waiters = [_to_asyncio(loop, f) for f in futures if not isinstance(f, errors.FlywheelError)]
-            if waiters:
-                await asyncio.wait(waiters, timeout=self.config.send_timeout_s)
+        if sent is not None:
+            futures = [f for f in sent if not isinstance(f, errors.FlywheelError)]
+            if futures:
+                await _all_done(futures, self.config.send_timeout_s)
             to_spool = []
-            for i, f in enumerate(futures):
+            for i, f in enumerate(sent):
                 if not isinstance(f, errors.FlywheelError) and f.succeeded():
                     outcomes[i] = ACCEPTED_S
                     continue
@@ -461,12 +501,10 @@ class FeedbackIntake:
                 if not isinstance(f, errors.FlywheelError) and not f.is_done:
                     pending[i] = f
         if to_spool:
-            records = [
-                (self.topics.feedback, items[i].key, items[i].value, [(H_EVENT_ID, items[i].feedback_id)])
-                for i in to_spool
-            ]
+            topic = self.topics.feedback
+            records = [(topic, items[i].key, items[i].value, [(H_EVENT_ID, items[i].feedback_id)]) for i in to_spool]
 
-            def adopt(seqs: list[int]) -> None:
+            def adopt(seqs: list[int]) -> None:  # before the drain thread can see the records
                 for i, seq in zip(to_spool, seqs, strict=True):
                     if i in pending:
                         self.sender.adopt(seq, pending[i])
@@ -482,18 +520,28 @@ class FeedbackIntake:
         return outcomes
 
 
+async def _all_done(futures: list[Any], timeout_s: float) -> None:
+    """Wait until every kafka-python future is done, or `timeout_s`; one loop wake-up in all."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    lock, left = threading.Lock(), [len(futures)]
+
+    def one_done(_: Any) -> None:  # runs on the producer's I/O thread (or here, if already done)
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    for f in futures:
+        f.add_callback(one_done)
+        f.add_errback(one_done)
+    try:
+        await asyncio.wait_for(waiter, timeout_s)
+    except TimeoutError:
+        pass
+
+
 def reason(e: errors.FlywheelError) -> str:
     """The `reason` label of a refusal: rate_limited, spool_full, or the status code in lower case."""
     return getattr(e, "reason", None) or e.code.name.lower()
-
-
-def _to_asyncio(loop: asyncio.AbstractEventLoop, fut: Any) -> asyncio.Future[None]:
-    """An asyncio future that completes (on `loop`) when a kafka-python future does."""
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def done(_: Any) -> None:
-        loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
-
-    fut.add_callback(done)
-    fut.add_errback(done)
-    return waiter
