@@ -280,7 +280,7 @@ class Trainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
                 self.optimizer.step()
-                stats["pg_loss"].append(float(pg))
+                stats["pg_loss"].append(float(pg.detach()))
                 stats["clip_frac"].append(float(st["clip_frac"]))
                 stats["approx_kl"].append(float(st["approx_kl"]))
                 stats["entropy"].append(float(ppo.masked_mean(entropy.detach(), mb_mask)))

@@ -1,0 +1,245 @@
+"""The training loop on a tiny config-built policy and a synthetic reward: learning, the gate, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.core import errors
+from flywheel.core.modelstore import ModelStore
+from flywheel.trainer import gate, state
+from flywheel.trainer.config import TrainerConfig
+from flywheel.trainer.loop import Trainer
+from flywheel.trainer.rollout import FALLBACK_PROMPTS, PoolPrompts, tiny_policy
+
+pytestmark = pytest.mark.timeout(120)
+TARGET = "help"
+
+
+class TargetReward:
+    """Synthetic reward: the fraction of response words that are the target word."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        self.calls += 1
+        return [sum(w == TARGET for w in r.split()) / max(1, len(r.split())) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def init_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_policy(tmp_path_factory.mktemp("tiny") / "init", seed=0)
+
+
+def make(tmp_path: Path, init_path: Path, announced: list | None = None, **kw) -> Trainer:
+    torch.set_num_threads(1)
+    opts = dict(
+        init_path=str(init_path),
+        batch_size=8,
+        max_new_tokens=10,
+        lr=2e-3,
+        prompt_source="pool",
+        missing_eos_penalty=None,
+        reward_norm="running",
+        gate_prompts=8,
+        checkpoint_every=1000,
+    )
+    opts.update(kw)
+    cfg = TrainerConfig(**opts)
+    sink = announced.append if announced is not None else None
+    t = Trainer(cfg, ModelStore(tmp_path / "store"), TargetReward(), PoolPrompts(FALLBACK_PROMPTS), announce=sink)
+    t.setup()
+    return t
+
+
+def test_reward_rises_while_kl_stays_in_budget(tmp_path: Path, init_path: Path) -> None:
+    t = make(tmp_path, init_path, kl_coef=0.2)
+    hist = [t.train_step() for _ in range(14)]
+    rewards, kls = [m["reward_mean"] for m in hist], [m["kl"] for m in hist]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.1, f"reward did not rise: {rewards}"
+    assert max(kls) < 6.0, f"KL left its budget: {kls}"
+    for key in ("entropy", "clip_frac", "approx_kl", "value_loss", "samples_per_second", "time_generate"):
+        assert key in hist[-1]
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_critic_free_algorithms_learn(tmp_path: Path, init_path: Path, algo: str) -> None:
+    t = make(tmp_path, init_path, algo=algo, batch_size=4, group_size=4, epochs=2, lr=3e-3)
+    before = [p.detach().clone() for p in t.policy.parameters()]
+    hist = [t.train_step() for _ in range(10)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.policy.parameters(), strict=True))
+    rewards = [m["reward_mean"] for m in hist]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+    assert "value_loss" not in hist[-1]  # no critic
+
+
+def _degenerate(t: Trainer, token: str = TARGET, steps: int = 40) -> None:
+    """Fine-tune the in-memory policy to answer every prompt with one token repeated (reward hacking)."""
+    opt = torch.optim.AdamW(t.policy.parameters(), lr=1e-2)
+    tid = t.tok.convert_tokens_to_ids(token)
+    ids = torch.cat([t.tok(FALLBACK_PROMPTS[0], return_tensors="pt")["input_ids"], torch.full((1, 12), tid)], 1)
+    for _ in range(steps):
+        loss = t.policy(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_gate_refuses_a_degenerate_checkpoint(tmp_path: Path, init_path: Path) -> None:
+    announced: list = []
+    t = make(tmp_path, init_path, announced, gate_kl_budget=1e9)
+    _degenerate(t)
+    report = gate.evaluate(t.policy, t.reference, t.tok, t.gate_prompts, t.reward, t.cfg)
+    assert report.repeat > 0.8 and report.reward_mean > 0.5  # the reward model loves it ...
+    m = t.checkpoint()
+    assert m.gate.startswith("failed:") and "degenerate" in m.gate, m.gate  # ... the gate does not
+    assert "reward" not in m.gate.split("failed:")[1].split(";")[0]  # it beat the serving reward
+    assert not m.promoted and announced == [] and t.serving_version == 0
+    assert t.store.get("policy", m.version).metrics["gate.repeat"] > 0.8  # kept, with its figures
+    # The same gate passes a healthy candidate that beats the serving version (so it can fail above).
+    ok = gate.GateReport(reward_mean=0.5, kl=1.0, mean_tokens=6, repeat=0.3, distinct2=0.9, eos_rate=1.0)
+    serving = gate.GateReport(reward_mean=0.1, kl=0.0, mean_tokens=6, repeat=0.3, distinct2=0.9, eos_rate=1.0)
+    assert gate.decide(ok, serving, t.cfg) == (True, "passed")
+    assert not gate.decide(serving, ok, t.cfg)[0]
+
+
+def test_passing_checkpoint_is_promoted_with_lineage(tmp_path: Path, init_path: Path) -> None:
+    announced: list = []
+    t = make(
+        tmp_path,
+        init_path,
+        announced,
+        gate_max_repeat=1.0,
+        gate_min_distinct2=0.0,
+        gate_kl_budget=1e9,
+        gate_max_tokens=100,
+    )
+    for _ in range(6):
+        t.train_step()
+    m = t.checkpoint()
+    assert m.gate == "passed", m.gate
+    assert m.promoted and t.serving_version == m.version and [u.version for u in announced] == [m.version]
+    assert announced[0].reason == "gate" and announced[0].files  # a pointer plus digests
+    assert m.parent == 0 and m.extra["lineage"] == [0] and m.extra["trainer_step"] == 6
+
+
+def test_control_errors_are_precise(tmp_path: Path, init_path: Path) -> None:
+    t = make(tmp_path, init_path, gate_margin=1e9)  # every checkpoint fails the gate
+    t.status = "training"
+    t.train_step()
+    m = t.checkpoint()
+    assert not m.promoted
+    with pytest.raises(errors.NotFound, match="version 42 is not in the model store"):
+        t.promote(42)
+    with pytest.raises(errors.FailedPrecondition, match="never promoted"):
+        t.rollback(m.version)
+    with pytest.raises(errors.FailedPrecondition, match="already the serving version"):
+        t.rollback(0)
+    t.pause("incident")
+    with pytest.raises(errors.FailedPrecondition, match="paused: Resume first"):
+        t.promote(m.version)
+    assert state.load_control(t.dir)["paused"] is True  # survives a restart
+    t.resume()
+    t.promote(m.version, "operator knows best")
+    assert t.serving_version == m.version and t.store.get("policy", m.version).promoted
+    t.rollback(0)
+    assert t.serving_version == 0 and t._reset_to == 0
+
+
+def test_second_trainer_waits_as_standby(tmp_path: Path) -> None:
+    d = state.trainer_dir(tmp_path, "policy")
+    a, b = state.ActiveLock(d), state.ActiveLock(d)
+    assert a.try_acquire() and not b.try_acquire()
+    stop = threading.Event()
+    got: list[bool] = []
+    th = threading.Thread(target=lambda: got.append(b.wait(stop, 0.05)))
+    th.start()
+    time.sleep(0.3)
+    assert got == []  # still waiting
+    a.release()
+    th.join(5)
+    assert got == [True] and b.held
+
+
+RUNNER = textwrap.dedent(
+    """
+    import hashlib, json, sys, threading, time, torch
+    from flywheel.core.modelstore import ModelStore
+    from flywheel.trainer.config import TrainerConfig
+    from flywheel.trainer.loop import Trainer
+    from flywheel.trainer.rollout import FALLBACK_PROMPTS, PoolPrompts
+    store, init, log_path, max_steps, sleep_s = sys.argv[1:6]
+
+    class Reward:
+        def score(self, prompts, responses):
+            return [sum(w == "help" for w in r.split()) / max(1, len(r.split())) for r in responses]
+
+    class Logged(Trainer):
+        def train_step(self):
+            before = self.prompts.cursor
+            m = super().train_step()
+            h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in self.policy.parameters())).hexdigest()
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": self.step, "cursor": before, "hash": h, "reward": m["reward_mean"]}) + "\\n")
+            time.sleep(float(sleep_s))
+            return m
+
+    cfg = TrainerConfig(init_path=init, batch_size=4, max_new_tokens=8, lr=2e-3, prompt_source="pool",
+                        checkpoint_every=2, max_steps=int(max_steps), torch_threads=1, gate_prompts=2,
+                        missing_eos_penalty=None, reward_norm="running", epochs=2)
+    t = Logged(cfg, ModelStore(store), Reward(), PoolPrompts(FALLBACK_PROMPTS))
+    t.run(threading.Event())
+    """
+)
+
+
+def _spawn(tmp_path: Path, store: Path, init: Path, log: Path, steps: int, sleep_s: float) -> subprocess.Popen:
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(script), str(store), str(init), str(log), str(steps), str(sleep_s)]
+    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
+
+
+def _lines(log: Path) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path: Path, init_path: Path) -> None:
+    steps = 6
+    ref_log, run_log = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
+    ref = _spawn(tmp_path, tmp_path / "ref_store", init_path, ref_log, steps, 0.0)  # uninterrupted
+    victim = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, 1.0)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not any(x["step"] == 3 for x in _lines(run_log)):
+        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)  # step 3 is done but not checkpointed (checkpoint_every=2)
+    victim.wait()
+    saved = state.load_state(state.trainer_dir(tmp_path / "store", "policy"))
+    assert saved["step"] == 2 and saved["offsets"] == {"pool": 8}
+    killed_at = len(_lines(run_log))
+
+    restart = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, 0.0)
+    assert restart.wait(90) == 0, restart.stderr.read().decode()[-2000:]
+    assert ref.wait(90) == 0, ref.stderr.read().decode()[-2000:]
+    want, after = _lines(ref_log), _lines(run_log)[killed_at:]
+    # The restart redoes exactly the uncommitted steps 3..6: same prompts, same weights after each.
+    assert [x["step"] for x in after] == [3, 4, 5, 6]
+    assert [(x["cursor"], x["hash"]) for x in after] == [(x["cursor"], x["hash"]) for x in want[2:]]
+    final = state.load_state(state.trainer_dir(tmp_path / "store", "policy"))
+    assert final["step"] == steps and final["offsets"] == {"pool": 4 * steps}
+    versions = [m.version for m in ModelStore(tmp_path / "store").list_versions("policy")]
+    assert versions == [0, 1, 2, 3]  # one version per checkpoint, none orphaned or repeated
