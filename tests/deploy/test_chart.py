@@ -53,6 +53,11 @@ def by_kind(objs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, 
     return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
 
 
+def workloads(objs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    """Deployments and StatefulSets (services with persistent state) by name."""
+    return by_kind(objs, "Deployment") | by_kind(objs, "StatefulSet")
+
+
 @pytest.mark.parametrize("values", VALUES)
 def test_lint_strict(values: str) -> None:
     out = run_helm("lint", "--strict", str(CHART), "-f", str(CHART / values))
@@ -91,7 +96,7 @@ def test_validator_catches_a_bad_object() -> None:
 
 @pytest.mark.parametrize("values", VALUES)
 def test_containers_have_resources_probes_and_run_as_non_root(values: str) -> None:
-    deployments = by_kind(render(values), "Deployment")
+    deployments = workloads(render(values))
     assert sorted(deployments) == [f"flywheel-{s}" for s in sorted(SERVICES)]
     for name, d in deployments.items():
         pod = d["spec"]["template"]["spec"]
@@ -117,7 +122,7 @@ def test_containers_have_resources_probes_and_run_as_non_root(values: str) -> No
     ("values", "gpu_services"), [("values.yaml", 3), ("values-gpu.yaml", 3), ("values-minimal.yaml", 0)]
 )
 def test_gpu_deployments_request_nvidia_gpus(values: str, gpu_services: int) -> None:
-    deployments = by_kind(render(values), "Deployment")
+    deployments = workloads(render(values))
     with_gpu = []
     for name, d in deployments.items():
         pod = d["spec"]["template"]["spec"]
@@ -159,7 +164,7 @@ def test_trainer_single_active_replica_lease() -> None:
     role = by_kind(objs, "Role")["flywheel-trainer-lease"]
     verbs = {v for r in role["rules"] if r["resources"] == ["leases"] for v in r["verbs"]}
     assert {"get", "create", "update"} <= verbs
-    others = [d for n, d in by_kind(objs, "Deployment").items() if n != "flywheel-trainer"]
+    others = [d for n, d in workloads(objs).items() if n != "flywheel-trainer"]
     assert all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in others)
 
 
@@ -208,6 +213,23 @@ def test_gpu_values_strimzi_topics_tls_and_servicemonitor() -> None:
         "interval": "30s",
         "scrapeTimeout": "10s",
     }
+
+
+def test_state_survives_the_pod_with_a_statefulset() -> None:
+    default = workloads(render("values.yaml"))
+    feedback = default["flywheel-feedback"]
+    assert feedback["kind"] == "Deployment"
+    env = {e["name"]: e.get("value") for e in feedback["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FLYWHEEL_FEEDBACK_STATE_DIR"] == "/var/lib/flywheel/feedback"
+    objs = render("values-gpu.yaml")
+    for name in ("flywheel-feedback", "flywheel-reward"):
+        sts = by_kind(objs, "StatefulSet")[name]
+        (claim,) = sts["spec"]["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "state" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        volumes = {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+        assert "state" not in volumes, "the claim template provides the state volume"
+    hpa = by_kind(objs, "HorizontalPodAutoscaler")["flywheel-feedback"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
 
 
 def test_helm_test_hook_checks_every_service() -> None:
