@@ -6,7 +6,9 @@ that broker:
                         (one ack awaited per event: what one Submit must do);
   * submit:             C concurrent gRPC Submit calls (grpc.aio client);
   * baseline_pipelined: bus.Producer.send of every event, then every ack awaited;
-  * submit_batch:       SubmitBatch of --batch items, --batch-concurrency calls in flight.
+  * submit_batch:       SubmitBatch of --batch items, --batch-concurrency calls in flight;
+  * grpc_ceiling:       the same Submit load on a ServiceServer whose servicer does nothing
+                        (what Python gRPC itself allows on this machine with this client).
 Every path uses acks=all and idempotence. It prints events/s and the ratios service/baseline,
 and checks that the topic holds every event the service acknowledged. Rate limits are off.
 Client and service share this machine's cores, so figures are a lower bound for the service.
@@ -136,6 +138,42 @@ async def submit_batch(port: int, reqs: list, batch: int, concurrency: int) -> t
         return len(reqs) / (time.perf_counter() - t0), ok
 
 
+def serve_null(port: int) -> None:
+    """A ServiceServer whose Feedback servicer answers at once: the gRPC ceiling."""
+    from flywheel.core.server import ServerConfig, ServiceServer
+
+    class Null(feedback_pb2_grpc.FeedbackServicer):
+        async def Submit(self, request: feedback_pb2.FeedbackRequest, context: object) -> feedback_pb2.FeedbackResponse:
+            return feedback_pb2.FeedbackResponse(feedback_id=request.feedback_id, status=1)
+
+    async def run() -> None:
+        server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=port, http_port=0), name="null")
+        server.add_servicer(feedback_pb2_grpc.add_FeedbackServicer_to_server, Null())
+        await server.start()
+        await server.wait()
+
+    asyncio.run(run())
+
+
+def grpc_ceiling(reqs: list, concurrency: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-null", str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "null server did not start"
+                time.sleep(0.2)
+        asyncio.run(submit(port, reqs[:200], 8))  # warm up, as for the service
+        return asyncio.run(submit(port, reqs, concurrency))[0]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def topic_size(bootstrap: str, topic: str) -> int:
     c = KafkaConsumer(bootstrap_servers=bootstrap)
     tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
@@ -151,7 +189,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64, help="concurrent Submit calls / send_sync threads")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--batch-concurrency", type=int, default=4)
+    ap.add_argument("--serve-null", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_null is not None:
+        serve_null(args.serve_null)
+        return
     run = uuid.uuid4().hex[:8]
     kafka = KafkaConfig(bootstrap=args.bootstrap)
     topics = TopicsConfig(feedback=f"bench{run}.flywheel.feedback")
@@ -195,10 +237,12 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    results["grpc_ceiling_per_s"] = grpc_ceiling(requests(f"{run}n", args.n), args.concurrency)
     on_topic = topic_size(args.bootstrap, topics.feedback)
     results = {k: round(v) for k, v in results.items()}
     results["submit_vs_send_sync"] = round(results["submit_per_s"] / results["baseline_sync_per_s"], 3)
     results["batch_vs_pipelined"] = round(results["submit_batch_per_s"] / results["baseline_pipelined_per_s"], 3)
+    results["submit_vs_grpc_ceiling"] = round(results["submit_per_s"] / results["grpc_ceiling_per_s"], 3)
     results.update(n=args.n, concurrency=args.concurrency, batch=args.batch, accepted=sub_ok + batch_ok)
     results["events_on_topic"] = on_topic
     print(json.dumps(results, indent=2))

@@ -129,12 +129,19 @@ def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
     return kind
 
 
+def _count(counter: Counter, label_sets: list[tuple[str, ...]]) -> None:
+    """Increment `counter` once per distinct label set (labels() costs microseconds per call)."""
+    for labels, n in collections.Counter(label_sets).items():
+        counter.labels(*labels).inc(n)
+
+
 def build_event(
-    req: feedback_pb2.FeedbackRequest, kind: str, claims: TokenClaims, scale: int
+    req: feedback_pb2.FeedbackRequest, kind: str, claims: TokenClaims, scale: int, now: Timestamp | None = None
 ) -> events_pb2.FeedbackEvent:
     """The FeedbackEvent for a validated request and its verified token."""
-    now = Timestamp()
-    now.GetCurrentTime()
+    if now is None:
+        now = Timestamp()
+        now.GetCurrentTime()
     return events_pb2.FeedbackEvent(
         feedback_id=req.feedback_id,
         interaction_id=req.interaction_id,
@@ -387,6 +394,9 @@ class FeedbackIntake:
             REJECTED.labels(reason(e)).inc(n)
             raise
         results: list[Any] = [None] * n
+        counts: list[tuple[str, str]] = []  # (kind, status) per acknowledged item, for the metric
+        now = Timestamp()
+        now.GetCurrentTime()
         items: list[_Item] = []
         first: dict[str, int] = {}  # feedback_id -> first index in this batch
         follows: list[tuple[int, int]] = []  # repeated id in this batch -> index of its first
@@ -408,10 +418,10 @@ class FeedbackIntake:
                 follows.append((i, first[req.feedback_id]))
                 continue
             first[req.feedback_id] = i
-            event = build_event(req, kind, claims, self.config.rating_scale)
+            event = build_event(req, kind, claims, self.config.rating_scale, now)
             items.append(_Item(i, req.feedback_id, kind, subject, event.SerializeToString()))
         if items:
-            await self._dedup_and_hand_off(items, results)
+            await self._dedup_and_hand_off(items, results, counts)
         for i, j in follows:
             prior = results[j]
             ok = isinstance(prior, feedback_pb2.FeedbackResponse)
@@ -419,13 +429,12 @@ class FeedbackIntake:
                 feedback_pb2.FeedbackResponse(feedback_id=reqs[i].feedback_id, status=DUPLICATE_S) if ok else prior
             )
             if ok:
-                ACCEPTED.labels(reqs[i].WhichOneof("value") or "unknown", "duplicate").inc()
-        for r in results:
-            if isinstance(r, errors.FlywheelError):
-                REJECTED.labels(reason(r)).inc()
+                counts.append((reqs[i].WhichOneof("value") or "unknown", "duplicate"))
+        _count(ACCEPTED, counts)
+        _count(REJECTED, [(reason(r),) for r in results if isinstance(r, errors.FlywheelError)])
         return results
 
-    async def _dedup_and_hand_off(self, items: list[_Item], results: list[Any]) -> None:
+    async def _dedup_and_hand_off(self, items: list[_Item], results: list[Any], counts: list[tuple[str, str]]) -> None:
         started = time.perf_counter()
         # One trip to the blocking pool per request: reserve the ids, queue the new events.
         direct = self.spool.depth() == 0
@@ -434,7 +443,7 @@ class FeedbackIntake:
         for it, mark in zip(items, marks, strict=True):
             if mark == "seen":
                 results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=DUPLICATE_S)
-                ACCEPTED.labels(it.kind, "duplicate").inc()
+                counts.append((it.kind, "duplicate"))
             elif mark == "busy":
                 results[it.index] = InFlight(
                     f"feedback_id {it.feedback_id!r} is being submitted by another request right now: "
@@ -458,7 +467,7 @@ class FeedbackIntake:
                 failed.append(it.feedback_id)
             else:
                 results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=outcome)
-                ACCEPTED.labels(it.kind, "accepted" if outcome == ACCEPTED_S else "spooled").inc()
+                counts.append((it.kind, "accepted" if outcome == ACCEPTED_S else "spooled"))
                 done.append(it.feedback_id)
         self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
         self.seen.release(failed)
