@@ -261,6 +261,11 @@ class Consumer:
         }
         try:
             self.consumer = KafkaConsumer(**opts)
+            # Know every topic's partitions before joining: a leader that assigns without them
+            # (a just-created topic) forces a second rebalance, and kafka-python 3.0.12 was seen
+            # to stall in that rejoin.
+            for topic in self.decoders:
+                self.consumer.partitions_for_topic(topic)
         except kerrors.KafkaError as e:
             raise errors.Unavailable(f"cannot reach Kafka at {kafka.bootstrap!r} for group {group!r}: {e}") from e
         self.consumer.subscribe(list(self.decoders))

@@ -53,12 +53,14 @@ def consume(kafka: KafkaConfig, group: str, decoders: dict, n: int, handler=None
     return got
 
 
-def committed(kafka: KafkaConfig, group: str, topic: str) -> int | None:
-    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+def committed(kafka: KafkaConfig, group: str, topic: str, reader: KafkaConsumer | None = None) -> int | None:
+    """The group's committed offset on partition 0, read without joining the group."""
+    c = reader or KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
     try:
         return c.committed(TopicPartition(topic, 0))
     finally:
-        c.close(autocommit=False)
+        if reader is None:
+            c.close(autocommit=False)
 
 
 def test_round_trip_of_every_event_type(kafka: KafkaConfig, topics_config: TopicsConfig) -> None:
@@ -137,16 +139,21 @@ def handle(r):
         f.write(r.value.interaction_id + "\\n")
     if r.value.interaction_id == "block":
         time.sleep(600)  # killed here: handled but never committed
+import logging
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 kafka = KafkaConfig(bootstrap=bootstrap, session_timeout_ms=2000)
 bus.Consumer(kafka, group, {topic: events_pb2.Interaction}, handle, dlq_topic=None).run(timeout_s=60)
 """
 
 
-def wait_for(cond, timeout_s: float, what: str) -> None:
+def wait_for(cond, timeout_s: float, what, poll_s: float = 0.05) -> None:
+    """Poll `cond` until true; on timeout fail with `what` (a callable is called for details)."""
     deadline = time.monotonic() + timeout_s
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, (
+            f"timed out after {timeout_s}s waiting for {what() if callable(what) else what}"
+        )
+        time.sleep(poll_s)
 
 
 def test_killed_consumer_redelivers_only_what_it_did_not_commit(
@@ -156,18 +163,25 @@ def test_killed_consumer_redelivers_only_what_it_did_not_commit(
     bus.ensure_topics(kafka, topics_config)
     producer = bus.Producer(kafka)
     producer.send_sync(topic, "a", events_pb2.Interaction(interaction_id="first"))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, kafka.bootstrap, topic, group, str(out)])
+    child_log = open(tmp_path / "child.log", "wb")  # noqa: SIM115
+    child = subprocess.Popen([sys.executable, "-c", CHILD, kafka.bootstrap, topic, group, str(out)], stderr=child_log)
+    reader = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+    lines = lambda: out.read_text().split() if out.exists() else []  # noqa: E731
+    state = lambda: (
+        f"handled={lines()} committed={committed(kafka, group, topic, reader)} child log:\n{(tmp_path / 'child.log').read_text()[-3000:]}"
+    )  # noqa: E731
     try:
-        lines = lambda: out.read_text().split() if out.exists() else []  # noqa: E731
         # "first" handled and committed: killed after its commit, it must not come back.
-        wait_for(lambda: lines() == ["first"] and committed(kafka, group, topic) == 1, 20, "first to be committed")
+        wait_for(lambda: lines() == ["first"] and committed(kafka, group, topic, reader) == 1, 30, state, 0.2)
         producer.send_sync(topic, "b", events_pb2.Interaction(interaction_id="block"))
-        wait_for(lambda: lines() == ["first", "block"], 20, "block to be handled")
+        wait_for(lambda: lines() == ["first", "block"], 30, state)
         os.kill(child.pid, signal.SIGKILL)  # inside the handler of "block", before its commit
         child.wait(10)
     finally:
         if child.poll() is None:
             child.kill()
+        child_log.close()
+        reader.close(autocommit=False)
     assert committed(kafka, group, topic) == 1
     producer.send_sync(topic, "c", events_pb2.Interaction(interaction_id="sentinel"))
     producer.close()
