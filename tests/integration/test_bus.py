@@ -166,10 +166,14 @@ def test_killed_consumer_redelivers_only_what_it_did_not_commit(
     child_log = open(tmp_path / "child.log", "wb")  # noqa: SIM115
     child = subprocess.Popen([sys.executable, "-c", CHILD, kafka.bootstrap, topic, group, str(out)], stderr=child_log)
     reader = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
-    lines = lambda: out.read_text().split() if out.exists() else []  # noqa: E731
-    state = lambda: (
-        f"handled={lines()} committed={committed(kafka, group, topic, reader)} child log:\n{(tmp_path / 'child.log').read_text()[-3000:]}"
-    )  # noqa: E731
+
+    def lines() -> list[str]:
+        return out.read_text().split() if out.exists() else []
+
+    def state() -> str:
+        log = (tmp_path / "child.log").read_text()[-3000:]
+        return f"handled={lines()} committed={committed(kafka, group, topic, reader)} child log:\n{log}"
+
     try:
         # "first" handled and committed: killed after its commit, it must not come back.
         wait_for(lambda: lines() == ["first"] and committed(kafka, group, topic, reader) == 1, 30, state, 0.2)
