@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+DASHBOARDS = ROOT / "deploy" / "grafana"
 INSTALL = "install Debian's package: apt-get install -y prometheus (scripts/test does)"
 
 
@@ -53,6 +55,29 @@ def test_promtool_check_rules() -> None:
         "FlywheelKLOverBudget",
         "FlywheelConsumerLag",
     } <= names
+
+
+def dashboard_queries() -> dict[str, list[tuple[str, str]]]:
+    """Every panel's PromQL per dashboard, with Grafana's variables resolved for a plain query."""
+    out = {}
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        dash = json.loads(path.read_text())
+        exprs = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+        subst = {"$__rate_interval": "1m", "$namespace": ".*", "$pod": ".*"}
+        for old, new in subst.items():
+            exprs = [(title, e.replace(old, new)) for title, e in exprs]
+        out[path.stem] = exprs
+    return out
+
+
+def test_a_dashboard_per_service() -> None:
+    assert set(dashboard_queries()) == {"policy", "feedback", "reward", "trainer"}
+    for path in DASHBOARDS.glob("*.json"):
+        dash = json.loads(path.read_text())
+        assert dash["uid"] == f"flywheel-{path.stem}"
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)) >= 8, path.name
+        assert all(0 <= p["gridPos"]["x"] and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in dash["panels"])
 
 
 def _alert(name: str, at: str, labels: dict[str, str] | None = None, summary: str = "") -> dict[str, Any]:
@@ -253,6 +278,18 @@ def test_real_prometheus_scrapes_a_running_service(service: dict[str, int], tmp_
             groups = json.load(r)["data"]["groups"]
         loaded = [rule for g in groups for rule in g["rules"]]
         assert len(loaded) >= 16 and all(rule["health"] != "err" for rule in loaded), loaded
+        # Every dashboard query parses and runs; the policy's gRPC panel shows the calls.
+        panel_expr = ""
+        for name, exprs in dashboard_queries().items():
+            for title, expr in exprs:
+                try:
+                    query(port, expr)
+                except urllib.error.HTTPError as e:
+                    pytest.fail(f"{name} dashboard, panel {title!r}: {e.read().decode()}")
+                if name == "policy" and title == "gRPC requests by method and code":
+                    panel_expr = expr
+        # rate() needs two scrapes inside its window.
+        wait_for(lambda: [r for r in query(port, panel_expr) if r["metric"].get("method") == "GetInfo"])
     finally:
         proc.terminate()
         proc.wait(20)
