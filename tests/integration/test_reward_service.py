@@ -1,0 +1,200 @@
+"""The reward service on a real Apache Kafka broker with real gRPC ports.
+
+Interactions and feedback go in on their topics; pairs must come out on flywheel.preferences,
+a trained version on flywheel.reward.updates, and a gRPC ScoreBatch must then report it. A
+restart picks up from the persisted dataset and publishes no pair twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kafka import KafkaConsumer
+
+from flywheel.core import bus
+from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.core.modelstore import ModelStoreConfig
+from flywheel.core.server import ServerConfig
+from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
+from flywheel.reward.model import build_tiny
+from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
+from flywheel.v1 import events_pb2 as ev
+from flywheel.v1 import reward_pb2, reward_pb2_grpc
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(150)]
+WORDS = "river stone green quick answer light table house blue seven market paper garden".split()
+
+
+def events(rng: random.Random, start: int, n: int) -> list[tuple[str, str, object]]:
+    """n GeneratePair interactions (A/B) and a preference for the side that says "please"."""
+    out = []
+    for i in range(start, start + n):
+        prompt = "tell me about " + " ".join(rng.choices(WORDS, k=2))
+        polite = " ".join(rng.choices(WORDS, k=4)) + " please"
+        plain = " ".join(rng.choices(WORDS, k=5))
+        a_polite = rng.random() < 0.5
+        pair = f"P{i}"
+        for side, text in (("A", polite if a_polite else plain), ("B", plain if a_polite else polite)):
+            it = ev.Interaction(
+                interaction_id=f"{pair}{side}",
+                pair_id=pair,
+                pair_side=side,
+                prompt=prompt,
+                response=text,
+                policy_version=1,
+            )
+            out.append(("interactions", it.interaction_id, it))
+        f = ev.FeedbackEvent(
+            feedback_id=f"f{i}",
+            pair_id=pair,
+            kind=ev.FEEDBACK_KIND_PREFERENCE,
+            preference=ev.PREFERENCE_A if a_polite else ev.PREFERENCE_B,
+        )
+        f.created_at.GetCurrentTime()
+        out.append(("feedback", pair, f))
+    return out
+
+
+def produce(kafka: KafkaConfig, topics: TopicsConfig, items) -> None:
+    with bus.Producer(kafka) as p:
+        for topic, key, msg in items:
+            p.send(getattr(topics, topic), key, msg)
+        p.flush(20)
+
+
+def read_all(kafka: KafkaConfig, topic: str, cls, want: int, timeout_s: float = 30.0) -> list:
+    """Every record of `topic` from the start, once at least `want` arrived (then 1 s more for extras)."""
+    c = KafkaConsumer(
+        topic, bootstrap_servers=kafka.bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    got, deadline, extra_until = [], time.monotonic() + timeout_s, None
+    try:
+        while time.monotonic() < deadline:
+            for recs in c.poll(timeout_ms=200).values():
+                got += [cls.FromString(r.value) for r in recs]
+            if len(got) >= want:
+                extra_until = extra_until or time.monotonic() + 1.0
+                if time.monotonic() >= extra_until:
+                    break
+    finally:
+        c.close()
+    return got
+
+
+async def wait_until(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def test_reward_service_end_to_end(kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path) -> None:
+    kafka = KafkaConfig(bootstrap=kafka_bootstrap, session_timeout_ms=3000, request_timeout_ms=10_000)
+    t = topics_config
+    tiny = build_tiny(tmp_path / "tiny")
+    cfg = RewardServiceConfig(
+        join=JoinConfig(state_dir=str(tmp_path / "state"), group=f"rw-{uuid.uuid4().hex[:6]}", heldout_percent=20),
+        model=RewardModelConfig(base_model=str(tiny), max_length=64, device="cpu"),
+        train=TrainConfig(
+            batch_size=16,
+            lr=3e-3,
+            min_pairs=8,
+            steps_per_new_pair=1.5,
+            max_steps_per_round=150,
+            publish_every_steps=1000,
+            poll_s=0.2,
+            binary_weight=0.0,
+        ),
+        score=ScoreConfig(max_batch_items=64, chunk_size=32),
+        kafka=kafka,
+        topics=t,
+        store=ModelStoreConfig(root=str(tmp_path / "store")),
+    )
+    rng = random.Random(0)
+    bus.ensure_topics(kafka, t)
+    first = events(rng, 0, 80)
+    produce(kafka, t, first)
+
+    async def run_service(phase: int, expected: int) -> dict:
+        service = RewardService(cfg)
+        server = build_server(service, ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=1))
+        await server.start(handle_signals=False)
+        try:
+            await service.setup(server)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+                health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                stub = reward_pb2_grpc.RewardStub(ch)
+                start_version = (await stub.GetInfo(reward_pb2.RewardInfoRequest())).reward_version
+                if phase == 2:
+                    produce(kafka, t, second + first[:9])  # new data plus redelivered old records
+                probe = [
+                    reward_pb2.ScoreRequest(prompt="tell me about river stone", response=r)
+                    for r in ("green table house blue please", "green table house blue seven")
+                ]
+
+                async def trained() -> bool:
+                    out = await stub.ScoreBatch(reward_pb2.ScoreBatchRequest(items=probe))
+                    info = await stub.GetInfo(reward_pb2.RewardInfoRequest())
+                    everything = service.dataset.count_pairs() == expected and info.pairs_trained == (
+                        service.dataset.count_pairs("train")
+                    )
+                    return out.reward_version > start_version and everything
+
+                await wait_until(trained, 60, f"a version newer than {start_version} trained on all {expected} pairs")
+                out = await stub.ScoreBatch(reward_pb2.ScoreBatchRequest(items=probe))
+                info = await stub.GetInfo(reward_pb2.RewardInfoRequest())
+                single = await stub.Score(probe[0])
+                for bad, why in (
+                    ([reward_pb2.ScoreRequest(prompt="", response="x")], "prompt is empty"),
+                    (probe * 33, "at most 64"),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.ScoreBatch(reward_pb2.ScoreBatchRequest(items=bad))
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details()
+                return {
+                    "out": out,
+                    "info": info,
+                    "single": single,
+                    "start": start_version,
+                    "pairs": service.dataset.count_pairs(),
+                    "train": service.dataset.count_pairs("train"),
+                }
+        finally:
+            await server.stop(grace=0)
+            service.stop()
+
+    # Phase 1: 80 preferences -> 80 pairs on flywheel.preferences -> a trained version -> ScoreBatch reports it.
+    r1 = asyncio.run(run_service(1, 80))
+    assert r1["start"] == 0 and r1["out"].reward_version >= 1 and r1["pairs"] == 80
+    assert r1["info"].pairs_trained == r1["train"] and r1["info"].training_steps > 0
+    assert r1["info"].heldout_accuracy >= 0.75 and r1["info"].pairs_heldout == 80 - r1["train"]
+    s_polite, s_plain = r1["out"].scores
+    assert s_polite > s_plain + 1.0  # learned: "please" wins by a wide margin
+    assert r1["single"].reward_version == r1["out"].reward_version
+    assert r1["single"].score == pytest.approx(s_polite, abs=1e-4)
+    pairs = read_all(kafka, t.preferences, ev.PreferencePair, 80)
+    assert len(pairs) == 80 and len({p.pair_id for p in pairs}) == 80
+    assert all(p.source == "preference" and "please" in p.chosen for p in pairs)
+    updates = read_all(kafka, t.reward_updates, ev.ModelUpdate, 1)
+    assert updates and updates[-1].model == "reward" and updates[-1].version == r1["out"].reward_version
+    assert updates[-1].metrics["heldout_accuracy"] == pytest.approx(r1["info"].heldout_accuracy)
+
+    # Phase 2: 20 more preferences while it is down, plus redelivered old ones; restart on the same state.
+    second = events(rng, 80, 20)
+    r2 = asyncio.run(run_service(2, 100))
+    assert r2["start"] == r1["out"].reward_version  # resumed from the published version
+    assert r2["pairs"] == 100 and r2["info"].pairs_trained == r2["train"]  # old pairs replayed, none twice
+    pairs = read_all(kafka, t.preferences, ev.PreferencePair, 100)
+    assert len(pairs) == 100 and len({p.pair_id for p in pairs}) == 100
+    updates = read_all(kafka, t.reward_updates, ev.ModelUpdate, 2)
+    v1 = r1["out"].reward_version
+    after = sorted((u.version, u.parent) for u in updates if u.version > v1)
+    assert after[0] == (v1 + 1, v1) and after[-1][0] == r2["out"].reward_version  # lineage goes on from v1
+    assert all(parent == version - 1 for version, parent in after)
