@@ -8,6 +8,7 @@ kubernetes-validate bundles (strict: unknown fields are errors; no network neede
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -304,3 +305,19 @@ def test_rendered_manifests_are_fresh() -> None:
     kinds = {d["kind"] for d in docs}
     assert "Secret" not in kinds and "Pod" not in kinds, "kubectl manifests carry no secrets and no test hook"
     assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
+
+
+def test_dockerfile_is_multi_stage_non_root_with_the_flywheel_entrypoint() -> None:
+    """No container engine here: check the Dockerfile's contract with the chart textually."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \$\{BASE_IMAGE\} AS (\w+)$", text, re.M)
+    assert stages == ["build", "runtime"]
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.1[12]-slim", text, re.M)
+    assert "ARG TORCH_INDEX_URL=" in text
+    runtime = text.split("AS runtime", 1)[1]
+    assert re.search(r"^USER 10001:10001$", runtime, re.M), "the chart's runAsUser"
+    assert 'ENTRYPOINT ["flywheel"]' in runtime and 'CMD ["serve", "policy"]' in runtime
+    for svc in ("policy", "feedback", "reward", "trainer"):
+        pod = workloads(render("values.yaml"))[f"flywheel-{svc}"]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["args"][:2] == ["serve", svc]
+        assert pod["securityContext"]["runAsUser"] == 10001
