@@ -186,6 +186,12 @@ def test_config_secret_and_model_store() -> None:
         assert {"FLYWHEEL_MODEL_STORE", "FLYWHEEL_HMAC_KEY", "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_API_KEYS"} <= names
 
 
+def test_env_values_override_the_configmap_defaults() -> None:
+    objs = render("values.yaml", "--set", "env.HF_HUB_OFFLINE=0", "--set", "env.FLYWHEEL_EXTRA=yes")
+    cm = by_kind(objs, "ConfigMap")["flywheel-config"]["data"]
+    assert (cm["HF_HUB_OFFLINE"], cm["FLYWHEEL_EXTRA"], cm["FLYWHEEL_DRAIN_S"]) == ("0", "yes", "5")
+
+
 def test_gpu_values_strimzi_topics_tls_and_servicemonitor() -> None:
     objs = render("values-gpu.yaml")
     topics = {o["spec"]["topicName"]: o for o in objs if o["kind"] == "KafkaTopic"}
