@@ -1,0 +1,328 @@
+"""The continuous-batching engine: exactness under batching, sampling, limits, cancellation, hot swap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flywheel.core import errors
+from flywheel.policy.config import EngineConfig
+from flywheel.policy.engine import Engine, GenerationRequest
+from flywheel.policy.kvbatch import LoadedModel
+from tests.unit.test_starter import tiny_starter
+
+PROMPTS = [
+    "how do I bake bread?",
+    "where is my order?",
+    "do you like coffee?",
+    "I forgot my password, what can I do?",
+    "hi",
+    "can you recommend some music? I like many kinds of songs, old and new, loud and quiet.",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def v0():
+    return str(tiny_starter())
+
+
+@pytest.fixture(scope="module")
+def v1(v0, tmp_path_factory):
+    """Version 1: version 0 with perturbed weights, so that greedy answers differ."""
+    out = tmp_path_factory.mktemp("v1")
+    model = AutoModelForCausalLM.from_pretrained(v0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(v0).save_pretrained(out)
+    return str(out)
+
+
+@contextlib.contextmanager
+def engine(path: str | None, version: int = 0, **kw):
+    e = Engine(EngineConfig(device="cpu", **kw))
+    e.start()
+    if path:
+        e.load_version(path, version)
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """Make every forward take >= 5 ms so that requests overlap deterministically."""
+    fwd = LoadedModel.forward
+
+    def slow_forward(self, *a, **k):
+        time.sleep(0.005)
+        return fwd(self, *a, **k)
+
+    monkeypatch.setattr(LoadedModel, "forward", slow_forward)
+
+
+def greedy(prompt: str, n: int = 24, **kw) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, temperature=0.0, max_new_tokens=n, ignore_eos=True, **kw)
+
+
+def ids(result) -> list[int]:
+    return [t.id for t in result.tokens]
+
+
+def test_batched_greedy_equals_single_with_requests_joining_mid_flight(v0):
+    with engine(v0, max_concurrent_sequences=4, max_tokens_per_step=60, max_input_tokens=56) as e:
+        alone = [asyncio.run(e.generate(greedy(p, 10 + 4 * i))) for i, p in enumerate(PROMPTS)]
+
+        async def staggered():
+            tasks = []
+            for i, p in enumerate(PROMPTS):
+                tasks.append(asyncio.create_task(e.generate(greedy(p, 10 + 4 * i))))
+                await asyncio.sleep(0.01 * (i % 3))
+            return await asyncio.gather(*tasks)
+
+        together = asyncio.run(staggered())
+    for a, b in zip(alone, together, strict=True):
+        assert ids(a) == ids(b) and a.text == b.text
+        assert b.finish_reason == "length" and b.generated_tokens == len(ids(b))
+    # And the engine agrees with transformers' own greedy generate.
+    tok = AutoTokenizer.from_pretrained(v0)
+    model = AutoModelForCausalLM.from_pretrained(v0)
+    enc = tok(PROMPTS[5], return_tensors="pt")
+    ref = model.generate(**enc, do_sample=False, max_new_tokens=30)[0, enc.input_ids.shape[1] :].tolist()
+    assert len(ref) >= 5 and ref == ids(alone[5])[: len(ref)]  # HF stops at EOS, ignore_eos goes on
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(v0):
+    def req(seed):
+        return GenerationRequest(prompt=PROMPTS[0], temperature=1.0, top_p=0.95, seed=seed, max_new_tokens=30)
+
+    with engine(v0) as e:
+        alone = asyncio.run(e.generate(req(42)))
+
+        async def crowd():
+            others = [GenerationRequest(prompt=p, temperature=1.3, top_k=5, max_new_tokens=20) for p in PROMPTS]
+            return await asyncio.gather(*[e.generate(r) for r in others[:3] + [req(42)] + others[3:]])
+
+        results = asyncio.run(crowd())
+        assert ids(results[3]) == ids(alone) and alone.seed == 42
+        different = {tuple(ids(asyncio.run(e.generate(req(s))))) for s in range(6)}
+        assert len(different) > 1
+
+
+def test_finish_reasons_length_eos_and_stop_sequence(v0):
+    with engine(v0) as e:
+        r = asyncio.run(e.generate(greedy(PROMPTS[0], 3)))
+        assert (r.finish_reason, r.generated_tokens) == ("length", 3)
+        full = asyncio.run(e.generate(GenerationRequest(prompt=PROMPTS[1], temperature=0.0, max_new_tokens=100)))
+        assert full.finish_reason == "eos_token"
+        assert full.tokens[-1].special and full.tokens[-1].id in e._current.eos_ids
+        assert "</s>" not in full.text
+        words = full.text.split()
+        stop = " " + words[2]
+        cut = asyncio.run(e.generate(GenerationRequest(prompt=PROMPTS[1], temperature=0.0, stop=["zzz", stop])))
+        assert cut.finish_reason == "stop_sequence"
+        assert cut.text == full.text[: full.text.index(stop)]
+
+        async def streamed():
+            chunks, final = [], None
+            async for ev in e.stream(GenerationRequest(prompt=PROMPTS[1], temperature=0.0, stop=[stop])):
+                chunks.append(ev.text)
+                final = ev.result or final
+            return "".join(chunks), final
+
+        text, final = asyncio.run(streamed())
+        assert text == cut.text == final.text and final.finish_reason == "stop_sequence"
+
+
+def test_chat_messages_use_the_chat_template(v0):
+    with engine(v0) as e:
+        a = asyncio.run(e.generate(greedy(PROMPTS[2], 8)))
+        b = asyncio.run(
+            e.generate(
+                GenerationRequest(
+                    messages=[{"role": "user", "content": PROMPTS[2]}], temperature=0, max_new_tokens=8, ignore_eos=True
+                )
+            )
+        )
+        assert ids(a) == ids(b) and a.prompt_tokens == b.prompt_tokens
+
+
+def test_logprobs_match_the_model_and_have_one_per_token(v0):
+    with engine(v0) as e:
+        r = asyncio.run(e.generate(greedy(PROMPTS[3], 12, logprobs=True)))
+        plain = asyncio.run(e.generate(greedy(PROMPTS[3], 12)))
+    assert len(r.tokens) == r.generated_tokens == 12
+    assert all(t.logprob is not None and t.logprob <= 0 for t in r.tokens)
+    assert all(t.logprob is None for t in plain.tokens)
+    tok = AutoTokenizer.from_pretrained(v0)
+    model = AutoModelForCausalLM.from_pretrained(v0)
+    prompt = tok(PROMPTS[3])["input_ids"]
+    seq = torch.tensor([prompt + ids(r)])
+    with torch.no_grad():
+        logp = model(seq).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+    expected = logp.gather(-1, torch.tensor(ids(r))[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor([t.logprob for t in r.tokens]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        (GenerationRequest(prompt=""), "prompt is empty"),
+        (GenerationRequest(prompt="   "), "prompt is empty"),
+        (GenerationRequest(), "prompt is empty"),
+        (GenerationRequest(messages=[]), "messages is empty"),
+        (GenerationRequest(messages=[{"role": "bot", "content": "x"}]), "messages[0] must have a role"),
+        (GenerationRequest(prompt="hi", messages=[{"role": "user", "content": "x"}]), "either prompt or messages"),
+        (GenerationRequest(prompt="hi " * 40), "over the limit of 32 input tokens: shorten it"),
+        (GenerationRequest(prompt="hi " * 12, max_new_tokens=245), "over the model's context of 256 tokens"),
+        (GenerationRequest(prompt="hi", temperature=-0.5), "temperature = -0.5: use a value >= 0"),
+        (GenerationRequest(prompt="hi", top_p=0.0), "top_p = 0.0: use a value in (0, 1]"),
+        (GenerationRequest(prompt="hi", top_p=1.5), "top_p = 1.5: use a value in (0, 1]"),
+        (GenerationRequest(prompt="hi", top_k=-1), "top_k = -1: use a value >= 0"),
+        (GenerationRequest(prompt="hi", repetition_penalty=0.0), "repetition_penalty = 0.0: use a value > 0"),
+        (GenerationRequest(prompt="hi", max_new_tokens=300), "max_new_tokens = 300 is over the limit of 250"),
+        (GenerationRequest(prompt="hi", max_new_tokens=0), "ask for at least 1 token"),
+        (GenerationRequest(prompt="hi", stop=[""]), "stop sequence ''"),
+        (GenerationRequest(prompt="hi", seed=-1), "seed = -1"),
+    ],
+)
+def test_bad_requests_get_precise_invalid_argument(v0, req, message):
+    with engine(v0, max_input_tokens=32, max_new_tokens_cap=250) as e:
+        with pytest.raises(errors.InvalidArgument) as info:
+            asyncio.run(e.generate(req))
+    assert message in info.value.message
+
+
+def test_not_loaded_is_unavailable():
+    with engine(None) as e:
+        with pytest.raises(errors.Unavailable, match="not loaded yet"):
+            asyncio.run(e.generate(GenerationRequest(prompt="hi")))
+        assert not e.info().ready
+
+
+def test_queue_full_is_resource_exhausted(v0, slow):
+    with engine(v0, max_concurrent_sequences=1, max_queue=2) as e:
+
+        async def flood():
+            long = [asyncio.create_task(e.generate(greedy(p, 60))) for p in PROMPTS[:3]]
+            await asyncio.sleep(0.05)  # one running, two waiting
+            with pytest.raises(errors.ResourceExhausted, match="queue is full"):
+                await e.generate(greedy(PROMPTS[3], 5))
+            assert e.info().waiting == 2 and e.info().running == 1
+            for t in long:
+                t.cancel()
+            await asyncio.gather(*long, return_exceptions=True)
+
+        asyncio.run(flood())
+
+
+def test_cancellation_frees_the_slot_at_once(v0, slow):
+    with engine(v0, max_concurrent_sequences=1) as e:
+
+        async def scenario():
+            hog = asyncio.create_task(e.generate(greedy(PROMPTS[0], 200)))
+            await asyncio.sleep(0.05)
+            waiting = asyncio.create_task(e.generate(greedy(PROMPTS[1], 5)))
+            await asyncio.sleep(0.05)
+            assert e.info().running == 1 and e.info().waiting == 1
+            hog.cancel()
+            t0 = time.perf_counter()
+            r = await waiting
+            assert r.generated_tokens == 5 and time.perf_counter() - t0 < 1.0
+            # A stream closed early frees its slot too.
+            async with contextlib.aclosing(e.stream(greedy(PROMPTS[2], 200))) as s:
+                async for _ in s:
+                    break
+            await asyncio.sleep(0.05)
+            assert e.info().running == 0 and e.info().waiting == 0
+
+        asyncio.run(scenario())
+
+
+async def _first_token_then_result(e: Engine, req: GenerationRequest, started: asyncio.Event):
+    async for ev in e.stream(req):
+        started.set()
+        if ev.result:
+            return ev.result
+
+
+def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, slow):
+    with engine(v1, 1) as ref:
+        new_alone = [asyncio.run(ref.generate(greedy(p, 40))) for p in PROMPTS[:3]]
+    with engine(v0) as e:
+        old_alone = [asyncio.run(e.generate(greedy(p, 40))) for p in PROMPTS[:3]]
+
+        async def scenario():
+            started = [asyncio.Event() for _ in range(3)]
+            inflight = [
+                asyncio.create_task(_first_token_then_result(e, greedy(p, 40), s))
+                for p, s in zip(PROMPTS[:3], started, strict=True)
+            ]
+            inflight.append(asyncio.create_task(e.generate(greedy(PROMPTS[0], 40))))
+            await asyncio.gather(*[s.wait() for s in started])
+            await asyncio.to_thread(e.load_version, v1, 1)
+            assert e.info().version == 1
+            assert [b.model.version for b in e._batches.values()] == [0]  # old copy alive for its sequences
+            fresh = await asyncio.gather(*[e.generate(greedy(p, 40)) for p in PROMPTS[:3]])
+            return await asyncio.gather(*inflight), fresh
+
+        old, fresh = asyncio.run(scenario())
+        assert [r.version for r in old] == [0, 0, 0, 0] and [r.version for r in fresh] == [1, 1, 1]
+        assert [ids(r) for r in old[:3]] == [ids(r) for r in old_alone]
+        assert ids(old[3]) == ids(old_alone[0])
+        assert [ids(r) for r in fresh] == [ids(r) for r in new_alone]
+        assert [ids(r) for r in fresh] != [ids(r) for r in old_alone]
+        assert [b.model.version for b in e._batches.values()] == []  # the old copy left with its last sequence
+        # Rollback is just another load; the same announcement twice is a no-op.
+        e.load_version(v0, 0)
+        e.load_version(v0, 0)
+        assert e.info().version == 0
+        assert asyncio.run(e.generate(greedy(PROMPTS[0], 40))).version == 0
+
+
+def test_hot_swap_reprefill_restarts_unseen_answers_on_the_new_weights(v0, v1, slow):
+    with engine(v1, 1) as ref:
+        new_alone = asyncio.run(ref.generate(greedy(PROMPTS[1], 40)))
+    with engine(v0, swap_policy="reprefill") as e:
+        old_alone = asyncio.run(e.generate(greedy(PROMPTS[2], 40)))
+
+        async def scenario():
+            started = asyncio.Event()
+            streamed = asyncio.create_task(_first_token_then_result(e, greedy(PROMPTS[2], 40), started))
+            plain = asyncio.create_task(e.generate(greedy(PROMPTS[1], 40)))
+            await started.wait()
+            await asyncio.to_thread(e.load_version, v1, 1)
+            return await plain, await streamed
+
+        plain, streamed = asyncio.run(scenario())
+    assert plain.version == 1 and ids(plain) == ids(new_alone)
+    assert streamed.version == 0 and ids(streamed) == ids(old_alone)  # its tokens were already sent
+
+
+def test_bad_checkpoint_is_refused_and_the_old_version_keeps_serving(v0, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(v0, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with engine(v0) as e:
+        for path in (str(tmp_path / "missing"), str(broken)):
+            with pytest.raises(errors.FailedPrecondition, match="still serving version 0"):
+                e.load_version(path, 7)
+            assert e.info().version == 0 and "version 7" in e.info().last_swap_error
+            assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 0
