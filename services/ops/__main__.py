@@ -18,11 +18,18 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-import grpc
+# grpc and the kubernetes client load inside the commands: `flywheel --help` stays instant.
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
-from flywheel.ops import k8s
+
+def default_namespace() -> str:
+    """The pod's own namespace inside a cluster, else FLYWHEEL_NAMESPACE, else 'flywheel'."""
+    if SERVICE_ACCOUNT_NAMESPACE.is_file():
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "flywheel"
+    return os.environ.get("FLYWHEEL_NAMESPACE", "flywheel")
 
 
 def fullname(release: str) -> str:
@@ -36,6 +43,8 @@ def _metadata(token: str | None) -> list[tuple[str, str]]:
 
 def policy_info(addr: str, timeout: float) -> dict[str, Any]:
     """Policy.GetInfo of one replica, or {'error': ...}."""
+    import grpc
+
     from flywheel.v1 import policy_pb2, policy_pb2_grpc
 
     try:
@@ -56,6 +65,8 @@ def policy_info(addr: str, timeout: float) -> dict[str, Any]:
 
 def trainer_call(addr: str, token: str | None, method: str, request: Any, timeout: float) -> Any:
     """One Trainer RPC with the admin token; raises grpc.RpcError."""
+    import grpc
+
     from flywheel.v1 import trainer_pb2_grpc
 
     with grpc.insecure_channel(addr) as channel:
@@ -82,6 +93,9 @@ def _trainer_addr(args: argparse.Namespace) -> str:
 
 def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """Everything `status` shows, and whether every part answered."""
+    import grpc
+
+    from flywheel.ops import k8s
     from flywheel.v1 import trainer_pb2
 
     ok = True
@@ -153,6 +167,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _announce(args: argparse.Namespace) -> int:
+    import grpc
+
     from flywheel.v1 import trainer_pb2
 
     if not args.token:
@@ -174,9 +190,10 @@ def _announce(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(prog: str = "flywheel ops") -> argparse.ArgumentParser:
+def add_parser(sub: Any, name: str = "ops") -> argparse.ArgumentParser:
+    """Add `ops` with its actions to a subparsers object (the `flywheel` CLI calls this)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-n", "--namespace", default=k8s.current_namespace("flywheel"), help="namespace of the release")
+    common.add_argument("-n", "--namespace", default=default_namespace(), help="namespace of the release")
     common.add_argument("--release", default="flywheel", help="Helm release name (default flywheel)")
     common.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     common.add_argument("--context", default=None, help="kubeconfig context")
@@ -191,20 +208,27 @@ def build_parser(prog: str = "flywheel ops") -> argparse.ArgumentParser:
     )
     common.add_argument("--timeout", type=float, default=5.0, help="seconds per RPC (default 5)")
 
-    p = argparse.ArgumentParser(prog=prog, description="Operate a Flywheel release on Kubernetes.")
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    st = sub.add_parser("status", parents=[common], help="pods, served policy versions, trainer step and lag")
+    p = sub.add_parser(name, help="operate a Kubernetes deployment: status, promote, rollback", description=__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    st = actions.add_parser("status", parents=[common], help="pods, served policy versions, trainer step and lag")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(run=_status)
     for action, about in (
         ("promote", "announce a version to the policy replicas, bypassing the gate"),
         ("rollback", "announce an earlier promoted version again"),
     ):
-        a = sub.add_parser(action, parents=[common], help=about)
+        a = actions.add_parser(action, parents=[common], help=about)
         a.add_argument("version", type=int, help="model-store version")
         a.add_argument("--reason", default="", help="why (recorded in the trainer's log)")
         a.set_defaults(run=_announce)
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m flywheel.ops`: the same command as `flywheel ops`."""
+    root = argparse.ArgumentParser(prog="flywheel")
+    return add_parser(root.add_subparsers(dest="command", required=True), "ops")
 
 
 def main(argv: list[str] | None = None) -> int:

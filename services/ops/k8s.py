@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 from kubernetes import client, config
-
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def api_client(host: str | None = None, kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
@@ -31,13 +28,6 @@ def api_client(host: str | None = None, kubeconfig: str | None = None, context: 
     cfg = client.Configuration()
     config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     return client.ApiClient(cfg)
-
-
-def current_namespace(default: str = "default") -> str:
-    """The pod's own namespace in a cluster, else `default`."""
-    if SERVICE_ACCOUNT_NAMESPACE.is_file():
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or default
-    return default
 
 
 @dataclasses.dataclass

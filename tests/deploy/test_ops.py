@@ -418,3 +418,17 @@ def test_promote_and_rollback_carry_the_admin_token(
     assert ops.main(["promote", "8", *addr, "--token", ""]) == 2
     assert "FLYWHEEL_ADMIN_TOKEN" in capsys.readouterr().err
     assert len(trainer.calls) == 2
+
+
+def test_add_parser_plugs_into_the_flywheel_cli(grpc_stubs: tuple[FakeTrainer, int]) -> None:
+    """services/cli.py registers `ops` with add_parser(sub); the parsed args carry `run`."""
+    import argparse
+
+    trainer, port = grpc_stubs
+    root = argparse.ArgumentParser(prog="flywheel")
+    ops.add_parser(root.add_subparsers(dest="command", required=True))
+    args = root.parse_args(["ops", "promote", "5", "--trainer-addr", f"127.0.0.1:{port}", "--token", TOKEN])
+    assert args.run(args) == 0 and trainer.calls == [("Promote", 5, "")]
+    with pytest.raises(SystemExit) as exc:
+        root.parse_args(["ops", "status", "--help"])
+    assert exc.value.code == 0
