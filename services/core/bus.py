@@ -37,7 +37,9 @@ from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-PRODUCED = Counter("flywheel_bus_produced", "Records acknowledged by Kafka (acks=all).", ["topic"])
+PRODUCED = Counter(
+    "flywheel_bus_produced", "Records sent (minus produce_errors: acknowledged with acks=all).", ["topic"]
+)
 PRODUCE_ERRORS = Counter("flywheel_bus_produce_errors", "Records Kafka did not acknowledge.", ["topic"])
 CONSUMED = Counter(
     "flywheel_bus_consumed", "Records whose handler returned (offset then committed).", ["topic", "group"]
@@ -153,7 +155,7 @@ class Producer:
         ok, failed = self._metrics.get(topic) or self._metrics.setdefault(
             topic, (PRODUCED.labels(topic).inc, PRODUCE_ERRORS.labels(topic).inc)
         )
-        fut.add_callback(lambda _md: ok())
+        ok()  # counted at send: a success callback per record cost ~15% of produce throughput
         fut.add_errback(lambda _e: failed())
         return fut
 
