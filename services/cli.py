@@ -25,6 +25,20 @@ def _not_built(what: str, issue: int) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Hand over to the service's own entry point, `python -m flywheel.<service>`."""
+    import importlib
+
+    issue = {"policy": 3, "feedback": 4, "reward": 4, "trainer": 5}[args.service]
+    try:
+        entry = importlib.import_module(f"flywheel.{args.service}.__main__")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("flywheel."):
+            return _not_built(f"serve {args.service}", issue)(args)
+        raise
+    return entry.main(["--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)])
+
+
 def _broker(args: argparse.Namespace) -> int:
     from flywheel.core import brokers
 
@@ -90,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = serve_sub.add_parser(name, help=about)
         s.add_argument("--grpc-port", type=int, default=grpc_port, help=f"gRPC port (default {grpc_port})")
         s.add_argument("--http-port", type=int, default=http_port, help=f"HTTP port (default {http_port})")
-        issue = {"policy": 3, "feedback": 4, "reward": 4, "trainer": 5}[name]
-        s.set_defaults(run=_not_built(f"serve {name}", issue))
+        s.set_defaults(run=_serve)
 
     broker = sub.add_parser("broker", help="run a local Kafka-compatible broker in the foreground")
     broker.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
@@ -122,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmarks under bench/ (each prints a ratio to its baseline)")
     bench.set_defaults(run=_not_built("bench", 5))
 
-    ops = sub.add_parser("ops", help="operate a Kubernetes deployment: status, promote, rollback")
-    ops.set_defaults(run=_not_built("ops", 7))
+    from flywheel.ops.__main__ import add_parser as add_ops_parser
+
+    add_ops_parser(sub)
     return p
 
 

@@ -23,7 +23,7 @@ def test_serve_help_has_ports_for_each_service():
         assert r.returncode == 0 and "--grpc-port" in r.stdout and "--http-port" in r.stdout and str(port) in r.stdout
 
 
-@pytest.mark.parametrize("args", [["up"], ["demo", "--minutes", "1"], ["ops"], ["models", "init"]])
+@pytest.mark.parametrize("args", [["up"], ["demo", "--minutes", "1"], ["models", "init"]])
 def test_unbuilt_commands_say_so_and_fail(args):
     r = flywheel(*args)
     assert r.returncode == 2
