@@ -72,6 +72,7 @@ def ours(model_dir: Path, algo: str, a: argparse.Namespace, epochs: int) -> dict
         "score_s": statistics.mean(m["time_score"] for m in steps),
         "update_s": statistics.mean(m["time_update"] for m in steps),
         "reward_last": steps[-1]["reward_mean"],
+        "mean_tokens": statistics.mean(m["response_tokens"] for m in steps),
     }
 
 
@@ -109,7 +110,7 @@ def trl_run(model_dir: Path, kind: str, a: argparse.Namespace) -> dict[str, floa
         adam_epsilon=1e-5,
         beta=a.beta,
         max_steps=a.steps + 1,
-        logging_steps=1000,
+        logging_steps=1,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -139,7 +140,8 @@ def trl_run(model_dir: Path, kind: str, a: argparse.Namespace) -> dict[str, floa
         with contextlib.redirect_stdout(io.StringIO()):  # TRL prints its own summary dict
             trainer.train()
     times = timer.times[1:]  # first step is warm-up
-    return {"samples_per_s": n * len(times) / sum(times), "step_s": statistics.mean(times)}
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"samples_per_s": n * len(times) / sum(times), "step_s": statistics.mean(times), "mean_tokens": lengths[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(a.rounds):
         for name, fn in runs:
             r = fn()
-            print(f"round {rnd + 1} {name:22s} {r['samples_per_s']:8.1f} samples/s", flush=True)
+            print(
+                f"round {rnd + 1} {name:22s} {r['samples_per_s']:8.1f} samples/s, {r['mean_tokens']:.1f} tokens",
+                flush=True,
+            )
             if name not in res or r["samples_per_s"] > res[name]["samples_per_s"]:
                 res[name] = r
     print(
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             if "generate_s" in r
             else f"{'(step ' + format(r['step_s'], '.3f') + ' s)':>30s}"
         )
-        print(f"{name:22s} {r['samples_per_s']:10.1f} {ratio:>12s} {phases}")
+        print(f"{name:22s} {r['samples_per_s']:10.1f} {ratio:>12s} {r['mean_tokens']:7.1f} {phases}")
     if "trl_rloo" in res:
         print(
             f"\nFlywheel RLOO vs TRL RLOO: {res['flywheel_rloo']['samples_per_s'] / res['trl_rloo']['samples_per_s']:.2f}x"
