@@ -225,11 +225,20 @@ class Trainer:
 
         # 3. Log-probs under the rollout policy and the frozen reference, values; per-token KL.
         use_critic = cfg.algo == "ppo"
+        head = self.value_head if use_critic else None
+        B = len(batch)
+        mb_size = cfg.minibatch_size or B
+        # One epoch over one minibatch is on-policy: the rollout log-probs and values are the
+        # update's own, detached (TRL does the same with num_iterations=1); one forward saved.
+        single_pass = cfg.epochs == 1 and mb_size == B
         with torch.no_grad():
-            batch.logprobs, batch.values, _ = forward(
-                self.policy, batch, cfg.temperature, self.value_head if use_critic else None
-            )
             batch.ref_logprobs, _, _ = forward(self.reference, batch, cfg.temperature)
+            if not single_pass:
+                batch.logprobs, batch.values, _ = forward(self.policy, batch, cfg.temperature, head)
+        if single_pass:
+            live = forward(self.policy, batch, cfg.temperature, head, with_entropy=True)  # with grad
+            batch.logprobs = live[0].detach()
+            batch.values = live[1].detach() if use_critic else None
         mask = batch.response_mask  # (B, T)
         kl = ppo.kl_per_token(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         seq_kl = kl.sum(1)  # (B,)
@@ -247,8 +256,6 @@ class Trainer:
             advantages = ppo.whiten(advantages, mask)  # Huang et al. 2024: whitened advantages
 
         # 5. Update: `epochs` passes of clipped PPO over shuffled minibatches (Schulman et al. 2017).
-        B = len(batch)
-        mb_size = cfg.minibatch_size or B
         demos = self.prompts.demonstrations() if cfg.ptx_coef > 0 else []
         stats: dict[str, list[float]] = {
             "pg_loss": [],
@@ -260,9 +267,10 @@ class Trainer:
         for _ in range(cfg.epochs):
             for idx in torch.randperm(B).split(mb_size):
                 mb, mb_mask = batch.index(idx), mask[idx]
-                logprobs, values, entropy = forward(
-                    self.policy, mb, cfg.temperature, self.value_head if use_critic else None, with_entropy=True
-                )
+                if single_pass:
+                    logprobs, values, entropy = (x[idx] if x is not None else None for x in live)
+                else:
+                    logprobs, values, entropy = forward(self.policy, mb, cfg.temperature, head, with_entropy=True)
                 pg, st = ppo.policy_loss(logprobs, mb.logprobs, advantages[idx], mb_mask, cfg.clip_policy)
                 loss = pg
                 if use_critic:

@@ -76,7 +76,8 @@ def test_reward_rises_while_kl_stays_in_budget(tmp_path: Path, init_path: Path) 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 def test_critic_free_algorithms_learn(tmp_path: Path, init_path: Path, algo: str) -> None:
-    t = make(tmp_path, init_path, algo=algo, batch_size=4, group_size=4, epochs=2, lr=3e-3)
+    # grpo with 1 epoch takes the single-pass path (old log-probs = the update's own, detached)
+    t = make(tmp_path, init_path, algo=algo, batch_size=4, group_size=4, epochs=2 if algo == "rloo" else 1, lr=3e-3)
     before = [p.detach().clone() for p in t.policy.parameters()]
     hist = [t.train_step() for _ in range(10)]
     assert any(not torch.equal(a, b) for a, b in zip(before, t.policy.parameters(), strict=True))
@@ -221,7 +222,7 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path: Path, init_path: Path) -
     steps = 6
     ref_log, run_log = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
     ref = _spawn(tmp_path, tmp_path / "ref_store", init_path, ref_log, steps, 0.0)  # uninterrupted
-    victim = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, 1.0)
+    victim = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, 0.5)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not any(x["step"] == 3 for x in _lines(run_log)):
         assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
