@@ -102,6 +102,74 @@ def mask_after_eos(
     return ids, mask, has_eos
 
 
+def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, q_len, K) for the last q_len of K positions: causal and no padded keys.
+
+    Passing it ready-made skips transformers' per-call mask builder, which dominates the time of
+    a small model's decoding step. A padded query row may see itself only (no all -inf rows).
+    """
+    B, K = key_mask.shape
+    q_pos = torch.arange(K - q_len, K, device=key_mask.device)  # (q,)
+    k_pos = torch.arange(K, device=key_mask.device)  # (K,)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask.bool()[:, None, :]  # (B, q, K)
+    allowed |= (k_pos[None, :] == q_pos[:, None])[None]
+    mask = torch.zeros(B, 1, q_len, K, dtype=dtype, device=key_mask.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Temperature sampling with a KV cache, (B, P) -> (B, T); rows that ended are padded.
+
+    Pure temperature sampling (no top-k/top-p), which is the distribution PPO's log-probs
+    describe. Draws from torch's global RNG, so a restored RNG state replays a rollout.
+    """
+    from transformers import DynamicCache
+
+    dtype = next(model.parameters()).dtype
+    B = query_ids.shape[0]
+    key_mask = query_mask.bool()  # (B, K) grows by one per step
+    pos = (query_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+    cache = DynamicCache()
+    out = model(
+        input_ids=query_ids,
+        attention_mask=attention_mask_4d(key_mask, query_ids.shape[1], dtype),
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=query_ids.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+        nxt = torch.multinomial(probs, 1).squeeze(1)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        done |= nxt == eos_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], 1)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=attention_mask_4d(key_mask, 1, dtype),
+            position_ids=next_pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -111,21 +179,11 @@ def generate(
     temperature: float,
     max_prompt_tokens: int = 256,
     generator_seed: int | None = None,
+    use_hf_generate: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt (pure temperature sampling: no top-k/top-p, as PPO assumes)."""
+    """Sample one response per prompt; `use_hf_generate` takes transformers' generate() instead of `sample`."""
     device = next(model.parameters()).device
     query_ids, query_mask = encode_prompts(tok, prompts, max_prompt_tokens, device)
-    gen_cfg = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
     state = None
     if generator_seed is not None:  # the gate: same samples for every version, RNG left untouched
         state = torch.random.get_rng_state()
@@ -133,12 +191,25 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
+        if use_hf_generate:
+            gen_cfg = GenerationConfig(
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id,
+            )
+            out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
+            raw = out[:, query_ids.shape[1] :]
+        else:
+            raw = sample(model, query_ids, query_mask, max_new_tokens, temperature, tok.eos_token_id, tok.pad_token_id)
     finally:
         model.train(was_training)
         if state is not None:
             torch.random.set_rng_state(state)
-    raw = out[:, query_ids.shape[1] :]  # (B, T<=max_new_tokens)
     if raw.shape[1] < max_new_tokens:  # every sequence stopped early: pad to a fixed T
         fill = torch.full((raw.shape[0], max_new_tokens - raw.shape[1]), tok.pad_token_id, device=device)
         raw = torch.cat([raw, fill], 1)
@@ -165,7 +236,8 @@ def forward(
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions follow the mask
     P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state  # (B, P+T, H)
+    mask4 = attention_mask_4d(attn, ids.shape[1], next(model.parameters()).dtype)  # (B, 1, P+T, P+T)
+    hidden = backbone(input_ids=ids, attention_mask=mask4, position_ids=pos).last_hidden_state  # (B, P+T, H)
     hidden = hidden[:, P - 1 : P - 1 + T]  # (B, T, H)
     logits = model.get_output_embeddings()(hidden).float() / temperature  # (B, T, V)
     logprobs = logprobs_from_logits(logits, batch.response_ids)

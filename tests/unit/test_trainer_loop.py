@@ -63,6 +63,31 @@ def make(tmp_path: Path, init_path: Path, announced: list | None = None, **kw) -
     return t
 
 
+def test_sampler_matches_hf_generate_and_forward_matches_hf_masking(init_path: Path) -> None:
+    """Our KV-cache sampler draws exactly what transformers' generate() draws with the same seed,
+    and forward()'s ready-made 4D mask gives the log-probs of HF's own left-padding path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.trainer.rollout import forward, generate
+
+    model, tok = AutoModelForCausalLM.from_pretrained(init_path), AutoTokenizer.from_pretrained(init_path)
+    prompts = [FALLBACK_PROMPTS[i % 8] for i in range(12)]  # prompts of different lengths: left padding
+    torch.manual_seed(3)
+    ours = generate(model, tok, prompts, 12, 0.7, 96)
+    torch.manual_seed(3)
+    theirs = generate(model, tok, prompts, 12, 0.7, 96, use_hf_generate=True)
+    assert torch.equal(ours.response_ids, theirs.response_ids) and ours.responses == theirs.responses
+    assert ours.response_mask.sum() > 12  # not all empty
+    lp, _, _ = forward(model, ours, 0.7)
+    ids = torch.cat([ours.query_ids, ours.response_ids], 1)
+    attn = torch.cat([ours.query_mask, ours.response_mask.long()], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+    P = ours.query_ids.shape[1]
+    want = torch.log_softmax(logits[:, P - 1 : -1].float() / 0.7, -1).gather(2, ours.response_ids[..., None])[..., 0]
+    assert torch.allclose(lp * ours.response_mask, want * ours.response_mask, atol=1e-5)
+
+
 def test_reward_rises_while_kl_stays_in_budget(tmp_path: Path, init_path: Path) -> None:
     t = make(tmp_path, init_path, kl_coef=0.2)
     hist = [t.train_step() for _ in range(14)]
