@@ -17,7 +17,6 @@ blocking the event loop.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import threading
@@ -31,13 +30,19 @@ from prometheus_client import Counter, Gauge, Histogram
 from flywheel.core import errors
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
-from flywheel.policy.sampling import SamplingParams, select_next
+from flywheel.policy.requests import (
+    ROLES,
+    EngineInfo,
+    GenerationRequest,
+    Result,
+    Token,
+    TokenEvent,
+    validate_sampling,
+)
+from flywheel.policy.sampling import select_next
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 256
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -62,78 +67,6 @@ class _Metrics:
 
 
 METRICS = _Metrics()
-
-
-@dataclasses.dataclass
-class GenerationRequest:
-    """One generation: exactly one of `prompt` or `messages` (a chat), plus sampling fields."""
-
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_new_tokens: int | None = None  # None: EngineConfig.default_max_new_tokens
-    temperature: float = 1.0  # 0 = greedy unless do_sample
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None  # None: a random seed, reported in the result
-    stop: list[str] = dataclasses.field(default_factory=list)
-    do_sample: bool = False
-    logprobs: bool = False
-    ignore_eos: bool = False  # keep going past EOS (benchmarks; vLLM's ignore_eos)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.do_sample)
-
-
-@dataclasses.dataclass
-class Token:
-    id: int
-    text: str
-    logprob: float | None  # set when the request asked for logprobs
-    special: bool
-
-
-@dataclasses.dataclass
-class Result:
-    """A finished answer. `version` produced every one of its tokens."""
-
-    text: str
-    finish_reason: str  # "eos_token", "length" or "stop_sequence"
-    prompt_tokens: int
-    generated_tokens: int
-    tokens: list[Token]
-    version: int
-    model: str
-    seed: int
-    queue_time_s: float
-    time_to_first_token_s: float
-    total_time_s: float
-
-
-@dataclasses.dataclass
-class TokenEvent:
-    """One streamed token and the text it adds; the last event also carries the result."""
-
-    token: Token | None
-    text: str
-    result: Result | None = None
-
-
-@dataclasses.dataclass
-class EngineInfo:
-    model: str
-    version: int | None
-    device: str
-    dtype: str
-    max_context_tokens: int
-    max_input_tokens: int
-    max_new_tokens: int
-    max_concurrent_sequences: int
-    max_queue: int
-    running: int
-    waiting: int
-    ready: bool
-    last_swap_error: str
 
 
 class Sequence:
@@ -179,6 +112,7 @@ class Engine:
         self._swap_applied = threading.Event()
         self._current: LoadedModel | None = None  # read anywhere, replaced only by the scheduler
         self._batches: dict[int, Batch] = {}  # id(LoadedModel) -> running batch; scheduler-owned
+        self._admitted: list[Sequence] = []  # admitted this step, not yet in a batch; scheduler-owned
         self._running = 0
         self._swap_lock = threading.Lock()
         self._last_swap_error = ""
@@ -217,7 +151,7 @@ class Engine:
             dtype=str(cur.dtype).removeprefix("torch.") if cur else c.dtype,
             max_context_tokens=cur.context if cur else 0,
             max_input_tokens=min(c.max_input_tokens, cur.context - 1) if cur else c.max_input_tokens,
-            max_new_tokens=c.max_new_tokens_cap,
+            max_new_tokens=min(c.max_new_tokens_cap, cur.context - 1) if cur else c.max_new_tokens_cap,
             max_concurrent_sequences=c.max_concurrent_sequences,
             max_queue=c.max_queue,
             running=self._running,
@@ -255,9 +189,9 @@ class Engine:
             with self._cv:
                 self._pending_swap = loaded
                 self._cv.notify_all()
-            if not (self._thread and self._thread.is_alive()):
-                self._apply_swap()  # not started yet: nothing is running, switch here
-            self._swap_applied.wait()
+            while not self._swap_applied.wait(0.05):
+                if not (self._thread and self._thread.is_alive()):
+                    self._apply_swap()  # no scheduler (not started or stopped): nothing runs, switch here
             METRICS.swaps.labels("ok").inc()
             METRICS.swap_seconds.observe(time.perf_counter() - t0)
             METRICS.version.set(version)
@@ -347,7 +281,7 @@ class Engine:
             loaded = self._current
             if loaded is None or not self.ready:
                 raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
-            max_new = self._validate_params(req)
+            max_new = validate_sampling(req, self.config.default_max_new_tokens, self.config.max_new_tokens_cap)
             ids = self._tokenize(req, loaded)
             self._check_length(len(ids), max_new, loaded)
             seq = Sequence(req, ids, loaded, max_new, stream)
@@ -364,31 +298,6 @@ class Engine:
         except errors.FlywheelError as e:
             METRICS.requests.labels(f"rejected_{e.error_type}").inc()
             raise
-
-    def _validate_params(self, req: GenerationRequest) -> int:
-        bad = errors.InvalidArgument
-        cap = self.config.max_new_tokens_cap
-        max_new = self.config.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
-        if max_new < 1:
-            raise bad(f"max_new_tokens = {max_new}: ask for at least 1 token")
-        if max_new > cap:
-            raise bad(f"max_new_tokens = {max_new} is over the limit of {cap}: ask for at most {cap}")
-        if not req.temperature >= 0:
-            raise bad(f"temperature = {req.temperature}: use a value >= 0 (0 = greedy)")
-        if not 0 < req.top_p <= 1:
-            raise bad(f"top_p = {req.top_p}: use a value in (0, 1] (1 = off)")
-        if req.top_k < 0:
-            raise bad(f"top_k = {req.top_k}: use a value >= 0 (0 = off)")
-        if not req.repetition_penalty > 0:
-            raise bad(f"repetition_penalty = {req.repetition_penalty}: use a value > 0 (1 = off)")
-        if req.seed is not None and not 0 <= req.seed < 2**64:
-            raise bad(f"seed = {req.seed}: use an integer from 0 to 2**64-1")
-        if len(req.stop) > MAX_STOP_SEQUENCES:
-            raise bad(f"{len(req.stop)} stop sequences: send at most {MAX_STOP_SEQUENCES}")
-        for s in req.stop:
-            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
-                raise bad(f"stop sequence {s!r}: each must be a non-empty string of at most {MAX_STOP_CHARS} chars")
-        return max_new
 
     def _tokenize(self, req: GenerationRequest, loaded: LoadedModel) -> list[int]:
         bad = errors.InvalidArgument
@@ -436,21 +345,26 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - the thread must survive anything a batch does
-                log.exception("engine step failed; failing its sequences")
-                self._fail_all(errors.FlywheelError(f"generation failed: {type(e).__name__}: {e}"))
-        self._fail_all(errors.Unavailable("the policy engine is shutting down: retry on another replica"))
+                log.exception("engine step failed; failing the running sequences")
+                self._fail(errors.FlywheelError(f"generation failed: {type(e).__name__}: {e}"), waiting=False)
+        self._fail(errors.Unavailable("the policy engine is shutting down: retry on another replica"), waiting=True)
 
-    def _fail_all(self, err: errors.FlywheelError) -> None:
+    def _fail(self, err: errors.FlywheelError, waiting: bool) -> None:
+        """Fail the running sequences (a step raised, e.g. out of memory) and, on shutdown, the waiting ones."""
         with self._cv:
-            victims = list(self._waiting) + [s for b in self._batches.values() for s in b.seqs]
-            self._waiting.clear()
+            running = [s for b in self._batches.values() for s in b.seqs] + self._admitted
+            victims = [s for s in dict.fromkeys(running) if not s.done]
+            self._admitted = []
+            if waiting:
+                victims += list(self._waiting)
+                self._waiting.clear()
             self._batches.clear()
             self._running = 0
+            METRICS.queue_depth.set(len(self._waiting))
         for s in victims:
             s.done = True
             s.emit(err)
             METRICS.requests.labels("error").inc()
-        METRICS.queue_depth.set(0)
         METRICS.running.set(0)
 
     def _step(self) -> None:
@@ -464,7 +378,7 @@ class Engine:
                         METRICS.requests.labels("cancelled").inc()
                 batch.filter([s for s in batch.seqs if not s.cancelled])
         self._drop_empty_batches()
-        admitted = self._admit()
+        admitted = self._admitted = self._admit()  # held here until merged, so a failure can fail them
         new_batch = None
         if admitted:
             new_batch = Batch.prefill(self._current, admitted)
@@ -477,6 +391,7 @@ class Engine:
                 self._batches[key].merge(new_batch)
             else:
                 self._batches[key] = new_batch
+        self._admitted = []
         for batch in self._batches.values():
             if any(s.done for s in batch.seqs):
                 batch.filter([s for s in batch.seqs if not s.done])
@@ -508,6 +423,7 @@ class Engine:
                 slots -= 1
                 admitted.append(seq)
             METRICS.queue_depth.set(len(self._waiting))
+        self._running += len(admitted)
         now = time.perf_counter()
         for seq in admitted:
             seq.model, seq.t_admit = cur, now
@@ -566,6 +482,7 @@ class Engine:
         seq.tokens.append(token)
         if seq.finish_reason is not None:
             seq.done = True
+            self._running -= 1  # info() is exact as soon as the caller has its result
             result = self._result(seq, m)
             seq.emit(TokenEvent(token, seq.text[seq.emitted :], result))
             METRICS.requests.labels(seq.finish_reason).inc()

@@ -326,3 +326,37 @@ def test_bad_checkpoint_is_refused_and_the_old_version_keeps_serving(v0, tmp_pat
                 e.load_version(path, 7)
             assert e.info().version == 0 and "version 7" in e.info().last_swap_error
             assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 0
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_keeps_serving(v0, monkeypatch):
+    with engine(v0) as e:
+        fwd = LoadedModel.forward
+
+        def broken(self, *a, **k):
+            monkeypatch.setattr(LoadedModel, "forward", fwd)  # fail once
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(LoadedModel, "forward", broken)
+        with pytest.raises(errors.FlywheelError, match="out of memory"):
+            asyncio.run(e.generate(greedy(PROMPTS[0], 5)))
+        assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).generated_tokens == 5
+        info = e.info()
+        assert (info.version, info.running, info.waiting, info.ready) == (0, 0, 0, True)
+        assert info.max_context_tokens == 256 and info.max_new_tokens == 255
+
+
+def test_stop_fails_waiting_requests_with_unavailable(v0, slow):
+    e = Engine(EngineConfig(device="cpu", max_concurrent_sequences=1))
+    e.start()
+    e.load_version(v0, 0)
+
+    async def scenario():
+        tasks = [asyncio.create_task(e.generate(greedy(p, 100))) for p in PROMPTS[:3]]
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(e.stop)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, errors.Unavailable) for o in outcomes)
+    with pytest.raises(errors.Unavailable):
+        asyncio.run(e.generate(greedy(PROMPTS[0], 5)))
