@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.threads} threads, {a.steps} timed steps, best of {a.rounds} rounds, torch {torch.__version__}"
     )
     print(
-        f"{'system':22s} {'samples/s':>10s} {'vs TRL GRPO':>12s} {'generate s':>11s} {'score s':>8s} {'update s':>9s}"
+        f"{'system':22s} {'samples/s':>10s} {'vs TRL GRPO':>12s} {'tokens':>7s} {'generate s':>11s} {'score s':>8s} {'update s':>9s}"
     )
     base = res.get("trl_grpo", {}).get("samples_per_s")
     for name, r in res.items():
