@@ -111,6 +111,27 @@ def test_critic_free_algorithms_learn(tmp_path: Path, init_path: Path, algo: str
     assert "value_loss" not in hist[-1]  # no critic
 
 
+def test_ppo_ptx_learns_users_demonstrations(tmp_path: Path, init_path: Path) -> None:
+    from flywheel.trainer.loop import sft_loss
+
+    demo = [("where is my order?", "your order is here today thanks")]
+
+    class DemoPool(PoolPrompts):
+        def demonstrations(self) -> list[tuple[str, str]]:
+            return demo
+
+    def run(ptx: float) -> float:
+        t = make(tmp_path / str(ptx), init_path, ptx_coef=ptx, epochs=1)
+        t.prompts = DemoPool(FALLBACK_PROMPTS)
+        torch.manual_seed(0)
+        for _ in range(5):
+            t.train_step()
+        with torch.no_grad():
+            return float(sft_loss(t.policy, t.tok, demo, t.device))
+
+    assert run(1.0) < run(0.0) - 0.5  # the supervised term pulls the policy toward the demonstration
+
+
 def _degenerate(t: Trainer, token: str = TARGET, steps: int = 40) -> None:
     """Fine-tune the in-memory policy to answer every prompt with one token repeated (reward hacking)."""
     opt = torch.optim.AdamW(t.policy.parameters(), lr=1e-2)
