@@ -42,9 +42,22 @@ class LoadedModel:
     special_ids: frozenset[int]
     pad_id: int
     logits_to_keep: bool
+    mask_4d: bool = False  # decode steps pass a ready 4D mask (checked equal to the 2D path at load)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a one-token decode step, from the 2D padding mask (B, L).
+
+        transformers rebuilds a 4D mask from a 2D one at every forward (vmap over the batch),
+        which costs more than the whole forward of a small model; a one-token query needs no
+        causal part, so an additive (B, 1, 1, L) mask is the same thing, built in one op.
+        """
+        if not self.mask_4d:
+            return mask
+        neg = torch.finfo(self.dtype).min
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(mask == 0, neg)[:, None, None]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
@@ -109,7 +122,30 @@ def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
     out = loaded.forward(probe, torch.ones_like(probe), torch.zeros_like(probe), DynamicCache())
     if not torch.isfinite(out.logits).all():
         raise ValueError("the model produces non-finite logits")
+    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+    loaded.mask_4d = not sliding and _same_with_4d_mask(loaded)
     return loaded
+
+
+def _same_with_4d_mask(m: LoadedModel) -> bool:
+    """Whether a decode step with `decode_mask`'s 4D mask gives the 2D path's logits on this model."""
+    ids = torch.tensor([[m.pad_id, m.pad_id, 5, 6], [3, 4, 5, 6]], device=m.device) % len(m.tokenizer)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=m.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = torch.tensor([[7], [7]], device=m.device)
+    full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    logits = []
+    for use_4d in (False, True):
+        try:
+            cache = m.forward(ids, mask, pos, DynamicCache()).past_key_values
+            m.mask_4d = use_4d
+            logits.append(m.forward(step, m.decode_mask(full), full.sum(-1, keepdim=True) - 1, cache).logits.float())
+        except Exception:  # noqa: BLE001 - a model that rejects 4D masks uses the 2D path
+            return False
+        finally:
+            m.mask_4d = False
+    tol = 1e-4 if m.dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(logits[0], logits[1], atol=tol, rtol=tol))
 
 
 class Batch:
@@ -143,7 +179,7 @@ class Batch:
         ones = torch.ones((len(self.seqs), 1), dtype=self.mask.dtype, device=self.mask.device)
         pos = self.mask.sum(-1, keepdim=True)  # real tokens so far = position of the new one
         mask = torch.cat([self.mask, ones], dim=1)
-        out = self.model.forward(self.next_ids[:, None], mask, pos, self.cache)
+        out = self.model.forward(self.next_ids[:, None], self.model.decode_mask(mask), pos, self.cache)
         self.cache, self.mask = out.past_key_values, mask
         return out.logits[:, -1, :]
 

@@ -360,3 +360,23 @@ def test_stop_fails_waiting_requests_with_unavailable(v0, slow):
     assert all(isinstance(o, errors.Unavailable) for o in outcomes)
     with pytest.raises(errors.Unavailable):
         asyncio.run(e.generate(greedy(PROMPTS[0], 5)))
+
+
+def test_another_architecture_gpt2_batches_exactly(v0, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(v0)
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128, eos_token_id=tok.eos_token_id
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with engine(str(tmp_path)) as e:
+        assert e.info().max_context_tokens == 128
+        alone = [asyncio.run(e.generate(greedy(p, 12))) for p in PROMPTS]
+
+        async def together():
+            return await asyncio.gather(*[e.generate(greedy(p, 12)) for p in PROMPTS])
+
+        assert [ids(r) for r in asyncio.run(together())] == [ids(r) for r in alone]
