@@ -188,7 +188,6 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
         "FLYWHEEL_TRAINER_BATCH_SIZE": "4",
         "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "6",
         "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "2",
-        "FLYWHEEL_TRAINER_MAX_STEPS": "2",
         "FLYWHEEL_TRAINER_GATE_PROMPTS": "2",
         "FLYWHEEL_TRAINER_GATE_MARGIN": "-10",
         "FLYWHEEL_TRAINER_GATE_KL_BUDGET": "1e9",
@@ -198,24 +197,41 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
         "FLYWHEEL_TRAINER_TORCH_THREADS": "1",
     }
     cmd = [sys.executable, "-m", "flywheel.trainer", "--grpc-port", str(gport), "--http-port", str(hport)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def run_until(steps: int, serving: int) -> None:
+        """Start the service, wait until it reports `steps` and `serving`, then stop it with SIGTERM."""
+        proc = subprocess.Popen(
+            cmd,
+            env={**env, "FLYWHEEL_TRAINER_MAX_STEPS": str(steps)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{gport}") as ch:
+                stub = trainer_pb2_grpc.TrainerStub(ch)
+                md = (("authorization", f"Bearer {ADMIN}"),)
+                deadline, st = time.monotonic() + 90, None
+                while time.monotonic() < deadline:
+                    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                    try:
+                        st = stub.GetStatus(trainer_pb2.GetStatusRequest(), metadata=md, timeout=5)
+                        if st.step >= steps and st.serving_version >= serving:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    time.sleep(0.5)
+                assert st is not None and st.step == steps and st.serving_version == serving, st
+                assert st.consumer_lag == 0
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{gport}") as ch:
-            stub = trainer_pb2_grpc.TrainerStub(ch)
-            md = (("authorization", f"Bearer {ADMIN}"),)
-            deadline, st = time.monotonic() + 90, None
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-                try:
-                    st = stub.GetStatus(trainer_pb2.GetStatusRequest(), metadata=md, timeout=5)
-                    if st.serving_version >= 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-            assert st is not None and st.step == 2 and st.serving_version == 1, st
-            assert st.consumer_lag == 0
-        assert fake.prompts.count(live) >= 3  # live traffic first, then the pool
+        run_until(2, 1)
+        assert fake.prompts.count(live) == 3  # live traffic first (each record once), then the pool
         c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
         tp = TopicPartition(t.policy_updates, 0)
         c.assign([tp])
@@ -225,10 +241,14 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
         upd = events_pb2.ModelUpdate.FromString(got[0].value)
         assert (upd.model, upd.version, upd.parent, upd.reason) == ("policy", 1, 0, "gate")
         assert ModelStore(tmp_path / "store").from_update(upd).is_dir()  # the pointer verifies
+
+        # Restart: it resumes from its checkpoint's offsets: new traffic is read, old is not re-read.
+        later = "hello yes thanks"
+        with bus.Producer(kafka) as p:
+            for i in range(2):
+                p.send_sync(t.interactions, f"j{i}", events_pb2.Interaction(interaction_id=f"j{i}", prompt=later))
+        fake.prompts.clear()
+        run_until(4, 2)
+        assert fake.prompts.count(later) == 2 and fake.prompts.count(live) == 0, fake.prompts
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         rserver.stop(0)
