@@ -468,19 +468,24 @@ class Engine:
         seq.generated.append(tok)
         if seq.params.repetition_penalty != 1.0:
             seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=seq.seen.device)])
-        special = tok in m.special_ids
+        # Decoding the text every step is only needed to stream it or to look for stop strings;
+        # otherwise it happens once at the end (it was a quarter of a small model's step time).
+        live_text = seq.stream or bool(seq.req.stop)
         if tok in m.eos_ids and not seq.req.ignore_eos:
             seq.finish_reason = "eos_token"
         else:
-            seq.text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            cut = _find_stop(seq.text, seq.req.stop, seq.emitted)
-            if cut is not None:
-                seq.text, seq.finish_reason = seq.text[:cut], "stop_sequence"
-            elif len(seq.generated) >= seq.max_new_tokens:
+            if live_text:
+                seq.text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
+                cut = _find_stop(seq.text, seq.req.stop, seq.emitted)
+                if cut is not None:
+                    seq.text, seq.finish_reason = seq.text[:cut], "stop_sequence"
+            if seq.finish_reason is None and len(seq.generated) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
-        token = Token(tok, m.tokenizer.decode([tok]), lp if seq.req.logprobs else None, special)
+        token = Token(tok, m.token_text(tok), lp if seq.req.logprobs else None, tok in m.special_ids)
         seq.tokens.append(token)
         if seq.finish_reason is not None:
+            if not live_text:
+                seq.text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
             seq.done = True
             self._running -= 1  # info() is exact as soon as the caller has its result
             result = self._result(seq, m)

@@ -43,6 +43,14 @@ class LoadedModel:
     pad_id: int
     logits_to_keep: bool
     mask_4d: bool = False  # decode steps pass a ready 4D mask (checked equal to the 2D path at load)
+    _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (cached: the same id always decodes the same way alone)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])

@@ -106,12 +106,14 @@ def build_starter(
     hidden: int = 64,
     layers: int = 2,
     progress: bool = True,
-    threads: int | None = None,
+    threads: int | None = 1,
 ) -> Path:
     """Train the starter policy and `save_pretrained` model + tokenizer into out_dir. Returns out_dir.
 
-    About 150K parameters; the defaults take about 40 s on one free CPU core. `threads` sets
-    torch's intra-op threads for the build only (1 is fastest on a busy machine).
+    About 130K parameters; the defaults took 15-70 s on this 2-core machine (idle to busy).
+    `threads` sets torch's intra-op threads for the build only (None: leave torch's setting).
+    One thread is the default because a model this small gains little from a second one, and
+    on a busy machine two threads were measured 4x (training) to 100x (generate) slower.
     """
     saved_threads = torch.get_num_threads()
     if threads:
