@@ -288,5 +288,6 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path: Path, init_path: Path) -
     assert [(x["cursor"], x["hash"]) for x in after] == [(x["cursor"], x["hash"]) for x in want[2:]]
     final = state.load_state(state.trainer_dir(tmp_path / "store", "policy"))
     assert final["step"] == steps and final["offsets"] == {"pool": 4 * steps}
+    assert float(final["optimizer"]["state"][0]["step"]) == steps * 2  # AdamW continued: 2 epochs per step
     versions = [m.version for m in ModelStore(tmp_path / "store").list_versions("policy")]
     assert versions == [0, 1, 2, 3]  # one version per checkpoint, none orphaned or repeated
