@@ -249,7 +249,8 @@ class Engine:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Tokens as they come; the last event has `.result`. Closing the iterator (or cancelling
-        the task that iterates) frees the slot; use `contextlib.aclosing` for prompt release."""
+        the task that iterates) frees the slot; use `contextlib.aclosing` for prompt release.
+        Being an async generator, bad input raises at the first `__anext__`, before any event."""
         seq = self._submit(req, stream=True)
         try:
             while True:
@@ -279,8 +280,10 @@ class Engine:
     def _submit(self, req: GenerationRequest, stream: bool) -> Sequence:
         try:
             loaded = self._current
-            if loaded is None or not self.ready:
+            if loaded is None:
                 raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
+            if not self.ready:
+                raise errors.Unavailable("the policy engine is not running: retry on another replica")
             max_new = validate_sampling(req, self.config.default_max_new_tokens, self.config.max_new_tokens_cap)
             ids = self._tokenize(req, loaded)
             self._check_length(len(ids), max_new, loaded)
