@@ -70,11 +70,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel")
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def _tail(path: Path, lines: int = 30) -> str:
+    """The log's first error lines, then its last lines: a broker that fails logs the cause
+    early and then a long, uninformative shutdown sequence."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    errors = [line for line in text[:-lines] if " ERROR " in line or " FATAL " in line or "Exception" in line][:10]
+    head = ["first errors:", *errors, "...", "last lines:"] if errors else []
+    return "\n".join(head + text[-lines:])
 
 
 def wait_until_ready(bootstrap: str, timeout_s: float, proc_alive=lambda: True, log: Path | None = None) -> None:
