@@ -1,0 +1,138 @@
+"""gRPC `flywheel.v1.Policy`: a thin servicer over PolicyService (TGI's servicer rule).
+
+It converts protobuf to GenerationRequest and Served back to protobuf, nothing more; every
+rule lives in the engine (limits, sampling ranges) or the service (ids, tokens, deadlines).
+Errors travel as FlywheelError and the server's interceptor turns them into status codes.
+The caller's gRPC deadline becomes the request's deadline; a cancelled call (or a client that
+went away mid-stream) cancels the engine call, which frees the sequence's slot at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from flywheel.core import errors
+from flywheel.core.server import ServerConfig, ServiceServer
+from flywheel.policy.requests import GenerationRequest, Token
+from flywheel.policy.service import PolicyService, Served
+from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
+
+def request_from_proto(msg: policy_pb2.GenerateRequest) -> GenerationRequest:
+    """Zero (unset) proto fields take the engine's defaults; temperature 0 is greedy unless do_sample."""
+    p = msg.params
+    messages = [{"role": m.role, "content": m.content} for m in msg.messages] or None
+    if messages is not None and msg.prompt:
+        raise errors.InvalidArgument("set either prompt or messages, not both")
+    return GenerationRequest(
+        prompt=None if messages is not None else msg.prompt,
+        messages=messages,
+        max_new_tokens=p.max_new_tokens or None,
+        temperature=p.temperature,
+        top_p=p.top_p or 1.0,
+        top_k=p.top_k,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=list(p.stop),
+        do_sample=p.do_sample,
+        logprobs=p.logprobs,
+    )
+
+
+def token_proto(t: Token | None) -> common_pb2.Token | None:
+    if t is None:
+        return None
+    return common_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special)
+
+
+def response_proto(s: Served, with_tokens: bool) -> policy_pb2.GenerateResponse:
+    r = s.result
+    return policy_pb2.GenerateResponse(
+        text=r.text,
+        interaction_id=s.interaction_id,
+        policy_version=r.version,
+        feedback_token=s.feedback_token,
+        finish_reason=r.finish_reason,
+        prompt_tokens=r.prompt_tokens,
+        generated_tokens=r.generated_tokens,
+        tokens=[token_proto(t) for t in r.tokens] if with_tokens else [],
+    )
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else max(0.0, left)
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    def __init__(self, service: PolicyService) -> None:
+        self.service = service
+
+    def _user(self, msg: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
+        caller = self.service.auth.caller(context.invocation_metadata())
+        return msg.user_id or (caller.who if caller.who != "anonymous" else "anonymous")
+
+    async def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        user = self._user(request, context)
+        served = await self.service.generate(request_from_proto(request), user, _deadline(context))
+        return response_proto(served, request.params.logprobs)
+
+    async def GenerateStream(
+        self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
+        user = self._user(request, context)
+        req = request_from_proto(request)
+        async for ev, served in self.service.stream(req, user, _deadline(context)):
+            out = policy_pb2.GenerateStreamResponse(token=token_proto(ev.token), text=ev.text)
+            if served is not None:
+                out.final.CopyFrom(response_proto(served, False))
+            yield out
+
+    async def GeneratePair(self, request: policy_pb2.GeneratePairRequest, context: grpc.aio.ServicerContext) -> Any:
+        if request.candidate_version < 0:
+            raise errors.InvalidArgument(
+                f"candidate_version = {request.candidate_version}: use a model-store version, or 0 for the serving one"
+            )
+        user = self._user(request.request, context)
+        req = request_from_proto(request.request)
+        pair = await self.service.pair(req, user, request.candidate_version, _deadline(context))
+        logprobs = request.request.params.logprobs
+        return policy_pb2.GeneratePairResponse(
+            pair_id=pair.pair_id,
+            a=response_proto(pair.a, logprobs),
+            b=response_proto(pair.b, logprobs),
+            feedback_token=pair.feedback_token,
+        )
+
+    async def GetInfo(self, request: policy_pb2.GetInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        i = self.service.info()
+        if i["version"] is None:
+            raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
+        return policy_pb2.PolicyInfo(
+            model=i["model"],
+            policy_version=i["version"],
+            device=i["device"],
+            dtype=i["dtype"],
+            max_context_tokens=i["max_context_tokens"],
+            max_input_tokens=i["max_input_tokens"],
+            max_new_tokens=i["max_new_tokens"],
+            max_concurrent_sequences=i["max_concurrent_sequences"],
+            max_queue=i["max_queue"],
+            running_sequences=i["running"],
+            waiting_requests=i["waiting"],
+            spooled_interactions=i["spooled_interactions"],
+            last_swap_error=i["last_swap_error"],
+        )
+
+
+def build_server(service: PolicyService, server_config: ServerConfig) -> ServiceServer:
+    """The policy ServiceServer: gRPC Policy plus the TGI and OpenAI HTTP routes (not started)."""
+    from flywheel.policy.http import add_routes
+
+    server = ServiceServer(server_config, name="policy")
+    server.add_servicer(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(service))
+    add_routes(server.http_app, service)
+    return server

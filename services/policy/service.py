@@ -1,0 +1,416 @@
+"""The policy service's parts and what every answer gets on its way out.
+
+Front ends (server.py: gRPC; http.py: TGI and OpenAI routes) turn the wire format into a
+`GenerationRequest` and call `PolicyService.generate`, `.stream` or `.pair`. This module gives
+each answer its interaction_id, feedback_token (TokenSigner over interaction_id, version and
+user) and the one version that produced it, enforces the deadline (a cancelled engine call
+frees its slot), and hands the Interaction to the publisher (fire-and-forget). It also owns
+start-up: the starter policy (version 0) is built if missing, the version named by the last
+announcement on flywheel.policy.updates is loaded, and the hot-swap consumer starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from flywheel.core import bus, errors
+from flywheel.core.auth import AuthConfig, Authenticator
+from flywheel.core.config import KafkaConfig, TopicsConfig, load_section, require, setting
+from flywheel.core.modelstore import ModelStore, ModelStoreConfig
+from flywheel.core.server import ServiceServer, run_blocking
+from flywheel.policy.config import EngineConfig
+from flywheel.policy.engine import METRICS, Engine
+from flywheel.policy.interactions import InteractionPublisher
+from flywheel.policy.requests import GenerationRequest, Result, TokenEvent
+from flywheel.policy.swap import Swapper
+from flywheel.v1 import common_pb2, events_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    """Service-level settings of the policy (the engine has its own EngineConfig)."""
+
+    model_name: str = setting(
+        "policy", "Model name in the model store and in Interaction.model.", env="FLYWHEEL_POLICY_MODEL_NAME"
+    )
+    pair_candidate_version: int = setting(
+        0,
+        "GeneratePair answers side B with this model-store version (0: two samples of the serving version); "
+        "a request's candidate_version overrides it.",
+        env="FLYWHEEL_POLICY_PAIR_CANDIDATE",
+    )
+    request_timeout_s: float = setting(
+        120.0, "Longest a request may take when the caller sets no deadline.", env="FLYWHEEL_POLICY_REQUEST_TIMEOUT_S"
+    )
+    max_prompt_chars: int = setting(
+        65_536, "Longest prompt in characters, checked before tokenizing.", env="FLYWHEEL_POLICY_MAX_PROMPT_CHARS"
+    )
+    state_dir: str = setting(
+        ".flywheel/policy", "Directory of the interactions spool.", env="FLYWHEEL_POLICY_STATE_DIR"
+    )
+    spool_max_records: int = setting(
+        100_000, "Interactions the spool keeps while Kafka is away.", env="FLYWHEEL_POLICY_SPOOL_MAX_RECORDS"
+    )
+    spool_max_mb: int = setting(256, "Spool capacity in MiB.", env="FLYWHEEL_POLICY_SPOOL_MAX_MB")
+    publish_queue: int = setting(
+        10_000, "Interactions waiting in memory for the publisher thread.", env="FLYWHEEL_POLICY_PUBLISH_QUEUE"
+    )
+    send_timeout_s: float = setting(
+        5.0,
+        "Wait this long for Kafka's ack before an interaction goes to the spool.",
+        env="FLYWHEEL_POLICY_SEND_TIMEOUT_S",
+    )
+    updates_group: str = setting(
+        "flywheel-policy", "Prefix of the update consumer's group (one group per replica).", env="FLYWHEEL_POLICY_GROUP"
+    )
+    starter_steps: int = setting(600, "Training steps of the starter policy when it must be built.")
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        require(self.pair_candidate_version >= 0, n, "pair_candidate_version", self.pair_candidate_version, "use >= 0")
+        require(self.request_timeout_s > 0, n, "request_timeout_s", self.request_timeout_s, "use a positive time")
+        for name in ("max_prompt_chars", "spool_max_records", "spool_max_mb", "publish_queue", "starter_steps"):
+            require(getattr(self, name) >= 1, n, name, getattr(self, name), "use 1 or more")
+
+
+@dataclasses.dataclass
+class PolicyServiceConfig:
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    topics: TopicsConfig = dataclasses.field(default_factory=TopicsConfig)
+    store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+
+    @classmethod
+    def from_env(cls, path: str | None = None) -> PolicyServiceConfig:
+        """Defaults < YAML sections (policy_engine, policy, kafka, topics, model_store, auth) < env."""
+        return cls(
+            engine=load_section(EngineConfig, "policy_engine", path),
+            policy=load_section(PolicyConfig, "policy", path),
+            kafka=load_section(KafkaConfig, "kafka", path),
+            topics=load_section(TopicsConfig, "topics", path),
+            store=load_section(ModelStoreConfig, "model_store", path),
+            auth=load_section(AuthConfig, "auth", path),
+        )
+
+
+@dataclasses.dataclass
+class Served:
+    """A finished answer with what the caller needs to give feedback on it."""
+
+    result: Result
+    interaction_id: str
+    feedback_token: str
+    user_id: str
+
+
+@dataclasses.dataclass
+class ServedPair:
+    pair_id: str
+    a: Served
+    b: Served
+    feedback_token: str  # over pair_id with the version of side A
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def ensure_starter(store: ModelStore, steps: int = 600, progress: bool = True) -> int:
+    """Version 0 of "policy" in `store`, built (with a progress bar) and published if missing.
+
+    Safe when processes race: an flock makes the second wait instead of building twice, and
+    publish refuses a second version 0 anyway. Returns 0.
+    """
+    from flywheel.policy.starter import build_starter
+
+    name = "policy"
+    with contextlib.suppress(errors.NotFound):
+        store.get(name, 0)
+        return 0
+    lock_dir = store.model_dir(name)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".starter.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with contextlib.suppress(errors.NotFound):
+            store.get(name, 0)
+            return 0
+        log.info("building the starter policy (version 0) in %s", store.root)
+        try:
+            store.publish(
+                name,
+                lambda d: build_starter(d, steps=steps, progress=progress),
+                parent=None,
+                version=0,
+                extra={"starter": True},
+            )
+        except errors.FailedPrecondition:  # published by a process that did not take the lock
+            pass
+    return 0
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+class PolicyService:
+    """Engine, model store, interactions publisher and hot-swap consumer of one replica."""
+
+    def __init__(self, config: PolicyServiceConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.engine)
+        self.store = config.store.store()
+        self.signer = config.auth.signer()
+        self.auth = Authenticator(config.auth)
+        p = config.policy
+        self.interactions = InteractionPublisher(
+            config.kafka,
+            config.topics.interactions,
+            Path(p.state_dir).expanduser() / "interactions.sqlite",
+            max_queue=p.publish_queue,
+            spool_max_records=p.spool_max_records,
+            spool_max_bytes=p.spool_max_mb << 20,
+            send_timeout_s=p.send_timeout_s,
+        )
+        self.swapper = Swapper(
+            self.engine, self.store, config.kafka, config.topics.policy_updates, p.model_name, p.updates_group
+        )
+        self._candidate: tuple[int, Engine] | None = None
+        self._candidate_lock: asyncio.Lock | None = None
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Blocking: topics, starter, the version to serve, then the consumers."""
+        cfg = self.config
+        self.engine.start()
+        self.interactions.start()
+        target, kafka_ok = None, True
+        try:
+            bus.ensure_topics(cfg.kafka, cfg.topics)
+            target = self.swapper.initial_target()
+        except errors.FlywheelError as e:
+            kafka_ok = False
+            log.warning("Kafka unreachable at start (%s): serving; updates are followed once it is back", e.message)
+        if target is not None and self.swapper.apply(target):
+            pass
+        elif cfg.engine.model:
+            self.engine.load_version(cfg.engine.model, 0)
+        else:
+            if cfg.policy.model_name == "policy":
+                ensure_starter(self.store, cfg.policy.starter_steps)
+            name = cfg.policy.model_name
+            latest = self.store.latest(name, promoted_only=True) or self.store.get(name, 0)
+            self.engine.load_version(str(self.store.verify(name, latest.version)), latest.version)
+        if kafka_ok:
+            self.swapper.start()
+        else:
+            threading.Thread(target=self._follow_updates_later, name="policy-updates-retry", daemon=True).start()
+
+    def _follow_updates_later(self) -> None:
+        """Kafka was away at start: keep trying, then catch up with the last announcement."""
+        while not self._stopped.wait(5.0):
+            try:
+                bus.ensure_topics(self.config.kafka, self.config.topics)
+                target = self.swapper.initial_target()
+                if target is not None:
+                    self.swapper.apply(target)
+                self.swapper.start()
+                return
+            except Exception as e:  # noqa: BLE001 - still away
+                log.debug("Kafka still unreachable: %s", e)
+
+    async def setup(self, server: ServiceServer) -> None:
+        """ServiceServer.run_forever's setup: load, then report SERVING."""
+        await run_blocking(self.start)
+        await server.set_serving(True)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.swapper.stop()
+        self.engine.stop()
+        if self._candidate is not None:
+            self._candidate[1].stop()
+        self.interactions.close()
+
+    def info(self) -> dict[str, Any]:
+        info = dataclasses.asdict(self.engine.info())
+        info["last_swap_error"] = self.swapper.last_error or info["last_swap_error"]
+        info["spooled_interactions"] = self.interactions.depth()
+        info["model_name"] = self.config.policy.model_name
+        return info
+
+    # ------------------------------------------------------------------ requests
+    def check(self, req: GenerationRequest) -> None:
+        """Cheap checks before anything is tokenized (a huge prompt must not reach the tokenizer)."""
+        limit = self.config.policy.max_prompt_chars
+        texts = [req.prompt or ""] + [str(m.get("content", "")) for m in req.messages or [] if isinstance(m, dict)]
+        size = sum(len(t) for t in texts)
+        if size > limit:
+            raise errors.InvalidArgument(f"the prompt has {size} characters, over the limit of {limit}: shorten it")
+
+    def timeout(self, caller_s: float | None) -> float:
+        cap = self.config.policy.request_timeout_s
+        return cap if caller_s is None else max(0.0, min(cap, caller_s))
+
+    async def _result(self, engine: Engine, req: GenerationRequest, timeout_s: float) -> Result:
+        try:
+            return await asyncio.wait_for(engine.generate(req), timeout_s)
+        except TimeoutError:
+            raise _deadline(timeout_s) from None
+
+    async def generate(self, req: GenerationRequest, user_id: str, timeout_s: float | None = None) -> Served:
+        """One whole answer within the deadline (the caller's, capped by request_timeout_s)."""
+        self.check(req)
+        result = await self._result(self.engine, req, self.timeout(timeout_s))
+        return self._finish(req, result, new_id(), user_id)
+
+    async def stream(
+        self, req: GenerationRequest, user_id: str, timeout_s: float | None = None, interaction_id: str | None = None
+    ) -> AsyncIterator[tuple[TokenEvent, Served | None]]:
+        """Token events as they come; the last one comes with its Served. Closing it frees the slot."""
+        self.check(req)
+        limit = self.timeout(timeout_s)
+        deadline = time.monotonic() + limit
+        iid = interaction_id or new_id()
+        events = self.engine.stream(req)
+        async with contextlib.aclosing(events):
+            while True:
+                try:
+                    ev = await asyncio.wait_for(anext(events), _remaining(deadline))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise _deadline(limit) from None
+                if ev.result is not None:
+                    yield ev, self._finish(req, ev.result, iid, user_id)
+                    return
+                yield ev, None
+
+    async def pair(
+        self, req: GenerationRequest, user_id: str, candidate_version: int = 0, timeout_s: float | None = None
+    ) -> ServedPair:
+        """Two answers to one prompt: two samples of the serving version, or serving (A) vs a candidate (B)."""
+        self.check(req)
+        version = candidate_version or self.config.policy.pair_candidate_version
+        serving = self.engine.info().version
+        engine_b = self.engine
+        req_a, req_b = dataclasses.replace(req), dataclasses.replace(req)
+        if version and version != serving:
+            engine_b = await self._candidate_engine(version)
+        else:  # two samples of one version: they must be able to differ
+            if req.temperature == 0 and not req.do_sample:
+                req_a.do_sample = req_b.do_sample = True
+            if req.seed is not None:
+                req_b.seed = (req.seed + 1) % 2**64
+        limit = self.timeout(timeout_s)
+        tasks = [
+            asyncio.ensure_future(self._result(self.engine, req_a, limit)),
+            asyncio.ensure_future(self._result(engine_b, req_b, limit)),
+        ]
+        try:
+            ra, rb = await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()  # one side failed (or we were cancelled): free the other's slot
+        pair_id = new_id()
+        a = self._finish(req_a, ra, new_id(), user_id, (pair_id, "A"))
+        b = self._finish(req_b, rb, new_id(), user_id, (pair_id, "B"))
+        return ServedPair(pair_id, a, b, self.signer.issue(pair_id, ra.version, user_id))
+
+    async def _candidate_engine(self, version: int) -> Engine:
+        """A second engine serving `version` from the model store (one cached; a third weight copy)."""
+        if self._candidate_lock is None:
+            self._candidate_lock = asyncio.Lock()
+        async with self._candidate_lock:
+            if self._candidate is not None and self._candidate[0] == version:
+                return self._candidate[1]
+            path = await run_blocking(self.store.load_path, self.config.policy.model_name, version)
+            engine = Engine(self.config.engine)
+            engine.start()
+            try:
+                await run_blocking(engine.load_version, str(path), version)
+            except BaseException:
+                engine.stop()
+                raise
+            finally:
+                serving = self.engine.info().version
+                if serving is not None:
+                    METRICS.version.set(serving)  # the gauge is process-wide: keep it on the serving version
+            old, self._candidate = self._candidate, (version, engine)
+            if old is not None:
+                await run_blocking(old[1].stop)
+            return engine
+
+    # ------------------------------------------------------------------ answers
+    def _finish(
+        self, req: GenerationRequest, result: Result, iid: str, user_id: str, pair: tuple[str, str] | None = None
+    ) -> Served:
+        token = self.signer.issue(iid, result.version, user_id)
+        it = events_pb2.Interaction(
+            interaction_id=iid,
+            pair_id=pair[0] if pair else "",
+            pair_side=pair[1] if pair else "",
+            prompt=req.prompt if req.prompt is not None else self._render_chat(req.messages or []),
+            response=result.text,
+            policy_version=result.version,
+            params=sampling_proto(req, result.seed),
+            prompt_tokens=result.prompt_tokens,
+            generated_tokens=result.generated_tokens,
+            finish_reason=result.finish_reason,
+            user_id=user_id,
+            model=self.config.policy.model_name,
+        )
+        it.created_at.GetCurrentTime()
+        self.interactions.publish(it)
+        return Served(result, iid, token, user_id)
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The chat as prompt text through the serving tokenizer's template (without a leading BOS)."""
+        tok = getattr(getattr(self.engine, "_current", None), "tokenizer", None)
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            bos = tok.bos_token or ""
+            return text[len(bos) :] if bos and text.startswith(bos) else text
+        except Exception:  # noqa: BLE001 - no template: a readable transcript is good enough for the log
+            return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+
+
+def sampling_proto(req: GenerationRequest, seed: int | None = None) -> common_pb2.SamplingParams:
+    """The SamplingParams an answer was generated with (the seed actually used)."""
+    p = common_pb2.SamplingParams(
+        max_new_tokens=req.max_new_tokens or 0,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        repetition_penalty=req.repetition_penalty,
+        stop=req.stop,
+        do_sample=req.do_sample,
+        logprobs=req.logprobs,
+    )
+    s = req.seed if req.seed is not None else seed
+    if s is not None:
+        p.seed = s
+    return p
+
+
+def _deadline(limit: float) -> errors.DeadlineExceeded:
+    return errors.DeadlineExceeded(
+        f"the answer did not finish within the deadline of {limit:.3g} s: allow more time or ask for fewer tokens"
+    )

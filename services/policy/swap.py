@@ -1,0 +1,126 @@
+"""Hot swap: flywheel.policy.updates -> verify (sha256 per file) -> Engine.load_version.
+
+Runs in the update consumer's own thread, never on the serving path: hashing and loading take
+as long as they take while the engine keeps decoding on the current weights; the engine then
+switches between two decode steps. A checkpoint that fails verification or loading is refused
+and reported (log, flywheel_policy_swaps_total{outcome="refused"|"failed"},
+`last_error` -> GetInfo.last_swap_error and /health/details) while the current version keeps
+serving. The announced version is applied whatever its number: an older one is a rollback.
+
+Start-up: the updates topic is compacted with one partition, so its last record for our
+model names the version to serve. `initial_target` reads up to the end offset once, and the
+consumer then starts from that offset, so history is never replayed version by version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+
+from flywheel.core import bus, errors
+from flywheel.core.config import KafkaConfig
+from flywheel.core.modelstore import ModelStore
+from flywheel.policy.engine import METRICS, Engine
+from flywheel.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Swapper:
+    """Applies ModelUpdate announcements of `model` to `engine`."""
+
+    def __init__(self, engine: Engine, store: ModelStore, kafka: KafkaConfig, topic: str, model: str, group: str):
+        self.engine, self.store, self.kafka, self.topic, self.model = engine, store, kafka, topic, model
+        self.group = f"{group}-{uuid.uuid4().hex[:8]}"  # every replica sees every announcement
+        self.last_error = ""
+        self.last_swap_s: float | None = None
+        self._start_offsets: dict[int, int] = {}
+        self._consumer: bus.Consumer | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def initial_target(self, timeout_s: float = 10.0) -> events_pb2.ModelUpdate | None:
+        """The last announcement of our model on the topic (None if there is none); remembers the end offsets."""
+        c = KafkaConsumer(**self.kafka.client_options(), group_id=None, enable_auto_commit=False)
+        try:
+            parts = c.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            if not tps:
+                return None
+            c.assign(tps)
+            ends = c.end_offsets(tps)
+            self._start_offsets = {tp.partition: ends[tp] for tp in tps}
+            c.seek_to_beginning(*tps)
+            last: events_pb2.ModelUpdate | None = None
+            deadline = time.monotonic() + timeout_s
+            while any(c.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+                for recs in c.poll(timeout_ms=200).values():
+                    for r in recs:
+                        if r.offset >= ends[TopicPartition(r.topic, r.partition)] or r.value is None:
+                            continue
+                        try:
+                            u = events_pb2.ModelUpdate.FromString(r.value)
+                        except Exception:  # noqa: BLE001 - garbage on the topic is not an announcement
+                            continue
+                        if u.model == self.model:
+                            last = u
+            return last
+        finally:
+            c.close()
+
+    def start(self) -> None:
+        """Consume announcements made after `initial_target` looked (call that first)."""
+        self._consumer = bus.Consumer(
+            self.kafka,
+            self.group,
+            {self.topic: events_pb2.ModelUpdate},
+            self._on_record,
+            dlq_topic=None,
+            auto_offset_reset="earliest",
+        )
+        self._consumer.start()
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stop()
+
+    # ------------------------------------------------------------------ one announcement
+    def _on_record(self, record: bus.Record) -> None:
+        if record.offset < self._start_offsets.get(record.partition, 0):
+            return  # seen by initial_target
+        self.apply(record.value)
+
+    def apply(self, u: events_pb2.ModelUpdate) -> bool:
+        """Verify and load one announcement (blocking). True if the engine now serves it."""
+        if u.model != self.model:
+            return False
+        current = self.engine.info().version
+        if current == u.version and not self.last_error:
+            return True  # at-least-once delivery: the same announcement again changes nothing
+        kind = "rollback" if current is not None and u.version < current else "update"
+        t0 = time.perf_counter()
+        try:
+            path: Path = self.store.from_update(u)  # sha256 of every file against the announcement
+        except errors.FlywheelError as e:
+            return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
+        except Exception as e:  # noqa: BLE001 - an unreadable store is a refusal too, never a crash
+            return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused")
+        try:
+            self.engine.load_version(str(path), u.version)
+        except errors.FlywheelError as e:  # the engine counted it (outcome="failed")
+            return self._refuse(u, e.message, None)
+        self.last_error = ""
+        self.last_swap_s = time.perf_counter() - t0
+        log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)
+        return True
+
+    def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None) -> bool:
+        if outcome:
+            METRICS.swaps.labels(outcome).inc()
+        serving = self.engine.info().version
+        self.last_error = f"version {u.version} refused: {why}; still serving version {serving}"
+        log.error("hot swap %s", self.last_error)
+        return False
