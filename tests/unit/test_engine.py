@@ -221,7 +221,9 @@ def test_queue_full_is_resource_exhausted(v0, slow):
     with engine(v0, max_concurrent_sequences=1, max_queue=2) as e:
 
         async def flood():
-            long = [asyncio.create_task(e.generate(greedy(p, 60))) for p in PROMPTS[:3]]
+            long = [asyncio.create_task(e.generate(greedy(PROMPTS[0], 60)))]
+            await asyncio.sleep(0.05)  # running: it left the queue
+            long += [asyncio.create_task(e.generate(greedy(p, 60))) for p in PROMPTS[1:3]]
             await asyncio.sleep(0.05)  # one running, two waiting
             with pytest.raises(errors.ResourceExhausted, match="queue is full"):
                 await e.generate(greedy(PROMPTS[3], 5))
