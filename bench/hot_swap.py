@@ -1,0 +1,160 @@
+"""Hot swap under continuous load: `flywheel serve policy` as its own process, N gRPC clients
+generating without pause, 5 new versions published to the model store and announced on
+flywheel.policy.updates one after another. Reports, in one run:
+  - swap latency (announcement -> first answer from the new version) against the raw time to
+    read that checkpoint from disk (`from_pretrained` of model + tokenizer); target <= 1.5x + 0.5 s,
+  - failed requests (target 0) and answers whose version is not the one announced last,
+  - p99 request latency during swaps against steady state (target <= 1.3x).
+
+    .venv/bin/python bench/hot_swap.py
+    .venv/bin/python bench/hot_swap.py --hidden 256 --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving import broker, make_model, pct, policy_process, service_env  # noqa: E402
+
+from flywheel.core.bus import Producer  # noqa: E402
+from flywheel.core.config import KafkaConfig  # noqa: E402
+from flywheel.core.modelstore import ModelStore  # noqa: E402
+from flywheel.policy import corpus  # noqa: E402
+from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc  # noqa: E402
+
+
+def perturb(src: Path, seed: int):  # noqa: ANN201
+    def write(d: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(src)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + 0.01 * torch.randn_like(p))
+        model.save_pretrained(d)
+        AutoTokenizer.from_pretrained(src).save_pretrained(d)
+
+    return write
+
+
+def read_time(path: Path) -> float:
+    """Raw time to read a checkpoint: from_pretrained of model and tokenizer, nothing else."""
+    t0 = time.perf_counter()
+    AutoTokenizer.from_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(path)
+    return time.perf_counter() - t0
+
+
+async def run(addr: str, store: ModelStore, kafka: KafkaConfig, topic: str, args: argparse.Namespace) -> dict:
+    prompts = [e.prompt for e in corpus.generate(64, seed=2)]
+    log: list[tuple[float, float, int]] = []  # (start, end, version)
+    failures: list[str] = []
+    stop = asyncio.Event()
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = policy_pb2_grpc.PolicyStub(ch)
+
+        async def client(i: int) -> None:
+            while not stop.is_set():
+                p = prompts[i % len(prompts)]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    req = policy_pb2.GenerateRequest(
+                        prompt=p, params=common_pb2.SamplingParams(max_new_tokens=args.new_tokens)
+                    )
+                    r = await stub.Generate(req)
+                    log.append((t0, time.perf_counter(), r.policy_version))
+                except grpc.aio.AioRpcError as e:
+                    failures.append(f"{e.code().name}: {e.details()}")
+
+        tasks = [asyncio.create_task(client(i)) for i in range(args.clients)]
+        await asyncio.sleep(args.steady_s)
+        steady = [e - s for s, e, _ in log]
+        swaps = []
+        producer = Producer(kafka)
+        for k in range(1, 6):
+            m = await asyncio.to_thread(
+                store.publish, "policy", perturb(store.version_path("policy", 0), k), k - 1
+            )  # not timed: the trainer's job
+            raw = await asyncio.to_thread(read_time, m.path)
+            t_a = time.perf_counter()
+            await asyncio.to_thread(producer.send_sync, topic, "policy", store.to_update(m, "gate"))
+            while not any(v == m.version for _, _, v in log[-args.clients * 2 :]):
+                await asyncio.sleep(0.005)
+            first = min(e for s, e, v in log if v == m.version)
+            swaps.append({"version": m.version, "swap_s": first - t_a, "read_s": raw, "window": (t_a, first)})
+            await asyncio.sleep(args.gap_s)
+        stop.set()
+        await asyncio.gather(*tasks)
+        producer.close()
+    during = [e - s for s, e, _ in log if any(s < w[1] and e > w[0] for w in (x["window"] for x in swaps))]
+    wrong = 0
+    for s, _, v in log:  # an answer started after the swap to k was observed must not report < k
+        done = [x["version"] for x in swaps if x["window"][1] < s]
+        wrong += bool(done) and v < max(done)
+    return {
+        "steady": steady,
+        "during": during,
+        "swaps": swaps,
+        "failures": failures,
+        "answers": len(log),
+        "wrong": wrong,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--steady-s", type=float, default=5.0)
+    ap.add_argument("--gap-s", type=float, default=2.0)
+    ap.add_argument("--bootstrap", default=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""))
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="flywheel-bench-swap-"))
+    model = make_model(root / "model", args.hidden, args.layers)
+    store = ModelStore(root / "store")
+    store.publish("policy", lambda d: shutil.copytree(model, d, dirs_exist_ok=True), parent=None, version=0)
+    with broker(args.bootstrap) as bootstrap:
+        env = service_env(bootstrap, root, {"device": "cpu", "max_concurrent": 32})
+        with policy_process(env, root / "policy.log") as (addr, _):
+            r = asyncio.run(
+                run(addr, store, KafkaConfig(bootstrap=bootstrap), env["FLYWHEEL_TOPIC_POLICY_UPDATES"], args)
+            )
+    swaps = r["swaps"]
+    steady_p99, during_p99 = pct(r["steady"], 0.99), pct(r["during"], 0.99)
+    out = {
+        "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters()),
+        "clients": args.clients,
+        "answers": r["answers"],
+        "failed_requests": len(r["failures"]),
+        "stale_version_answers": r["wrong"],
+        "swap_latency_s": [round(s["swap_s"], 3) for s in swaps],
+        "checkpoint_read_s": [round(s["read_s"], 3) for s in swaps],
+        "worst_swap_vs_budget": round(max(s["swap_s"] / (1.5 * s["read_s"] + 0.5) for s in swaps), 2),
+        "steady_p99_ms": round(steady_p99 * 1000, 1),
+        "during_swaps_p99_ms": round(during_p99 * 1000, 1),
+        "p99_ratio": round(during_p99 / steady_p99, 2),
+        "first_failures": r["failures"][:3],
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

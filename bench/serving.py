@@ -1,0 +1,245 @@
+"""Aggregate generated tokens/s of the policy service (32 concurrent streaming gRPC clients) against
+transformers `generate` on the same model, prompts and token counts, in one run:
+  1. `model.generate` one prompt at a time, 2. `model.generate` on all prompts as one static batch,
+  3. `flywheel serve policy` as its own process, every client streaming over gRPC at once.
+Also p50/p99 time to first token and inter-token latency as the clients see them.
+
+The model is a random-init Llama of the starter's architecture whose EOS is <unk> with a zero
+embedding, so greedy decoding never stops early: every request makes exactly --new-tokens
+(`generate` gets min_new_tokens too). Kafka: --bootstrap, else the embedded Tansu broker.
+
+    .venv/bin/python bench/serving.py                          # CPU, hidden 64, 2 layers
+    .venv/bin/python bench/serving.py --hidden 256 --layers 4
+    .venv/bin/python bench/serving.py --hidden 1024 --layers 24 --device cuda --dtype bfloat16  # ~0.5B on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from flywheel.policy import corpus
+from flywheel.policy.kvbatch import resolve_device, resolve_dtype
+from flywheel.policy.starter import build_tokenizer, model_config
+from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
+
+def make_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """Random-init model of the starter's shape that never emits its EOS under greedy decoding."""
+    tok = build_tokenizer([f"{e.prompt} {e.answer}" for e in corpus.generate(2000, 0)])
+    tok.eos_token = "<unk>"
+    torch.manual_seed(seed)
+    cfg = model_config(tok, hidden, layers)
+    cfg.eos_token_id = tok.unk_token_id
+    if hidden >= 512:
+        cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.unk_token_id].zero_()
+    model.generation_config.eos_token_id = tok.unk_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def broker(bootstrap: str):
+    if bootstrap:
+        yield bootstrap
+        return
+    from flywheel.core.brokers import EmbeddedTansu
+
+    b = EmbeddedTansu(log_path=os.path.join(tempfile.gettempdir(), "flywheel-bench-tansu.log"))
+    try:
+        yield b.start()
+    finally:
+        b.stop()
+
+
+@contextmanager
+def policy_process(env: dict[str, str], log: Path, timeout_s: float = 180.0):
+    """`python -m flywheel.policy` on free ports; yields (grpc address, http url) once /health is 200."""
+    gport, hport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "flywheel.policy", "--grpc-port", str(gport), "--http-port", str(hport)]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{hport}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the policy process exited ({proc.returncode}); see {log}")
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the policy process did not become healthy; see {log}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{gport}", url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def service_env(bootstrap: str, root: Path, engine: dict[str, object]) -> dict[str, str]:
+    prefix = f"bench{int(time.time() * 1000)}."
+    env = {
+        "FLYWHEEL_KAFKA_BOOTSTRAP": bootstrap,
+        "FLYWHEEL_MODEL_STORE": str(root / "store"),
+        "FLYWHEEL_POLICY_STATE_DIR": str(root / "state"),
+        "FLYWHEEL_HMAC_KEY": "bench-key-0123456789abcdef",
+        "FLYWHEEL_LOG_LEVEL": "WARNING",
+        "HF_HUB_OFFLINE": "1",
+    }
+    for t in ("interactions", "feedback", "preferences", "dlq"):
+        env[f"FLYWHEEL_TOPIC_{t.upper()}"] = prefix + t
+    env["FLYWHEEL_TOPIC_POLICY_UPDATES"] = prefix + "policy.updates"
+    env["FLYWHEEL_TOPIC_REWARD_UPDATES"] = prefix + "reward.updates"
+    return env | {f"FLYWHEEL_POLICY_{k.upper()}": str(v) for k, v in engine.items()}
+
+
+def bench_hf(path: Path, prompts: list[str], new: int, device: torch.device, dtype: torch.dtype) -> dict:
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
+
+    def gen(batch: list[str]) -> int:
+        enc = tok(batch, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
+        with torch.inference_mode():
+            out = model.generate(**enc, **kw)
+        return (out.shape[1] - enc.input_ids.shape[1]) * len(batch)
+
+    gen(prompts[:1])
+    t0 = time.perf_counter()
+    tokens = sum(gen([p]) for p in prompts)
+    sequential = tokens / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tokens = gen(prompts)
+    static = tokens / (time.perf_counter() - t0)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "sequential_tok_s": sequential,
+        "static_batch_tok_s": static,
+    }
+
+
+async def stream_clients(addr: str, prompts: list[str], new: int) -> dict:
+    """Every prompt streamed by its own concurrent client; tokens/s over the whole run, TTFT and ITL."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = policy_pb2_grpc.PolicyStub(ch)
+
+        def req(p: str) -> policy_pb2.GenerateRequest:
+            return policy_pb2.GenerateRequest(prompt=p, params=common_pb2.SamplingParams(max_new_tokens=new))
+
+        await stub.Generate(req(prompts[0]))  # warm-up
+
+        async def one(p: str) -> tuple[int, float, list[float]]:
+            t0 = time.perf_counter()
+            last, ttft, gaps, n = t0, 0.0, [], 0
+            async for chunk in stub.GenerateStream(req(p)):
+                now = time.perf_counter()
+                if n == 0:
+                    ttft = now - t0
+                else:
+                    gaps.append(now - last)
+                last, n = now, n + 1
+                if chunk.HasField("final"):
+                    n = chunk.final.generated_tokens
+            return n, ttft, gaps
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+    tokens = sum(r[0] for r in results)
+    ttfts, gaps = [r[1] for r in results], [g for r in results for g in r[2]]
+    return {
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "ttft_p50_s": pct(ttfts, 0.5),
+        "ttft_p99_s": pct(ttfts, 0.99),
+        "itl_p50_s": pct(gaps, 0.5),
+        "itl_p99_s": pct(gaps, 0.99),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--bootstrap", default=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""))
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
+    path = make_model(root / "model", args.hidden, args.layers)
+    prompts = [e.prompt for e in corpus.generate(args.clients, seed=1)]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    hf = bench_hf(path, prompts, args.new_tokens, device, dtype)
+    engine = {"model": path, "device": args.device, "dtype": args.dtype, "max_concurrent": args.clients}
+    engine |= {"max_new_tokens_cap": max(args.new_tokens, 64)}
+    with (
+        broker(args.bootstrap) as bootstrap,
+        policy_process(service_env(bootstrap, root, engine), root / "policy.log") as (
+            addr,
+            _,
+        ),
+    ):
+        svc = asyncio.run(stream_clients(addr, prompts, args.new_tokens))
+    out = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": hf["params"],
+        "clients": args.clients,
+        "new_tokens": args.new_tokens,
+        "hf_sequential_tok_s": round(hf["sequential_tok_s"], 1),
+        "hf_static_batch_tok_s": round(hf["static_batch_tok_s"], 1),
+        "service_tok_s": round(svc["tok_s"], 1),
+        "service_vs_sequential": round(svc["tok_s"] / hf["sequential_tok_s"], 2),
+        "service_vs_static_batch": round(svc["tok_s"] / hf["static_batch_tok_s"], 2),
+        "ttft_p50_ms": round(svc["ttft_p50_s"] * 1000, 1),
+        "ttft_p99_ms": round(svc["ttft_p99_s"] * 1000, 1),
+        "itl_p50_ms": round(svc["itl_p50_s"] * 1000, 2),
+        "itl_p99_ms": round(svc["itl_p99_s"] * 1000, 2),
+        "all_tokens_generated": svc["tokens"] == args.clients * args.new_tokens,
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
