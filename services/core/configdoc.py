@@ -1,0 +1,89 @@
+"""Render every config dataclass as the Markdown reference in docs/CONFIG.md.
+
+    python -m flywheel.core.configdoc           # rewrite docs/CONFIG.md
+    python -m flywheel.core.configdoc --check   # exit 1 if docs/CONFIG.md is stale
+
+The dataclasses are the only source of settings, help text and environment variables; this
+keeps the operator's reference from drifting away from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from pathlib import Path
+
+from flywheel.core.protogen import ROOT
+
+DOC = ROOT / "docs" / "CONFIG.md"
+
+# (section title, "module:Class") in the order an operator meets them.
+CLASSES: list[tuple[str, str]] = [
+    ("Kafka", "flywheel.core.config:KafkaConfig"),
+    ("Topics", "flywheel.core.config:TopicsConfig"),
+    ("Model store", "flywheel.core.modelstore:ModelStoreConfig"),
+    ("Auth", "flywheel.core.auth:AuthConfig"),
+    ("gRPC and HTTP server (every service)", "flywheel.core.server:ServerConfig"),
+    ("Policy engine", "flywheel.policy.config:EngineConfig"),
+    ("Policy service", "flywheel.policy.service:PolicyConfig"),
+    ("Feedback", "flywheel.feedback.config:FeedbackConfig"),
+    ("Reward: preference join", "flywheel.reward.config:JoinConfig"),
+    ("Reward: model", "flywheel.reward.config:RewardModelConfig"),
+    ("Reward: online training", "flywheel.reward.config:TrainConfig"),
+    ("Reward: scoring", "flywheel.reward.config:ScoreConfig"),
+    ("Trainer (PPO)", "flywheel.trainer.config:TrainerConfig"),
+]
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    text = repr(value)
+    if "/root/" in text or "/home/" in text:  # a path under the generating user's home
+        text = text.replace(str(Path.home()), "~")
+    return f"`{text}`"
+
+
+def render() -> str:
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses by `python -m flywheel.core.configdoc`; a test fails when",
+        "it is stale. Precedence: field default < YAML file (`FLYWHEEL_CONFIG`) < environment variable",
+        "< command-line flag. A wrong value stops the service at start with the field and the fix.",
+    ]
+    for title, path in CLASSES:
+        module, name = path.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        out += ["", f"## {title} (`{name}`)", "", "| field | env | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            env = f.metadata.get("env")
+            help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
+            out.append(f"| `{f.name}` | {f'`{env}`' if env else ''} | {_default(f)} | {help_text} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only report whether docs/CONFIG.md is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not DOC.exists() or DOC.read_text() != text:
+            print("docs/CONFIG.md is stale: run `python -m flywheel.core.configdoc`")
+            return 1
+        print("docs/CONFIG.md is fresh")
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
