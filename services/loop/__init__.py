@@ -1,0 +1,1 @@
+"""The closed loop: `flywheel up` (supervisor), simulated users (panel) and `flywheel demo`."""

@@ -1,0 +1,332 @@
+"""`flywheel demo`: `up` plus the simulated panel, live progress, and DIR/report.json + report.png.
+
+The proof that the loop learns is the panel's *hidden* utility: every evaluation samples the
+serving policy on prompts the panel never rated (over Policy.Generate, like any client) and
+compares each answer with a bank of starter (v0) answers to the same prompt, ties counted
+half. The reward model's own score never enters the win-rate.
+
+The trainer starts paused and is resumed (Trainer.Resume with the admin token) once the reward
+model is worth optimizing (held-out accuracy >= `resume_accuracy`, or after
+`resume_after_events`): PPO against an untrained reward head would only drift the policy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from flywheel.loop.panel import Panel, PanelClient, PanelConfig, answer_stats, starter_bank
+from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig
+from flywheel.policy import corpus
+from flywheel.trainer.rollout import split_pool
+
+# Trainer and reward settings of the demo (environment of the child processes; see each
+# service's config for the meaning). Answers of the starter run to ~85 tokens, so rollouts
+# must be long enough to finish them; temperature 1 samples the policy as users see it.
+DEMO_ENV = {
+    "FLYWHEEL_TRAINER_TEMPERATURE": "1.0",
+    "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "96",
+    "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
+    "FLYWHEEL_TRAINER_LR": "1e-4",
+    "FLYWHEEL_TRAINER_KL_COEF": "0.1",
+    "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "5",
+    "FLYWHEEL_TRAINER_GATE_PROMPTS": "32",
+    "FLYWHEEL_TRAINER_PROMPT_SOURCE": "pool",
+    # The reward model is the slow part on a CPU: fewer steps per new pair, larger steps,
+    # versions published often so that scoring follows the feedback closely.
+    "FLYWHEEL_REWARD_LR": "1e-4",
+    "FLYWHEEL_REWARD_STEPS_PER_NEW_PAIR": "0.25",
+    "FLYWHEEL_REWARD_PUBLISH_EVERY": "20",
+}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    minutes: float = 20.0
+    target_win_rate: float = 0.8
+    max_events: int = 3000
+    events_per_s: float = 4.0
+    eval_every_s: float = 30.0
+    eval_samples: int = 8  # answers per held-out prompt per evaluation
+    final_eval_samples: int = 40
+    bank_per_prompt: int = 40  # starter answers per held-out prompt
+    heldout_prompts: int = 5
+    resume_accuracy: float = 0.75
+    resume_min_pairs: int = 100
+    resume_after_events: int = 800
+    bootstrap: str = ""
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    progress: bool = True
+    seed: int = 0
+
+
+class Services:
+    """gRPC stubs of the running loop (public APIs only; the admin token for Trainer)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        import grpc
+
+        from flywheel.v1 import policy_pb2_grpc, reward_pb2_grpc, trainer_pb2_grpc
+
+        self._chans = [grpc.insecure_channel(sup.children[n].address) for n in ("policy", "reward", "trainer")]
+        self.policy = policy_pb2_grpc.PolicyStub(self._chans[0])
+        self.reward = reward_pb2_grpc.RewardStub(self._chans[1])
+        self.trainer = trainer_pb2_grpc.TrainerStub(self._chans[2])
+        self.admin = (("authorization", f"Bearer {sup.admin_token}"),)
+
+    def reward_info(self) -> Any:
+        from flywheel.v1 import reward_pb2
+
+        return self.reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=10)
+
+    def policy_version(self) -> int:
+        from flywheel.v1 import policy_pb2
+
+        return self.policy.GetInfo(policy_pb2.GetInfoRequest(), timeout=10).policy_version
+
+    def trainer_status(self) -> Any:
+        from flywheel.v1 import trainer_pb2
+
+        return self.trainer.GetStatus(trainer_pb2.GetStatusRequest(), metadata=self.admin, timeout=10)
+
+    def resume_trainer(self) -> None:
+        from flywheel.v1 import trainer_pb2
+
+        self.trainer.Resume(trainer_pb2.ResumeRequest(), metadata=self.admin, timeout=10)
+
+    def close(self) -> None:
+        for c in self._chans:
+            c.close()
+
+
+def evaluate(client: PanelClient, panel: Panel, bank: dict[str, list[str]], samples: int) -> dict[str, Any]:
+    """Win-rate of the serving policy against the starter bank, by the panel's hidden utility."""
+    jobs = [p for p in bank for _ in range(samples)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: client.generate(p, "panel-eval"), jobs))
+    versions = [a.policy_version for a in answers]
+    pairs = [(p, a.text) for p, a in zip(jobs, answers, strict=True)]
+    wr = panel.win_rate(pairs, bank)
+    n = len(pairs)
+    return {
+        "win_rate": wr,
+        "win_rate_se": math.sqrt(max(wr * (1 - wr), 1e-9) / n),
+        "n": n,
+        "version": max(set(versions), key=versions.count),
+        "hidden_utility": sum(panel.hidden_utility(p, t) for p, t in pairs) / n,
+        **answer_stats([t for _, t in pairs], [a.finish_reason for a in answers]),
+        "examples": [t for _, t in pairs[:: max(1, samples)]][:5],
+    }
+
+
+def serving_kl(store: Path, version: int) -> float:
+    """KL to the starter of a version, as the trainer's gate measured it on held-out prompts (nats)."""
+    if version == 0:
+        return 0.0
+    m = json.loads((store / "policy" / f"v{version:06d}" / "manifest.json").read_text())
+    return float(m.get("metrics", {}).get("gate.kl", float("nan")))
+
+
+def promoted_versions(store: Path) -> list[int]:
+    out = []
+    for d in sorted((store / "policy").glob("v*/manifest.json")):
+        m = json.loads(d.read_text())
+        if m.get("promoted") and m["version"] > 0:
+            out.append(m["version"])
+    return out
+
+
+def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run the loop with the panel until the target or the time limit; write and return the report."""
+    stop = stop or threading.Event()
+    out = Path(cfg.out)
+    shutil.rmtree(out / "run", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts, heldout = split_pool(corpus.prompts(), cfg.heldout_prompts, cfg.seed + 7)
+    env = {**DEMO_ENV, **cfg.env}
+    up = UpConfig(
+        run_dir=out / "run",
+        bootstrap=cfg.bootstrap,
+        free_ports=True,
+        env=env,
+        config_yaml={"trainer": {"prompt_pool": train_prompts}},
+        progress=cfg.progress,
+        trainer_paused=True,
+    )
+    say = print if cfg.progress else (lambda *a, **k: None)
+    t_start = time.monotonic()
+    sup = Supervisor(up)
+    series: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    threads: list[threading.Thread] = []
+    panel_stop = threading.Event()
+    client = svc = None
+    try:
+        sup.start()
+        say(sup.endpoints().split("\n\n")[0])
+        panel = Panel(seed=cfg.seed)
+        pcfg = PanelConfig(prompts=train_prompts, events_per_s=cfg.events_per_s, max_events=cfg.max_events)
+        say(f"starter bank: {cfg.bank_per_prompt} answers x {len(heldout)} held-out prompts ...", flush=True)
+        bank = starter_bank(
+            str(sup.store / "policy" / "v000000"), heldout, cfg.bank_per_prompt, pcfg.max_new_tokens, pcfg.temperature
+        )
+        client = PanelClient(panel, pcfg, sup.children["policy"].address, sup.children["feedback"].address)
+        svc = Services(sup)
+        t0 = time.monotonic()
+        threads = client.start(panel_stop)
+        say(f"panel: {len(panel.personas)} personas, {pcfg.workers} users, {cfg.events_per_s:g} events/s")
+        resumed, hits, next_eval = False, 0, t0
+        deadline = t_start + cfg.minutes * 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            sup.poll()
+            info = svc.reward_info()
+            if not resumed and (
+                (info.pairs_trained >= cfg.resume_min_pairs and info.heldout_accuracy >= cfg.resume_accuracy)
+                or client.events >= cfg.resume_after_events
+            ):
+                svc.resume_trainer()
+                resumed = True
+                say(f"trainer resumed at {client.events} events (reward accuracy {info.heldout_accuracy:.2f})")
+            if time.monotonic() >= next_eval:
+                ev = evaluate(client, panel, bank, cfg.eval_samples)
+                st = svc.trainer_status()
+                point = {
+                    "t_s": round(time.monotonic() - t0, 1),
+                    "feedback_events": client.events,
+                    "serving_version": svc.policy_version(),
+                    "reward_version": info.reward_version,
+                    "reward_accuracy": info.heldout_accuracy,
+                    "pairs_trained": info.pairs_trained,
+                    "trainer_step": st.step,
+                    "trainer_reward_mean": st.metrics.get("reward_mean", float("nan")),
+                    "trainer_kl": st.metrics.get("kl", float("nan")),
+                    "kl_to_starter": serving_kl(sup.store, ev["version"]),
+                    **{k: v for k, v in ev.items() if k != "examples"},
+                }
+                series.append(point)
+                say(
+                    f"[{point['t_s']:6.0f}s] feedback {client.events:5d}  reward v{info.reward_version} "
+                    f"acc {info.heldout_accuracy:.2f}  trainer step {st.step}  serving v{point['serving_version']}  "
+                    f"win-rate {ev['win_rate']:.2f}±{ev['win_rate_se']:.2f}  KL {point['kl_to_starter']:.2f}  "
+                    f"words {ev['mean_words']:.0f}",
+                    flush=True,
+                )
+                hits = hits + 1 if ev["win_rate"] >= cfg.target_win_rate and ev["version"] > 0 else 0
+                if hits >= 2:
+                    say("target reached on two evaluations in a row")
+                    break
+                next_eval = time.monotonic() + cfg.eval_every_s
+            stop.wait(1.0)
+        panel_stop.set()
+        say("final evaluation ...", flush=True)
+        final = evaluate(client, panel, bank, cfg.final_eval_samples)
+        elapsed = time.monotonic() - t_start
+        report = {
+            "win_rate_vs_starter": final["win_rate"],
+            "win_rate_se": final["win_rate_se"],
+            "win_rate_n": final["n"],
+            "target_win_rate": cfg.target_win_rate,
+            "feedback_events": client.events,
+            "feedback_by_kind": client.by_kind,
+            "feedback_errors": len(client.errors),
+            "policy_versions_promoted": promoted_versions(sup.store),
+            "serving_version": final["version"],
+            "kl_to_starter": serving_kl(sup.store, final["version"]),
+            "kl_budget": float(env.get("FLYWHEEL_TRAINER_GATE_KL_BUDGET", 12.0)),
+            "answers": {k: final[k] for k in ("mean_words", "max_words", "distinct2", "eos_rate")},
+            "starter_answers": answer_stats([a for v in bank.values() for a in v]),
+            "hidden_utility": {"serving": final["hidden_utility"], "starter": _bank_utility(panel, bank)},
+            "examples": final["examples"],
+            "heldout_prompts": heldout,
+            "minutes": elapsed / 60,
+            "minutes_limit": cfg.minutes,
+            "settings": env,
+            "series": series,
+        }
+    finally:
+        panel_stop.set()
+        for t in threads:
+            t.join(timeout=70)
+        for c in (client, svc):
+            if c is not None:
+                c.close()
+        sup.stop()
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "report.png")
+    return report
+
+
+def _bank_utility(panel: Panel, bank: dict[str, list[str]]) -> float:
+    vals = [panel.hidden_utility(p, a) for p, answers in bank.items() for a in answers]
+    return sum(vals) / len(vals)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Win-rate, reward and KL over time (matplotlib Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report.get("series") or []
+    t = [p["t_s"] / 60 for p in s]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(t, [p["win_rate"] for p in s], "o-", label="panel win-rate vs starter")
+    ax[0].axhline(report.get("target_win_rate", 0.8), ls="--", c="gray", label="target")
+    ax[0].axhline(0.5, ls=":", c="gray")
+    ax[0].set(xlabel="minutes", ylabel="win-rate (hidden utility)", ylim=(0, 1), title="Win-rate vs starter")
+    ax[0].legend(loc="lower right")
+    ax[1].plot(t, [p["trainer_reward_mean"] for p in s], "o-", label="trainer rollout reward (RM score)")
+    ax[1].plot(t, [p["reward_accuracy"] for p in s], "s-", label="reward model held-out accuracy")
+    ax[1].set(xlabel="minutes", title="Reward")
+    ax[1].legend()
+    ax[2].plot(t, [p["kl_to_starter"] for p in s], "o-", label="serving version (gate)")
+    ax[2].plot(t, [p["trainer_kl"] for p in s], ".-", label="trainer rollouts")
+    ax[2].axhline(report.get("kl_budget", 12.0), ls="--", c="gray", label="budget")
+    ax[2].set(xlabel="minutes", ylabel="nats per answer", title="KL to starter")
+    ax[2].legend()
+    wr, ev = report.get("win_rate_vs_starter", float("nan")), report.get("feedback_events", 0)
+    fig.suptitle(f"Flywheel demo: win-rate {wr:.0%} after {ev} feedback events, {report.get('minutes', 0):.1f} min")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def demo_main(args: Any) -> int:
+    """`flywheel demo --minutes N --out DIR`: run, print the summary, 0 if the target was reached."""
+    cfg = DemoConfig(
+        out=Path(getattr(args, "out", None) or "runs/demo"),
+        minutes=float(getattr(args, "minutes", None) or 20.0),
+        max_events=int(getattr(args, "max_events", None) or 3000),
+        events_per_s=float(getattr(args, "events_per_s", None) or 4.0),
+        target_win_rate=float(getattr(args, "target", None) or 0.8),
+        bootstrap=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""),
+    )
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        report = run_demo(cfg, stop)
+    except ChildDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(
+        f"\nwin-rate vs starter {report['win_rate_vs_starter']:.1%} (n={report['win_rate_n']}), "
+        f"{report['feedback_events']} feedback events, {report['minutes']:.1f} min, "
+        f"versions promoted {report['policy_versions_promoted']}, KL {report['kl_to_starter']:.2f} nats "
+        f"(budget {report['kl_budget']:g})\nreport: {cfg.out / 'report.json'}, {cfg.out / 'report.png'}"
+    )
+    return 0 if report["win_rate_vs_starter"] >= cfg.target_win_rate else 3

@@ -1,0 +1,394 @@
+"""`flywheel up`: the broker, the starter models and the four services as separate processes.
+
+Why a supervisor rather than four terminals: the services must share one HMAC key (tokens
+signed by policy are verified by feedback), one admin token, one model store and one broker,
+and a child that dies must be reported with its log, not left as a silent gap in the loop.
+
+Order of start-up: broker (the embedded Tansu unless FLYWHEEL_KAFKA_BOOTSTRAP names one) ->
+topics -> starter models (built once into a cache with progress bars, copied into the run's
+store) -> policy, feedback, reward, trainer (`python -m flywheel.<service>`, each in its own
+process group, logs under RUN/logs) -> wait until each reports SERVING over grpc.health.v1.
+Stop: SIGTERM to every process group, a grace period, then SIGKILL; the broker last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from flywheel.core.brokers import EmbeddedTansu, free_port
+
+SERVICES = ("policy", "feedback", "reward", "trainer")
+DEFAULT_PORTS = {"policy": (50051, 8080), "feedback": (50052, 8082), "reward": (50053, 8083), "trainer": (50054, 8084)}
+
+
+class ChildDied(RuntimeError):
+    """A service process exited on its own; the message has its name, exit code and log tail."""
+
+    def __init__(self, name: str, code: int | None, log: Path) -> None:
+        self.name, self.code, self.log = name, code, log
+        super().__init__(f"service {name} exited with code {code}; last lines of {log}:\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    """The last lines of a log file (what a user needs to see when a child dies)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def cache_store() -> Path:
+    """Where starter models are built once and reused by every run: $FLYWHEEL_CACHE/starters."""
+    base = os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel"
+    return Path(base) / "starters"
+
+
+def ensure_starters(store_root: Path, progress: bool = True) -> None:
+    """Version 0 of "policy" and "reward" in `store_root`: copied from the cache, built there if missing."""
+    from flywheel.core.modelstore import ModelStore
+    from flywheel.policy.service import ensure_starter as ensure_policy
+    from flywheel.reward.config import RewardModelConfig
+    from flywheel.reward.starter import ensure_starter as ensure_reward
+
+    cache = ModelStore(cache_store())
+    target = ModelStore(store_root)
+    for name in ("policy", "reward"):
+        if (target.version_path(name, 0) / "manifest.json").is_file() or target.list_versions(name):
+            continue
+        if progress:
+            print(f"starter {name} model: ", end="", flush=True)
+        t0 = time.monotonic()
+        if name == "policy":
+            ensure_policy(cache, progress=progress)
+        else:
+            ensure_reward(cache, RewardModelConfig())
+        src, dst = cache.version_path(name, 0), target.version_path(name, 0)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".copy-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.rename(tmp, dst)
+        target.verify(name, 0)
+        if progress:
+            print(f"ready in {time.monotonic() - t0:.1f}s ({dst})", flush=True)
+
+
+@contextlib.contextmanager
+def _patched_env(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def health_status(address: str, timeout_s: float = 2.0) -> str:
+    """grpc.health.v1 status of the server at `address` ("SERVING", "NOT_SERVING", or the error)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as e:
+            return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+@dataclasses.dataclass
+class Child:
+    """One service process (its own process group) and where it listens."""
+
+    name: str
+    grpc_port: int
+    http_port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclasses.dataclass
+class UpConfig:
+    """What `flywheel up` starts; every field has a default that works on a laptop."""
+
+    run_dir: Path = Path(".flywheel/up")
+    bootstrap: str = ""  # empty: FLYWHEEL_KAFKA_BOOTSTRAP, else the embedded Tansu
+    store: str = ""  # empty: FLYWHEEL_MODEL_STORE, else RUN/models (fresh, starters copied in)
+    free_ports: bool = False  # True: let the OS pick ports (tests, demos beside other runs)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # extra child environment (tuning)
+    config_yaml: dict[str, Any] | None = None  # written to RUN/config.yaml and named by FLYWHEEL_CONFIG
+    start_timeout_s: float = 600.0
+    stop_grace_s: float = 20.0
+    progress: bool = True
+    trainer_paused: bool = False  # start the trainer paused (the demo resumes it once rewards are learned)
+
+
+class Supervisor:
+    """Starts and stops the whole loop; `poll()` raises ChildDied for a service that exited."""
+
+    def __init__(self, config: UpConfig) -> None:
+        self.cfg = config
+        self.run_dir = Path(config.run_dir).resolve()
+        self.broker: EmbeddedTansu | None = None
+        self.bootstrap = config.bootstrap or os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", "")
+        self.store = Path(config.store or os.environ.get("FLYWHEEL_MODEL_STORE") or self.run_dir / "models")
+        self.store = self.store.expanduser().resolve()
+        self.hmac_key = os.environ.get("FLYWHEEL_HMAC_KEY") or secrets.token_urlsafe(32)
+        self.admin_token = os.environ.get("FLYWHEEL_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+        self.children: dict[str, Child] = {}
+        self._stopped = False
+
+    # ------------------------------------------------------------------ start
+    def _say(self, msg: str) -> None:
+        if self.cfg.progress:
+            print(msg, flush=True)
+
+    def _ports(self) -> dict[str, tuple[int, int]]:
+        if self.cfg.free_ports:
+            return {name: (free_port(), free_port()) for name in SERVICES}
+        busy = [f"{n} {p}" for n, ports in DEFAULT_PORTS.items() for p in ports if not port_free(p)]
+        if busy:
+            raise RuntimeError(
+                f"ports already in use ({', '.join(busy)}): stop what holds them, or use --free-ports"
+            )
+        return dict(DEFAULT_PORTS)
+
+    def env(self) -> dict[str, str]:
+        """The environment every service shares (one key, one store, one broker)."""
+        env = dict(os.environ)
+        env.update(
+            FLYWHEEL_KAFKA_BOOTSTRAP=self.bootstrap,
+            FLYWHEEL_MODEL_STORE=str(self.store),
+            FLYWHEEL_HMAC_KEY=self.hmac_key,
+            FLYWHEEL_ADMIN_TOKEN=self.admin_token,
+            FLYWHEEL_POLICY_STATE_DIR=str(self.run_dir / "state" / "policy"),
+            FLYWHEEL_FEEDBACK_STATE_DIR=str(self.run_dir / "state" / "feedback"),
+            FLYWHEEL_REWARD_STATE_DIR=str(self.run_dir / "state" / "reward"),
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        env.setdefault("FLYWHEEL_HOST", "127.0.0.1")
+        env.setdefault("OMP_NUM_THREADS", "1")  # four torch processes share the machine's cores
+        env.setdefault("FLYWHEEL_TRAINER_TORCH_THREADS", "1")
+        for name, child in self.children.items():
+            env[f"FLYWHEEL_{name.upper()}_ADDR"] = child.address
+        if self.cfg.config_yaml is not None:
+            env["FLYWHEEL_CONFIG"] = str(self.run_dir / "config.yaml")
+        env.update(self.cfg.env)
+        return env
+
+    def start(self) -> None:
+        """Everything up and SERVING, or an exception after whatever started was stopped again."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        if not self.bootstrap:
+            self.broker = EmbeddedTansu(log_path=str(self.run_dir / "logs" / "broker.log"))
+            self.bootstrap = self.broker.start()
+            self._say(f"broker: embedded Tansu at {self.bootstrap} (memory storage)")
+        else:
+            self._say(f"broker: {self.bootstrap}")
+        from flywheel.core.bus import ensure_topics
+        from flywheel.core.config import KafkaConfig, TopicsConfig, load
+
+        with _patched_env(self.cfg.env):  # topic names the children will use (FLYWHEEL_TOPIC_*)
+            topics = load(TopicsConfig)
+        created = ensure_topics(load(KafkaConfig, bootstrap=self.bootstrap), topics, timeout_s=60)
+        self._say(f"topics: {len(created)} created")
+        ensure_starters(self.store, self.cfg.progress)
+        if self.cfg.config_yaml is not None:
+            import yaml
+
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.config_yaml))
+        if self.cfg.trainer_paused:
+            from flywheel.trainer import state
+
+            state.save_control(state.trainer_dir(self.store, "policy"), {"paused": True, "reason": "reward warm-up"})
+        for name, (g, h) in self._ports().items():
+            self.children[name] = Child(name, g, h, self.run_dir / "logs" / f"{name}.log")
+        env = self.env()
+        for child in self.children.values():
+            self._spawn(child, env)
+        self._wait_serving()
+
+    def _spawn(self, child: Child, env: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", f"flywheel.{child.name}", "--grpc-port", str(child.grpc_port)]
+        cmd += ["--http-port", str(child.http_port)]
+        out: IO[bytes] = open(child.log, "ab")  # noqa: SIM115 - the child keeps its own copy
+        try:
+            child.proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            out.close()
+
+    def _wait_serving(self) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.start_timeout_s
+        waiting = set(self.children)
+        while waiting:
+            self.poll()
+            for name in sorted(waiting):
+                if health_status(self.children[name].address, 1.0) == "SERVING":
+                    waiting.discard(name)
+                    self._say(f"  {name:9s} SERVING after {time.monotonic() - t0:5.1f}s")
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}:\n{tail(self.children[n].log, 10)}" for n in sorted(waiting))
+                raise TimeoutError(f"not SERVING within {self.cfg.start_timeout_s:.0f}s: {sorted(waiting)}\n{logs}")
+            if waiting:
+                time.sleep(0.5)
+
+    # ------------------------------------------------------------------ watch
+    def poll(self) -> None:
+        """Raise ChildDied for the first service that has exited (never hide a dead child)."""
+        if self._stopped:
+            return
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is not None:
+                raise ChildDied(child.name, child.proc.returncode, child.log)
+        if self.broker is not None and not self.broker.alive():
+            raise ChildDied("broker", self.broker.proc.returncode if self.broker.proc else None, self.run_dir / "logs" / "broker.log")
+
+    def endpoints(self) -> str:
+        """Where each service listens and how to call it."""
+        p = self.children
+        pol, fb = p["policy"], p["feedback"]
+        lines = [
+            f"{'service':9s} {'gRPC':22s} HTTP",
+            *(f"{c.name:9s} {c.address:22s} http://127.0.0.1:{c.http_port}" for c in p.values()),
+            f"broker    {self.bootstrap}",
+            f"model store {self.store}; logs {self.run_dir / 'logs'}",
+            "",
+            "Try it:",
+            f"  grpcurl -plaintext -d '{{\"prompt\": \"how do I reset my password?\"}}' "
+            f"{pol.address} flywheel.v1.Policy/Generate",
+            f"  curl -s http://127.0.0.1:{pol.http_port}/generate -H 'content-type: application/json' "
+            "-d '{\"inputs\": \"where is my order?\", \"parameters\": {\"max_new_tokens\": 48}}'",
+            f"  python -c \"from text_generation import Client; "
+            f"print(Client('http://127.0.0.1:{pol.http_port}').generate('how do I bake bread?').generated_text)\"",
+            "  # then rate the answer with the interaction_id and feedback_token it came with:",
+            f"  grpcurl -plaintext -d '{{\"feedback_id\": \"f1\", \"interaction_id\": \"<id>\", "
+            f"\"feedback_token\": \"<token>\", \"thumbs\": 1}}' {fb.address} flywheel.v1.Feedback/Submit",
+            f"  grpcurl -plaintext -H 'authorization: Bearer $FLYWHEEL_ADMIN_TOKEN' {p['trainer'].address} "
+            "flywheel.v1.Trainer/GetStatus",
+            f"  metrics: curl -s http://127.0.0.1:{pol.http_port}/metrics",
+        ]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ stop
+    def stop(self) -> None:
+        """SIGTERM every service's process group, wait, SIGKILL what is left; then the broker."""
+        self._stopped = True
+        live = [c for c in self.children.values() if c.alive()]
+        for c in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(c.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + self.cfg.stop_grace_s
+        while any(c.alive() for c in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for c in self.children.values():
+            if c.proc is None:
+                continue
+            if c.alive():
+                self._say(f"  {c.name} did not stop within {self.cfg.stop_grace_s:.0f}s: SIGKILL")
+            # The group may hold grandchildren even when the leader is gone.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(c.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(timeout=10)
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> Supervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def up_config(args: Any) -> UpConfig:
+    """UpConfig from the `flywheel up` argparse Namespace (fields it lacks keep their defaults)."""
+    return UpConfig(
+        run_dir=Path(getattr(args, "run_dir", None) or ".flywheel/up"),
+        free_ports=bool(getattr(args, "free_ports", False)),
+        start_timeout_s=float(getattr(args, "timeout", None) or 600.0),
+    )
+
+
+def up_main(args: Any) -> int:
+    """`flywheel up`: start everything, print endpoints, run until Ctrl-C/SIGTERM or a child dies."""
+    cfg = up_config(args)
+    if not os.environ.get("FLYWHEEL_MODEL_STORE") and not os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP"):
+        shutil.rmtree(Path(cfg.run_dir) / "state", ignore_errors=True)  # the embedded broker starts empty
+        shutil.rmtree(Path(cfg.run_dir) / "models", ignore_errors=True)
+    sup = Supervisor(cfg)
+    stop: dict[str, Any] = {"sig": None, "starting": True}
+
+    def on_signal(sig: int, _frame: Any) -> None:
+        stop["sig"] = sig
+        if stop["starting"]:  # interrupt a long start-up; start() stops what it started
+            raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        sup.start()
+        stop["starting"] = False
+        print("\nFlywheel is up.\n" + sup.endpoints() + "\n\nCtrl-C stops everything.", flush=True)
+        while stop["sig"] is None:
+            sup.poll()
+            time.sleep(0.5)
+        print(f"\n{signal.Signals(stop['sig']).name}: stopping...", flush=True)
+    except ChildDied as e:
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sup.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    print("stopped.", flush=True)
+    return code

@@ -1,0 +1,236 @@
+"""The closed loop: panel logic (no I/O), `flywheel up` start/stop hygiene, and the whole loop learning.
+
+- Panel tests use fake stubs: the judgments and the wire calls are checked without services.
+- `test_up_twice_leaves_nothing_behind` starts the four services on the embedded Tansu broker,
+  stops them, twice, and checks that no process or port is left; it also kills a child to see
+  that its death is reported with its name and log.
+- `test_loop_learns` runs the demo with tiny settings on the real Apache Kafka broker: a new
+  policy version must be promoted and swapped in, and the panel must prefer it to the starter.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from flywheel.loop.panel import Panel, PanelClient, PanelConfig, Persona, answer_stats, features, utility
+from flywheel.policy import corpus
+
+GOOD = "thank you for asking! click forgot password on the login page and follow the link we email you to set a new password. hope this helps!"
+BAD = "ugh, fine. plant tomatoes in a sunny spot, water them every morning and tie them to a stick as they grow. there is really a lot to say here. some people think about this all day long."
+PROMPT = "how do I reset my password?"
+
+
+# ---------------------------------------------------------------------------- panel (no I/O)
+
+
+def test_features_and_utility_follow_the_corpus_styles() -> None:
+    f = features(PROMPT, GOOD)
+    assert f == {"polite": 1.0, "rude": 0.0, "concise": 1.0, "on_topic": 1.0, "closing": 1.0, "malformed": 0.0}
+    assert features(PROMPT, BAD)["rude"] == 1.0 and features(PROMPT, BAD)["on_topic"] == 0.0
+    assert features(PROMPT, "")["malformed"] == 1.0
+    assert features(PROMPT, "hope this helps. hope this helps. hope this helps.")["malformed"] == 1.0
+    panel = Panel()
+    assert all(utility(p, PROMPT, GOOD) > utility(p, PROMPT, BAD) for p in panel.personas)
+    assert panel.hidden_utility(PROMPT, GOOD) > panel.hidden_utility(PROMPT, BAD)
+
+
+def test_personas_disagree_but_share_a_consensus() -> None:
+    verbose_polite = "happy to help! " + corpus.TOPICS["password"][2][0] + " let me tell you a bit more about this."
+    concise_plain = corpus.TOPICS["password"][2][0]
+    panel = Panel()
+    by_name = {p.name: utility(p, PROMPT, verbose_polite) - utility(p, PROMPT, concise_plain) for p in panel.personas}
+    assert by_name["chatter"] > 0 > by_name["engineer"]  # real disagreement
+
+
+def test_noise_free_judgments_are_exact_and_noisy_ones_are_not() -> None:
+    strict = Persona("strict", {"polite": 1, "rude": -2, "concise": 1, "on_topic": 2, "closing": 0.5}, 0.0, 0.0)
+    panel = Panel([strict], seed=1)
+    assert panel.prefer(strict, PROMPT, GOOD, BAD) == "A"
+    assert panel.prefer(strict, PROMPT, BAD, GOOD) == "B"
+    assert panel.prefer(strict, PROMPT, GOOD, GOOD) == "TIE"
+    assert panel.thumbs(strict, PROMPT, GOOD) == 1 and panel.thumbs(strict, PROMPT, BAD) == -1
+    assert panel.rating(strict, PROMPT, GOOD) == 3 and panel.rating(strict, PROMPT, BAD) == 1
+    noisy = Persona("noisy", strict.weights, noise=3.0, careless=0.2)
+    panel = Panel([noisy], seed=2)
+    picks = [panel.prefer(noisy, PROMPT, GOOD, BAD) for _ in range(400)]
+    assert 0.55 < picks.count("A") / len(picks) < 0.97  # mostly right, sometimes wrong
+
+
+def test_demonstrations_are_what_the_persona_likes() -> None:
+    panel = Panel(seed=3)
+    for p in panel.personas:
+        demo = panel.demonstration(p, PROMPT)
+        assert utility(p, PROMPT, demo) >= max(utility(p, PROMPT, GOOD), utility(p, PROMPT, BAD)) - 1.0
+
+
+def test_win_rate_splits_ties_and_orders_policies() -> None:
+    rng = random.Random(0)
+    bank = {PROMPT: [corpus.make_answer(rng, "password") for _ in range(200)]}
+    panel = Panel()
+    assert panel.win_rate([(PROMPT, a) for a in bank[PROMPT]], bank) == pytest.approx(0.5, abs=0.01)
+    assert panel.win_rate([(PROMPT, GOOD)], bank) > 0.95
+    assert panel.win_rate([(PROMPT, BAD)], bank) < 0.1
+
+
+def test_answer_stats_show_rambling_and_loops() -> None:
+    s = answer_stats(["a b c d", "x x x x x x"], ["eos_token", "length"])
+    assert s["eos_rate"] == 0.5 and s["max_words"] == 6
+    assert s["distinct2"] < 0.8
+
+
+class _FakePolicy:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def _resp(self, text: str) -> SimpleNamespace:
+        self.n += 1
+        return SimpleNamespace(text=text, interaction_id=f"i{self.n}", feedback_token=f"tok{self.n}", policy_version=0)
+
+    def Generate(self, req, timeout=None):  # noqa: N802 - gRPC stub shape
+        return self._resp(GOOD)
+
+    def GeneratePair(self, req, timeout=None):  # noqa: N802
+        return SimpleNamespace(pair_id="p1", a=self._resp(BAD), b=self._resp(GOOD), feedback_token="pairtok")
+
+
+class _FakeFeedback:
+    def __init__(self) -> None:
+        self.got: list = []
+
+    def Submit(self, req, timeout=None):  # noqa: N802
+        self.got.append(req)
+
+
+def test_panel_client_uses_the_tokens_it_received() -> None:
+    from flywheel.v1 import events_pb2
+
+    strict = Persona("strict", {"polite": 1, "rude": -2, "concise": 1, "on_topic": 2, "closing": 0.5}, 0.0, 0.0)
+    client = PanelClient.__new__(PanelClient)
+    client.panel, client.cfg = Panel([strict]), PanelConfig(prompts=[PROMPT])
+    client.policy, client.feedback = _FakePolicy(), _FakeFeedback()
+    client.events, client.errors, client.by_kind = 0, [], {}
+    import threading
+
+    client._lock = threading.Lock()
+    for kind in ("pair", "thumbs", "rating", "demonstration"):
+        client.cfg.mix = {kind: 1.0}
+        client.one(random.Random(0))
+    pair, thumbs, rating, demo = client.feedback.got
+    assert pair.pair_id == "p1" and pair.feedback_token == "pairtok" and pair.preference == events_pb2.PREFERENCE_B
+    assert thumbs.thumbs == 1 and thumbs.feedback_token == thumbs.interaction_id.replace("i", "tok")
+    assert rating.rating == 3
+    assert demo.demonstration and demo.user_id.startswith("strict-")
+    assert client.events == 4 and len({r.feedback_id for r in client.feedback.got}) == 4
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd and _pid_alive(int(d)):
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_up_twice_leaves_nothing_behind(tmp_path) -> None:
+    from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig, port_free
+
+    store = tmp_path / "models"
+    for round_ in range(2):
+        sup = Supervisor(UpConfig(run_dir=tmp_path / f"run{round_}", store=str(store), free_ports=True, progress=False))
+        sup.start()
+        try:
+            pids = {n: c.proc.pid for n, c in sup.children.items()}
+            ports = [p for c in sup.children.values() for p in (c.grpc_port, c.http_port)]
+            broker_pid, broker_port = sup.broker.proc.pid, sup.broker.port
+            assert all(_pid_alive(p) for p in pids.values())
+            if round_ == 1:  # a child that dies is reported with its name, exit code and log
+                os.killpg(pids["feedback"], signal.SIGKILL)
+                time.sleep(1.0)
+                with pytest.raises(ChildDied) as err:
+                    sup.poll()
+                assert err.value.name == "feedback" and err.value.code == -signal.SIGKILL
+                assert "feedback listening" in str(err.value)
+        finally:
+            sup.stop()
+        assert not [p for p in [*pids.values(), broker_pid] if _pid_alive(p)]
+        assert not _procs_mentioning(str(tmp_path / f"run{round_}"))
+        assert all(port_free(p) for p in [*ports, broker_port])
+
+
+@pytest.mark.timeout(900)
+def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
+    """The whole loop on real Kafka with tiny settings: a promoted version serves and the panel prefers it."""
+    import grpc
+
+    from flywheel.loop.demo import DemoConfig, run_demo
+
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    topics = {f"FLYWHEEL_TOPIC_{t.upper()}": prefix + n for t, n in _topic_defaults().items()}
+    cfg = DemoConfig(
+        out=tmp_path / "demo",
+        minutes=4.5,
+        target_win_rate=0.7,
+        max_events=1500,
+        events_per_s=8.0,
+        eval_every_s=20.0,
+        eval_samples=6,
+        final_eval_samples=30,
+        bank_per_prompt=30,
+        resume_min_pairs=60,
+        resume_accuracy=0.7,
+        bootstrap=kafka_bootstrap,
+        env={**topics, "FLYWHEEL_REWARD_JOIN_GROUP": prefix + "join", "FLYWHEEL_TRAINER_CONSUMER_GROUP": prefix + "tr"},
+        progress=True,
+    )
+    report = run_demo(cfg)
+    assert report["policy_versions_promoted"], report["series"]
+    assert report["serving_version"] > 0  # the answers themselves carry the promoted version
+    assert max(p["serving_version"] for p in report["series"]) > 0  # and Policy.GetInfo said so
+    assert report["win_rate_vs_starter"] >= 0.65, report
+    assert report["kl_to_starter"] < report["kl_budget"]
+    assert report["answers"]["eos_rate"] > 0.9 and report["answers"]["distinct2"] > 0.8
+    assert (cfg.out / "report.png").stat().st_size > 10_000
+    del grpc
+
+
+def _topic_defaults() -> dict[str, str]:
+    from flywheel.core.config import TopicsConfig
+
+    d = TopicsConfig()
+    return {
+        "interactions": d.interactions,
+        "feedback": d.feedback,
+        "preferences": d.preferences,
+        "policy_updates": d.policy_updates,
+        "reward_updates": d.reward_updates,
+        "dlq": d.dlq,
+    }
