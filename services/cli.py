@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
 SERVICES = {
@@ -65,7 +66,22 @@ def _models_list(args: argparse.Namespace) -> int:
             flags = " promoted" if m.promoted else ""
             gate = f" gate={m.gate}" if m.gate else ""
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
-            print(f"{name} v{m.version} parent=v{m.parent} {m.created_at}{flags}{gate} {metrics}".rstrip())
+            parent = "-" if m.parent is None else f"v{m.parent}"
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
+            print(f"{name} v{m.version} parent={parent} {created}{flags}{gate} {metrics}".rstrip())
+    return 0
+
+
+def _models_init(args: argparse.Namespace) -> int:
+    from flywheel.core.config import load
+    from flywheel.policy.service import ensure_starter as ensure_policy
+    from flywheel.reward.config import RewardModelConfig
+    from flywheel.reward.starter import ensure_starter as ensure_reward
+
+    store = _models_store(args)
+    ensure_policy(store, steps=args.policy_steps, progress=True)
+    reward = ensure_reward(store, load(RewardModelConfig))
+    print(f"policy v0 and {reward.model} v{reward.version} are in {store.root}")
     return 0
 
 
@@ -129,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("model", help="model name, e.g. policy")
     verify.add_argument("version", type=int, nargs="?", default=None, help="version (default: latest)")
     verify.set_defaults(run=_models_verify)
-    init = models_sub.add_parser("init", help="build the starter policy and reward model (version 0)")
-    init.set_defaults(run=_not_built("models init", 3))
+    init = models_sub.add_parser("init", help="build the starter policy and reward model (version 0) if missing")
+    init.add_argument(
+        "--policy-steps", type=int, default=600, help="training steps of the starter policy (default 600)"
+    )
+    init.set_defaults(run=_models_init)
 
     bench = sub.add_parser("bench", help="run the benchmarks under bench/ (each prints a ratio to its baseline)")
     bench.set_defaults(run=_not_built("bench", 5))

@@ -207,6 +207,10 @@ class ModelStore:
             raise errors.InvalidArgument(f"model name {model!r}: use letters, digits, '.', '_' and '-'")
         return self.root / model
 
+    def models(self) -> list[str]:
+        """Names of the models that have a folder in the store."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
     def version_path(self, model: str, version: int) -> Path:
         return self.model_dir(model) / version_dir_name(version)
 

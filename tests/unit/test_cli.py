@@ -23,7 +23,7 @@ def test_serve_help_has_ports_for_each_service():
         assert r.returncode == 0 and "--grpc-port" in r.stdout and "--http-port" in r.stdout and str(port) in r.stdout
 
 
-@pytest.mark.parametrize("args", [["up"], ["demo", "--minutes", "1"], ["models", "init"]])
+@pytest.mark.parametrize("args", [["up"], ["demo", "--minutes", "1"]])
 def test_unbuilt_commands_say_so_and_fail(args):
     r = flywheel(*args)
     assert r.returncode == 2
@@ -33,3 +33,17 @@ def test_unbuilt_commands_say_so_and_fail(args):
 def test_unknown_command_is_an_error():
     r = flywheel("fly")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_models_init_list_verify_on_a_fresh_store(tmp_path):
+    store = str(tmp_path / "models")
+    r = flywheel("models", "--store", store, "init", "--policy-steps", "5")
+    assert r.returncode == 0, r.stderr
+    listing = flywheel("models", "--store", store, "list")
+    assert listing.returncode == 0
+    assert "policy v0 parent=- " in listing.stdout and "reward v0" in listing.stdout
+    assert flywheel("models", "--store", store, "verify", "policy", "0").returncode == 0
+    weights = next((tmp_path / "models" / "reward").glob("v*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    bad = flywheel("models", "--store", store, "verify", "reward")
+    assert bad.returncode == 1 and "model.safetensors" in bad.stderr
