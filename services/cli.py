@@ -86,11 +86,17 @@ def _models_init(args: argparse.Namespace) -> int:
 
 
 def _models_verify(args: argparse.Namespace) -> int:
-    from flywheel.core.errors import FlywheelError
+    from flywheel.core.errors import FlywheelError, NotFound
 
     store = _models_store(args)
     try:
-        path = store.verify(args.model, args.version)
+        version = args.version
+        if version is None:
+            latest = store.latest(args.model)
+            if latest is None:
+                raise NotFound(f"model {args.model!r} has no versions in {store.root}")
+            version = latest.version
+        path = store.verify(args.model, version)
     except FlywheelError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
