@@ -40,6 +40,28 @@ def _serve(args: argparse.Namespace) -> int:
     return entry.main(["--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)])
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """List bench/*.py of this checkout, or run one with its own arguments."""
+    import ast
+    import subprocess
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    scripts = {p.stem: p for p in sorted(bench_dir.glob("*.py"))}
+    if not scripts:
+        print(f"no benchmarks found in {bench_dir} (they live in a source checkout)", file=sys.stderr)
+        return 2
+    if args.name is None:
+        for name, path in scripts.items():
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            print(f"{name:20s} {doc.splitlines()[0] if doc else ''}")
+        return 0
+    if args.name not in scripts:
+        print(f"unknown benchmark {args.name!r}; choose one of: {', '.join(scripts)}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(scripts[args.name]), *args.args])
+
+
 def _broker(args: argparse.Namespace) -> int:
     from flywheel.core import brokers
 
@@ -158,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(run=_models_init)
 
     bench = sub.add_parser("bench", help="run the benchmarks under bench/ (each prints a ratio to its baseline)")
-    bench.set_defaults(run=_not_built("bench", 5))
+    bench.add_argument("name", nargs="?", help="benchmark to run (default: list them)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
+    bench.set_defaults(run=_bench)
 
     from flywheel.ops.__main__ import add_parser as add_ops_parser
 

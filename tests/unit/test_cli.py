@@ -47,3 +47,12 @@ def test_models_init_list_verify_on_a_fresh_store(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1] + b"x")
     bad = flywheel("models", "--store", store, "verify", "reward")
     assert bad.returncode == 1 and "model.safetensors" in bad.stderr
+
+
+def test_bench_lists_every_benchmark_and_refuses_an_unknown_one():
+    r = flywheel("bench")
+    assert r.returncode == 0
+    for name in ("bus_throughput", "serving", "hot_swap", "feedback_throughput", "reward_scoring", "ppo_vs_trl"):
+        assert name in r.stdout
+    bad = flywheel("bench", "nope")
+    assert bad.returncode == 2 and "unknown benchmark 'nope'" in bad.stderr
