@@ -244,7 +244,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
             "serving_version": final["version"],
             "kl_to_starter": serving_kl(sup.store, final["version"]),
             "kl_budget": float(env.get("FLYWHEEL_TRAINER_GATE_KL_BUDGET", 12.0)),
-            "answers": {k: final[k] for k in ("mean_words", "max_words", "distinct2", "eos_rate")},
+            "answers": {k: final[k] for k in ("mean_words", "max_words", "distinct2", "well_formed", "eos_rate")},
             "starter_answers": answer_stats([a for v in bank.values() for a in v]),
             "hidden_utility": {"serving": final["hidden_utility"], "starter": _bank_utility(panel, bank)},
             "examples": final["examples"],
@@ -285,10 +285,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax[0].plot(t, [p["win_rate"] for p in s], "o-", label="panel win-rate vs starter")
     ax[0].axhline(report.get("target_win_rate", 0.8), ls="--", c="gray", label="target")
     ax[0].axhline(0.5, ls=":", c="gray")
-    ax[0].set(xlabel="minutes", ylabel="win-rate (hidden utility)", ylim=(0, 1), title="Win-rate vs starter")
+    ax[0].set(
+        xlabel="minutes since the panel started",
+        ylabel="win-rate (hidden utility)",
+        ylim=(0, 1),
+        title="Win-rate vs starter",
+    )
     ax[0].legend(loc="lower right")
     ax[1].plot(t, [p["trainer_reward_mean"] for p in s], "o-", label="trainer rollout reward (RM score)")
-    ax[1].plot(t, [p["reward_accuracy"] for p in s], "s-", label="reward model held-out accuracy")
+    acc = [p["reward_accuracy"] if p["reward_accuracy"] >= 0 else float("nan") for p in s]  # -1: not measured yet
+    ax[1].plot(t, acc, "s-", label="reward model held-out accuracy")
     ax[1].set(xlabel="minutes", title="Reward")
     ax[1].legend()
     ax[2].plot(t, [p["kl_to_starter"] for p in s], "o-", label="serving version (gate)")

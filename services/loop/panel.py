@@ -43,15 +43,37 @@ class Persona:
 DEFAULT_PERSONAS: tuple[Persona, ...] = (
     Persona("customer", {"polite": 1.0, "rude": -2.0, "concise": 1.0, "on_topic": 2.0, "closing": 0.5}, share=0.4),
     Persona("engineer", {"polite": 0.2, "rude": -1.0, "concise": 2.0, "on_topic": 2.0, "closing": -0.5}, share=0.25),
-    Persona(
-        "chatter", {"polite": 1.5, "rude": -2.5, "concise": -0.3, "on_topic": 1.0, "closing": 1.0}, 0.8, share=0.2
-    ),
+    Persona("chatter", {"polite": 1.5, "rude": -2.5, "concise": -0.3, "on_topic": 1.0, "closing": 1.0}, 0.8, share=0.2),
     Persona("stickler", {"polite": 0.5, "rude": -1.0, "concise": 0.5, "on_topic": 3.0, "closing": 0.0}, share=0.15),
 )
 
 
+_PHRASES = sorted(
+    {
+        p.lower()
+        for p in (
+            *corpus.POLITE,
+            *corpus.RUDE,
+            *corpus.FILLERS,
+            *corpus.CLOSINGS,
+            *(b for t in corpus.TOPICS.values() for b in t[2]),
+        )
+    },
+    key=len,
+    reverse=True,
+)
+
+
+def well_formed(answer: str) -> bool:
+    """True when the answer is made of whole sentences of the corpus (no garbled or invented text)."""
+    text = " ".join(answer.lower().split())
+    for phrase in _PHRASES:
+        text = text.replace(phrase, " ")
+    return not text.strip()
+
+
 def features(prompt: str, answer: str) -> dict[str, float]:
-    """0/1 style features of an answer, plus `malformed` (empty, cut off or repeating itself)."""
+    """0/1 style features of an answer, plus `malformed` (empty, garbled, too long or repeating itself)."""
     s = corpus.classify(prompt, answer)
     sentences = [x.strip() for x in answer.replace("!", ".").replace("?", ".").split(".") if x.strip()]
     repeats = len(sentences) - len(set(sentences))
@@ -61,7 +83,7 @@ def features(prompt: str, answer: str) -> dict[str, float]:
         "concise": float(not s.verbose),
         "on_topic": float(bool(s.on_topic)),
         "closing": float(s.closing),
-        "malformed": float(s.words < 4 or repeats > 0 or s.words > 90),
+        "malformed": float(s.words < 4 or repeats > 0 or s.words > 90 or not well_formed(answer)),
     }
 
 
@@ -109,7 +131,7 @@ class Panel:
         return 1 + sum(self._noisy(p, u - t) for t in steps)
 
     def prefer(self, p: Persona, prompt: str, a: str, b: str, tie_band: float = 0.2) -> str:
-        """"A", "B" or "TIE" (a tie when the two are about equally good to this persona)."""
+        """ "A", "B" or "TIE" (a tie when the two are about equally good to this persona)."""
         d = utility(p, prompt, a) - utility(p, prompt, b)
         if abs(d) < tie_band and self.rng.random() >= p.careless:
             return "TIE"
@@ -205,7 +227,9 @@ class PanelClient:
         prompt = rng.choice(self.cfg.prompts)
         kind = rng.choices(list(self.cfg.mix), weights=list(self.cfg.mix.values()))[0]
         if kind == "pair":
-            pair = self.policy.GeneratePair(policy_pb2.GeneratePairRequest(request=self.request(prompt, user)), timeout=60)
+            pair = self.policy.GeneratePair(
+                policy_pb2.GeneratePairRequest(request=self.request(prompt, user)), timeout=60
+            )
             choice = self.panel.prefer(p, prompt, pair.a.text, pair.b.text)
             pref = {"A": events_pb2.PREFERENCE_A, "B": events_pb2.PREFERENCE_B, "TIE": events_pb2.PREFERENCE_TIE}
             token = pair.feedback_token
@@ -276,7 +300,9 @@ def starter_bank(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tok.pad_token_id,
             )
-            bank[prompt] = [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc.input_ids.shape[1] :]]
+            bank[prompt] = [
+                tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc.input_ids.shape[1] :]
+            ]
     return bank
 
 
@@ -292,8 +318,8 @@ def answer_stats(answers: Sequence[str], finish: Sequence[str] | None = None) ->
         "mean_words": sum(len(w) for w in words) / n,
         "max_words": float(max((len(w) for w in words), default=0)),
         "distinct2": sum(distinct2) / n,
+        "well_formed": sum(well_formed(a) for a in answers) / n,
     }
     if finish is not None:
         out["eos_rate"] = sum(f in ("eos_token", "stop_sequence") for f in finish) / max(1, len(finish))
     return out
-

@@ -101,7 +101,10 @@ def _patched_env(values: dict[str, str]) -> Iterator[None]:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could listen on `port` now (SO_REUSEADDR as servers set it, so the
+    TIME_WAIT of connections closed a moment ago does not count as busy)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -181,9 +184,7 @@ class Supervisor:
             return {name: (free_port(), free_port()) for name in SERVICES}
         busy = [f"{n} {p}" for n, ports in DEFAULT_PORTS.items() for p in ports if not port_free(p)]
         if busy:
-            raise RuntimeError(
-                f"ports already in use ({', '.join(busy)}): stop what holds them, or use --free-ports"
-            )
+            raise RuntimeError(f"ports already in use ({', '.join(busy)}): stop what holds them, or use --free-ports")
         return dict(DEFAULT_PORTS)
 
     def env(self) -> dict[str, str]:
@@ -287,7 +288,11 @@ class Supervisor:
             if child.proc is not None and child.proc.poll() is not None:
                 raise ChildDied(child.name, child.proc.returncode, child.log)
         if self.broker is not None and not self.broker.alive():
-            raise ChildDied("broker", self.broker.proc.returncode if self.broker.proc else None, self.run_dir / "logs" / "broker.log")
+            raise ChildDied(
+                "broker",
+                self.broker.proc.returncode if self.broker.proc else None,
+                self.run_dir / "logs" / "broker.log",
+            )
 
     def endpoints(self) -> str:
         """Where each service listens and how to call it."""
@@ -300,15 +305,15 @@ class Supervisor:
             f"model store {self.store}; logs {self.run_dir / 'logs'}",
             "",
             "Try it:",
-            f"  grpcurl -plaintext -d '{{\"prompt\": \"how do I reset my password?\"}}' "
+            f'  grpcurl -plaintext -d \'{{"prompt": "how do I reset my password?"}}\' '
             f"{pol.address} flywheel.v1.Policy/Generate",
             f"  curl -s http://127.0.0.1:{pol.http_port}/generate -H 'content-type: application/json' "
-            "-d '{\"inputs\": \"where is my order?\", \"parameters\": {\"max_new_tokens\": 48}}'",
-            f"  python -c \"from text_generation import Client; "
+            '-d \'{"inputs": "where is my order?", "parameters": {"max_new_tokens": 48}}\'',
+            f'  python -c "from text_generation import Client; '
             f"print(Client('http://127.0.0.1:{pol.http_port}').generate('how do I bake bread?').generated_text)\"",
             "  # then rate the answer with the interaction_id and feedback_token it came with:",
-            f"  grpcurl -plaintext -d '{{\"feedback_id\": \"f1\", \"interaction_id\": \"<id>\", "
-            f"\"feedback_token\": \"<token>\", \"thumbs\": 1}}' {fb.address} flywheel.v1.Feedback/Submit",
+            f'  grpcurl -plaintext -d \'{{"feedback_id": "f1", "interaction_id": "<id>", '
+            f'"feedback_token": "<token>", "thumbs": 1}}\' {fb.address} flywheel.v1.Feedback/Submit',
             f"  grpcurl -plaintext -H 'authorization: Bearer $FLYWHEEL_ADMIN_TOKEN' {p['trainer'].address} "
             "flywheel.v1.Trainer/GetStatus",
             f"  metrics: curl -s http://127.0.0.1:{pol.http_port}/metrics",
