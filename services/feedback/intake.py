@@ -20,15 +20,27 @@ The seen-id store is written behind (group commits every few ms, WAL + synchrono
 it survives a process crash), because losing a mark costs at most such a duplicate, while an
 fsync per request would cap intake at a few hundred per second. While an id is in flight, a
 concurrent request with the same id gets ABORTED ("retry to learn the outcome").
+
+Group hand-off. Concurrent requests (Submit calls and SubmitBatch calls alike) are coalesced,
+like Kafka's linger.ms: each validates its own items on the event loop, then joins the next
+*flush*: one trip to the intake's own hand-off thread reserves every id of the flush in one
+sqlite query and queues every new event on the producer, and one loop wake-up waits for all
+of their acks. While one flush is on that thread, new arrivals gather for the next one, so
+the group grows with the load and costs no extra latency when the service is idle. Each
+caller is still answered only for its own items, and only after Kafka acked them (acks=all)
+or the spool has them on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
+import hmac
 import logging
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -38,8 +50,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
+from flywheel.core import auth as _auth
 from flywheel.core import bus, errors
-from flywheel.core.auth import AuthConfig, Caller, TokenClaims
+from flywheel.core.auth import AuthConfig, Caller, TokenClaims, TokenSigner
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.metrics import LATENCY_BUCKETS
 from flywheel.core.server import run_blocking
@@ -67,6 +80,9 @@ ACCEPTED_S, SPOOLED_S, DUPLICATE_S = (
     feedback_pb2.SUBMIT_STATUS_DUPLICATE,
 )
 H_EVENT_ID = "flywheel-event-id"
+# The intake's producer (acks=all and idempotence stay, from bus.Producer). Each flush already
+# groups concurrent requests, so a long linger would only add latency to every acknowledgement.
+LINGER_MS, BATCH_BYTES = 2, 256 << 10
 
 
 class InFlight(errors.FlywheelError):
@@ -129,10 +145,39 @@ def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
     return kind
 
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}  # (id(counter), labels) -> the child's inc
+
+
 def _count(counter: Counter, label_sets: list[tuple[str, ...]]) -> None:
-    """Increment `counter` once per distinct label set (labels() costs microseconds per call)."""
+    """Increment `counter` once per distinct label set; children cached (labels() costs microseconds)."""
+    if not label_sets:
+        return
     for labels, n in collections.Counter(label_sets).items():
-        counter.labels(*labels).inc(n)
+        inc = _CHILDREN.get((id(counter), labels))
+        if inc is None:
+            inc = _CHILDREN.setdefault((id(counter), labels), counter.labels(*labels).inc)
+        inc(n)
+
+
+def verify_token(signer: TokenSigner, token: str, subject: str, user_id: str, now: float | None = None) -> TokenClaims:
+    """signer.verify with one HMAC for a good token (it computes three: two fingerprints, the MAC).
+
+    A token whose MAC checks out over (subject, its policy version, user_id, issued, expiry)
+    and that has not expired is valid whatever its fingerprint bytes say (they only serve to
+    explain a refusal). Anything else goes to signer.verify, which names the exact reason, so
+    every refusal and its message is unchanged.
+    """
+    try:
+        version, policy_version, issued, expiry, _fp_i, _fp_u, mac = _auth._TOKEN_LAYOUT.unpack(
+            _auth._unb64(token.strip())
+        )
+    except (ValueError, TypeError, AttributeError, struct.error):
+        version = None
+    if version == _auth._TOKEN_VERSION:
+        t = time.time() if now is None else now
+        if t < expiry and hmac.compare_digest(mac, signer._mac(subject, policy_version, user_id, issued, expiry)):
+            return TokenClaims(subject, user_id, policy_version, issued, expiry)
+    return signer.verify(token, subject, user_id, now)
 
 
 def build_event(
@@ -240,14 +285,18 @@ class SeenFeedbackIds:
                     out.append("new")
                     lookup.append(n)
         if lookup:
-            with self._read_lock:
-                found = [
-                    n for n in lookup if self._reader.execute("SELECT 1 FROM seen WHERE id=?", (ids[n],)).fetchone()
-                ]
-            with self._lock:
-                for n in found:
-                    self._inflight.discard(ids[n])
-                    out[n] = "seen"
+            stored: set[str] = set()
+            with self._read_lock:  # one query per 500 ids, not one per id
+                for k in range(0, len(lookup), 500):
+                    chunk = [ids[n] for n in lookup[k : k + 500]]
+                    sql = f"SELECT id FROM seen WHERE id IN ({','.join('?' * len(chunk))})"
+                    stored.update(row[0] for row in self._reader.execute(sql, chunk))
+            if stored:
+                with self._lock:
+                    for n in lookup:
+                        if ids[n] in stored:
+                            self._inflight.discard(ids[n])
+                            out[n] = "seen"
         return out
 
     def commit(self, ids: list[str]) -> None:
@@ -338,10 +387,23 @@ class FeedbackIntake:
         self.user_limits = RateLimiter(config.per_user_rate, config.per_user_burst, "user")
         self.key_limits = RateLimiter(config.per_key_rate, config.per_key_burst, "caller")
         timeout_ms = int(config.send_timeout_s * 1000)
-        self.producer = producer or bus.Producer(kafka, max_block_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+        self.producer = producer or bus.Producer(
+            kafka,
+            max_block_ms=timeout_ms,
+            bootstrap_timeout_ms=timeout_ms,
+            linger_ms=LINGER_MS,
+            batch_size=BATCH_BYTES,
+            metrics_enabled=False,  # kafka-python's own sensors (we export Prometheus): ~10% of its send thread
+        )
         self.spool: DurableSpool | None = None
         self.seen: SeenFeedbackIds | None = None
         self.sender = ProducerSender(self.producer, timeout_s=config.send_timeout_s)
+        # Group hand-off (module doc): requests waiting for the next flush, the task running
+        # flushes, the flushes waiting for acks, and the one thread that makes the trips.
+        self._queue: list[tuple[list[_Item], asyncio.Future[list[Any]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._handoff_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feedback-handoff")
 
     def open(self) -> None:
         """Open the stores and start draining the spool (blocking; call with run_blocking)."""
@@ -363,6 +425,7 @@ class FeedbackIntake:
         """Try to empty the spool, then close stores and the producer (blocking)."""
         if self.spool is not None:
             self.spool.close(drain_timeout_s)
+        self._handoff_pool.shutdown(wait=True)
         if self.seen is not None:
             self.seen.close()
         try:
@@ -409,7 +472,7 @@ class FeedbackIntake:
                         "(for a preference, the pair's token from GeneratePair)"
                     )
                 subject = req.pair_id if kind == "preference" else req.interaction_id
-                claims = self.signer.verify(req.feedback_token, subject, req.user_id)
+                claims = verify_token(self.signer, req.feedback_token, subject, req.user_id)
                 self.user_limits.take(req.user_id, 1)
             except errors.FlywheelError as e:
                 results[i] = e
@@ -435,11 +498,13 @@ class FeedbackIntake:
         return results
 
     async def _dedup_and_hand_off(self, items: list[_Item], results: list[Any], counts: list[tuple[str, str]]) -> None:
-        started = time.perf_counter()
-        # One trip to the blocking pool per request: reserve the ids, queue the new events.
-        direct = self.spool.depth() == 0
-        marks, sent = await run_blocking(self._reserve_and_send, items, direct)
-        fresh = []
+        """Dedup and hand off this request's items as part of the next flush (see the module doc)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[Any]] = loop.create_future()
+        self._queue.append((items, waiter))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_loop())
+        marks = await waiter
         for it, mark in zip(items, marks, strict=True):
             if mark == "seen":
                 results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=DUPLICATE_S)
@@ -450,27 +515,70 @@ class FeedbackIntake:
                     "retry in a moment to learn its outcome",
                     retry_after_s=1,
                 )
+            elif isinstance(mark, errors.FlywheelError):
+                results[it.index] = mark
             else:
-                fresh.append(it)
-        if not fresh:
-            return
+                results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=mark)
+                counts.append((it.kind, "accepted" if mark == ACCEPTED_S else "spooled"))
+
+    async def _flush_loop(self) -> None:
+        """Run flushes while requests wait: one hand-off-thread trip each, acks awaited concurrently."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0)  # let requests that arrived in this loop iteration join the first flush
+        while self._queue:
+            batch, self._queue = self._queue, []
+            items = [it for its, _ in batch for it in its]
+            started = time.perf_counter()
+            direct = self.spool.depth() == 0
+            try:
+                marks, sent = await loop.run_in_executor(self._handoff_pool, self._reserve_and_send, items, direct)
+            except BaseException as e:  # the sends' reservations were released there
+                for _, w in batch:
+                    if not w.done():
+                        w.set_exception(e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                continue
+            task = loop.create_task(self._finish_flush(batch, items, marks, sent, started))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def _finish_flush(
+        self,
+        batch: list[tuple[list[_Item], asyncio.Future[list[Any]]]],
+        items: list[_Item],
+        marks: list[Any],
+        sent: list[Any] | None,
+        started: float,
+    ) -> None:
+        """Wait for the flush's acks (or spool it), record the ids, and answer every request in it."""
+        fresh = [n for n, m in enumerate(marks) if m == "new"]
         try:
-            outcomes = await self._hand_off(fresh, sent)
-        except BaseException:
-            self.seen.release([it.feedback_id for it in fresh])
-            raise
-        HANDOFF_SECONDS.observe(time.perf_counter() - started)
-        done, failed = [], []
-        for it, outcome in zip(fresh, outcomes, strict=True):
-            if isinstance(outcome, errors.FlywheelError):
-                results[it.index] = outcome
-                failed.append(it.feedback_id)
-            else:
-                results[it.index] = feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=outcome)
-                counts.append((it.kind, "accepted" if outcome == ACCEPTED_S else "spooled"))
-                done.append(it.feedback_id)
-        self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
-        self.seen.release(failed)
+            if fresh:
+                try:
+                    outcomes = await self._hand_off([items[n] for n in fresh], sent)
+                except BaseException:
+                    self.seen.release([items[n].feedback_id for n in fresh])
+                    raise
+                HANDOFF_SECONDS.observe(time.perf_counter() - started)
+                done, failed = [], []
+                for n, outcome in zip(fresh, outcomes, strict=True):
+                    marks[n] = outcome
+                    (failed if isinstance(outcome, errors.FlywheelError) else done).append(items[n].feedback_id)
+                self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
+                self.seen.release(failed)
+        except BaseException as e:
+            for _, w in batch:
+                if not w.done():
+                    w.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        at = 0
+        for its, w in batch:
+            if not w.done():  # a cancelled caller's events are durable all the same; a retry is DUPLICATE
+                w.set_result(marks[at : at + len(its)])
+            at += len(its)
 
     def _reserve_and_send(self, items: list[_Item], direct: bool) -> tuple[list[str], list[Any] | None]:
         """Blocking: reserve the ids; queue the new events on the producer when `direct`."""
@@ -480,12 +588,17 @@ class FeedbackIntake:
         fresh = [it for it, m in zip(items, marks, strict=True) if m == "new"]
         out: list[Any] = []
         topic = self.topics.feedback
-        for it in fresh:
-            try:
-                out.append(self.producer.send_raw(topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)]))
-            except errors.FlywheelError as e:  # no connection, or no metadata within send_timeout_s
-                out.extend([e] * (len(fresh) - len(out)))
-                break
+        send = self.producer.send_raw
+        try:
+            for it in fresh:
+                try:
+                    out.append(send(topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)]))
+                except errors.FlywheelError as e:  # no connection, or no metadata within send_timeout_s
+                    out.extend([e] * (len(fresh) - len(out)))
+                    break
+        except BaseException:
+            self.seen.release([it.feedback_id for it in fresh])
+            raise
         return marks, out
 
     async def _hand_off(self, items: list[_Item], sent: list[Any] | None) -> list[int | errors.FlywheelError]:
