@@ -190,20 +190,22 @@ class TokenSigner:
             ) from None
         if version != _TOKEN_VERSION:
             raise errors.PermissionDenied(f"malformed feedback token: unknown token version {version}")
+        # One HMAC for a good token (the hot path of feedback intake); the fingerprints are
+        # computed only on refusal, to say precisely why.
+        if hmac.compare_digest(mac, self._mac(interaction_id, policy_version, user_id, issued, expiry)):
+            t = time.time() if now is None else now
+            if t >= expiry:
+                raise errors.PermissionDenied(
+                    f"feedback token has expired ({int(t - expiry)} s ago; tokens live {expiry - issued} s)"
+                )
+            return TokenClaims(interaction_id, user_id, policy_version, issued, expiry)
         if not hmac.compare_digest(fp_i, self._fingerprint("interaction", interaction_id)):
             raise errors.PermissionDenied(
                 f"feedback token was issued for another answer, not interaction_id {interaction_id!r}"
             )
         if not hmac.compare_digest(fp_u, self._fingerprint("user", user_id)):
             raise errors.PermissionDenied(f"feedback token was issued for another user, not user_id {user_id!r}")
-        if not hmac.compare_digest(mac, self._mac(interaction_id, policy_version, user_id, issued, expiry)):
-            raise errors.PermissionDenied("feedback token signature is invalid (tampered, or signed with another key)")
-        t = time.time() if now is None else now
-        if t >= expiry:
-            raise errors.PermissionDenied(
-                f"feedback token has expired ({int(t - expiry)} s ago; tokens live {expiry - issued} s)"
-            )
-        return TokenClaims(interaction_id, user_id, policy_version, issued, expiry)
+        raise errors.PermissionDenied("feedback token signature is invalid (tampered, or signed with another key)")
 
 
 # ---------------------------------------------------------------------------- caller identity

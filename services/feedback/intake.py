@@ -37,10 +37,8 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import hmac
 import logging
 import sqlite3
-import struct
 import threading
 import time
 from pathlib import Path
@@ -50,9 +48,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
-from flywheel.core import auth as _auth
 from flywheel.core import bus, errors
-from flywheel.core.auth import AuthConfig, Caller, TokenClaims, TokenSigner
+from flywheel.core.auth import AuthConfig, Caller, TokenClaims
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.metrics import LATENCY_BUCKETS
 from flywheel.core.server import run_blocking
@@ -157,27 +154,6 @@ def _count(counter: Counter, label_sets: list[tuple[str, ...]]) -> None:
         if inc is None:
             inc = _CHILDREN.setdefault((id(counter), labels), counter.labels(*labels).inc)
         inc(n)
-
-
-def verify_token(signer: TokenSigner, token: str, subject: str, user_id: str, now: float | None = None) -> TokenClaims:
-    """signer.verify with one HMAC for a good token (it computes three: two fingerprints, the MAC).
-
-    A token whose MAC checks out over (subject, its policy version, user_id, issued, expiry)
-    and that has not expired is valid whatever its fingerprint bytes say (they only serve to
-    explain a refusal). Anything else goes to signer.verify, which names the exact reason, so
-    every refusal and its message is unchanged.
-    """
-    try:
-        version, policy_version, issued, expiry, _fp_i, _fp_u, mac = _auth._TOKEN_LAYOUT.unpack(
-            _auth._unb64(token.strip())
-        )
-    except (ValueError, TypeError, AttributeError, struct.error):
-        version = None
-    if version == _auth._TOKEN_VERSION:
-        t = time.time() if now is None else now
-        if t < expiry and hmac.compare_digest(mac, signer._mac(subject, policy_version, user_id, issued, expiry)):
-            return TokenClaims(subject, user_id, policy_version, issued, expiry)
-    return signer.verify(token, subject, user_id, now)
 
 
 def build_event(
@@ -472,7 +448,7 @@ class FeedbackIntake:
                         "(for a preference, the pair's token from GeneratePair)"
                     )
                 subject = req.pair_id if kind == "preference" else req.interaction_id
-                claims = verify_token(self.signer, req.feedback_token, subject, req.user_id)
+                claims = self.signer.verify(req.feedback_token, subject, req.user_id)
                 self.user_limits.take(req.user_id, 1)
             except errors.FlywheelError as e:
                 results[i] = e
