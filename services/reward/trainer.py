@@ -34,6 +34,7 @@ from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
+MIN_GUARD_HELDOUT = 20  # held-out pairs an accuracy needs before it can block a later version
 STEPS = Counter("flywheel_reward_training_steps", "Reward-model optimizer steps.")
 ACCURACY = Gauge("flywheel_reward_heldout_accuracy", "Held-out pairwise accuracy of the latest evaluated model.")
 PAIRS_TRAINED = Gauge("flywheel_reward_pairs_trained", "Distinct training pairs the model has seen.")
@@ -74,6 +75,7 @@ class OnlineTrainer:
         self.version = 0  # version the weights in memory descend from
         self.steps = 0
         self.last_accuracy = -1.0  # of the last published version
+        self.last_heldout = 0  # held-out pairs that accuracy was measured on
         self.last_loss = float("nan")
         self._steps_since_publish = 0
 
@@ -91,6 +93,7 @@ class OnlineTrainer:
         self.cursor = int(m.extra.get("pair_seq", 0))
         self.steps = int(m.metrics.get("training_steps", 0))
         self.last_accuracy = m.metrics.get("heldout_accuracy", -1.0)
+        self.last_heldout = int(m.metrics.get("pairs_heldout", 0))
         self.replay = [p for p in self.dataset.pairs_after(0, "train") if p.seq <= self.cursor]
         PAIRS_TRAINED.set(len(self.replay))
         log.info(
@@ -175,7 +178,10 @@ class OnlineTrainer:
         acc = ev["heldout_accuracy"]
         if acc >= 0:
             ACCURACY.set(acc)
-        if acc >= 0 and self.last_accuracy >= 0 and acc < self.last_accuracy - self.config.max_accuracy_drop:
+        # Guard only against an accuracy measured on enough pairs: a lucky 1.0 on the first
+        # one or two held-out pairs must not block every later version.
+        trusted = self.last_heldout >= MIN_GUARD_HELDOUT
+        if acc >= 0 and trusted and acc < self.last_accuracy - self.config.max_accuracy_drop:
             PUBLISHED.labels("gated").inc()
             log.warning(
                 "reward model not published: held-out accuracy %.3f < last %.3f - %.3f",
@@ -200,6 +206,7 @@ class OnlineTrainer:
             extra={"pair_seq": self.cursor, "train_config": cfg},
         )
         self.version, self.last_accuracy = m.version, acc
+        self.last_heldout = int(metrics["pairs_heldout"])
         PUBLISHED.labels("published").inc()
         log.info(
             "published reward version %d (held-out accuracy %.3f, %d pairs, %d steps)",
