@@ -4,6 +4,11 @@ transformers `generate` on the same model, prompts and token counts, in one run:
   3. `flywheel serve policy` as its own process, every client streaming over gRPC at once.
 Also p50/p99 time to first token and inter-token latency as the clients see them.
 
+Baselines, all on this machine in this run: `generate` greedy with min_new_tokens = max_new_tokens
+= --new-tokens, on the same saved model (same dtype, device) and the same --clients prompts;
+torch gets --threads intra-op threads in the benchmark process (HF) and in the service process
+(OMP_NUM_THREADS, as `flywheel up` sets it), so neither side is given more cores than the other.
+
 The model is a random-init Llama of the starter's architecture whose EOS is <unk> with a zero
 embedding, so greedy decoding never stops early: every request makes exactly --new-tokens
 (`generate` gets min_new_tokens too). Kafka: --bootstrap, else the embedded Tansu broker.
@@ -200,9 +205,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for HF and the service (0: torch default)")
     ap.add_argument("--bootstrap", default=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
     path = make_model(root / "model", args.hidden, args.layers)
     prompts = [e.prompt for e in corpus.generate(args.clients, seed=1)]
@@ -211,9 +219,10 @@ def main() -> None:
     hf = bench_hf(path, prompts, args.new_tokens, device, dtype)
     engine = {"model": path, "device": args.device, "dtype": args.dtype, "max_concurrent": args.clients}
     engine |= {"max_new_tokens_cap": max(args.new_tokens, 64)}
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     with (
         broker(args.bootstrap) as bootstrap,
-        policy_process(service_env(bootstrap, root, engine), root / "policy.log") as (
+        policy_process(service_env(bootstrap, root, engine) | threads, root / "policy.log") as (
             addr,
             _,
         ),
@@ -225,6 +234,9 @@ def main() -> None:
         "params": hf["params"],
         "clients": args.clients,
         "new_tokens": args.new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "baselines": "HF generate greedy, same model/prompts/token counts, this run: one prompt at a time; "
+        f"one static left-padded batch of {args.clients}",
         "hf_sequential_tok_s": round(hf["sequential_tok_s"], 1),
         "hf_static_batch_tok_s": round(hf["static_batch_tok_s"], 1),
         "service_tok_s": round(svc["tok_s"], 1),

@@ -10,7 +10,7 @@ TGI run it; the KV cache is kept per running batch and re-shaped only when the b
 position ids make each row compute exactly what it would compute alone.
 
 Front ends only see `generate`, `stream`, `info`, `load_version`, `start` and `stop` (vLLM's
-EngineClient idea): results reach asyncio through `loop.call_soon_threadsafe`, never by
+EngineClient idea): results reach asyncio through one `loop.call_soon_threadsafe` per step (Outbox), never by
 blocking the event loop.
 """
 
@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
@@ -89,16 +89,43 @@ class Sequence:
         self.generated: list[int] = []
         self.tokens: list[Token] = []
         self.text, self.emitted = "", 0
+        self.prefix_offset = self.read_offset = 0  # incremental detokenization window (_detokenize)
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None
         self.t_admit = self.t_first = self.t_last = 0.0
 
-    def emit(self, item: TokenEvent | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening
-            self.cancelled = True
+
+def _deliver(items: list[tuple[Sequence, TokenEvent | BaseException]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)
+
+
+class Outbox:
+    """Events of one scheduler step, handed to each event loop with ONE `call_soon_threadsafe`.
+
+    Waking a loop writes to its self-pipe (a syscall); per token that was a third of a small
+    model's step time with 32 streams. Per step and loop it is noise.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Sequence, TokenEvent | BaseException]] = []
+
+    def put(self, seq: Sequence, item: TokenEvent | BaseException) -> Outbox:
+        self.items.append((seq, item))
+        return self
+
+    def flush(self) -> None:
+        items, self.items = self.items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, item in items:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                for seq, _ in batch:
+                    seq.cancelled = True
 
 
 class Engine:
@@ -109,6 +136,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
         self._pending_swap: LoadedModel | None = None  # guarded by _cv
+        self._on_switch: Callable[[], None] | None = None  # guarded by _cv
         self._swap_applied = threading.Event()
         self._current: LoadedModel | None = None  # read anywhere, replaced only by the scheduler
         self._batches: dict[int, Batch] = {}  # id(LoadedModel) -> running batch; scheduler-owned
@@ -118,6 +146,7 @@ class Engine:
         self._last_swap_error = ""
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._outbox = Outbox()  # scheduler-owned: flushed at the end of every step
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -161,13 +190,14 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ hot swap
-    def load_version(self, path: str, version: int) -> EngineInfo:
+    def load_version(self, path: str, version: int, on_switch: Callable[[], None] | None = None) -> EngineInfo:
         """Load `path` as `version` in the caller's thread, then switch between two decode steps.
 
         Blocking: call it from a worker thread (`asyncio.to_thread`). Loading the version already
         served is a no-op (announcements arrive at least once); an older version is a rollback,
         loaded like any other. A checkpoint that cannot be loaded raises FailedPrecondition and
-        the current version keeps serving.
+        the current version keeps serving. `on_switch` runs in the scheduler thread at the switch,
+        before any step runs on the new version (e.g. to clear a reported swap error atomically).
         """
         with self._swap_lock:
             cur = self._current
@@ -178,8 +208,8 @@ class Engine:
             try:
                 loaded = load_model(str(path), version, self.config)
             except Exception as e:  # noqa: BLE001 - any failure to load is a refused checkpoint
-                METRICS.swaps.labels("failed").inc()
                 self._last_swap_error = f"version {version} from {path}: {type(e).__name__}: {e}"
+                METRICS.swaps.labels("failed").inc()  # after the error is readable: watchers poll the count
                 log.error("hot swap refused: %s", self._last_swap_error)
                 raise errors.FailedPrecondition(
                     f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}); "
@@ -187,7 +217,7 @@ class Engine:
                 ) from e
             self._swap_applied.clear()
             with self._cv:
-                self._pending_swap = loaded
+                self._pending_swap, self._on_switch = loaded, on_switch
                 self._cv.notify_all()
             while not self._swap_applied.wait(0.05):
                 if not (self._thread and self._thread.is_alive()):
@@ -195,7 +225,6 @@ class Engine:
             METRICS.swaps.labels("ok").inc()
             METRICS.swap_seconds.observe(time.perf_counter() - t0)
             METRICS.version.set(version)
-            self._last_swap_error = ""
             log.info("serving policy version %s from %s", version, path)
             return self.info()
 
@@ -210,8 +239,12 @@ class Engine:
         """Scheduler side of a swap: runs between steps, so no step ever mixes versions."""
         with self._cv:
             new, self._pending_swap = self._pending_swap, None
+            on_switch, self._on_switch = self._on_switch, None
         if new is None:
             return
+        self._last_swap_error = ""
+        if on_switch is not None:
+            on_switch()
         old, self._current = self._current, new
         if old is not None and self.config.swap_policy == "reprefill" and id(old) in self._batches:
             # Restart every answer whose tokens no caller has seen from its prompt on the new
@@ -350,6 +383,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - the thread must survive anything a batch does
                 log.exception("engine step failed; failing the running sequences")
                 self._fail(errors.FlywheelError(f"generation failed: {type(e).__name__}: {e}"), waiting=False)
+            self._outbox.flush()
         self._fail(errors.Unavailable("the policy engine is shutting down: retry on another replica"), waiting=True)
 
     def _fail(self, err: errors.FlywheelError, waiting: bool) -> None:
@@ -366,9 +400,10 @@ class Engine:
             METRICS.queue_depth.set(len(self._waiting))
         for s in victims:
             s.done = True
-            s.emit(err)
+            self._outbox.put(s, err)
             METRICS.requests.labels("error").inc()
         METRICS.running.set(0)
+        self._outbox.flush()  # after the events the failed step had already queued
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -443,18 +478,20 @@ class Engine:
             return ids
         except errors.FlywheelError as e:
             seq.done = True
-            seq.emit(e)
+            self._outbox.put(seq, e)
             return []
 
     def _after_forward(self, batch: Batch, logits: torch.Tensor) -> None:
         """Sample one token per row of `batch` from logits (B, V) and hand events to the callers."""
         seqs = batch.seqs
+        want_logprobs = any(s.req.logprobs for s in seqs)
         tokens, logprobs = select_next(
-            logits, [s.params for s in seqs], [s.seen for s in seqs], [s.generator for s in seqs]
+            logits, [s.params for s in seqs], [s.seen for s in seqs], [s.generator for s in seqs], want_logprobs
         )
         batch.next_ids = tokens
         now = time.perf_counter()
-        ids, lps = tokens.tolist(), logprobs.tolist()
+        ids = tokens.tolist()
+        lps = logprobs.tolist() if logprobs is not None else [None] * len(ids)
         METRICS.tokens.inc(len(ids))
         for seq, tok, lp in zip(seqs, ids, lps, strict=True):
             if seq.done:
@@ -467,18 +504,18 @@ class Engine:
             seq.t_last = now
             self._append(seq, batch.model, tok, lp)
 
-    def _append(self, seq: Sequence, m: LoadedModel, tok: int, lp: float) -> None:
+    def _append(self, seq: Sequence, m: LoadedModel, tok: int, lp: float | None) -> None:
         seq.generated.append(tok)
         if seq.params.repetition_penalty != 1.0:
             seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=seq.seen.device)])
-        # Decoding the text every step is only needed to stream it or to look for stop strings;
-        # otherwise it happens once at the end (it was a quarter of a small model's step time).
+        # The text is only needed per step to stream it or to look for stop strings; otherwise
+        # it is decoded once at the end (it was a quarter of a small model's step time).
         live_text = seq.stream or bool(seq.req.stop)
         if tok in m.eos_ids and not seq.req.ignore_eos:
             seq.finish_reason = "eos_token"
         else:
             if live_text:
-                seq.text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
+                _detokenize(seq, m)
                 cut = _find_stop(seq.text, seq.req.stop, seq.emitted)
                 if cut is not None:
                     seq.text, seq.finish_reason = seq.text[:cut], "stop_sequence"
@@ -488,18 +525,20 @@ class Engine:
         seq.tokens.append(token)
         if seq.finish_reason is not None:
             if not live_text:
-                seq.text = m.tokenizer.decode(seq.generated, skip_special_tokens=True)
+                seq.text = m.decode(seq.generated)
+            elif seq.finish_reason != "stop_sequence":
+                _detokenize(seq, m, final=True)  # with any incomplete character, as decode() gives it
             seq.done = True
             self._running -= 1  # info() is exact as soon as the caller has its result
             result = self._result(seq, m)
-            seq.emit(TokenEvent(token, seq.text[seq.emitted :], result))
+            self._outbox.put(seq, TokenEvent(token, seq.text[seq.emitted :], result))
             METRICS.requests.labels(seq.finish_reason).inc()
             METRICS.e2e_seconds.observe(result.total_time_s)
         elif seq.stream:
             end = _safe_end(seq.text, seq.req.stop)
             delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
             seq.emitted = max(seq.emitted, end)
-            seq.emit(TokenEvent(token, delta))
+            self._outbox.put(seq, TokenEvent(token, delta))
 
     def _result(self, seq: Sequence, m: LoadedModel) -> Result:
         now = time.perf_counter()
@@ -515,7 +554,27 @@ class Engine:
             queue_time_s=seq.t_admit - seq.t_submit,
             time_to_first_token_s=seq.t_first - seq.t_submit,
             total_time_s=now - seq.t_submit,
+            prompt_text=seq.req.prompt if seq.req.prompt is not None else m.render_chat(seq.req.messages or []),
         )
+
+
+def _detokenize(seq: Sequence, m: LoadedModel, final: bool = False) -> None:
+    """Bring `seq.text` up to `seq.generated` (= m.decode(seq.generated) once `final`).
+
+    Incremental detokenization as TGI and vLLM do it: decode only a short window of tokens
+    (from `prefix_offset`) with and without the newest ones, and append the difference once it
+    no longer ends in an incomplete UTF-8 character. Decoding the whole answer every step
+    instead costs O(n) per token. Tokenizers that clean up spaces across tokens decode it all.
+    """
+    ids = seq.generated
+    if not m.incremental_detokenization:
+        seq.text = m.decode(ids)
+        return
+    prefix = m.decode(ids[seq.prefix_offset : seq.read_offset]) if seq.read_offset > seq.prefix_offset else ""
+    new = m.decode(ids[seq.prefix_offset :])
+    if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+        seq.text += new[len(prefix) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:

@@ -60,6 +60,7 @@ class Result:
     queue_time_s: float
     time_to_first_token_s: float
     total_time_s: float
+    prompt_text: str = ""  # the prompt, or a chat as the model's template rendered it (no leading BOS)
 
 
 @dataclasses.dataclass

@@ -98,14 +98,19 @@ def select_next(
     params: list[SamplingParams],
     seen: list[torch.Tensor],
     generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row. Returns (tokens (B,) long, logprobs (B,) float32).
+    logprobs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one token per row. Returns (tokens (B,) long, logprobs (B,) float32, or None when
+    `logprobs` is False).
 
     Each sampled row draws from its own torch.Generator, and only sampled rows draw, so a
-    seeded sequence gets the same tokens whatever else shares its batch.
+    seeded sequence gets the same tokens whatever else shares its batch. An all-greedy batch
+    without penalties (the common case) is one argmax over the batch.
     """
     batch = logits.shape[0]
     device = logits.device
+    if not logprobs and all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        return logits.argmax(dim=-1), None
     raw = logits = logits.float()
     temperature = torch.tensor([p.effective_temperature for p in params], device=device)
     if any(p.repetition_penalty != 1.0 for p in params):
@@ -121,4 +126,4 @@ def select_next(
         probs = warped.softmax(dim=-1)
         for b in sampled:
             tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
-    return tokens, token_logprobs(raw, temperature, tokens)
+    return tokens, token_logprobs(raw, temperature, tokens) if logprobs else None

@@ -292,8 +292,9 @@ class PolicyService:
         events = self.engine.stream(req)
         async with contextlib.aclosing(events):
             while True:
-                try:
-                    ev = await asyncio.wait_for(anext(events), _remaining(deadline))
+                try:  # asyncio.timeout arms a timer; wait_for would create a task per token
+                    async with asyncio.timeout(_remaining(deadline)):
+                        ev = await anext(events)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -367,7 +368,7 @@ class PolicyService:
             interaction_id=iid,
             pair_id=pair[0] if pair else "",
             pair_side=pair[1] if pair else "",
-            prompt=req.prompt if req.prompt is not None else self._render_chat(req.messages or []),
+            prompt=result.prompt_text,
             response=result.text,
             policy_version=result.version,
             params=sampling_proto(req, result.seed),
@@ -380,16 +381,6 @@ class PolicyService:
         it.created_at.GetCurrentTime()
         self.interactions.publish(it)
         return Served(result, iid, token, user_id)
-
-    def _render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The chat as prompt text through the serving tokenizer's template (without a leading BOS)."""
-        tok = getattr(getattr(self.engine, "_current", None), "tokenizer", None)
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            bos = tok.bos_token or ""
-            return text[len(bos) :] if bos and text.startswith(bos) else text
-        except Exception:  # noqa: BLE001 - no template: a readable transcript is good enough for the log
-            return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
 
 
 def sampling_proto(req: GenerationRequest, seed: int | None = None) -> common_pb2.SamplingParams:

@@ -108,19 +108,22 @@ class Swapper:
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
         except Exception as e:  # noqa: BLE001 - an unreadable store is a refusal too, never a crash
             return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused")
-        try:
-            self.engine.load_version(str(path), u.version)
+        try:  # the error clears at the switch itself, so no answer of the new version sees it
+            self.engine.load_version(str(path), u.version, on_switch=self._clear_error)
         except errors.FlywheelError as e:  # the engine counted it (outcome="failed")
             return self._refuse(u, e.message, None)
-        self.last_error = ""
+        self.last_error = ""  # also when it was already serving this version (no switch)
         self.last_swap_s = time.perf_counter() - t0
         log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)
         return True
 
+    def _clear_error(self) -> None:
+        self.last_error = ""
+
     def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None) -> bool:
-        if outcome:
-            METRICS.swaps.labels(outcome).inc()
         serving = self.engine.info().version
         self.last_error = f"version {u.version} refused: {why}; still serving version {serving}"
+        if outcome:  # counted once the error is readable: a watcher that sees the count reads the error
+            METRICS.swaps.labels(outcome).inc()
         log.error("hot swap %s", self.last_error)
         return False

@@ -162,6 +162,43 @@ def test_chat_messages_use_the_chat_template(v0):
             )
         )
         assert ids(a) == ids(b) and a.prompt_tokens == b.prompt_tokens
+        assert a.prompt_text == PROMPTS[2] and PROMPTS[2] in b.prompt_text  # the rendered chat, for the log
+
+
+def test_incremental_detokenization_gives_the_whole_decode(v0):
+    """Streams decode a short window per token; the text must still be exactly decode(all ids),
+    also through tokens that split a UTF-8 character (byte-level BPE) and special tokens."""
+    import random
+
+    from flywheel.policy.engine import Sequence, _detokenize
+    from flywheel.policy.kvbatch import load_model
+
+    m = load_model(v0, 0, EngineConfig(device="cpu"))
+    assert m.incremental_detokenization
+    rng = random.Random(0)
+    vocab = len(m.tokenizer)
+    for _ in range(50):
+        seq = Sequence.__new__(Sequence)
+        seq.generated, seq.text, seq.prefix_offset, seq.read_offset = [], "", 0, 0
+        for _ in range(rng.randint(1, 40)):
+            seq.generated.append(rng.randrange(vocab))
+            _detokenize(seq, m)
+            assert m.decode(seq.generated).startswith(seq.text)
+        _detokenize(seq, m, final=True)
+        assert seq.text == m.decode(seq.generated) == m.tokenizer.decode(seq.generated, skip_special_tokens=True)
+
+
+def test_streamed_text_is_the_generated_text_when_sampling(v0):
+    async def both(seed: int) -> tuple[str, str, str]:
+        req = GenerationRequest(prompt=PROMPTS[seed % 6], temperature=1.5, seed=seed, max_new_tokens=32)
+        parts = [ev.text async for ev in e.stream(req)]
+        whole = await e.generate(req)
+        return "".join(parts), whole.text, whole.tokens[-1].text
+
+    with engine(v0) as e:
+        for seed in range(8):
+            streamed, whole, _ = asyncio.run(both(seed))
+            assert streamed == whole
 
 
 def test_logprobs_match_the_model_and_have_one_per_token(v0):
