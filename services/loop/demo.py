@@ -192,7 +192,11 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
             sup.poll()
             info = svc.reward_info()
             if not resumed and (
-                (info.pairs_trained >= cfg.resume_min_pairs and info.heldout_accuracy >= cfg.resume_accuracy)
+                (
+                    info.pairs_trained >= cfg.resume_min_pairs
+                    and info.pairs_heldout >= 10
+                    and info.heldout_accuracy >= cfg.resume_accuracy
+                )
                 or client.events >= cfg.resume_after_events
             ):
                 svc.resume_trainer()

@@ -189,8 +189,6 @@ def test_up_twice_leaves_nothing_behind(tmp_path) -> None:
 @pytest.mark.timeout(900)
 def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
     """The whole loop on real Kafka with tiny settings: a promoted version serves and the panel prefers it."""
-    import grpc
-
     from flywheel.loop.demo import DemoConfig, run_demo
 
     prefix = f"t{uuid.uuid4().hex[:8]}."
@@ -219,7 +217,6 @@ def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
     assert report["kl_to_starter"] < report["kl_budget"]
     assert report["answers"]["eos_rate"] > 0.9 and report["answers"]["distinct2"] > 0.8
     assert (cfg.out / "report.png").stat().st_size > 10_000
-    del grpc
 
 
 def _topic_defaults() -> dict[str, str]:
