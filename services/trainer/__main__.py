@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -20,6 +21,7 @@ from flywheel.core.config import KafkaConfig, TopicsConfig, load_section
 from flywheel.core.errors import FlywheelError
 from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServiceServer, serve, server_config
+from flywheel.ops.lease import elector_from_env
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
 from flywheel.trainer.rollout import GrpcReward, KafkaPrompts, PoolPrompts, default_pool, split_pool
@@ -86,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer, auth))
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(stop,), name="trainer-loop", daemon=True)
+    leading = threading.Event()
+    elector = elector_from_env(lambda held: _on_lease_change(held, leading))
 
     async def setup(srv: ServiceServer) -> None:
+        if elector is not None:  # in a cluster: hold the Lease before touching the model store
+            elector.start()
+            while not leading.is_set():
+                await asyncio.sleep(0.5)
         thread.start()  # models load in the loop's thread, never on the event loop
         while trainer.status in ("standby", "starting"):  # a standby waits here, NOT_SERVING
             await asyncio.sleep(0.5)
@@ -101,7 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         if thread.is_alive():
             thread.join(timeout=60)
+        if elector is not None:
+            elector.stop()  # releases the Lease, so a standby takes over at once
     return 0
+
+
+def _on_lease_change(held: bool, leading: threading.Event) -> None:
+    """Gaining the Lease lets start-up go on; losing it stops this replica (as client-go's
+    OnStoppedLeading usually does), so that the new leader trains alone. Kubernetes restarts it
+    as a standby."""
+    if held:
+        leading.set()
+    elif leading.is_set():
+        log.error("lost the trainer Lease: stopping so that only the new leader trains")
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
