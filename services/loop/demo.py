@@ -38,7 +38,7 @@ DEMO_ENV = {
     "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "96",
     "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
     "FLYWHEEL_TRAINER_LR": "1e-4",
-    "FLYWHEEL_TRAINER_KL_COEF": "0.1",
+    "FLYWHEEL_TRAINER_KL_COEF": "0.2",
     "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "5",
     "FLYWHEEL_TRAINER_GATE_PROMPTS": "32",
     "FLYWHEEL_TRAINER_PROMPT_SOURCE": "pool",
@@ -47,6 +47,9 @@ DEMO_ENV = {
     "FLYWHEEL_REWARD_LR": "1e-4",
     "FLYWHEEL_REWARD_STEPS_PER_NEW_PAIR": "0.25",
     "FLYWHEEL_REWARD_PUBLISH_EVERY": "20",
+    # The accuracy-drop guard compares accuracies on a held-out set that grows and shifts with
+    # the policy; a strict guard froze the reward model while the policy exploited it.
+    "FLYWHEEL_REWARD_MAX_ACC_DROP": "0.2",
 }
 
 
