@@ -121,6 +121,18 @@ def load_section(cls: type[T], section: str, path: str | os.PathLike | None = No
     return load(cls, data, **kw)
 
 
+def section(cls: type, name: str) -> Any:
+    """A field of a service's config bundle: config class `cls`, read from YAML section `name`."""
+    return dataclasses.field(default_factory=cls, metadata={"section": name})
+
+
+def load_bundle(cls: type[T], path: str | os.PathLike | None = None) -> T:
+    """Build a bundle of config dataclasses (fields made with `section`), each from its own
+    YAML section and the environment."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: load_section(hints[f.name], f.metadata["section"], path) for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass
 class KafkaConfig:
     """How to reach Kafka and how the bus behaves."""

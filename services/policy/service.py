@@ -25,7 +25,7 @@ from typing import Any
 
 from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Authenticator
-from flywheel.core.config import KafkaConfig, TopicsConfig, load_section, require, setting
+from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, require, section, setting
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.policy.config import EngineConfig
@@ -87,24 +87,19 @@ class PolicyConfig:
 
 @dataclasses.dataclass
 class PolicyServiceConfig:
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
-    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
-    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
-    topics: TopicsConfig = dataclasses.field(default_factory=TopicsConfig)
-    store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
-    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    """Every concern of the policy service, each from its own YAML section."""
+
+    engine: EngineConfig = section(EngineConfig, "policy_engine")
+    policy: PolicyConfig = section(PolicyConfig, "policy")
+    kafka: KafkaConfig = section(KafkaConfig, "kafka")
+    topics: TopicsConfig = section(TopicsConfig, "topics")
+    store: ModelStoreConfig = section(ModelStoreConfig, "model_store")
+    auth: AuthConfig = section(AuthConfig, "auth")
 
     @classmethod
     def from_env(cls, path: str | None = None) -> PolicyServiceConfig:
         """Defaults < YAML sections (policy_engine, policy, kafka, topics, model_store, auth) < env."""
-        return cls(
-            engine=load_section(EngineConfig, "policy_engine", path),
-            policy=load_section(PolicyConfig, "policy", path),
-            kafka=load_section(KafkaConfig, "kafka", path),
-            topics=load_section(TopicsConfig, "topics", path),
-            store=load_section(ModelStoreConfig, "model_store", path),
-            auth=load_section(AuthConfig, "auth", path),
-        )
+        return load_bundle(cls, path)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from flywheel.core import bus, errors
-from flywheel.core.config import KafkaConfig, TopicsConfig, load_section
+from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, section
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
@@ -86,28 +86,20 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
 
 @dataclasses.dataclass
 class RewardServiceConfig:
-    """Every concern of the reward service."""
+    """Every concern of the reward service, each from its own YAML section."""
 
-    join: JoinConfig = dataclasses.field(default_factory=JoinConfig)
-    model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
-    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
-    topics: TopicsConfig = dataclasses.field(default_factory=TopicsConfig)
-    store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
+    join: JoinConfig = section(JoinConfig, "reward_join")
+    model: RewardModelConfig = section(RewardModelConfig, "reward_model")
+    train: TrainConfig = section(TrainConfig, "reward_train")
+    score: ScoreConfig = section(ScoreConfig, "reward_score")
+    kafka: KafkaConfig = section(KafkaConfig, "kafka")
+    topics: TopicsConfig = section(TopicsConfig, "topics")
+    store: ModelStoreConfig = section(ModelStoreConfig, "model_store")
 
     @classmethod
     def from_env(cls, path: str | None = None) -> RewardServiceConfig:
         """Defaults < YAML sections (reward_join, reward_model, ...; kafka, topics, model_store) < env."""
-        return cls(
-            join=load_section(JoinConfig, "reward_join", path),
-            model=load_section(RewardModelConfig, "reward_model", path),
-            train=load_section(TrainConfig, "reward_train", path),
-            score=load_section(ScoreConfig, "reward_score", path),
-            kafka=load_section(KafkaConfig, "kafka", path),
-            topics=load_section(TopicsConfig, "topics", path),
-            store=load_section(ModelStoreConfig, "model_store", path),
-        )
+        return load_bundle(cls, path)
 
 
 class RewardService:

@@ -4,7 +4,16 @@ import dataclasses
 
 import pytest
 
-from flywheel.core.config import ConfigError, KafkaConfig, TopicsConfig, field_help, load, load_section
+from flywheel.core.config import (
+    ConfigError,
+    KafkaConfig,
+    TopicsConfig,
+    field_help,
+    load,
+    load_bundle,
+    load_section,
+    section,
+)
 
 
 def test_defaults_are_valid_and_every_field_has_help():
@@ -67,3 +76,17 @@ def test_missing_config_file_says_what_to_fix(monkeypatch):
     monkeypatch.setenv("FLYWHEEL_CONFIG", "/nonexistent/flywheel.yaml")
     with pytest.raises(ConfigError, match="does not exist: fix FLYWHEEL_CONFIG"):
         load_section(TopicsConfig, "topics")
+
+
+def test_a_bundle_reads_each_section_and_the_environment(tmp_path, monkeypatch):
+    @dataclasses.dataclass
+    class Bundle:
+        kafka: KafkaConfig = section(KafkaConfig, "kafka")
+        topics: TopicsConfig = section(TopicsConfig, "topics")
+
+    f = tmp_path / "flywheel.yaml"
+    f.write_text("kafka:\n  max_attempts: 9\ntopics:\n  partitions: 2\n")
+    monkeypatch.setenv("FLYWHEEL_TOPIC_DLQ", "my.dlq")
+    b = load_bundle(Bundle, f)
+    assert (b.kafka.max_attempts, b.topics.partitions, b.topics.dlq) == (9, 2, "my.dlq")
+    assert Bundle().kafka.max_attempts == 5
