@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 from flywheel.core import errors
@@ -143,13 +143,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + fsync + rename so a crash leaves the old or the new file."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write `path` via `write(file)` into a temp file + fsync + rename + directory fsync, so a
+    crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -158,6 +159,10 @@ def _write_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def verify_dir(path: Path, expected: dict[str, dict[str, Any]]) -> Path:

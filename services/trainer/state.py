@@ -21,17 +21,17 @@ SIGKILL), and a standby replica that polls for it then takes over.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import random
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from flywheel.core.modelstore import write_atomic
 
 STATE_FILE = "state.pt"
 CONTROL_FILE = "control.json"
@@ -42,25 +42,6 @@ def trainer_dir(store_root: str | os.PathLike, model: str) -> Path:
     d = Path(store_root).expanduser() / model / ".trainer"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,7 +61,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
     """Write state.pt atomically (temp file, fsync, rename): a crash leaves the old or the new one."""
-    _atomic_write_bytes(directory / STATE_FILE, lambda f: torch.save(state, f))
+    write_atomic(directory / STATE_FILE, lambda f: torch.save(state, f))
 
 
 def load_state(directory: Path) -> dict[str, Any] | None:
@@ -93,7 +74,7 @@ def load_state(directory: Path) -> dict[str, Any] | None:
 
 def save_control(directory: Path, control: dict[str, Any]) -> None:
     """Operator decisions that survive a restart (paused, and why)."""
-    _atomic_write_bytes(directory / CONTROL_FILE, lambda f: f.write(json.dumps(control).encode()))
+    write_atomic(directory / CONTROL_FILE, lambda f: f.write(json.dumps(control).encode()))
 
 
 def load_control(directory: Path) -> dict[str, Any]:
