@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 
 SERVICES = {
     "policy": (50051, 8080, "the policy: generation over gRPC, TGI and OpenAI HTTP routes, hot swap"),
@@ -16,27 +15,23 @@ SERVICES = {
 }
 
 
-def _not_built(what: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    """A command whose service has not landed yet: say so and fail; never pretend."""
+def _up(args: argparse.Namespace) -> int:
+    from flywheel.loop.supervisor import up_main
 
-    def run(args: argparse.Namespace) -> int:
-        print(f"flywheel {what}: not built yet (tracked in issue {issue}).", file=sys.stderr)
-        return 2
+    return up_main(args)
 
-    return run
+
+def _demo(args: argparse.Namespace) -> int:
+    from flywheel.loop.demo import demo_main
+
+    return demo_main(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
     """Hand over to the service's own entry point, `python -m flywheel.<service>`."""
     import importlib
 
-    issue = {"policy": 3, "feedback": 4, "reward": 4, "trainer": 5}[args.service]
-    try:
-        entry = importlib.import_module(f"flywheel.{args.service}.__main__")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("flywheel."):
-            return _not_built(f"serve {args.service}", issue)(args)
-        raise
+    entry = importlib.import_module(f"flywheel.{args.service}.__main__")
     return entry.main(["--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)])
 
 
@@ -134,13 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from flywheel.loop.__main__ import add_demo_arguments, add_up_arguments
+
     up = sub.add_parser("up", help="start the embedded broker and all four services, print their endpoints")
-    up.set_defaults(run=_not_built("up", 6))
+    add_up_arguments(up)
+    up.set_defaults(run=_up)
 
     demo = sub.add_parser("demo", help="`up` plus a panel of simulated users; leaves DIR/report.json and report.png")
-    demo.add_argument("--minutes", type=float, default=20, help="time limit in minutes")
-    demo.add_argument("--out", default="runs/demo", help="directory for report.json and report.png")
-    demo.set_defaults(run=_not_built("demo", 6))
+    add_demo_arguments(demo)
+    demo.set_defaults(run=_demo)
 
     serve = sub.add_parser("serve", help="run one service (gRPC + HTTP with /metrics)")
     serve_sub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
