@@ -25,7 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flywheel.loop.panel import Panel, PanelClient, PanelConfig, answer_stats, starter_bank
+from flywheel.loop.panel import (
+    DEFAULT_PERSONAS,
+    Panel,
+    PanelClient,
+    PanelConfig,
+    Persona,
+    answer_stats,
+    starter_bank,
+)
 from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig
 from flywheel.policy import corpus
 from flywheel.trainer.rollout import split_pool
@@ -72,6 +80,8 @@ class DemoConfig:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     progress: bool = True
     seed: int = 0
+    personas: tuple[Persona, ...] = DEFAULT_PERSONAS  # the panel (its hidden utility judges the win-rate)
+    mix: dict[str, float] | None = None  # feedback kinds' shares (None: PanelConfig's)
 
 
 class Services:
@@ -178,8 +188,10 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
     try:
         sup.start()
         say(sup.endpoints().split("\n\n")[0])
-        panel = Panel(seed=cfg.seed)
+        panel = Panel(cfg.personas, seed=cfg.seed)
         pcfg = PanelConfig(prompts=train_prompts, events_per_s=cfg.events_per_s, max_events=cfg.max_events)
+        if cfg.mix is not None:
+            pcfg.mix = dict(cfg.mix)
         say(f"starter bank: {cfg.bank_per_prompt} answers x {len(heldout)} held-out prompts ...", flush=True)
         bank = starter_bank(
             str(sup.store / "policy" / "v000000"), heldout, cfg.bank_per_prompt, pcfg.max_new_tokens, pcfg.temperature

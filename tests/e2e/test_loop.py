@@ -208,12 +208,16 @@ def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
         bootstrap=kafka_bootstrap,
         env={**topics, "FLYWHEEL_REWARD_JOIN_GROUP": prefix + "join", "FLYWHEEL_TRAINER_CONSUMER_GROUP": prefix + "tr"},
         progress=True,
+        # One clear-cut user (rudeness and off-topic answers are what it hates) so that a few
+        # minutes of feedback on 2 cores are enough; the default panel is the demo's.
+        personas=(Persona("tester", {"rude": -3.0, "on_topic": 2.0, "concise": 1.0}, noise=0.3, careless=0.0),),
+        mix={"pair": 0.7, "thumbs": 0.15, "rating": 0.15},
     )
     report = run_demo(cfg)
     assert report["policy_versions_promoted"], report["series"]
     assert report["serving_version"] > 0  # the answers themselves carry the promoted version
     assert max(p["serving_version"] for p in report["series"]) > 0  # and Policy.GetInfo said so
-    assert report["win_rate_vs_starter"] >= 0.65, report
+    assert report["win_rate_vs_starter"] >= 0.65, {k: v for k, v in report.items() if k != "series"}
     assert report["kl_to_starter"] < report["kl_budget"]
     assert report["answers"]["eos_rate"] > 0.9 and report["answers"]["distinct2"] > 0.8
     assert (cfg.out / "report.png").stat().st_size > 10_000
