@@ -195,7 +195,7 @@ def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
     topics = {f"FLYWHEEL_TOPIC_{t.upper()}": prefix + n for t, n in _topic_defaults().items()}
     cfg = DemoConfig(
         out=tmp_path / "demo",
-        minutes=4.5,
+        minutes=5.0,
         target_win_rate=0.7,
         max_events=1500,
         events_per_s=8.0,
@@ -205,6 +205,7 @@ def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
         bank_per_prompt=30,
         resume_min_pairs=60,
         resume_accuracy=0.7,
+        resume_after_events=500,
         bootstrap=kafka_bootstrap,
         env={**topics, "FLYWHEEL_REWARD_JOIN_GROUP": prefix + "join", "FLYWHEEL_TRAINER_CONSUMER_GROUP": prefix + "tr"},
         progress=True,
@@ -217,7 +218,10 @@ def test_loop_learns(kafka_bootstrap, tmp_path) -> None:
     assert report["policy_versions_promoted"], report["series"]
     assert report["serving_version"] > 0  # the answers themselves carry the promoted version
     assert max(p["serving_version"] for p in report["series"]) > 0  # and Policy.GetInfo said so
-    assert report["win_rate_vs_starter"] >= 0.65, {k: v for k, v in report.items() if k != "series"}
+    summary = {k: v for k, v in report.items() if k != "series"}
+    # A clear margin: 0.6 on 150 comparisons is 2.5 standard errors above a coin flip.
+    assert report["win_rate_vs_starter"] >= 0.6, summary
+    assert report["hidden_utility"]["serving"] > report["hidden_utility"]["starter"], summary
     assert report["kl_to_starter"] < report["kl_budget"]
     assert report["answers"]["eos_rate"] > 0.9 and report["answers"]["distinct2"] > 0.8
     assert (cfg.out / "report.png").stat().st_size > 10_000
