@@ -40,13 +40,15 @@ from flywheel.trainer.rollout import split_pool
 
 # Trainer and reward settings of the demo (environment of the child processes; see each
 # service's config for the meaning). Answers of the starter run to ~85 tokens, so rollouts
-# must be long enough to finish them. Users and trainer both sample at temperature 0.7 (the
-# trainer's default): at 1.0 the tiny starter garbles one answer in seven, and PPO made it worse.
+# must be long enough to finish them. Users and trainer sample at temperature 1 (the policy as
+# it is). KL coef 0.2: at 0.1 the policy ran to KL 10-11 and into what the reward model
+# mis-scores (win-rate fell back to ~0.55 while the trainer's reward rose).
 DEMO_ENV = {
+    "FLYWHEEL_TRAINER_TEMPERATURE": "1.0",
     "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "96",
     "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
     "FLYWHEEL_TRAINER_LR": "1e-4",
-    "FLYWHEEL_TRAINER_KL_COEF": "0.1",
+    "FLYWHEEL_TRAINER_KL_COEF": "0.2",
     "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "5",
     "FLYWHEEL_TRAINER_GATE_PROMPTS": "32",
     "FLYWHEEL_TRAINER_PROMPT_SOURCE": "pool",
@@ -82,7 +84,7 @@ class DemoConfig:
     seed: int = 0
     personas: tuple[Persona, ...] = DEFAULT_PERSONAS  # the panel (its hidden utility judges the win-rate)
     mix: dict[str, float] | None = None  # feedback kinds' shares (None: PanelConfig's)
-    temperature: float = 0.7  # how the panel's users (and the starter bank) sample answers
+    temperature: float = 1.0  # how the panel's users (and the starter bank) sample answers
 
 
 class Services:
