@@ -16,9 +16,10 @@ crash between the two lose an event while a retry is answered DUPLICATE: an ackn
 loss. With our order a crash in that window can at worst put a second copy of the event on
 the topic when the client retries; both copies carry the same feedback_id and consumers apply
 each id once (DESIGN.md: at-least-once, idempotent effects), so nothing is double-counted.
-The seen-id store is written behind (group commits every few ms, WAL + synchronous=NORMAL:
-it survives a process crash), because losing a mark costs at most such a duplicate, while an
-fsync per request would cap intake at a few hundred per second. While an id is in flight, a
+The seen ids of a group are committed to sqlite (one transaction per group, WAL +
+synchronous=NORMAL: it survives a process crash, without an fsync per request, which would cap
+intake at a few hundred per second) before any caller of the group is answered, so a retry
+after a crash of the service is answered DUPLICATE. While an id is in flight, a
 concurrent request with the same id gets ABORTED ("retry to learn the outcome").
 
 Group hand-off. Concurrent requests (Submit calls and SubmitBatch calls alike) are coalesced,
@@ -215,7 +216,7 @@ class RateLimiter:
 
 
 class SeenFeedbackIds:
-    """Durable set of accepted feedback_ids with in-flight reservations and write-behind commits.
+    """Durable set of accepted feedback_ids with in-flight reservations and group commits.
 
     The state lock guards only in-memory sets, so `commit` and `release` (called on the event
     loop) never wait for disk; sqlite reads and the flusher's writes use their own connections.
@@ -276,7 +277,7 @@ class SeenFeedbackIds:
         return out
 
     def commit(self, ids: list[str]) -> None:
-        """Mark reserved ids seen (their events are durable); written to disk within milliseconds."""
+        """Mark reserved ids seen (their events are durable); `flush` writes them to disk."""
         now = time.time()
         with self._lock:
             for i in ids:
@@ -543,6 +544,8 @@ class FeedbackIntake:
                     (failed if isinstance(outcome, errors.FlywheelError) else done).append(items[n].feedback_id)
                 self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
                 self.seen.release(failed)
+                if done:  # on disk before anyone hears ACCEPTED, so a retry after a crash is DUPLICATE
+                    await run_blocking(self.seen.flush)
         except BaseException as e:
             for _, w in batch:
                 if not w.done():
