@@ -7,11 +7,11 @@ import argparse
 import sys
 import time
 
-SERVICES = {
-    "policy": (50051, 8080, "the policy: generation over gRPC, TGI and OpenAI HTTP routes, hot swap"),
-    "feedback": (50052, 8082, "feedback intake: validation, auth, durable hand-off to Kafka"),
-    "reward": (50053, 8083, "preference join, online reward-model training and scoring"),
-    "trainer": (50054, 8084, "continuous PPO, checkpoints, the promotion gate"),
+ABOUT = {
+    "policy": "the policy: generation over gRPC, TGI and OpenAI HTTP routes, hot swap",
+    "feedback": "feedback intake: validation, auth, durable hand-off to Kafka",
+    "reward": "preference join, online reward-model training and scoring",
+    "trainer": "continuous PPO, checkpoints, the promotion gate",
 }
 
 
@@ -141,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one service (gRPC + HTTP with /metrics)")
     serve_sub = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
-    for name, (grpc_port, http_port, about) in SERVICES.items():
+    from flywheel.core.config import DEFAULT_PORTS
+
+    for name, about in ABOUT.items():
+        grpc_port, http_port = DEFAULT_PORTS[name]
         s = serve_sub.add_parser(name, help=about)
         s.add_argument("--grpc-port", type=int, default=grpc_port, help=f"gRPC port (default {grpc_port})")
         s.add_argument("--http-port", type=int, default=http_port, help=f"HTTP port (default {http_port})")

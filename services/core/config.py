@@ -121,6 +121,15 @@ def load_section(cls: type[T], section: str, path: str | os.PathLike | None = No
     return load(cls, data, **kw)
 
 
+# Default (gRPC, HTTP) ports per service (DESIGN.md, 'Services'); the one table everyone reads.
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    "policy": (50051, 8080),
+    "feedback": (50052, 8082),
+    "reward": (50053, 8083),
+    "trainer": (50054, 8084),
+}
+
+
 def section(cls: type, name: str) -> Any:
     """A field of a service's config bundle: config class `cls`, read from YAML section `name`."""
     return dataclasses.field(default_factory=cls, metadata={"section": name})

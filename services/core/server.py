@@ -39,21 +39,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flywheel.core import metrics
-from flywheel.core.config import require, setting
+from flywheel.core.config import DEFAULT_PORTS, require, setting
 from flywheel.core.errors import FlywheelError, retry_after_header
 from flywheel.core.health import HEALTH_SERVICE, HealthService
 from flywheel.core.http import error_body, error_middleware
 
 log = logging.getLogger("flywheel.server")
 T = TypeVar("T")
-
-# Default ports per service (DESIGN.md, 'Services').
-DEFAULT_PORTS: dict[str, tuple[int, int]] = {
-    "policy": (50051, 8080),
-    "feedback": (50052, 8082),
-    "reward": (50053, 8083),
-    "trainer": (50054, 8084),
-}
 
 
 @dataclasses.dataclass

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from flywheel.core.brokers import EmbeddedTansu, free_port
+from flywheel.core.config import DEFAULT_PORTS
 
-SERVICES = ("policy", "feedback", "reward", "trainer")
-DEFAULT_PORTS = {"policy": (50051, 8080), "feedback": (50052, 8082), "reward": (50053, 8083), "trainer": (50054, 8084)}
+SERVICES = tuple(DEFAULT_PORTS)
 
 
 class ChildDied(RuntimeError):
