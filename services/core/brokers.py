@@ -70,6 +70,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel")
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, base64url. Like Kafka's Uuid.randomUuid, never one that
+    starts with '-', which the storage tool's argument parser would read as an option."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     """The log's first error lines, then its last lines: a broker that fails logs the cause
     early and then a long, uninformative shutdown sequence."""
@@ -291,8 +300,7 @@ class ApacheKafka(_Child):
         """Format KRaft storage once, so the log dir (and its topics) survive restarts."""
         if (self.data_dir / "logs" / "meta.properties").is_file():
             return
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        cmd = self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", cid, "-c", str(config))
+        cmd = self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", new_cluster_id(), "-c", str(config))
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise BrokerError(f"formatting Kafka storage in {self.data_dir} failed:\n{res.stdout}{res.stderr}")
