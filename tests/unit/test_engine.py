@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import shutil
 import time
+import weakref
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
+from flywheel.policy import engine as engine_module
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.engine import Engine, GenerationRequest
+from flywheel.policy.engine import Engine, GenerationRequest, reload_weights
 from flywheel.policy.kvbatch import LoadedModel
 from tests.unit.test_starter import tiny_starter
 
@@ -51,6 +54,21 @@ def v1(v0, tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(v0).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def v2(v0, tmp_path_factory):
+    """Version 2: version 0's files with other weights only, as a trainer saves its next version."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("v2")
+    shutil.copytree(v0, out, dirs_exist_ok=True)
+    weights = load_file(out / "model.safetensors")
+    torch.manual_seed(2)
+    save_file(
+        {k: t + torch.randn_like(t) * 0.3 for k, t in weights.items()}, out / "model.safetensors", {"format": "pt"}
+    )
     return str(out)
 
 
@@ -419,3 +437,85 @@ def test_another_architecture_gpt2_batches_exactly(v0, tmp_path):
             return await asyncio.gather(*[e.generate(greedy(p, 12)) for p in PROMPTS])
 
         assert [ids(r) for r in asyncio.run(together())] == [ids(r) for r in alone]
+
+
+def test_new_weights_alone_reload_into_a_copy_of_the_serving_model(v0, v2, monkeypatch):
+    with engine(v2, 2) as ref:  # from_pretrained: nothing to reuse
+        want = [ids(asyncio.run(ref.generate(greedy(p, 20)))) for p in PROMPTS[:3]]
+    with engine(v0) as e:
+        old = e._current
+        with monkeypatch.context() as m:  # the swap must not need from_pretrained
+            m.setattr(engine_module, "load_model", lambda *a: pytest.fail("from_pretrained on the hot path"))
+            e.load_version(v2, 2)
+        new = e._current
+        assert new.version == 2 and new.source == v2 and new.model is not old.model
+        assert new.tokenizer is old.tokenizer and new.mask_4d == old.mask_4d
+        got = [asyncio.run(e.generate(greedy(p, 20))) for p in PROMPTS[:3]]
+        assert [r.version for r in got] == [2, 2, 2] and [ids(r) for r in got] == want
+        assert all(not torch.equal(a, b) for a, b in zip(old.model.parameters(), new.model.parameters(), strict=True))
+
+
+def test_reload_needs_the_same_model_files_and_an_equivalent_tokenizer(v0, v1, v2, tmp_path):
+    with engine(v0) as e:
+        cur = e._current
+        assert reload_weights(cur, v2, 2).tokenizer is cur.tokenizer  # the same bytes: shared
+        again = reload_weights(cur, v1, 1)  # saved otherwise (no starter.json, other JSON layout)
+        assert again is not None and again.tokenizer is not cur.tokenizer
+        edits = {
+            "config.json": lambda text: text + " ",  # another architecture, as far as we know
+            "tokenizer_config.json": lambda text: text.replace('"model_max_length": 256', '"model_max_length": 99'),
+        }
+        for name, edit in edits.items():
+            other = tmp_path / name
+            shutil.copytree(v2, other)
+            text = (other / name).read_text()
+            assert edit(text) != text
+            (other / name).write_text(edit(text))
+            assert reload_weights(cur, str(other), 3) is None
+
+
+def test_non_finite_new_weights_are_refused_on_the_reload_path_too(v0, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(v0, bad)
+    weights = load_file(bad / "model.safetensors")
+    weights = {k: t * float("nan") if "norm" in k else t for k, t in weights.items()}
+    save_file(weights, bad / "model.safetensors", {"format": "pt"})
+    with engine(v0) as e:
+        with pytest.raises(errors.FailedPrecondition, match="non-finite"):
+            e.load_version(str(bad), 8)
+        assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 0
+
+
+def test_a_swapped_out_model_is_freed_without_the_garbage_collector(v0, v2):
+    """The engine freezes the objects of its first load out of the collector's reach (no full
+    collection pauses during swaps): a model it swaps out must still go by reference counting."""
+    with engine(v0) as e:
+        asyncio.run(e.generate(greedy(PROMPTS[0], 5)))
+        for path, version in ((v2, 2), (v0, 0)):  # reload path, then from_pretrained
+            gone = weakref.ref(e._current.model)
+            gc.disable()
+            try:
+                e.load_version(path, version)
+                assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == version
+                assert gone() is None
+            finally:
+                gc.enable()
+
+
+def test_a_swap_to_another_architecture_loads_it_whole(v0, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(v0)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with engine(str(tmp_path), 5) as ref:
+        want = ids(asyncio.run(ref.generate(greedy(PROMPTS[0], 12))))
+    with engine(v0) as e:
+        assert reload_weights(e._current, str(tmp_path), 5) is None
+        e.load_version(str(tmp_path), 5)
+        got = asyncio.run(e.generate(greedy(PROMPTS[0], 12)))
+        assert got.version == 5 and ids(got) == want and e.info().max_context_tokens == 128
