@@ -12,7 +12,7 @@ from kafka.future import Future
 from flywheel.core.auth import ANONYMOUS, AuthConfig
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.feedback.config import FeedbackConfig
-from flywheel.feedback.intake import FeedbackIntake, InFlight
+from flywheel.feedback.intake import MAX_FLUSHES_IN_FLIGHT, FeedbackIntake, InFlight
 from flywheel.v1 import events_pb2, feedback_pb2
 
 KEY = "unit-test-hmac-key-0123456789"
@@ -94,3 +94,43 @@ def test_unacked_events_are_spooled_not_lost(intake: FeedbackIntake) -> None:
     intake.config.send_timeout_s = 0.05
     out = asyncio.run(intake.submit_batch([signed("a", "ia"), signed("b", "ib")], ANONYMOUS))
     assert [r.status for r in out] == [S.SUBMIT_STATUS_SPOOLED] * 2 and intake.spool.depth() == 2
+
+
+def test_flushes_in_flight_are_bounded_so_groups_grow_under_load(intake: FeedbackIntake) -> None:
+    """With MAX_FLUSHES_IN_FLIGHT waiting for acks, later requests gather into one bigger flush."""
+    trips: list[int] = []
+    real = intake._reserve_and_send
+
+    def counted(items: list, direct: bool) -> Any:
+        trips.append(len(items))
+        return real(items, direct)
+
+    intake._reserve_and_send = counted  # type: ignore[method-assign]
+
+    async def until_sent(n: int) -> None:
+        for _ in range(200):
+            if len(intake.producer.sent) >= n:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{len(intake.producer.sent)} sent, expected {n}")
+
+    async def wave(tag: str, n: int) -> list[asyncio.Future]:
+        return [asyncio.ensure_future(intake.submit(signed(f"{tag}{i}", f"{tag}i{i}"), ANONYMOUS)) for i in range(n)]
+
+    async def scenario() -> list[Any]:
+        calls = []
+        for k in range(MAX_FLUSHES_IN_FLIGHT):  # each its own flush, all waiting for acks
+            calls += await wave(f"w{k}-", 3)
+            await until_sent(3 * (k + 1))
+        for k in range(3):  # arrive while every flush slot waits: nothing is sent for them yet
+            calls += await wave(f"late{k}-", 2)
+            await asyncio.sleep(0.02)
+        assert len(intake.producer.sent) == 3 * MAX_FLUSHES_IN_FLIGHT
+        intake.producer.ack_all()
+        await until_sent(3 * MAX_FLUSHES_IN_FLIGHT + 6)
+        intake.producer.ack_all()
+        return await asyncio.gather(*calls)
+
+    out = asyncio.run(scenario())
+    assert trips == [3] * MAX_FLUSHES_IN_FLIGHT + [6], "the late requests share one trip"
+    assert {r.status for r in out} == {S.SUBMIT_STATUS_ACCEPTED} and len(out) == 3 * MAX_FLUSHES_IN_FLIGHT + 6
