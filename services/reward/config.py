@@ -42,7 +42,15 @@ class JoinConfig:
         10, "Share of pairs held out for evaluation (by a hash of pair_id).", env="FLYWHEEL_REWARD_HELDOUT_PERCENT"
     )
     publish_timeout_s: float = setting(
-        15.0, "How long the join waits for Kafka to acknowledge a pair.", env="FLYWHEEL_REWARD_PUBLISH_TIMEOUT_S"
+        15.0,
+        "How long the join waits for Kafka to acknowledge a batch of pairs.",
+        env="FLYWHEEL_REWARD_PUBLISH_TIMEOUT_S",
+    )
+    batch_records: int = setting(
+        200,
+        "Most consumed records the join applies in one sqlite transaction and whose pairs it publishes together "
+        "(offsets are committed after); 1 handles them one at a time, as before batching (the benchmark's baseline).",
+        env="FLYWHEEL_REWARD_JOIN_BATCH_RECORDS",
     )
 
     def __post_init__(self) -> None:
@@ -52,6 +60,7 @@ class JoinConfig:
             require(0 < getattr(self, name) <= 10, n, name, getattr(self, name), "use a weight in (0, 10]")
         require(self.rating_margin >= 0, n, "rating_margin", self.rating_margin, "use 0 (no margin) or more")
         require(0 <= self.heldout_percent < 100, n, "heldout_percent", self.heldout_percent, "use 0..99")
+        require(1 <= self.batch_records <= 10_000, n, "batch_records", self.batch_records, "use 1..10000 records")
 
 
 @dataclasses.dataclass

@@ -11,12 +11,18 @@ What each kind of feedback becomes (DESIGN.md, issue 4):
 - demonstration: a pair (demonstration > the model's answer) and a supervised example row.
 
 Feedback that arrives before its interaction(s) waits `orphan_wait_s`, then is dropped and
-counted (`flywheel_reward_feedback_dropped{reason="orphaned"}`). Every effect of a record is
-one sqlite transaction keyed by primary keys (feedback_id, interaction_id, pair_id), so a
-redelivered record changes nothing; pair ids are a hash of their source ids, so the same
-feedback always yields the same pair ids. Pairs are written with published=0 and sent to
-flywheel.preferences (acks=all) before the handler returns; the consumer then commits. A crash
-in between republishes them on the next record (the key is the pair id: consumers dedupe).
+counted (`flywheel_reward_feedback_dropped{reason="orphaned"}`). Effects are keyed by primary
+keys (feedback_id, interaction_id, pair_id), so a redelivered record changes nothing; pair ids
+are a hash of their source ids, so the same feedback always yields the same pair ids.
+
+The join works a poll at a time (`handle_batch`, fed by `BatchConsumer`): every record of the
+poll is applied in one sqlite transaction (one fsync, not one per record); the new pairs are
+stored with published=0, then all of them are sent to flywheel.preferences at once (acks=all)
+and awaited together; they are marked published; only then does the consumer commit the poll's
+offsets. A crash anywhere in between loses nothing: an uncommitted transaction is redone from
+the redelivered records, and stored pairs not yet marked are sent again by the next flush
+(also at start) as the same stored bytes under the same key, so a copy on the topic is an
+identical one and the dataset holds each pair once.
 The held-out split is a hash of the pair's source feedback ids (so both halves of a tie, and
 every pair that uses a held-out label, land on the same side).
 """
@@ -34,6 +40,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -78,10 +85,12 @@ CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(status, interaction_id, 
 CREATE TABLE IF NOT EXISTS pairs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT UNIQUE NOT NULL, split TEXT NOT NULL,
   published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS pairs_unpublished ON pairs(seq) WHERE published = 0;
 CREATE TABLE IF NOT EXISTS labels (
   feedback_id TEXT PRIMARY KEY, seq INTEGER, interaction_id TEXT, kind TEXT, prompt TEXT, response TEXT,
   label REAL NOT NULL, split TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS labels_prompt ON labels(prompt, kind);
+CREATE INDEX IF NOT EXISTS labels_seq ON labels(seq);
 CREATE TABLE IF NOT EXISTS demonstrations (
   feedback_id TEXT PRIMARY KEY, interaction_id TEXT, prompt TEXT, demonstration TEXT, created_at REAL);
 """
@@ -202,76 +211,101 @@ class PreferenceJoin:
     ) -> None:
         self.config, self.store, self.publish = config, store, publish
         self._live: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._flushing = threading.Lock()  # one flush at a time: two would both send the same rows
         PENDING.set(store.pending_count())
 
     # ------------------------------------------------------------------ entry points
-    def handle(self, record: bus.Record) -> None:
-        """bus.Consumer handler: the effect is durable and the pairs acknowledged when it returns."""
-        msg = record.value
-        if isinstance(msg, events_pb2.Interaction):
-            self.on_interaction(msg)
-        elif isinstance(msg, events_pb2.FeedbackEvent):
-            self.on_feedback(msg)
-        elif isinstance(msg, events_pb2.PreferencePair):
-            self.on_pair(msg)
+    def handle_batch(self, records: Sequence[bus.Record]) -> None:
+        """BatchConsumer handler: when it returns, every record's effect is durable and its pairs acknowledged.
+
+        One transaction for the whole poll, then one flush (all pairs sent, then all awaited).
+        An exception rolls the whole poll back; the consumer then redoes it record by record.
+        """
+        with self._tx() as c:
+            for r in records:
+                self._apply(c, r.value)
+        PENDING.set(self.store.pending_count())
         self.flush()
+
+    def handle(self, record: bus.Record) -> None:
+        """bus.Consumer handler (one record): the effect is durable and the pairs acknowledged when it returns."""
+        self.handle_batch([record])
+
+    def _apply(self, c: sqlite3.Connection, msg: object) -> list[events_pb2.PreferencePair]:
+        if isinstance(msg, events_pb2.Interaction):
+            return self._interaction(c, msg)
+        if isinstance(msg, events_pb2.FeedbackEvent):
+            return self._feedback(c, msg)
+        if isinstance(msg, events_pb2.PreferencePair):
+            self._pair(c, msg)
+        return []
 
     def on_interaction(self, it: events_pb2.Interaction) -> list[events_pb2.PreferencePair]:
         """Store an interaction; join the feedback that was waiting for it."""
-        if not it.interaction_id:
-            FEEDBACK_DROPPED.labels("invalid_interaction").inc()
-            return []
         with self._tx() as c:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO interactions VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    it.interaction_id,
-                    it.pair_id,
-                    it.pair_side,
-                    it.prompt,
-                    it.response,
-                    it.policy_version,
-                    it.user_id,
-                    it.created_at.ToNanoseconds() / 1e9 if it.HasField("created_at") else time.time(),
-                ),
-            )
-            if cur.rowcount == 0:
-                return []
-            waiting = c.execute(
-                "SELECT event FROM feedback WHERE status = 'pending' AND (interaction_id = ? OR (pair_id != '' AND pair_id = ?))",
-                (it.interaction_id, it.pair_id),
-            ).fetchall()
-            pairs = []
-            for (blob,) in waiting:
-                pairs += self._join(c, events_pb2.FeedbackEvent.FromString(blob))
+            pairs = self._interaction(c, it)
         PENDING.set(self.store.pending_count())
         return pairs
 
     def on_feedback(self, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
         """Store a feedback event once (by feedback_id) and join it if its interactions are here."""
-        if not fb.feedback_id:
-            FEEDBACK_DROPPED.labels("invalid").inc()
-            log.warning("feedback without feedback_id dropped: %s", fb)
-            return []
         with self._tx() as c:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
-                (fb.feedback_id, fb.interaction_id, fb.pair_id, "pending", time.time(), fb.SerializeToString()),
-            )
-            if cur.rowcount == 0:
-                FEEDBACK_DUPLICATE.inc()
-                return []
-            pairs = self._join(c, fb)
+            pairs = self._feedback(c, fb)
         PENDING.set(self.store.pending_count())
         return pairs
 
     def on_pair(self, pair: events_pb2.PreferencePair) -> None:
         """A pair from flywheel.preferences (ours come back and are ignored; others join the dataset)."""
+        with self._tx() as c:
+            self._pair(c, pair)
+
+    def _interaction(self, c: sqlite3.Connection, it: events_pb2.Interaction) -> list[events_pb2.PreferencePair]:
+        if not it.interaction_id:
+            FEEDBACK_DROPPED.labels("invalid_interaction").inc()
+            return []
+        cur = c.execute(
+            "INSERT OR IGNORE INTO interactions VALUES (?,?,?,?,?,?,?,?)",
+            (
+                it.interaction_id,
+                it.pair_id,
+                it.pair_side,
+                it.prompt,
+                it.response,
+                it.policy_version,
+                it.user_id,
+                it.created_at.ToNanoseconds() / 1e9 if it.HasField("created_at") else time.time(),
+            ),
+        )
+        if cur.rowcount == 0:
+            return []
+        waiting = c.execute(
+            "SELECT event FROM feedback WHERE status = 'pending' AND (interaction_id = ? OR (pair_id != '' AND pair_id = ?))",
+            (it.interaction_id, it.pair_id),
+        ).fetchall()
+        pairs = []
+        for (blob,) in waiting:
+            pairs += self._join(c, events_pb2.FeedbackEvent.FromString(blob))
+        return pairs
+
+    def _feedback(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
+        if not fb.feedback_id:
+            FEEDBACK_DROPPED.labels("invalid").inc()
+            log.warning("feedback without feedback_id dropped: %s", fb)
+            return []
+        cur = c.execute(
+            "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
+            (fb.feedback_id, fb.interaction_id, fb.pair_id, "pending", time.time(), fb.SerializeToString()),
+        )
+        if cur.rowcount == 0:
+            FEEDBACK_DUPLICATE.inc()
+            return []
+        return self._join(c, fb)
+
+    def _pair(self, c: sqlite3.Connection, pair: events_pb2.PreferencePair) -> None:
         if not pair.pair_id or not pair.chosen or not pair.rejected:
             return
         key = ",".join(sorted(pair.source_feedback_ids)) or pair.pair_id
-        with self._tx() as c:
-            self._insert_pair(c, pair, published=1, split_keys=[key])
+        self._insert_pair(c, pair, published=1, split_keys=[key])
 
     def expire(self, now: float | None = None) -> int:
         """Drop feedback that waited longer than `orphan_wait_s` for its interaction."""
@@ -291,16 +325,20 @@ class PreferenceJoin:
         return n
 
     def flush(self) -> int:
-        """Publish every stored pair Kafka has not acknowledged yet; mark them published."""
+        """Publish every stored pair Kafka has not acknowledged yet (in one call); mark them published.
+
+        The stored bytes are what is sent, so a pair sent again after a crash is an identical copy.
+        """
         if self.publish is None:
             return 0
-        rows = self.store._q("SELECT seq, message FROM pairs WHERE published = 0 ORDER BY seq")
-        if not rows:
-            return 0
-        self.publish([events_pb2.PreferencePair.FromString(blob) for _, blob in rows])
-        with self._tx() as c:
-            c.executemany("UPDATE pairs SET published = 1 WHERE seq = ?", [(s,) for s, _ in rows])
-        return len(rows)
+        with self._flushing:
+            rows = self.store._q("SELECT seq, message FROM pairs WHERE published = 0 ORDER BY seq")
+            if not rows:
+                return 0
+            self.publish([events_pb2.PreferencePair.FromString(blob) for _, blob in rows])
+            with self._tx() as c:
+                c.executemany("UPDATE pairs SET published = 1 WHERE seq = ?", [(s,) for s, _ in rows])
+            return len(rows)
 
     # ------------------------------------------------------------------ the join
     def _tx(self) -> _Tx:
@@ -474,6 +512,79 @@ class PreferenceJoin:
 
     def live_stats(self) -> dict[str, dict[str, float]]:
         return json.loads(json.dumps(self._live))
+
+
+class BatchConsumer(bus.Consumer):
+    """bus.Consumer that hands a poll's records to `batch_handler` together, then commits.
+
+    A poll is handled in batches of at most `batch_size` records, in order; its offsets are
+    committed once every batch of it returned (their effects are durable). If a batch raises,
+    it is redone one record at a time through `handler`, with bus.Consumer's retries and
+    dead-letter topic, so one bad record costs only itself. A record that cannot be decoded
+    goes to the dead-letter topic at once, and the rest still batch.
+    """
+
+    def __init__(
+        self, *args: Any, batch_handler: Callable[[list[bus.Record]], None], batch_size: int = 200, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("max_poll_records", max(200, batch_size))
+        super().__init__(*args, **kwargs)
+        self.batch_handler, self.batch_size = batch_handler, batch_size
+
+    def poll_once(self, timeout_ms: int | None = None) -> int:
+        """Poll, handle the poll's records a batch at a time, commit; return how many records were done."""
+        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms)
+        msgs = [m for ms in batches.values() for m in ms]
+        done = 0
+        for at in range(0, len(msgs), self.batch_size):
+            if self._stop.is_set():
+                break
+            done += self._batch(msgs[at : at + self.batch_size])
+        self.commit()
+        self._update_lag()
+        return done
+
+    def _batch(self, msgs: list[Any]) -> int:
+        records: dict[int, bus.Record] = {}
+        for i, msg in enumerate(msgs):
+            try:
+                records[i] = self._decode(msg)
+            except Exception:
+                self._process(msg)  # undecodable: no retry can help; it goes to the dead-letter topic
+        if self._handle_together(list(records.values())):
+            for msg in msgs:
+                self._done(msg)
+            return len(msgs)
+        done = 0
+        for i, msg in enumerate(msgs):  # one at a time, with bus.Consumer's retries and DLQ
+            if self._stop.is_set():
+                break
+            if i in records:
+                self._process(msg)
+            self._done(msg)
+            done += 1
+        return done
+
+    def _handle_together(self, records: list[bus.Record]) -> bool:
+        if not records:
+            return True
+        start = time.perf_counter()
+        try:
+            self.batch_handler(records)
+        except Exception as e:
+            bus.FAILED.labels(records[0].topic, self.group).inc()
+            log.warning("a batch of %d record(s) failed (%r); redoing it one record at a time", len(records), e)
+            return False
+        share = (time.perf_counter() - start) / len(records)
+        for r in records:
+            bus.HANDLER_SECONDS.labels(r.topic, self.group).observe(share)
+        for topic in {r.topic for r in records}:
+            bus.CONSUMED.labels(topic, self.group).inc(sum(r.topic == topic for r in records))
+        return True
+
+    def _done(self, msg: Any) -> None:
+        tp = bus.TopicPartition(msg.topic, msg.partition)
+        self._pending[tp] = self._positions[tp] = msg.offset + 1
 
 
 class _Tx:

@@ -4,7 +4,7 @@ RewardServicer only converts protobuf to (prompts, responses) and back; the scor
 batching and the version bookkeeping, off the event loop (`run_blocking`).
 
 RewardService wires: the join consumer (interactions + feedback + preferences -> sqlite ->
-flywheel.preferences), the online trainer thread (-> model store -> flywheel.reward.updates),
+flywheel.preferences, a poll at a time), the online trainer thread (-> model store -> flywheel.reward.updates),
 and the scorer's update consumer (flywheel.reward.updates -> verify -> hot swap). Run one
 trainer per deployment (`TrainConfig.enabled` on one replica): every replica scores.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, section
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
-from flywheel.reward.join import PreferenceJoin, PreferenceStore
+from flywheel.reward.join import BatchConsumer, PreferenceJoin, PreferenceStore
 from flywheel.reward.model import Scorer
 from flywheel.reward.starter import ensure_starter
 from flywheel.reward.trainer import OnlineTrainer
@@ -119,9 +120,13 @@ class RewardService:
 
     # Kafka effects that must be acknowledged before the caller goes on.
     def _publish_pairs(self, pairs: list[events_pb2.PreferencePair]) -> None:
-        futures = [self.producer.send(self.config.topics.preferences, p.pair_id, p) for p in pairs]
+        """Send every pair, then one flush (no linger) and every ack checked, all within publish_timeout_s."""
+        topic, timeout_s = self.config.topics.preferences, self.config.join.publish_timeout_s
+        deadline = time.monotonic() + timeout_s
+        futures = [self.producer.send(topic, p.pair_id, p) for p in pairs]
+        self.producer.flush(timeout_s)
         for f in futures:
-            self.producer._wait(f, self.config.topics.preferences, self.config.join.publish_timeout_s)
+            self.producer._wait(f, topic, max(0.0, deadline - time.monotonic()))
 
     def _announce(self, update: events_pb2.ModelUpdate) -> None:
         self.producer.send_sync(self.config.topics.reward_updates, update.model, update)
@@ -151,7 +156,7 @@ class RewardService:
             dlq_topic=None,
             auto_offset_reset="earliest",
         )
-        join = bus.Consumer(
+        join = BatchConsumer(  # a poll at a time: one transaction, one flush of its pairs, then the commit
             cfg.kafka,
             cfg.join.group,
             {
@@ -160,6 +165,8 @@ class RewardService:
                 cfg.topics.preferences: events_pb2.PreferencePair,
             },
             self.join.handle,
+            batch_handler=self.join.handle_batch,
+            batch_size=cfg.join.batch_records,
             dlq_topic=cfg.topics.dlq,
             producer=self.producer,
         )

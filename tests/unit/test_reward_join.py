@@ -195,3 +195,103 @@ def test_heldout_split_is_deterministic_and_near_the_configured_share(tmp_path) 
     assert [p.pair_id for p in h2.store.pairs_after(0, "heldout")] == [
         p.pair_id for p in h.store.pairs_after(0, "heldout")
     ]
+
+
+# ---------------------------------------------------------------------- a poll at a time
+def poll(*msgs) -> list:
+    from flywheel.core import bus
+
+    return [bus.Record("t", 0, i, None, m, {}, 0) for i, m in enumerate(msgs)]
+
+
+def preferences(n: int, start: int = 0) -> list:
+    out = []
+    for i in range(start, start + n):
+        out += [interaction(f"{i}a", pair=f"P{i}", side="A"), interaction(f"{i}b", pair=f"P{i}", side="B")]
+        out.append(fb(f"f{i}", ev.FEEDBACK_KIND_PREFERENCE, pair=f"P{i}", preference=ev.PREFERENCE_A))
+    return out
+
+
+def test_a_poll_is_one_transaction_and_one_publish(h: Harness) -> None:
+    calls: list[list] = []
+    h.join.publish = calls.append
+    statements: list[str] = []
+    h.store.conn.set_trace_callback(statements.append)
+    h.join.handle_batch(poll(*preferences(40)))
+    assert [len(c) for c in calls] == [40]  # every pair of the poll in one publish call
+    assert statements.count("COMMIT") == 2  # the poll's effects, then the pairs marked published
+    assert h.store.count_pairs() == 40 and h.store._q("SELECT COUNT(*) FROM pairs WHERE published = 0") == [(0,)]
+    h.join.handle_batch(poll(*preferences(40)))  # the poll redelivered: nothing new, nothing sent
+    assert len(calls) == 1 and h.store.count_pairs() == 40
+
+
+def test_a_poll_joins_like_the_same_records_one_at_a_time(tmp_path) -> None:
+    msgs = preferences(5) + [
+        interaction("c", "q2"),
+        interaction("d", "q2"),
+        fb("t1", ev.FEEDBACK_KIND_THUMBS, "c", value=1),
+        fb("t2", ev.FEEDBACK_KIND_THUMBS, "d", value=-1),
+        fb("late", ev.FEEDBACK_KIND_PREFERENCE, pair="L", preference=ev.PREFERENCE_B),  # before its interactions
+        interaction("la", pair="L", side="A"),
+        interaction("lb", pair="L", side="B"),
+    ]
+    one, many = Harness(tmp_path / "one"), Harness(tmp_path / "many")
+    one.apply(*msgs)
+    many.join.handle_batch(poll(*msgs))
+    key = lambda h: [(p.pair_id, p.chosen, p.rejected, p.weight, p.split) for p in h.pairs()]  # noqa: E731
+    assert key(many) == key(one) and len(key(one)) == 7
+    assert sorted(p.pair_id for p in many.published) == sorted(p.pair_id for p in one.published)
+
+
+def test_a_failing_record_rolls_back_its_whole_poll(h: Harness, monkeypatch) -> None:
+    real = h.join._join
+
+    def fails_on_f3(c, event):
+        if event.feedback_id == "f3":
+            raise RuntimeError("boom")
+        return real(c, event)
+
+    monkeypatch.setattr(h.join, "_join", fails_on_f3)
+    with pytest.raises(RuntimeError):
+        h.join.handle_batch(poll(*preferences(5)))
+    assert h.store._q("SELECT COUNT(*) FROM interactions") == [(0,)] and h.pairs() == [] and h.published == []
+    monkeypatch.undo()
+    h.join.handle_batch(poll(*preferences(5)))  # redone (record by record by the consumer, or as a poll)
+    assert len(h.pairs()) == 5 and len(h.published) == 5
+
+
+def test_pairs_whose_publish_failed_are_sent_again_as_the_same_bytes(h: Harness) -> None:
+    sent: list[list[bytes]] = []
+
+    def kafka_down_once(pairs) -> None:
+        sent.append([p.SerializeToString() for p in pairs])
+        if len(sent) == 1:
+            raise ConnectionError("Kafka did not acknowledge")
+
+    h.join.publish = kafka_down_once
+    with pytest.raises(ConnectionError):
+        h.join.handle_batch(poll(*preferences(3)))
+    assert len(h.pairs()) == 3  # durable before the publish; the consumer does not commit the poll
+    h.join.handle_batch(poll(*preferences(3)))  # redelivered
+    assert len(sent) == 2 and sent[1] == sent[0] and len(h.pairs()) == 3
+
+
+def test_concurrent_flushes_send_each_pair_once(h: Harness) -> None:
+    import threading
+    import time
+
+    h.join.publish = None
+    h.join.handle_batch(poll(*preferences(10)))  # stored, not sent
+    sent: list[str] = []
+
+    def slow(pairs) -> None:
+        time.sleep(0.2)
+        sent.extend(p.pair_id for p in pairs)
+
+    h.join.publish = slow
+    threads = [threading.Thread(target=h.join.flush) for _ in range(3)]  # start-up flush vs the consumer's
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(sent) == 10 and len(set(sent)) == 10

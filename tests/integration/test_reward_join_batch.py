@@ -1,0 +1,197 @@
+"""The join's BatchConsumer on a real Apache Kafka broker: a poll handled together, committed after.
+
+A poll goes to the batch handler in one call (an undecodable record goes to the dead-letter
+topic on its own); a batch that fails is redone one record at a time with bus.Consumer's
+retries; offsets are committed only for what was handled.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from flywheel.core import bus
+from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.reward.join import BatchConsumer
+from flywheel.v1 import events_pb2 as ev
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
+
+
+def setup(kafka_bootstrap: str, t: TopicsConfig, n: int, garbage_at: int | None = None) -> KafkaConfig:
+    kafka = KafkaConfig(
+        bootstrap=kafka_bootstrap,
+        session_timeout_ms=3000,
+        max_attempts=2,
+        retry_backoff_s=0.01,
+        request_timeout_ms=10_000,
+    )
+    bus.ensure_topics(kafka, t)
+    with bus.Producer(kafka) as p:
+        for i in range(n):
+            if i == garbage_at:
+                p.send_raw(t.interactions, b"bad", b"\xff\x00 not a protobuf")
+            p.send(t.interactions, f"i{i}", ev.Interaction(interaction_id=f"i{i}", prompt="q", response=f"r{i}"))
+        p.flush(20)
+    return kafka
+
+
+def run_until(c: BatchConsumer, cond, timeout_s: float = 30.0) -> None:
+    c.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not cond() and c.error is None:
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+    finally:
+        c.stop()
+    if c.error is not None:
+        raise c.error
+
+
+def committed(kafka: KafkaConfig, group: str, topic: str) -> int | None:
+    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return c.committed(TopicPartition(topic, 0))
+    finally:
+        c.close(autocommit=False)
+
+
+def read(kafka: KafkaConfig, topic: str, want: int) -> list:
+    c = KafkaConsumer(topic, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    got, deadline = [], time.monotonic() + 20
+    try:
+        while len(got) < want and time.monotonic() < deadline:
+            for recs in c.poll(timeout_ms=200).values():
+                got += recs
+    finally:
+        c.close()
+    return got
+
+
+@pytest.mark.parametrize("batch_size", [200, 16])
+def test_a_poll_goes_to_the_batch_handler_at_once_and_is_committed(
+    kafka_bootstrap: str, topics_config: TopicsConfig, batch_size: int
+) -> None:
+    t, n = topics_config, 120
+    kafka = setup(kafka_bootstrap, t, n, garbage_at=50)
+    batches: list[list[str]] = []
+    singles: list[str] = []
+    group = f"batch-{uuid.uuid4().hex[:6]}"
+    c = BatchConsumer(
+        kafka,
+        group,
+        {t.interactions: ev.Interaction},
+        lambda r: singles.append(r.value.interaction_id),
+        batch_handler=lambda rs: batches.append([r.value.interaction_id for r in rs]),
+        dlq_topic=t.dlq,
+        batch_size=batch_size,
+    )
+    run_until(c, lambda: sum(map(len, batches)) >= n)
+    assert singles == [] and [i for b in batches for i in b] == [f"i{i}" for i in range(n)]
+    assert len(batches) < n / 4  # records arrived together, so they were handled together
+    assert max(map(len, batches)) <= batch_size
+    (dead,) = read(kafka, t.dlq, 1)
+    assert ev.DeadLetter.FromString(dead.value).offset == 50
+    assert committed(kafka, group, t.interactions) == n + 1  # every record, the dead-lettered one too
+
+
+def test_a_failed_batch_is_redone_one_record_at_a_time(kafka_bootstrap: str, topics_config: TopicsConfig) -> None:
+    t, n = topics_config, 30
+    kafka = setup(kafka_bootstrap, t, n)
+    singles: list[str] = []
+    tries: list[int] = []
+
+    def batch_fails(records: list[bus.Record]) -> None:
+        tries.append(len(records))
+        raise RuntimeError("a bad record somewhere in this poll")
+
+    def single(r: bus.Record) -> None:
+        if r.value.interaction_id == "i7" and "i7" not in singles:
+            singles.append("i7")  # its first try fails; bus.Consumer's retry takes it
+            raise RuntimeError("once")
+        singles.append(r.value.interaction_id)
+
+    group = f"batch-{uuid.uuid4().hex[:6]}"
+    c = BatchConsumer(
+        kafka, group, {t.interactions: ev.Interaction}, single, batch_handler=batch_fails, dlq_topic=t.dlq
+    )
+    run_until(c, lambda: len(singles) >= n + 1)
+    assert tries and all(k > 0 for k in tries)
+    assert [s for s in singles if s != "i7"] == [f"i{i}" for i in range(n) if i != 7] and singles.count("i7") == 2
+    assert committed(kafka, group, t.interactions) == n
+
+
+@pytest.mark.timeout(240)
+def test_small_batches_killed_twice_lose_and_double_no_pair(
+    kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
+) -> None:
+    """`python -m flywheel.reward` with 16-record batches, SIGKILLed twice mid-stream: each pair once."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from flywheel.reward.join import PreferenceStore
+    from flywheel.reward.model import build_tiny
+    from tests.integration.test_reward_service import events, produce, read_all
+
+    kafka = KafkaConfig(bootstrap=kafka_bootstrap, request_timeout_ms=10_000)
+    t = topics_config
+    bus.ensure_topics(kafka, t)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "FLYWHEEL_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "FLYWHEEL_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "FLYWHEEL_MODEL_STORE": str(tmp_path / "store"),
+        "FLYWHEEL_REWARD_STATE_DIR": str(tmp_path / "state"),
+        "FLYWHEEL_REWARD_BASE_MODEL": str(build_tiny(tmp_path / "tiny")),
+        "FLYWHEEL_REWARD_JOIN_GROUP": f"rw-{uuid.uuid4().hex[:6]}",
+        "FLYWHEEL_REWARD_JOIN_BATCH_RECORDS": "16",
+        "FLYWHEEL_REWARD_TRAIN": "0",
+        **{f"FLYWHEEL_TOPIC_{k.upper()}": getattr(t, k) for k in ("interactions", "feedback", "preferences", "dlq")},
+        "FLYWHEEL_TOPIC_POLICY_UPDATES": t.policy_updates,
+        "FLYWHEEL_TOPIC_REWARD_UPDATES": t.reward_updates,
+        "FLYWHEEL_TOPIC_PARTITIONS": "1",
+    }
+    cmd = [sys.executable, "-m", "flywheel.reward", "--grpc-port", "0", "--http-port", "0"]
+    n = 240
+    produce(kafka, t, events(random.Random(2), 0, n))
+    db = tmp_path / "state" / "join.sqlite"
+
+    def count() -> int:
+        if not db.exists():
+            return 0
+        s = PreferenceStore(db)
+        try:
+            return s.count_pairs()
+        finally:
+            s.close()
+
+    def run_until(at_least: int, sig: int, log: str) -> None:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / log, "w"))
+        try:
+            deadline = time.monotonic() + 60
+            while count() < at_least:
+                assert proc.poll() is None, f"reward service exited with {proc.returncode} (see {log})"
+                assert time.monotonic() < deadline, f"timed out waiting for {at_least} pairs (see {log})"
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(sig)
+            proc.wait(20)
+
+    for k, at in enumerate((30, 130)):
+        run_until(max(at, count() + 1), signal.SIGKILL, f"log{k}")
+    run_until(n, signal.SIGTERM, "log-last")
+    time.sleep(1.0)
+    assert count() == n
+    pairs = read_all(kafka, t.preferences, ev.PreferencePair, n)
+    first: dict[str, bytes] = {}
+    for p in pairs:  # every pair; a repeat only as the identical record under the same key
+        assert first.setdefault(p.pair_id, p.SerializeToString()) == p.SerializeToString()
+    assert len(first) == n
