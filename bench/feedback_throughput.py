@@ -12,7 +12,8 @@ Then, on that broker, in one run:
                         ACCEPTED per item without looking);
   * baseline_sync:      bus.Producer.send_sync of the same FeedbackEvents from C threads
                         (one ack awaited per event: what one Submit must do);
-  * baseline_pipelined: bus.Producer.send of every event, then every ack awaited.
+  * baseline_pipelined: bus.Producer.send of every event, then every ack awaited
+                        (both with the intake's producer settings: linger, batch size, gzip).
 
 Load generator (--client): `ghz` (default; github.com/bojand/ghz, a Go gRPC load tester,
 built once by scripts/ghz with `go install`) so that the client costs little of the cores the
@@ -53,6 +54,7 @@ from kafka import KafkaConsumer, TopicPartition
 from flywheel.core import bus
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.feedback.intake import BATCH_BYTES, COMPRESSION, LINGER_MS
 from flywheel.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +109,13 @@ def events(reqs: list[feedback_pb2.FeedbackRequest]) -> list[events_pb2.Feedback
 # ---------------------------------------------------------------------------- Kafka baselines
 
 
+def intake_producer(kafka: KafkaConfig) -> bus.Producer:
+    """A producer with the intake's own settings (linger, batch size, compression; acks=all, idempotence)."""
+    return bus.Producer(kafka, linger_ms=LINGER_MS, batch_size=BATCH_BYTES, compression_type=COMPRESSION)
+
+
 def baseline_sync(kafka: KafkaConfig, topic: str, evs: list, concurrency: int) -> float:
-    producer = bus.Producer(kafka)
+    producer = intake_producer(kafka)
     producer.send_sync(topic, "warmup", evs[0])
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -119,7 +126,7 @@ def baseline_sync(kafka: KafkaConfig, topic: str, evs: list, concurrency: int) -
 
 
 def baseline_pipelined(kafka: KafkaConfig, topic: str, evs: list) -> float:
-    producer = bus.Producer(kafka)
+    producer = intake_producer(kafka)
     producer.send_sync(topic, "warmup", evs[0])
     t0 = time.perf_counter()
     futures = [producer.send(topic, e.interaction_id, e) for e in evs]
