@@ -195,6 +195,17 @@ def reload_weights(cur: LoadedModel, path: str, version: int) -> LoadedModel | N
     return loaded
 
 
+def _try_reload(cur: LoadedModel, path: str, version: int) -> LoadedModel | None:
+    """reload_weights, or None on any error: from_pretrained then decides (it refuses what is broken)."""
+    try:
+        return reload_weights(cur, path, version)
+    except Exception as e:  # noqa: BLE001 - e.g. a module whose deepcopy fails: the slow path still works
+        log.warning(
+            "reloading the weights of %s into a copy failed (%s: %s): loading it whole", path, type(e).__name__, e
+        )
+        return None
+
+
 _startup_frozen = False
 
 
@@ -290,9 +301,7 @@ class Engine:
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
             try:
-                loaded = (cur and reload_weights(cur, str(path), version)) or load_model(
-                    str(path), version, self.config
-                )
+                loaded = (cur and _try_reload(cur, str(path), version)) or load_model(str(path), version, self.config)
             except Exception as e:  # noqa: BLE001 - any failure to load is a refused checkpoint
                 self._last_swap_error = f"version {version} from {path}: {type(e).__name__}: {e}"
                 METRICS.swaps.labels("failed").inc()  # after the error is readable: watchers poll the count

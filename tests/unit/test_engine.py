@@ -474,6 +474,16 @@ def test_reload_needs_the_same_model_files_and_an_equivalent_tokenizer(v0, v1, v
             assert reload_weights(cur, str(other), 3) is None
 
 
+def test_a_failing_reload_falls_back_to_a_whole_load(v0, v2, monkeypatch):
+    def boom(*a):
+        raise RuntimeError("cannot deepcopy this module")
+
+    monkeypatch.setattr(engine_module, "reload_weights", boom)
+    with engine(v0) as e:
+        e.load_version(v2, 2)
+        assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 2 and not e.info().last_swap_error
+
+
 def test_non_finite_new_weights_are_refused_on_the_reload_path_too(v0, tmp_path):
     from safetensors.torch import load_file, save_file
 
