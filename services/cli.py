@@ -96,7 +96,7 @@ def _models_init(args: argparse.Namespace) -> int:
     from flywheel.reward.starter import ensure_starter as ensure_reward
 
     store = _models_store(args)
-    ensure_policy(store, steps=args.policy_steps, progress=True)
+    ensure_policy(store, **({"steps": args.policy_steps} if args.policy_steps else {}), progress=True)
     reward = ensure_reward(store, load(RewardModelConfig))
     print(f"policy v0 and {reward.model} v{reward.version} are in {store.root}")
     return 0
@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_models_verify)
     init = models_sub.add_parser("init", help="build the starter policy and reward model (version 0) if missing")
     init.add_argument(
-        "--policy-steps", type=int, default=600, help="training steps of the starter policy (default 600)"
+        "--policy-steps",
+        type=int,
+        default=None,
+        help="training steps of the starter policy (default: the recipe's, 2000)",
     )
     init.set_defaults(run=_models_init)
 

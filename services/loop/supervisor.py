@@ -50,9 +50,12 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 def cache_store() -> Path:
-    """Where starter models are built once and reused by every run: $FLYWHEEL_CACHE/starters."""
+    """Where starter models are built once and reused by every run: $FLYWHEEL_CACHE/starters/RECIPE
+    (a changed recipe builds anew instead of reusing an old build)."""
+    from flywheel.policy.starter import RECIPE
+
     base = os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel"
-    return Path(base) / "starters"
+    return Path(base) / "starters" / RECIPE
 
 
 def ensure_starters(store_root: Path, progress: bool = True) -> None:

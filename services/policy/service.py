@@ -32,6 +32,7 @@ from flywheel.policy.config import EngineConfig
 from flywheel.policy.engine import METRICS, Engine
 from flywheel.policy.interactions import InteractionPublisher
 from flywheel.policy.requests import GenerationRequest, Result, TokenEvent
+from flywheel.policy.starter import STEPS as STARTER_STEPS
 from flywheel.policy.swap import Swapper
 from flywheel.v1 import common_pb2, events_pb2
 
@@ -75,7 +76,7 @@ class PolicyConfig:
     updates_group: str = setting(
         "flywheel-policy", "Prefix of the update consumer's group (one group per replica).", env="FLYWHEEL_POLICY_GROUP"
     )
-    starter_steps: int = setting(600, "Training steps of the starter policy when it must be built.")
+    starter_steps: int = setting(STARTER_STEPS, "Training steps of the starter policy when it must be built.")
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -124,7 +125,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def ensure_starter(store: ModelStore, steps: int = 600, progress: bool = True) -> int:
+def ensure_starter(store: ModelStore, steps: int = STARTER_STEPS, progress: bool = True) -> int:
     """Version 0 of "policy" in `store`, built (with a progress bar) and published if missing.
 
     Safe when processes race: an flock makes the second wait instead of building twice, and
