@@ -156,6 +156,8 @@ class OnlineTrainer:
             if self._steps_since_publish >= cfg.publish_every_steps:
                 self._commit_progress(new)
                 self.maybe_publish()
+        if self._stop.is_set():  # no held-out evaluation on the way out (it took ~20 s on a CPU): a restart
+            return True  # resumes from the last published version's cursor and trains these pairs again
         self._commit_progress(new)
         if self._steps_since_publish:
             self.maybe_publish()
