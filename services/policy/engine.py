@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from flywheel.core import errors
 from flywheel.core.modelstore import MANIFEST
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.kvbatch import Batch, LoadedModel, _smoke_test, load_model
+from flywheel.policy.kvbatch import Batch, LoadedModel, load_model, smoke_test
 from flywheel.policy.requests import (
     ROLES,
     EngineInfo,
@@ -191,7 +191,7 @@ def reload_weights(cur: LoadedModel, path: str, version: int) -> LoadedModel | N
     loaded = dataclasses.replace(cur, source=path, version=version, model=model, tokenizer=tok)
     if tok is not cur.tokenizer:  # caches of the old tokenizer
         loaded = dataclasses.replace(loaded, _token_text={}, _backend_decode=None)
-    _smoke_test(loaded)
+    smoke_test(loaded)
     return loaded
 
 

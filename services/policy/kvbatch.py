@@ -169,13 +169,14 @@ def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
         pad_id=pad,
         logits_to_keep="logits_to_keep" in params,
     )
-    _smoke_test(loaded)
+    smoke_test(loaded)
     sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
     loaded.mask_4d = not sliding and _same_with_4d_mask(loaded)
     return loaded
 
 
-def _smoke_test(m: LoadedModel) -> None:
+def smoke_test(m: LoadedModel) -> None:
+    """One forward of a single pad token: refuses weights that load but produce non-finite logits."""
     probe = torch.tensor([[m.pad_id]], device=m.device)
     out = m.forward(probe, torch.ones_like(probe), torch.zeros_like(probe), DynamicCache())
     if not torch.isfinite(out.logits).all():
