@@ -44,9 +44,12 @@ from flywheel.trainer.rollout import split_pool
 # it is). RLOO with 4 samples a prompt at lr 3e-5: against the panel's own utility (an oracle
 # reward, offline) it reached a 0.89 win-rate in 250 updates with 95% of answers well formed,
 # where PPO at lr 1e-4 plateaued near 0.70 and garbled a quarter of its answers. The win-rate
-# peaked at 2-3 nats of KL in every run; with a fixed coefficient of 0.05 a run that went on
-# drifted to 6 nats and fell back to 0.71 (the reward model over-optimized), so an adaptive
-# controller (Ziegler et al. 2019) holds KL near 2.5 nats, reacting within ~20 updates.
+# peaked at 2-3 nats of KL in every run. A fixed KL coefficient of 0.05 let one demo drift to
+# 6 nats and fall back to 0.71 (the reward model over-optimized). The adaptive controller
+# (Ziegler et al. 2019, target 2.5, horizon 160) made it worse: while KL sat under the target
+# for the first ~120 updates it shrank the coefficient ~10x, then could not grow it back fast
+# enough (KL 6-11 nats, 86% well formed). A fixed 0.1: 0.885 at 3 nats in one run, a drift to
+# 7 nats and 0.76 in the next; 0.2 drifted too (5.5 nats, 0.76). See the README's demo section.
 DEMO_ENV = {
     "FLYWHEEL_TRAINER_TEMPERATURE": "1.0",
     "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "96",
@@ -54,10 +57,7 @@ DEMO_ENV = {
     "FLYWHEEL_TRAINER_GROUP_SIZE": "4",
     "FLYWHEEL_TRAINER_BATCH_SIZE": "4",
     "FLYWHEEL_TRAINER_LR": "3e-5",
-    "FLYWHEEL_TRAINER_ADAPTIVE_KL": "true",
-    "FLYWHEEL_TRAINER_KL_INIT": "0.05",
-    "FLYWHEEL_TRAINER_KL_TARGET": "2.5",
-    "FLYWHEEL_TRAINER_KL_HORIZON": "160",
+    "FLYWHEEL_TRAINER_KL_COEF": "0.1",
     "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "5",
     "FLYWHEEL_TRAINER_GATE_PROMPTS": "32",
     "FLYWHEEL_TRAINER_PROMPT_SOURCE": "pool",
