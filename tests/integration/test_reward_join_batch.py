@@ -7,6 +7,9 @@ retries; offsets are committed only for what was handled.
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
 import time
 import uuid
 
@@ -17,6 +20,14 @@ from flywheel.core import bus
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.reward.join import BatchConsumer
 from flywheel.v1 import events_pb2 as ev
+from tests.integration.test_reward_service import (
+    REWARD_CMD,
+    events,
+    join_pair_count,
+    produce,
+    read_all,
+    reward_process_env,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
 
@@ -130,51 +141,18 @@ def test_small_batches_killed_twice_lose_and_double_no_pair(
     kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
 ) -> None:
     """`python -m flywheel.reward` with 16-record batches, SIGKILLed twice mid-stream: each pair once."""
-    import os
-    import random
-    import signal
-    import subprocess
-    import sys
-
-    from flywheel.reward.join import PreferenceStore
-    from flywheel.reward.model import build_tiny
-    from tests.integration.test_reward_service import events, produce, read_all
-
     kafka = KafkaConfig(bootstrap=kafka_bootstrap, request_timeout_ms=10_000)
     t = topics_config
     bus.ensure_topics(kafka, t)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "FLYWHEEL_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "FLYWHEEL_KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "FLYWHEEL_MODEL_STORE": str(tmp_path / "store"),
-        "FLYWHEEL_REWARD_STATE_DIR": str(tmp_path / "state"),
-        "FLYWHEEL_REWARD_BASE_MODEL": str(build_tiny(tmp_path / "tiny")),
-        "FLYWHEEL_REWARD_JOIN_GROUP": f"rw-{uuid.uuid4().hex[:6]}",
-        "FLYWHEEL_REWARD_JOIN_BATCH_RECORDS": "16",
-        "FLYWHEEL_REWARD_TRAIN": "0",
-        **{f"FLYWHEEL_TOPIC_{k.upper()}": getattr(t, k) for k in ("interactions", "feedback", "preferences", "dlq")},
-        "FLYWHEEL_TOPIC_POLICY_UPDATES": t.policy_updates,
-        "FLYWHEEL_TOPIC_REWARD_UPDATES": t.reward_updates,
-        "FLYWHEEL_TOPIC_PARTITIONS": "1",
-    }
-    cmd = [sys.executable, "-m", "flywheel.reward", "--grpc-port", "0", "--http-port", "0"]
+    env = reward_process_env(kafka_bootstrap, t, tmp_path, FLYWHEEL_REWARD_JOIN_BATCH_RECORDS="16")
     n = 240
     produce(kafka, t, events(random.Random(2), 0, n))
-    db = tmp_path / "state" / "join.sqlite"
 
     def count() -> int:
-        if not db.exists():
-            return 0
-        s = PreferenceStore(db)
-        try:
-            return s.count_pairs()
-        finally:
-            s.close()
+        return join_pair_count(tmp_path)
 
     def run_until(at_least: int, sig: int, log: str) -> None:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / log, "w"))
+        proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / log, "w"))
         try:
             deadline = time.monotonic() + 60
             while count() < at_least:

@@ -8,9 +8,14 @@ restart picks up from the persisted dataset and publishes no pair twice.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +27,7 @@ from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServerConfig
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
+from flywheel.reward.join import PreferenceStore
 from flywheel.reward.model import build_tiny
 from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
 from flywheel.v1 import events_pb2 as ev
@@ -200,21 +206,12 @@ def test_reward_service_end_to_end(kafka_bootstrap: str, topics_config: TopicsCo
     assert all(parent == version - 1 for version, parent in after)
 
 
-def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
-    kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
-) -> None:
-    """`python -m flywheel.reward` killed with SIGKILL mid-stream, then restarted: every pair exactly once."""
-    import os
-    import signal
-    import subprocess
-    import sys
+REWARD_CMD = [sys.executable, "-m", "flywheel.reward", "--grpc-port", "0", "--http-port", "0"]
 
-    from flywheel.reward.join import PreferenceStore
 
-    kafka = KafkaConfig(bootstrap=kafka_bootstrap, request_timeout_ms=10_000)
-    t = topics_config
-    bus.ensure_topics(kafka, t)
-    env = {
+def reward_process_env(kafka_bootstrap: str, t: TopicsConfig, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment of a `python -m flywheel.reward` child on these topics, with a tiny model and no training."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "FLYWHEEL_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -228,20 +225,35 @@ def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
         **{f"FLYWHEEL_TOPIC_{k.upper()}": getattr(t, k) for k in ("interactions", "feedback", "preferences", "dlq")},
         "FLYWHEEL_TOPIC_POLICY_UPDATES": t.policy_updates,
         "FLYWHEEL_TOPIC_REWARD_UPDATES": t.reward_updates,
+        **extra,
     }
-    cmd = [sys.executable, "-m", "flywheel.reward", "--grpc-port", "0", "--http-port", "0"]
+
+
+def join_pair_count(tmp_path: Path) -> int:
+    """Pairs the join of a child started with `reward_process_env` has stored so far."""
+    db = tmp_path / "state" / "join.sqlite"
+    if not db.exists():
+        return 0
+    s = PreferenceStore(db)
+    try:
+        return s.count_pairs()
+    finally:
+        s.close()
+
+
+def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
+    kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
+) -> None:
+    """`python -m flywheel.reward` killed with SIGKILL mid-stream, then restarted: every pair exactly once."""
+    kafka = KafkaConfig(bootstrap=kafka_bootstrap, request_timeout_ms=10_000)
+    t = topics_config
+    bus.ensure_topics(kafka, t)
+    env = reward_process_env(kafka_bootstrap, t, tmp_path)
     n = 150
     produce(kafka, t, events(random.Random(1), 0, n))
-    db = tmp_path / "state" / "join.sqlite"
 
     def count() -> int:
-        if not db.exists():
-            return 0
-        s = PreferenceStore(db)
-        try:
-            return s.count_pairs()
-        finally:
-            s.close()
+        return join_pair_count(tmp_path)
 
     def wait(cond, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + timeout_s
@@ -250,14 +262,14 @@ def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.05)
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log1", "w"))
+    proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log1", "w"))
     try:
         wait(lambda: count() >= 5, 60, "the first pairs", proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     killed_at = count()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log2", "w"))
+    proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log2", "w"))
     try:
         wait(lambda: count() >= n, 60, f"{n} pairs after the restart", proc)
         time.sleep(1.0)  # anything extra would show up now

@@ -58,7 +58,8 @@ def intake(tmp_path: Path) -> Any:
     engine.close(drain_timeout_s=0)
 
 
-def test_concurrent_submits_share_one_flush_and_wait_for_the_acks(intake: FeedbackIntake) -> None:
+def count_trips(intake: FeedbackIntake) -> list[int]:
+    """The size of every group the intake hands to its send thread, as it happens."""
     trips: list[int] = []
     real = intake._reserve_and_send
 
@@ -67,6 +68,11 @@ def test_concurrent_submits_share_one_flush_and_wait_for_the_acks(intake: Feedba
         return real(items, direct)
 
     intake._reserve_and_send = counted  # type: ignore[method-assign]
+    return trips
+
+
+def test_concurrent_submits_share_one_flush_and_wait_for_the_acks(intake: FeedbackIntake) -> None:
+    trips = count_trips(intake)
 
     async def scenario() -> list[Any]:
         calls = [asyncio.ensure_future(intake.submit(signed(f"f{i}", f"i{i}"), ANONYMOUS)) for i in range(20)]
@@ -98,14 +104,7 @@ def test_unacked_events_are_spooled_not_lost(intake: FeedbackIntake) -> None:
 
 def test_flushes_in_flight_are_bounded_so_groups_grow_under_load(intake: FeedbackIntake) -> None:
     """With MAX_FLUSHES_IN_FLIGHT waiting for acks, later requests gather into one bigger flush."""
-    trips: list[int] = []
-    real = intake._reserve_and_send
-
-    def counted(items: list, direct: bool) -> Any:
-        trips.append(len(items))
-        return real(items, direct)
-
-    intake._reserve_and_send = counted  # type: ignore[method-assign]
+    trips = count_trips(intake)
 
     async def until_sent(n: int) -> None:
         for _ in range(200):
