@@ -77,6 +77,11 @@ class TrainerConfig:
     kl_init: float = setting(0.15, "Adaptive controller's initial coefficient.", env=_env("kl_init"))
     kl_target: float = setting(6.0, "Adaptive controller's target KL per sequence, in nats.", env=_env("kl_target"))
     kl_horizon: int = setting(10_000, "Adaptive controller's horizon, in samples.", env=_env("kl_horizon"))
+    kl_min: float = setting(
+        0.0,
+        "Adaptive controller's smallest coefficient (0: none). kl_min = kl_init only ever tightens the leash.",
+        env=_env("kl_min"),
+    )
     kl_estimator: str = setting(
         "k1", "Per-token KL estimator in the reward: k1, k2 or k3 (Schulman 2020).", env=_env("kl_estimator")
     )
@@ -182,6 +187,7 @@ class TrainerConfig:
         require(self.kl_coef >= 0, n, "kl_coef", self.kl_coef, "use 0 or more")
         require(self.kl_target > 0, n, "kl_target", self.kl_target, "use a positive number of nats")
         require(self.kl_horizon >= 1, n, "kl_horizon", self.kl_horizon, "use 1 or more samples")
+        require(0 <= self.kl_min <= self.kl_init, n, "kl_min", self.kl_min, "use 0 (no floor) up to kl_init")
         require(self.kl_estimator in KL_ESTIMATORS, n, "kl_estimator", self.kl_estimator, "use k1, k2 or k3")
         require(self.max_new_tokens >= 1, n, "max_new_tokens", self.max_new_tokens, "use 1 or more")
         require(self.max_prompt_tokens >= 1, n, "max_prompt_tokens", self.max_prompt_tokens, "use 1 or more")

@@ -100,7 +100,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.device = torch.device(cfg.device)
         self.kl_ctl = (
-            ppo.AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon)
+            ppo.AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon, cfg.kl_min)
             if cfg.adaptive_kl
             else ppo.FixedKLController(cfg.kl_coef)
         )

@@ -87,6 +87,18 @@ def test_adaptive_kl_controller_ziegler() -> None:
     assert ppo.FixedKLController(0.05).update(100.0, 100) == 0.05
 
 
+def test_adaptive_kl_floor_only_tightens() -> None:
+    # floor .1 = init: under the target it stays at .1; over it, it grows as Ziegler's (x1.08 a batch here).
+    c = ppo.AdaptiveKLController(0.1, 3.0, 40, floor=0.1)
+    assert [c.update(1.0, 16) for _ in range(5)] == [0.1] * 5
+    assert c.update(6.0, 16) == pytest.approx(0.1 * 1.08)
+    d = ppo.AdaptiveKLController(1.0, 1.0, 1)
+    d.load_state_dict(c.state_dict())
+    assert d.floor == 0.1 and d.update(0.0, 16) == 0.1
+    d.load_state_dict({"value": 0.5, "target": 3.0, "horizon": 40})  # an older checkpoint: no floor
+    assert d.floor == 0.0
+
+
 def test_token_rewards_put_score_on_last_real_token() -> None:
     # coef .5, kl [.1, .2, (pad)], score 1: [-.05, -.1 + 1, 0]
     r, non_score = ppo.token_rewards(T([1.0]), T([[0.1, 0.2, 0.3]]), T([[1.0, 1.0, 0.0]]), 0.5)
