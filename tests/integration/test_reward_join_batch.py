@@ -27,6 +27,7 @@ from tests.integration.test_reward_service import (
     produce,
     read_all,
     reward_process_env,
+    wait_for_pairs,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
@@ -148,26 +149,19 @@ def test_small_batches_killed_twice_lose_and_double_no_pair(
     n = 240
     produce(kafka, t, events(random.Random(2), 0, n))
 
-    def count() -> int:
-        return join_pair_count(tmp_path)
-
     def run_until(at_least: int, sig: int, log: str) -> None:
         proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / log, "w"))
         try:
-            deadline = time.monotonic() + 60
-            while count() < at_least:
-                assert proc.poll() is None, f"reward service exited with {proc.returncode} (see {log})"
-                assert time.monotonic() < deadline, f"timed out waiting for {at_least} pairs (see {log})"
-                time.sleep(0.01)
+            wait_for_pairs(proc, tmp_path, at_least, f"see {log}", poll_s=0.01)
         finally:
             proc.send_signal(sig)
             proc.wait(20)
 
     for k, at in enumerate((30, 130)):
-        run_until(max(at, count() + 1), signal.SIGKILL, f"log{k}")
+        run_until(max(at, join_pair_count(tmp_path) + 1), signal.SIGKILL, f"log{k}")
     run_until(n, signal.SIGTERM, "log-last")
     time.sleep(1.0)
-    assert count() == n
+    assert join_pair_count(tmp_path) == n
     pairs = read_all(kafka, t.preferences, ev.PreferencePair, n)
     first: dict[str, bytes] = {}
     for p in pairs:  # every pair; a repeat only as the identical record under the same key

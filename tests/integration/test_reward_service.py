@@ -241,6 +241,17 @@ def join_pair_count(tmp_path: Path) -> int:
         s.close()
 
 
+def wait_for_pairs(
+    proc: subprocess.Popen, tmp_path: Path, at_least: int, what: str, timeout_s: float = 60.0, poll_s: float = 0.05
+) -> None:
+    """Until the child's join has stored `at_least` pairs; fails when the child exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while join_pair_count(tmp_path) < at_least:
+        assert proc.poll() is None, f"reward service exited with {proc.returncode} ({what})"
+        assert time.monotonic() < deadline, f"timed out waiting for {at_least} pairs ({what})"
+        time.sleep(poll_s)
+
+
 def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
     kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
 ) -> None:
@@ -252,31 +263,21 @@ def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
     n = 150
     produce(kafka, t, events(random.Random(1), 0, n))
 
-    def count() -> int:
-        return join_pair_count(tmp_path)
-
-    def wait(cond, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not cond():
-            assert proc.poll() is None, f"reward service exited with {proc.returncode}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.05)
-
     proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log1", "w"))
     try:
-        wait(lambda: count() >= 5, 60, "the first pairs", proc)
+        wait_for_pairs(proc, tmp_path, 5, "the first pairs, see log1")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    killed_at = count()
+    killed_at = join_pair_count(tmp_path)
     proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log2", "w"))
     try:
-        wait(lambda: count() >= n, 60, f"{n} pairs after the restart", proc)
+        wait_for_pairs(proc, tmp_path, n, "after the restart, see log2")
         time.sleep(1.0)  # anything extra would show up now
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-    assert count() == n, f"killed at {killed_at}"
+    assert join_pair_count(tmp_path) == n, f"killed at {killed_at}"
     pairs = read_all(kafka, t.preferences, ev.PreferencePair, n)
     ids = {p.pair_id for p in pairs}
     assert len(ids) == n  # none lost; a pair sent but not marked before the kill may repeat under its own key
