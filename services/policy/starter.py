@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from flywheel.core.modelstore import save_pretrained
 from flywheel.policy import corpus
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -171,8 +172,7 @@ def _build(
         bar.set_postfix(loss=f"{loss_ema:.3f}")
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_pretrained(model, tok, out)
     meta = {
         "name": "flywheel-starter-policy",
         "seed": seed,

@@ -29,6 +29,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from flywheel.core import errors
 from flywheel.core.metrics import LATENCY_BUCKETS
+from flywheel.core.modelstore import save_pretrained
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,7 @@ class RewardModel:
         return cls(model, tok, max_length, resolve_device(device))
 
     def save(self, path: str | os.PathLike) -> None:
-        self.model.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(path))
+        save_pretrained(self.model, self.tokenizer, path)
 
     def forward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Scores with grad. Returns (B,)."""

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
-from flywheel.core.modelstore import Manifest, ModelStore
+from flywheel.core.modelstore import Manifest, ModelStore, save_pretrained
 from flywheel.trainer import gate, ppo, state
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.rollout import RewardSource, ValueHead, forward, generate
@@ -165,11 +165,13 @@ class Trainer:
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path)
 
-        def write(d: Any) -> None:
-            lm.save_pretrained(d)
-            tok.save_pretrained(d)
-
-        self.store.publish(self.cfg.model, write, parent=None, version=0, extra={"lineage": [], "source": path})
+        self.store.publish(
+            self.cfg.model,
+            lambda d: save_pretrained(lm, tok, d),
+            parent=None,
+            version=0,
+            extra={"lineage": [], "source": path},
+        )
 
     def _serving_from_store(self) -> int:
         latest = self.store.latest(self.cfg.model, promoted_only=True)
@@ -331,8 +333,7 @@ class Trainer:
         parent = self.store.get(cfg.model, self.version)
 
         def write(d: Any) -> None:
-            self.policy.save_pretrained(d, safe_serialization=True)
-            self.tok.save_pretrained(d)
+            save_pretrained(self.policy, self.tok, d)
 
         extra = {
             "trainer_step": self.step,

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.core import errors
+from flywheel.core.modelstore import save_pretrained
 from flywheel.trainer.ppo import entropy_from_logits, logprobs_from_logits
 
 log = logging.getLogger(__name__)
@@ -293,8 +294,7 @@ def tiny_policy(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: in
     model = LlamaForCausalLM(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_pretrained(model, tok, out)
     return out
 
 

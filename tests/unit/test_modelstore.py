@@ -13,7 +13,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from flywheel.core import errors
+from flywheel.core import errors, modelstore
 from flywheel.core.modelstore import Manifest, ModelStore, ModelStoreConfig, verify_digests
 from flywheel.v1 import events_pb2
 
@@ -79,6 +79,25 @@ def test_tampered_file_is_refused(store: ModelStore, tiny_model: GPT2LMHeadModel
     f.write_bytes(bytes(data))
     with pytest.raises(errors.IntegrityError, match="'model.safetensors' has sha256"):
         store.load_path("policy")
+
+
+def test_a_sharded_checkpoint_is_hashed_file_by_file_and_any_tampered_shard_refused(
+    store: ModelStore, tiny_model: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelstore, "MAX_SHARD_SIZE", "20KB")
+    tok = _tiny_tokenizer()
+    m = store.publish("policy", lambda d: modelstore.save_pretrained(tiny_model, tok, d), parent=None)
+    shards = sorted(f for f in m.files if f.endswith(".safetensors"))
+    assert len(shards) >= 3 and "model.safetensors.index.json" in m.files
+    assert {f: modelstore.sha256_file(m.path / f) for f in m.files} == {f: d["sha256"] for f, d in m.files.items()}
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(m.path)(ids).logits, tiny_model(ids).logits)
+    f = m.path / shards[len(shards) // 2]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(errors.IntegrityError, match=f"'{shards[len(shards) // 2]}' has sha256"):
+        store.verify("policy", 0)
 
 
 def test_missing_resized_and_extra_files_are_refused(store: ModelStore) -> None:
