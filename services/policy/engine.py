@@ -17,8 +17,6 @@ blocking the event loop.
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import gc
 import logging
 import secrets
@@ -26,17 +24,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from concurrent.futures import Future
+from typing import TypeVar
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
-from safetensors import safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from flywheel.core import errors
-from flywheel.core.modelstore import MANIFEST
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.kvbatch import Batch, LoadedModel, load_model, smoke_test
+from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
+from flywheel.policy.reload import try_reload
 from flywheel.policy.requests import (
     ROLES,
     EngineInfo,
@@ -49,6 +46,7 @@ from flywheel.policy.requests import (
 from flywheel.policy.sampling import select_next
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -135,77 +133,6 @@ class Outbox:
                     seq.cancelled = True
 
 
-def reload_weights(cur: LoadedModel, path: str, version: int) -> LoadedModel | None:
-    """`path` as a copy of `cur` with the weights of `path`, or None where it may be another model:
-    its config.json or generation_config.json differ, its tokenizer differs in what the engine
-    derives from it, or its safetensors files do not set exactly `cur`'s tensors.
-
-    Why: the loader shares the GIL (and on CPU the cores) with the scheduler thread. from_pretrained
-    (config parsing, module construction) plus the 4D-mask check of `load_model` are tens of ms
-    of Python that made every decode step 2-4x slower while they ran: the p99 spike of a hot swap.
-    A trainer's new version is the same architecture with new weights, so a deepcopy of the
-    serving module tree filled tensor by tensor from the files takes a few ms, and the mask check
-    carries over (it depends on the architecture only). Memory stays at two copies: the old and
-    this one, plus one tensor in flight. The smoke test still checks the new weights.
-    """
-    old, new = Path(cur.source), Path(path)
-    if not old.is_dir() or not new.is_dir():
-        return None  # e.g. served from a hub name
-
-    def files(d: Path) -> set[str]:
-        return {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST}
-
-    def same(n: str) -> bool:
-        return (old / n).is_file() == (new / n).is_file() and (
-            not (new / n).is_file() or (old / n).read_bytes() == (new / n).read_bytes()
-        )
-
-    names, model_files = files(new), ("config.json", "generation_config.json")
-    weights = sorted(n for n in names if n.endswith(".safetensors"))
-    if not weights or not all(same(n) for n in model_files):
-        return None
-    tok = cur.tokenizer  # read-only here, so shared when its files are the same bytes
-    if names != files(old) or not all(same(n) for n in names - set(weights)):
-        tok = AutoTokenizer.from_pretrained(path)  # ~1 ms; a starter's files differ from a trainer's
-
-        def derived(t: PreTrainedTokenizerBase) -> tuple:  # what load_model reads from a tokenizer
-            return len(t), t.eos_token_id, t.pad_token_id, t.all_special_ids, t.model_max_length
-
-        if derived(tok) != derived(cur.tokenizer):
-            return None
-    # The scheduler thread keeps decoding on cur.model meanwhile: a forward does not change modules.
-    model = copy.deepcopy(cur.model)
-    params = dict(model.named_parameters())  # a tied weight appears once, as in the saved file
-    tensors, seen = params | dict(model.named_buffers()), set()
-    with torch.no_grad():
-        for w in weights:
-            with safe_open(new / w, framework="pt") as f:
-                for k in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    t, src = tensors.get(k), f.get_tensor(k)
-                    if t is None or t.shape != src.shape:
-                        return None
-                    t.copy_(src)
-                    seen.add(k)
-    if not seen >= params.keys():
-        return None  # a parameter the files do not set: let from_pretrained decide
-    loaded = dataclasses.replace(cur, source=path, version=version, model=model, tokenizer=tok)
-    if tok is not cur.tokenizer:  # caches of the old tokenizer
-        loaded = dataclasses.replace(loaded, _token_text={}, _backend_decode=None)
-    smoke_test(loaded)
-    return loaded
-
-
-def _try_reload(cur: LoadedModel, path: str, version: int) -> LoadedModel | None:
-    """reload_weights, or None on any error: from_pretrained then decides (it refuses what is broken)."""
-    try:
-        return reload_weights(cur, path, version)
-    except Exception as e:  # noqa: BLE001 - e.g. a module whose deepcopy fails: the slow path still works
-        log.warning(
-            "reloading the weights of %s into a copy failed (%s: %s): loading it whole", path, type(e).__name__, e
-        )
-        return None
-
-
 _startup_frozen = False
 
 
@@ -230,6 +157,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
         self._pending_swap: LoadedModel | None = None  # guarded by _cv
         self._on_switch: Callable[[], None] | None = None  # guarded by _cv
+        self._chores: deque[tuple[Callable[[], object], Future]] = deque()  # guarded by _cv; see _between_steps
         self._swap_applied = threading.Event()
         self._current: LoadedModel | None = None  # read anywhere, replaced only by the scheduler
         self._batches: dict[int, Batch] = {}  # id(LoadedModel) -> running batch; scheduler-owned
@@ -283,7 +211,13 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ hot swap
-    def load_version(self, path: str, version: int, on_switch: Callable[[], None] | None = None) -> EngineInfo:
+    def load_version(
+        self,
+        path: str,
+        version: int,
+        on_switch: Callable[[], None] | None = None,
+        verify: Callable[[], object] | None = None,
+    ) -> EngineInfo:
         """Load `path` as `version` in the caller's thread, then switch between two decode steps.
 
         Blocking: call it from a worker thread (`asyncio.to_thread`). Loading the version already
@@ -293,6 +227,11 @@ class Engine:
         before any step runs on the new version (e.g. to clear a reported swap error atomically).
         New weights of the serving architecture skip from_pretrained (`reload_weights`): the
         loader competes with decoding for the GIL, so the less Python it runs the better the p99.
+
+        `verify` (e.g. the result of a sha256 check running in other threads) is awaited before
+        anything switches; whatever it raises is raised here and nothing changes. Only new weights
+        for the serving config are read before it returns (the work then overlaps the hashing): a
+        checkpoint with another config is not even parsed until it is verified.
         """
         with self._swap_lock:
             cur = self._current
@@ -300,8 +239,11 @@ class Engine:
                 return self.info()
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
+            loaded = cur and try_reload(cur, str(path), version, self._between_steps)  # None on any error
+            if verify is not None:
+                verify()  # what it raises goes to the caller (who reports it); nothing has switched
             try:
-                loaded = (cur and _try_reload(cur, str(path), version)) or load_model(str(path), version, self.config)
+                loaded = loaded or load_model(str(path), version, self.config)
             except Exception as e:  # noqa: BLE001 - any failure to load is a refused checkpoint
                 self._last_swap_error = f"version {version} from {path}: {type(e).__name__}: {e}"
                 METRICS.swaps.labels("failed").inc()  # after the error is readable: watchers poll the count
@@ -324,6 +266,34 @@ class Engine:
             METRICS.version.set(version)
             log.info("serving policy version %s from %s", version, path)
             return self.info()
+
+    def _between_steps(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in the scheduler thread between two decode steps and return its result (or raise
+        its error); here, if no scheduler runs. For the Python-heavy parts of a hot swap, which would
+        otherwise slow every step they overlap (`flywheel.policy.reload`)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        done: Future = Future()
+        with self._cv:
+            self._chores.append((fn, done))
+            self._cv.notify_all()
+        while True:
+            try:
+                return done.result(timeout=0.05)
+            except TimeoutError:
+                if not (self._thread and self._thread.is_alive()) and done.cancel():
+                    return fn()  # the scheduler stopped before it got there
+
+    def _run_chore(self) -> None:
+        with self._cv:
+            if not self._chores:
+                return
+            fn, done = self._chores.popleft()
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting loader
+                done.set_exception(e)
 
     def _wait_for_drain(self) -> None:
         deadline = time.monotonic() + self.config.swap_drain_timeout_s
@@ -471,10 +441,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._waiting or self._pending_swap or self._batches):
+                while not (self._stopping or self._waiting or self._pending_swap or self._batches or self._chores):
                     self._cv.wait()
                 if self._stopping:
                     break
+            self._run_chore()  # at most one per step, so a swap delays no step by more than one chore
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - the thread must survive anything a batch does

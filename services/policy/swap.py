@@ -1,8 +1,9 @@
 """Hot swap: flywheel.policy.updates -> verify (sha256 per file) -> Engine.load_version.
 
 Runs in the update consumer's own thread, never on the serving path: hashing and loading take
-as long as they take while the engine keeps decoding on the current weights; the engine then
-switches between two decode steps. A checkpoint that fails verification or loading is refused
+as long as they take while the engine keeps decoding on the current weights (the hashing, one
+thread per file, overlaps the reading of new weights into a copy); the engine then switches
+between two decode steps, and only if every file's sha256 matched. A checkpoint that fails verification or loading is refused
 and reported (log, flywheel_policy_swaps_total{outcome="refused"|"failed"},
 `last_error` -> GetInfo.last_swap_error and /health/details) while the current version keeps
 serving. The announced version is applied whatever its number: an older one is a rollback.
@@ -17,11 +18,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from flywheel.core import bus, errors
+from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import ModelStore
 from flywheel.policy.engine import METRICS, Engine
@@ -40,6 +42,7 @@ class Swapper:
         self.last_swap_s: float | None = None
         self._start_offsets: dict[int, int] = {}
         self._consumer: bus.Consumer | None = None
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="swap-verify")
 
     # ------------------------------------------------------------------ start-up
     def initial_target(self, timeout_s: float = 10.0) -> events_pb2.ModelUpdate | None:
@@ -86,6 +89,7 @@ class Swapper:
     def stop(self) -> None:
         if self._consumer is not None:
             self._consumer.stop()
+        self._verifier.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ one announcement
     def _on_record(self, record: bus.Record) -> None:
@@ -103,15 +107,20 @@ class Swapper:
         kind = "rollback" if current is not None and u.version < current else "update"
         t0 = time.perf_counter()
         try:
-            path: Path = self.store.from_update(u)  # sha256 of every file against the announcement
-        except errors.FlywheelError as e:
+            path: Path = self.store.locate(u)
+        except errors.FlywheelError as e:  # e.g. the store has no such version
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
+        # sha256 of every file against the announcement, in other threads while the engine reads
+        # the new weights into a copy; nothing switches unless it passes.
+        hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
+        try:  # the error clears at the switch itself, so no answer of the new version sees it
+            self.engine.load_version(str(path), u.version, on_switch=self._clear_error, verify=hashing.result)
+        except errors.IntegrityError as e:
+            return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
+        except errors.FlywheelError as e:  # the engine counted it (outcome="failed"), or it is still draining
+            return self._refuse(u, e.message, None)
         except Exception as e:  # noqa: BLE001 - an unreadable store is a refusal too, never a crash
             return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused")
-        try:  # the error clears at the switch itself, so no answer of the new version sees it
-            self.engine.load_version(str(path), u.version, on_switch=self._clear_error)
-        except errors.FlywheelError as e:  # the engine counted it (outcome="failed")
-            return self._refuse(u, e.message, None)
         self.last_error = ""  # also when it was already serving this version (no switch)
         self.last_swap_s = time.perf_counter() - t0
         log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import shutil
+import threading
 import time
 import weakref
 
@@ -15,9 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
 from flywheel.policy import engine as engine_module
+from flywheel.policy import reload as reload_module
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.engine import Engine, GenerationRequest, reload_weights
+from flywheel.policy.engine import Engine, GenerationRequest
 from flywheel.policy.kvbatch import LoadedModel
+from flywheel.policy.reload import reload_weights
 from tests.unit.test_starter import tiny_starter
 
 PROMPTS = [
@@ -478,10 +481,52 @@ def test_a_failing_reload_falls_back_to_a_whole_load(v0, v2, monkeypatch):
     def boom(*a):
         raise RuntimeError("cannot deepcopy this module")
 
-    monkeypatch.setattr(engine_module, "reload_weights", boom)
+    monkeypatch.setattr(reload_module, "reload_weights", boom)
     with engine(v0) as e:
         e.load_version(v2, 2)
         assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 2 and not e.info().last_swap_error
+
+
+def test_the_python_heavy_parts_of_a_reload_run_between_steps_in_the_scheduler_thread(v0, v2, monkeypatch):
+    ran_in: list[str] = []
+    real = reload_module._empty_copy
+
+    def spy(model):
+        ran_in.append(threading.current_thread().name)
+        return real(model)
+
+    monkeypatch.setattr(reload_module, "_empty_copy", spy)
+    with engine(v0) as e:
+        e.load_version(v2, 2)
+        assert ran_in == ["policy-engine"]
+        with pytest.raises(ZeroDivisionError):  # a chore's error reaches the caller; the scheduler lives on
+            e._between_steps(lambda: 1 / 0)
+        assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 2
+    assert e._between_steps(lambda: threading.current_thread().name) == threading.current_thread().name
+
+
+def test_the_copy_gets_new_parameters_with_the_ties_kept_and_the_buffers_copied(v0):
+    with engine(v0) as e:
+        cur = e._current.model
+        new = reload_module._empty_copy(cur)
+    old_params, new_params = dict(cur.named_parameters()), dict(new.named_parameters())
+    assert old_params.keys() == new_params.keys()
+    assert all(new_params[k] is not p and new_params[k].shape == p.shape for k, p in old_params.items())
+    assert new.get_input_embeddings().weight is new.get_output_embeddings().weight  # tied, as in cur
+    for (k, b), (_, c) in zip(cur.named_buffers(), new.named_buffers(), strict=True):
+        assert c is not b and torch.equal(c, b), k
+
+
+def test_a_failed_verification_switches_nothing(v0, v2):
+    def refuse():
+        raise errors.IntegrityError("file 'model.safetensors' has sha256 0badc0ffee..., manifest says 1234...")
+
+    with engine(v0) as e:
+        with pytest.raises(errors.IntegrityError, match="sha256"):
+            e.load_version(v2, 2, verify=refuse)
+        assert e.info().version == 0 and asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 0
+        e.load_version(v2, 2, verify=lambda: None)
+        assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 2
 
 
 def test_non_finite_new_weights_are_refused_on_the_reload_path_too(v0, tmp_path):
