@@ -15,7 +15,7 @@ embedding, so greedy decoding never stops early: every request makes exactly --n
 
     .venv/bin/python bench/serving.py                          # CPU, hidden 64, 2 layers
     .venv/bin/python bench/serving.py --hidden 256 --layers 4
-    .venv/bin/python bench/serving.py --hidden 1024 --layers 24 --device cuda --dtype bfloat16  # ~0.5B on a GPU
+    .venv/bin/python bench/serving.py --hidden 1280 --layers 24 --device cuda --dtype bfloat16  # ~0.5B on a GPU
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def make_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = model_config(tok, hidden, layers)
     cfg.eos_token_id = tok.unk_token_id
-    if hidden >= 512:
+    if hidden >= 512:  # heads of 64, as in most models of this width (head_dim is derived at init)
         cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
+        cfg.head_dim = 64
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.get_input_embeddings().weight[tok.unk_token_id].zero_()
