@@ -225,8 +225,8 @@ class Engine:
         loaded like any other. A checkpoint that cannot be loaded raises FailedPrecondition and
         the current version keeps serving. `on_switch` runs in the scheduler thread at the switch,
         before any step runs on the new version (e.g. to clear a reported swap error atomically).
-        New weights of the serving architecture skip from_pretrained (`reload_weights`): the
-        loader competes with decoding for the GIL, so the less Python it runs the better the p99.
+        New weights of the serving architecture skip from_pretrained (`flywheel.policy.reload`),
+        whose Python-heavy parts run as chores between decode steps (`_between_steps`).
 
         `verify` (e.g. the result of a sha256 check running in other threads) is awaited before
         anything switches; whatever it raises is raised here and nothing changes. Only new weights

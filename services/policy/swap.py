@@ -115,6 +115,7 @@ class Swapper:
         hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
         try:  # the error clears at the switch itself, so no answer of the new version sees it
             self.engine.load_version(str(path), u.version, on_switch=self._clear_error, verify=hashing.result)
+            hashing.result()  # also when the engine had nothing to load (it serves this version already)
         except errors.IntegrityError as e:
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
         except errors.FlywheelError as e:  # the engine counted it (outcome="failed"), or it is still draining
