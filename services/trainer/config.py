@@ -152,6 +152,12 @@ class TrainerConfig:
     gate_seed: int = setting(
         1234, "Sampling seed of the gate's generations (same for both versions).", env=_env("gate_seed")
     )
+    gate_patience: int = setting(
+        0,
+        "After this many gate failures in a row, train on from the serving version's weights with a fresh "
+        "optimizer (0: never): a policy that drifted where the gate refuses it stops drifting further.",
+        env=_env("gate_patience"),
+    )
     auto_promote: bool = setting(True, "Announce a candidate that passes the gate.", env=_env("auto_promote"))
     standby_poll_s: float = setting(
         2.0, "How often a standby trainer retries the active lock.", env=_env("standby_poll_s")
@@ -202,6 +208,9 @@ class TrainerConfig:
         require(self.gate_kl_budget > 0, n, "gate_kl_budget", self.gate_kl_budget, "use a positive number of nats")
         require(0 < self.gate_max_repeat <= 1, n, "gate_max_repeat", self.gate_max_repeat, "use a share in (0, 1]")
         require(0 <= self.gate_min_distinct2 <= 1, n, "gate_min_distinct2", self.gate_min_distinct2, "use 0..1")
+        require(
+            self.gate_patience >= 0, n, "gate_patience", self.gate_patience, "use 0 (off) or a count of checkpoints"
+        )
 
     @property
     def rollout_size(self) -> int:

@@ -55,6 +55,9 @@ PHASE_SECONDS = Histogram(
 )
 PROMOTED = Counter("flywheel_trainer_versions_promoted", "Versions announced to the policy replicas.", ["reason"])
 REJECTED = Counter("flywheel_trainer_versions_rejected", "Checkpoints the gate refused.")
+RESTARTS = Counter(
+    "flywheel_trainer_restarts_from_serving", "Times training went back to the serving weights (gate_patience)."
+)
 
 Announce = Callable[[Any], None]  # takes a flywheel.v1.ModelUpdate
 
@@ -111,6 +114,7 @@ class Trainer:
         self.last_lag = 0
         self._serving_eval: tuple[int, Any] | None = None
         self._reset_to: int | None = None
+        self._gate_failures = 0  # in a row, since the last pass or reset
 
     # ------------------------------------------------------------------ setup and resume
 
@@ -392,10 +396,20 @@ class Trainer:
         metrics = {**cand.metrics(), **serving.metrics("gate.serving."), "gate.seconds": time.perf_counter() - t}
         manifest = self.store.update(self.cfg.model, manifest.version, gate=verdict, metrics=metrics)
         log.info("gate v%d: %s", manifest.version, verdict)
-        if passed and self.cfg.auto_promote:
-            return self._promote(manifest, "gate")
-        if not passed:
-            REJECTED.inc()
+        if passed:
+            self._gate_failures = 0
+            return self._promote(manifest, "gate") if self.cfg.auto_promote else manifest
+        REJECTED.inc()
+        self._gate_failures += 1
+        if self.cfg.gate_patience and self._gate_failures >= self.cfg.gate_patience:
+            # Early stopping with restarts: the held-out reward of the checkpoints has not beaten
+            # the serving version's for `gate_patience` in a row, so the policy is drifting into what
+            # the gate refuses (e.g. reward over-optimization). Start again from what serves.
+            log.info(
+                "%d gate failures in a row: training on from serving v%d", self._gate_failures, self.serving_version
+            )
+            self._reset_to, self._gate_failures = self.serving_version, 0
+            RESTARTS.inc()
         return manifest
 
     def _promote(self, manifest: Manifest, reason: str) -> Manifest:
@@ -466,7 +480,7 @@ class Trainer:
             return out
 
     def _apply_reset(self) -> None:
-        """After a rollback, train on from the rolled-back weights with a fresh optimizer."""
+        """After a rollback (or gate_patience failures), train on from those weights with a fresh optimizer."""
         if self._reset_to is None:
             return
         v, self._reset_to = self._reset_to, None

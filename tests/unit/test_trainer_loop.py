@@ -162,6 +162,26 @@ def test_gate_refuses_a_degenerate_checkpoint(tmp_path: Path, init_path: Path) -
     assert not gate.decide(serving, ok, t.cfg)[0]
 
 
+def test_after_gate_patience_failures_in_a_row_training_restarts_from_the_serving_weights(
+    tmp_path: Path, init_path: Path
+) -> None:
+    t = make(tmp_path, init_path, gate_margin=1e9, gate_patience=2)  # every checkpoint fails the gate
+    serving = {k: v.clone() for k, v in t.policy.state_dict().items()}
+    t.train_step()
+    t.checkpoint()
+    t._apply_reset()
+    assert any(not torch.equal(v, serving[k]) for k, v in t.policy.state_dict().items())  # 1 failure: drifts on
+    t.train_step()
+    t.checkpoint()  # the second in a row
+    t._apply_reset()
+    assert all(torch.equal(v, serving[k]) for k, v in t.policy.state_dict().items())  # back to v0's weights
+    assert t.version == 0 and t.serving_version == 0 and not t.optimizer.state  # and a fresh optimizer
+    t.train_step()
+    t.checkpoint()
+    t._apply_reset()
+    assert any(not torch.equal(v, serving[k]) for k, v in t.policy.state_dict().items())  # the count restarted
+
+
 def test_passing_checkpoint_is_promoted_with_lineage(tmp_path: Path, init_path: Path) -> None:
     announced: list = []
     t = make(
