@@ -29,7 +29,7 @@ from transformers import (
 from flywheel.policy.config import EngineConfig
 
 if TYPE_CHECKING:
-    from flywheel.policy.engine import Sequence
+    from flywheel.policy.sequence import Sequence
 
 DEFAULT_CONTEXT = 4096
 

@@ -191,8 +191,8 @@ def test_incremental_detokenization_gives_the_whole_decode(v0):
     also through tokens that split a UTF-8 character (byte-level BPE) and special tokens."""
     import random
 
-    from flywheel.policy.engine import Sequence, _detokenize
     from flywheel.policy.kvbatch import load_model
+    from flywheel.policy.sequence import Sequence, detokenize
 
     m = load_model(v0, 0, EngineConfig(device="cpu"))
     assert m.incremental_detokenization
@@ -203,9 +203,9 @@ def test_incremental_detokenization_gives_the_whole_decode(v0):
         seq.generated, seq.text, seq.prefix_offset, seq.read_offset = [], "", 0, 0
         for _ in range(rng.randint(1, 40)):
             seq.generated.append(rng.randrange(vocab))
-            _detokenize(seq, m)
+            detokenize(seq, m)
             assert m.decode(seq.generated).startswith(seq.text)
-        _detokenize(seq, m, final=True)
+        detokenize(seq, m, final=True)
         assert seq.text == m.decode(seq.generated) == m.tokenizer.decode(seq.generated, skip_special_tokens=True)
 
 
