@@ -3,10 +3,10 @@
 Runs in the update consumer's own thread, never on the serving path: hashing and loading take
 as long as they take while the engine keeps decoding on the current weights (the hashing, one
 thread per file, overlaps the reading of new weights into a copy); the engine then switches
-between two decode steps, and only if every file's sha256 matched. A checkpoint that fails verification or loading is refused
-and reported (log, flywheel_policy_swaps_total{outcome="refused"|"failed"},
-`last_error` -> GetInfo.last_swap_error and /health/details) while the current version keeps
-serving. The announced version is applied whatever its number: an older one is a rollback.
+between two decode steps, and only if every file's sha256 matched. A checkpoint that fails
+verification or loading is refused and reported (log, the counter
+flywheel_policy_swaps_total{outcome="refused"|"failed"}, `last_error` -> GetInfo.last_swap_error
+and /health/details) while the current version keeps serving. The announced version is applied whatever its number: an older one is a rollback.
 
 Start-up: the updates topic is compacted with one partition, so its last record for our
 model names the version to serve. `initial_target` reads up to the end offset once, and the
