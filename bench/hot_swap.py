@@ -17,6 +17,7 @@ flywheel.policy.updates one after another. Reports, in one run:
 
     .venv/bin/python bench/hot_swap.py
     .venv/bin/python bench/hot_swap.py --hidden 256 --layers 4
+    .venv/bin/python bench/hot_swap.py --pin  # the service on its own CPUs, as a pod would be
     .venv/bin/python bench/hot_swap.py --hidden 1280 --layers 24 --device cuda --dtype bfloat16  # ~0.5B on a GPU
 """
 
@@ -185,10 +186,23 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the service (0: torch default)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the service on the first half of the CPUs, this process, the broker and the announcer on the"
+        " rest (as in production, where the trainer and the broker run elsewhere)",
+    )
     ap.add_argument("--bootstrap", default=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""))
     ap.add_argument("--out", default="")
     ap.add_argument("--trace", default="", help="write every request's (start, end, version) and the windows here")
     args = ap.parse_args()
+    service_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least 2 CPUs")
+        service_cpus = set(cpus[: len(cpus) // 2])
+        os.sched_setaffinity(0, set(cpus) - service_cpus)  # inherited by the broker and the announcer
     root = Path(tempfile.mkdtemp(prefix="flywheel-bench-swap-"))
     model = make_model(root / "model", args.hidden, args.layers)
     store = ModelStore(root / "store")
@@ -196,7 +210,7 @@ def main() -> None:
     with broker(args.bootstrap) as bootstrap:
         env = service_env(bootstrap, root, {"device": args.device, "dtype": args.dtype, "max_concurrent": 32})
         env |= {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-        with policy_process(env, root / "policy.log") as (addr, url):
+        with policy_process(env, root / "policy.log", cpus=service_cpus) as (addr, url):
             r = asyncio.run(
                 run(addr, url, store, KafkaConfig(bootstrap=bootstrap), env["FLYWHEEL_TOPIC_POLICY_UPDATES"], args)
             )
@@ -207,6 +221,7 @@ def main() -> None:
         "dtype": args.dtype,
         "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters()),
         "clients": args.clients,
+        "service_cpus": sorted(service_cpus) if service_cpus else "shared",
         "answers": r["answers"],
         "failed_requests": len(r["failures"]),
         "stale_version_answers": r["wrong"],

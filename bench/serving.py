@@ -88,12 +88,14 @@ def broker(bootstrap: str):
 
 
 @contextmanager
-def policy_process(env: dict[str, str], log: Path, timeout_s: float = 180.0):
-    """`python -m flywheel.policy` on free ports; yields (grpc address, http url) once /health is 200."""
+def policy_process(env: dict[str, str], log: Path, timeout_s: float = 180.0, cpus: set[int] | None = None):
+    """`python -m flywheel.policy` on free ports; yields (grpc address, http url) once /health is 200.
+    `cpus`: the only CPUs it may run on (as a pod's own cores, away from the load generator's)."""
     gport, hport = free_port(), free_port()
     cmd = [sys.executable, "-m", "flywheel.policy", "--grpc-port", str(gport), "--http-port", str(hport)]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT, preexec_fn=pin)
     url = f"http://127.0.0.1:{hport}"
     try:
         deadline = time.monotonic() + timeout_s
