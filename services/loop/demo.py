@@ -87,6 +87,10 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     minutes: float = 20.0
     target_win_rate: float = 0.8
+    # Stop only when a check's win-rate is this many standard errors above the target: a check
+    # that merely touches it is a coin flip, and the final, independent evaluation then falls
+    # below (stopping on a noisy check favours a lucky one: 0.81 -> 0.77, 0.82 -> 0.80 seen).
+    confirm_margin_se: float = 1.0
     max_events: int = 3000
     events_per_s: float = 4.0
     eval_every_s: float = 30.0
@@ -271,10 +275,12 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
                 hits = hits + 1 if ev["win_rate"] >= cfg.target_win_rate and ev["version"] > 0 else 0
                 if hits >= 2:  # two small evaluations are noisy (±0.06): confirm on the final's sample size
                     check = evaluate(client, panel, bank, cfg.final_eval_samples)
-                    if check["win_rate"] >= cfg.target_win_rate:
-                        say(f"target confirmed: win-rate {check['win_rate']:.2f} over {check['n']} answers")
+                    lower = check["win_rate"] - cfg.confirm_margin_se * check["win_rate_se"]
+                    seen = f"win-rate {check['win_rate']:.2f} over {check['n']} answers (lower bound {lower:.2f})"
+                    if lower >= cfg.target_win_rate:
+                        say(f"target confirmed: {seen}")
                         break
-                    say(f"not confirmed: win-rate {check['win_rate']:.2f} over {check['n']} answers; going on")
+                    say(f"not confirmed: {seen}; going on")
                     hits = 0
                 next_eval = time.monotonic() + cfg.eval_every_s
             stop.wait(1.0)
