@@ -2,7 +2,7 @@
 deduplicate, and hand each event durably to Kafka (or to the local spool when Kafka is away).
 
 Per item, in this order:
-  1. shape (`validate`): INVALID_ARGUMENT saying what is wrong and what to send;
+  1. shape (`validation.validate`): INVALID_ARGUMENT saying what is wrong and what to send;
   2. the feedback token (HMAC over interaction_id or pair_id, policy version and user):
      PERMISSION_DENIED with the signer's reason;
   3. the user's token bucket, only now, so that forged tokens cannot spend a victim's budget;
@@ -43,10 +43,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import sqlite3
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -54,13 +51,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
 from flywheel.core import bus, errors
-from flywheel.core.auth import AuthConfig, Caller, TokenClaims
+from flywheel.core.auth import AuthConfig, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.metrics import LATENCY_BUCKETS
 from flywheel.core.server import run_blocking
 from flywheel.core.spool import DurableSpool, ProducerSender
 from flywheel.feedback.config import FeedbackConfig
-from flywheel.v1 import events_pb2, feedback_pb2
+from flywheel.feedback.dedup import SeenFeedbackIds
+from flywheel.feedback.ratelimit import RateLimiter
+from flywheel.feedback.validation import build_event, reason, validate
+from flywheel.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,6 @@ HANDOFF_SECONDS = Histogram(
     "flywheel_feedback_handoff_seconds", "Time to make a batch durable (Kafka ack or spool).", buckets=LATENCY_BUCKETS
 )
 
-KINDS = {
-    "thumbs": events_pb2.FEEDBACK_KIND_THUMBS,
-    "rating": events_pb2.FEEDBACK_KIND_RATING,
-    "preference": events_pb2.FEEDBACK_KIND_PREFERENCE,
-    "demonstration": events_pb2.FEEDBACK_KIND_DEMONSTRATION,
-}
 ACCEPTED_S, SPOOLED_S, DUPLICATE_S = (
     feedback_pb2.SUBMIT_STATUS_ACCEPTED,
     feedback_pb2.SUBMIT_STATUS_SPOOLED,
@@ -101,60 +95,6 @@ class InFlight(errors.FlywheelError):
     """The same feedback_id is being submitted by another request right now."""
 
     code, http_status, error_type = grpc.StatusCode.ABORTED, 409, "conflict"
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
-    """The kind of a well-formed request ("thumbs", ...), or errors.InvalidArgument saying what to fix."""
-
-    def bad(msg: str) -> errors.InvalidArgument:
-        return errors.InvalidArgument(msg)
-
-    if not req.feedback_id:
-        raise bad("feedback_id is required: send a client-chosen unique id (e.g. a UUID) so a retry counts once")
-    if len(req.feedback_id) > cfg.max_id_chars:
-        raise bad(f"feedback_id has {len(req.feedback_id)} characters: use at most {cfg.max_id_chars}")
-    if not req.user_id:
-        raise bad("user_id is required: send the id of the end user the answer was served to")
-    if len(req.user_id) > cfg.max_user_id_chars:
-        raise bad(f"user_id has {len(req.user_id)} characters: use at most {cfg.max_user_id_chars}")
-    kind = req.WhichOneof("value")
-    if kind is None:
-        raise bad(
-            f"no feedback value: send exactly one of thumbs (+1 or -1), rating (1..{cfg.rating_scale}), "
-            "preference (A, B or TIE, with pair_id) or demonstration (the answer the user wanted)"
-        )
-    if req.interaction_id and req.pair_id:
-        raise bad("send interaction_id or pair_id, not both (pair_id only for a preference between two answers)")
-    for name in ("interaction_id", "pair_id"):
-        value = getattr(req, name)
-        if len(value) > cfg.max_id_chars:
-            raise bad(f"{name} has {len(value)} characters: use at most {cfg.max_id_chars}")
-    if kind == "preference":
-        if not req.pair_id:
-            raise bad("preference feedback is about a pair: send the pair_id (and token) that GeneratePair returned")
-        if req.preference not in (events_pb2.PREFERENCE_A, events_pb2.PREFERENCE_B, events_pb2.PREFERENCE_TIE):
-            raise bad(f"preference must be A, B or TIE, got {events_pb2.Preference.Name(req.preference)}")
-    else:
-        if not req.interaction_id:
-            hint = " (for one side of a pair, its own interaction_id and token)" if req.pair_id else ""
-            raise bad(f"{kind} feedback is about one answer: send its interaction_id, not pair_id{hint}")
-        if kind == "thumbs" and req.thumbs not in (1, -1):
-            raise bad(f"thumbs must be +1 (up) or -1 (down), got {req.thumbs}")
-        if kind == "rating" and not 1 <= req.rating <= cfg.rating_scale:
-            raise bad(f"rating must be an integer in 1..{cfg.rating_scale}, got {req.rating}")
-        if kind == "demonstration":
-            if not req.demonstration.strip():
-                raise bad("demonstration is empty: send the answer the user would have wanted")
-            if len(req.demonstration) > cfg.max_demonstration_chars:
-                raise bad(
-                    f"demonstration has {len(req.demonstration)} characters: use at most {cfg.max_demonstration_chars}"
-                )
-    if len(req.comment) > cfg.max_comment_chars:
-        raise bad(f"comment has {len(req.comment)} characters: use at most {cfg.max_comment_chars}")
-    return kind
 
 
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}  # (id(counter), labels) -> the child's inc
@@ -183,185 +123,6 @@ def _timestamp() -> Timestamp:
     """Now as a Timestamp (Timestamp.GetCurrentTime goes through datetime: 4x slower)."""
     ns = time.time_ns()
     return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
-def build_event(
-    req: feedback_pb2.FeedbackRequest, kind: str, claims: TokenClaims, scale: int, now: Timestamp | None = None
-) -> events_pb2.FeedbackEvent:
-    """The FeedbackEvent for a validated request and its verified token."""
-    if now is None:
-        now = Timestamp()
-        now.GetCurrentTime()
-    return events_pb2.FeedbackEvent(
-        feedback_id=req.feedback_id,
-        interaction_id=req.interaction_id,
-        pair_id=req.pair_id,
-        kind=KINDS[kind],
-        value=req.thumbs if kind == "thumbs" else req.rating if kind == "rating" else 0,
-        rating_scale=scale if kind == "rating" else 0,
-        preference=req.preference if kind == "preference" else events_pb2.PREFERENCE_UNSPECIFIED,
-        demonstration=req.demonstration,
-        comment=req.comment,
-        user_id=req.user_id,
-        policy_version=claims.policy_version,
-        created_at=now,
-    )
-
-
-# ---------------------------------------------------------------------------- rate limits
-
-
-class RateLimiter:
-    """Token buckets by name (rate events/s, `burst` deep); LRU-bounded so memory stays flat."""
-
-    def __init__(self, rate: float, burst: int, what: str, max_names: int = 100_000) -> None:
-        self.rate, self.burst, self.what, self.max_names = rate, burst, what, max_names
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
-
-    def take(self, name: str, n: int = 1, now: float | None = None) -> None:
-        """Spend n tokens of `name`'s bucket, or errors.ResourceExhausted with retry_after_s."""
-        if self.rate <= 0:
-            return
-        now = time.monotonic() if now is None else now
-        tokens, at = self._buckets.pop(name, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        if tokens < n:
-            self._buckets[name] = (tokens, now)
-            wait = (n - tokens) / self.rate
-            err = errors.ResourceExhausted(
-                f"rate limit for {self.what} {name!r} reached ({self.rate:g} events/s, burst {self.burst}): "
-                f"retry in {wait:.2f} s",
-                retry_after_s=wait,
-            )
-            err.reason = "rate_limited"  # type: ignore[attr-defined]
-            raise err
-        self._buckets[name] = (tokens - n, now)
-        if len(self._buckets) > self.max_names:
-            self._buckets.popitem(last=False)
-
-
-# ---------------------------------------------------------------------------- seen ids
-
-
-class SeenFeedbackIds:
-    """Durable set of accepted feedback_ids with in-flight reservations and group commits.
-
-    The state lock guards only in-memory sets, so `commit` and `release` (called on the event
-    loop) never wait for disk; sqlite reads and the flusher's writes use their own connections.
-    Every committed id is always in `_unflushed`, `_flushing` or the table.
-    """
-
-    def __init__(self, path: str, retention_s: float, flush_interval_s: float = 1.0) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = self._connect(path)
-        self._writer.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL)")
-        self._reader = self._connect(path)
-        self.retention_s, self.flush_interval_s = retention_s, flush_interval_s
-        self._prune()
-        self._lock, self._read_lock, self._write_lock = threading.Lock(), threading.Lock(), threading.Lock()
-        self._inflight: set[str] = set()
-        self._unflushed: dict[str, float] = {}
-        self._flushing: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._flush_loop, name="feedback-seen-ids", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _connect(path: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; see the module doc
-        return conn
-
-    def _prune(self) -> None:
-        self._writer.execute("DELETE FROM seen WHERE at < ?", (time.time() - self.retention_s,))
-
-    def reserve(self, ids: list[str]) -> list[str]:
-        """Per id: "new" (now reserved: commit or release it), "seen" or "busy" (in flight). Blocking."""
-        out, lookup = [], []
-        with self._lock:  # memory only; a reservation keeps everyone else off the id while we read
-            for n, i in enumerate(ids):
-                if i in self._inflight:
-                    out.append("busy")
-                elif i in self._unflushed or i in self._flushing:
-                    out.append("seen")
-                else:
-                    self._inflight.add(i)
-                    out.append("new")
-                    lookup.append(n)
-        if lookup:
-            stored: set[str] = set()
-            with self._read_lock:  # one query per 500 ids, not one per id
-                for k in range(0, len(lookup), 500):
-                    chunk = [ids[n] for n in lookup[k : k + 500]]
-                    sql = f"SELECT id FROM seen WHERE id IN ({','.join('?' * len(chunk))})"
-                    stored.update(row[0] for row in self._reader.execute(sql, chunk))
-            if stored:
-                with self._lock:
-                    for n in lookup:
-                        if ids[n] in stored:
-                            self._inflight.discard(ids[n])
-                            out[n] = "seen"
-        return out
-
-    def commit(self, ids: list[str]) -> None:
-        """Mark reserved ids seen (their events are durable); `flush` writes them to disk."""
-        now = time.time()
-        with self._lock:
-            for i in ids:
-                self._inflight.discard(i)
-                self._unflushed[i] = now
-
-    def release(self, ids: list[str]) -> None:
-        """Drop reservations whose events were not made durable (the client may retry)."""
-        with self._lock:
-            self._inflight.difference_update(ids)
-
-    def flush(self) -> None:
-        with self._write_lock:
-            with self._lock:
-                if not self._unflushed:
-                    return
-                self._flushing, self._unflushed = self._unflushed, {}
-            try:
-                self._writer.execute("BEGIN")
-                self._writer.executemany("INSERT OR IGNORE INTO seen (id, at) VALUES (?, ?)", self._flushing.items())
-                self._writer.execute("COMMIT")
-            except BaseException:
-                if self._writer.in_transaction:
-                    self._writer.execute("ROLLBACK")
-                with self._lock:  # keep them for the next try
-                    self._unflushed.update(self._flushing)
-                    self._flushing = {}
-                raise
-            with self._lock:
-                self._flushing = {}
-
-    def _flush_loop(self) -> None:
-        last_prune = time.monotonic()
-        while not self._stop.wait(self.flush_interval_s):
-            try:
-                self.flush()
-                if time.monotonic() - last_prune > 3600:
-                    with self._write_lock:
-                        self._prune()
-                    last_prune = time.monotonic()
-            except sqlite3.Error:
-                log.exception("writing seen feedback ids failed; retrying")
-
-    def __contains__(self, feedback_id: str) -> bool:
-        with self._lock:
-            if feedback_id in self._unflushed or feedback_id in self._flushing:
-                return True
-        with self._read_lock:
-            return self._reader.execute("SELECT 1 FROM seen WHERE id=?", (feedback_id,)).fetchone() is not None
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.flush()
-        self._reader.close()
-        self._writer.close()
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -699,8 +460,3 @@ async def _all_done(futures: list[Any], timeout_s: float) -> None:
         await asyncio.wait_for(waiter, timeout_s)
     except TimeoutError:
         pass
-
-
-def reason(e: errors.FlywheelError) -> str:
-    """The `reason` label of a refusal: rate_limited, spool_full, or the status code in lower case."""
-    return getattr(e, "reason", None) or e.code.name.lower()

@@ -1,7 +1,8 @@
 """Front ends of the feedback service: a thin gRPC `Feedback` servicer and HTTP `POST /feedback`.
 
 Both only convert between the wire and `FeedbackRequest`, identify the caller, and call the
-FeedbackIntake engine; every rule lives in intake.py, so both front ends answer alike.
+FeedbackIntake engine; every rule lives in intake.py and the modules it uses (validation.py,
+ratelimit.py, dedup.py), so both front ends answer alike.
 Errors travel as FlywheelError: the server's interceptor and error middleware turn them into
 gRPC codes and TGI-shaped HTTP bodies (403 / 409 / 422 / 429 / 503, Retry-After when known).
 

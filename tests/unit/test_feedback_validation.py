@@ -14,8 +14,10 @@ from flywheel.core import errors
 from flywheel.core.auth import ANONYMOUS, AuthConfig, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.feedback.config import FeedbackConfig
-from flywheel.feedback.intake import FeedbackIntake, InFlight, RateLimiter, validate
+from flywheel.feedback.intake import FeedbackIntake, InFlight
+from flywheel.feedback.ratelimit import RateLimiter
 from flywheel.feedback.server import request_from_json
+from flywheel.feedback.validation import validate
 from flywheel.v1 import events_pb2, feedback_pb2
 
 KEY = "k" * 32
