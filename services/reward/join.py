@@ -1,4 +1,5 @@
-"""The preference join: interactions + feedback -> PreferencePairs, in a durable sqlite store.
+"""The preference join: interactions + feedback -> PreferencePairs, in a durable sqlite store
+(store.py).
 
 What each kind of feedback becomes (DESIGN.md, issue 4):
 - preference on a GeneratePair pair_id: one pair, chosen = the preferred side, weight 1. A TIE
@@ -15,37 +16,34 @@ counted (`flywheel_reward_feedback_dropped{reason="orphaned"}`). Effects are key
 keys (feedback_id, interaction_id, pair_id), so a redelivered record changes nothing; pair ids
 are a hash of their source ids, so the same feedback always yields the same pair ids.
 
-The join works a poll at a time (`handle_batch`, fed by `BatchConsumer`): every record of the
-poll is applied in one sqlite transaction (one fsync, not one per record); the new pairs are
-stored with published=0, then all of them are sent to flywheel.preferences at once (acks=all)
-and awaited together; they are marked published; only then does the consumer commit the poll's
-offsets. A crash anywhere in between loses nothing: an uncommitted transaction is redone from
-the redelivered records, and stored pairs not yet marked are sent again by the next flush
-(also at start) as the same stored bytes under the same key, so a copy on the topic is an
-identical one and the dataset holds each pair once.
+The join works a poll at a time (`handle_batch`, fed by `BatchConsumer` in batch_consumer.py):
+every record of the poll is applied in one sqlite transaction (one fsync, not one per record);
+the new pairs are stored with published=0, then all of them are sent to flywheel.preferences at
+once (acks=all) and awaited together; they are marked published; only then does the consumer
+commit the poll's offsets. A crash anywhere in between loses nothing: an uncommitted
+transaction is redone from the redelivered records, and stored pairs not yet marked are sent
+again by the next flush (also at start) as the same stored bytes under the same key, so a copy
+on the topic is an identical one and the dataset holds each pair once.
 The held-out split is a hash of the pair's source feedback ids (so both halves of a tie, and
 every pair that uses a held-out label, land on the same side).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from flywheel.core import bus
 from flywheel.reward.config import JoinConfig
+from flywheel.reward.store import PreferenceStore
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -73,28 +71,6 @@ WIN_RATE = Gauge("flywheel_live_win_rate", "Pairwise win rate (ties count half).
 
 MAX_PARTNERS = 32  # pairs inferred per new thumbs/rating label, against the most recent others
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS interactions (
-  interaction_id TEXT PRIMARY KEY, pair_id TEXT, side TEXT, prompt TEXT, response TEXT,
-  policy_version INTEGER, user_id TEXT, created_at REAL);
-CREATE INDEX IF NOT EXISTS interactions_pair ON interactions(pair_id);
-CREATE TABLE IF NOT EXISTS feedback (
-  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, pair_id TEXT, status TEXT NOT NULL,
-  received_at REAL NOT NULL, event BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(status, interaction_id, pair_id);
-CREATE TABLE IF NOT EXISTS pairs (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT UNIQUE NOT NULL, split TEXT NOT NULL,
-  published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS pairs_unpublished ON pairs(seq) WHERE published = 0;
-CREATE TABLE IF NOT EXISTS labels (
-  feedback_id TEXT PRIMARY KEY, seq INTEGER, interaction_id TEXT, kind TEXT, prompt TEXT, response TEXT,
-  label REAL NOT NULL, split TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS labels_prompt ON labels(prompt, kind);
-CREATE INDEX IF NOT EXISTS labels_seq ON labels(seq);
-CREATE TABLE IF NOT EXISTS demonstrations (
-  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, prompt TEXT, demonstration TEXT, created_at REAL);
-"""
-
 
 def _h(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
@@ -107,93 +83,6 @@ def pair_id_of(source: str, chosen_key: str, rejected_key: str, feedback_ids: Se
 
 def is_heldout(key: str, percent: int) -> bool:
     return int(_h("split", key)[:8], 16) % 100 < percent
-
-
-@dataclasses.dataclass
-class PairRow:
-    """One stored pair, as the trainer reads it."""
-
-    seq: int
-    pair_id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    weight: float
-    margin: float
-    source: str
-    split: str
-
-
-@dataclasses.dataclass
-class LabelRow:
-    """One pointwise label (thumbs/rating), as the trainer reads it."""
-
-    prompt: str
-    response: str
-    label: float  # 0..1
-
-
-class PreferenceStore:
-    """The durable join state and preference dataset (one sqlite file, WAL, synchronous=FULL)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(path)
-        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(_SCHEMA)
-        self.lock = threading.RLock()
-
-    def close(self) -> None:
-        with self.lock:
-            self.conn.close()
-
-    def _q(self, sql: str, args: Sequence = ()) -> list[tuple]:
-        with self.lock:
-            return self.conn.execute(sql, args).fetchall()
-
-    @staticmethod
-    def _row(r: tuple) -> PairRow:
-        seq, split, blob = r
-        m = events_pb2.PreferencePair.FromString(blob)
-        return PairRow(seq, m.pair_id, m.prompt, m.chosen, m.rejected, m.weight, m.margin, m.source, split)
-
-    def pairs_after(self, seq: int, split: str | None = "train", limit: int = 100_000) -> list[PairRow]:
-        """Pairs stored after `seq` (in arrival order), of one split or of both (None)."""
-        where = "seq > ?" + (" AND split = ?" if split else "")
-        args = (seq, split) if split else (seq,)
-        return [
-            self._row(r)
-            for r in self._q(
-                f"SELECT seq, split, message FROM pairs WHERE {where} ORDER BY seq LIMIT {int(limit)}", args
-            )
-        ]
-
-    def count_pairs(self, split: str | None = None) -> int:
-        if split is None:
-            return self._q("SELECT COUNT(*) FROM pairs")[0][0]
-        return self._q("SELECT COUNT(*) FROM pairs WHERE split = ?", (split,))[0][0]
-
-    def max_seq(self) -> int:
-        return self._q("SELECT COALESCE(MAX(seq), 0) FROM pairs")[0][0]
-
-    def labels(self, split: str = "train", limit: int = 100_000) -> list[LabelRow]:
-        rows = self._q(
-            "SELECT prompt, response, label FROM labels WHERE split = ? ORDER BY seq LIMIT ?", (split, limit)
-        )
-        return [LabelRow(*r) for r in rows]
-
-    def supervised_examples(self, limit: int = 100_000) -> list[tuple[str, str]]:
-        """(prompt, demonstration) rows for supervised fine-tuning of the policy."""
-        return self._q("SELECT prompt, demonstration FROM demonstrations ORDER BY created_at LIMIT ?", (limit,))
-
-    def feedback_status(self, feedback_id: str) -> str | None:
-        rows = self._q("SELECT status FROM feedback WHERE feedback_id = ?", (feedback_id,))
-        return rows[0][0] if rows else None
-
-    def pending_count(self) -> int:
-        return self._q("SELECT COUNT(*) FROM feedback WHERE status = 'pending'")[0][0]
 
 
 class PreferenceJoin:
@@ -512,79 +401,6 @@ class PreferenceJoin:
 
     def live_stats(self) -> dict[str, dict[str, float]]:
         return json.loads(json.dumps(self._live))
-
-
-class BatchConsumer(bus.Consumer):
-    """bus.Consumer that hands a poll's records to `batch_handler` together, then commits.
-
-    A poll is handled in batches of at most `batch_size` records, in order; its offsets are
-    committed once every batch of it returned (their effects are durable). If a batch raises,
-    it is redone one record at a time through `handler`, with bus.Consumer's retries and
-    dead-letter topic, so one bad record costs only itself. A record that cannot be decoded
-    goes to the dead-letter topic at once, and the rest still batch.
-    """
-
-    def __init__(
-        self, *args: Any, batch_handler: Callable[[list[bus.Record]], None], batch_size: int = 200, **kwargs: Any
-    ) -> None:
-        kwargs.setdefault("max_poll_records", max(200, batch_size))
-        super().__init__(*args, **kwargs)
-        self.batch_handler, self.batch_size = batch_handler, batch_size
-
-    def poll_once(self, timeout_ms: int | None = None) -> int:
-        """Poll, handle the poll's records a batch at a time, commit; return how many records were done."""
-        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms)
-        msgs = [m for ms in batches.values() for m in ms]
-        done = 0
-        for at in range(0, len(msgs), self.batch_size):
-            if self._stop.is_set():
-                break
-            done += self._batch(msgs[at : at + self.batch_size])
-        self.commit()
-        self._update_lag()
-        return done
-
-    def _batch(self, msgs: list[Any]) -> int:
-        records: dict[int, bus.Record] = {}
-        for i, msg in enumerate(msgs):
-            try:
-                records[i] = self._decode(msg)
-            except Exception:
-                self._process(msg)  # undecodable: no retry can help; it goes to the dead-letter topic
-        if self._handle_together(list(records.values())):
-            for msg in msgs:
-                self._done(msg)
-            return len(msgs)
-        done = 0
-        for i, msg in enumerate(msgs):  # one at a time, with bus.Consumer's retries and DLQ
-            if self._stop.is_set():
-                break
-            if i in records:
-                self._process(msg)
-            self._done(msg)
-            done += 1
-        return done
-
-    def _handle_together(self, records: list[bus.Record]) -> bool:
-        if not records:
-            return True
-        start = time.perf_counter()
-        try:
-            self.batch_handler(records)
-        except Exception as e:
-            bus.FAILED.labels(records[0].topic, self.group).inc()
-            log.warning("a batch of %d record(s) failed (%r); redoing it one record at a time", len(records), e)
-            return False
-        share = (time.perf_counter() - start) / len(records)
-        for r in records:
-            bus.HANDLER_SECONDS.labels(r.topic, self.group).observe(share)
-        for topic in {r.topic for r in records}:
-            bus.CONSUMED.labels(topic, self.group).inc(sum(r.topic == topic for r in records))
-        return True
-
-    def _done(self, msg: Any) -> None:
-        tp = bus.TopicPartition(msg.topic, msg.partition)
-        self._pending[tp] = self._positions[tp] = msg.offset + 1
 
 
 class _Tx:

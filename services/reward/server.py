@@ -25,10 +25,12 @@ from flywheel.core import bus, errors
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, section
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
+from flywheel.reward.batch_consumer import BatchConsumer
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
-from flywheel.reward.join import BatchConsumer, PreferenceJoin, PreferenceStore
+from flywheel.reward.join import PreferenceJoin
 from flywheel.reward.model import Scorer
 from flywheel.reward.starter import ensure_starter
+from flywheel.reward.store import PreferenceStore
 from flywheel.reward.trainer import OnlineTrainer
 from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 

@@ -28,8 +28,8 @@ from prometheus_client import Counter, Gauge
 
 from flywheel.core.modelstore import Manifest, ModelStore
 from flywheel.reward.config import RewardModelConfig, TrainConfig
-from flywheel.reward.join import PairRow, PreferenceStore
 from flywheel.reward.model import RewardModel, evaluate, train_step
+from flywheel.reward.store import PairRow, PreferenceStore
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from flywheel.core import bus
 from flywheel.core.config import KafkaConfig, TopicsConfig
-from flywheel.reward.join import BatchConsumer
+from flywheel.reward.batch_consumer import BatchConsumer
 from flywheel.v1 import events_pb2 as ev
 from tests.integration.test_reward_service import (
     REWARD_CMD,

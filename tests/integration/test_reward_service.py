@@ -27,9 +27,9 @@ from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServerConfig
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
-from flywheel.reward.join import PreferenceStore
 from flywheel.reward.model import build_tiny
 from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
+from flywheel.reward.store import PreferenceStore
 from flywheel.v1 import events_pb2 as ev
 from flywheel.v1 import reward_pb2, reward_pb2_grpc
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flywheel.reward.config import JoinConfig
-from flywheel.reward.join import PreferenceJoin, PreferenceStore
+from flywheel.reward.join import PreferenceJoin
+from flywheel.reward.store import PreferenceStore
 from flywheel.v1 import events_pb2 as ev
 
 
