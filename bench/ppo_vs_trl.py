@@ -28,7 +28,8 @@ import torch
 from flywheel.core.modelstore import ModelStore
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
-from flywheel.trainer.rollout import FALLBACK_PROMPTS, PoolPrompts, tiny_policy
+from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
+from flywheel.trainer.tiny_policy import tiny_policy
 
 TARGET = "help"
 

@@ -36,7 +36,7 @@ from flywheel.loop.panel import (
 )
 from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig
 from flywheel.policy import corpus
-from flywheel.trainer.rollout import split_pool
+from flywheel.trainer.prompt_sources import split_pool
 
 # Trainer and reward settings of the demo (environment of the child processes; see each
 # service's config for the meaning). Answers of the starter run to ~85 tokens, so rollouts

@@ -24,7 +24,8 @@ from flywheel.core.server import ServiceServer, serve, server_config
 from flywheel.ops.lease import elector_from_env
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
-from flywheel.trainer.rollout import GrpcReward, KafkaPrompts, PoolPrompts, default_pool, split_pool
+from flywheel.trainer.prompt_sources import KafkaPrompts, PoolPrompts, default_pool, split_pool
+from flywheel.trainer.reward_source import GrpcReward
 from flywheel.trainer.server import TrainerServicer
 from flywheel.v1 import trainer_pb2_grpc
 

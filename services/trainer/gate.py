@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.rollout import RewardSource, forward, generate
+from flywheel.trainer.reward_source import RewardSource
+from flywheel.trainer.rollout import forward, generate
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ from flywheel.core import errors
 from flywheel.core.modelstore import Manifest, ModelStore, save_pretrained
 from flywheel.trainer import gate, ppo, state
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.rollout import RewardSource, ValueHead, forward, generate
+from flywheel.trainer.reward_source import RewardSource
+from flywheel.trainer.rollout import ValueHead, forward, generate
 
 log = logging.getLogger(__name__)
 

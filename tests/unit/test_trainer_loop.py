@@ -20,7 +20,8 @@ from flywheel.core.modelstore import ModelStore
 from flywheel.trainer import gate, state
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
-from flywheel.trainer.rollout import FALLBACK_PROMPTS, PoolPrompts, tiny_policy
+from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
+from flywheel.trainer.tiny_policy import tiny_policy
 
 pytestmark = pytest.mark.timeout(120)
 TARGET = "help"
@@ -246,7 +247,7 @@ RUNNER = textwrap.dedent(
     from flywheel.core.modelstore import ModelStore
     from flywheel.trainer.config import TrainerConfig
     from flywheel.trainer.loop import Trainer
-    from flywheel.trainer.rollout import FALLBACK_PROMPTS, PoolPrompts
+    from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
     store, init, log_path, max_steps, sleep_s = sys.argv[1:6]
 
     class Reward:
