@@ -2,7 +2,7 @@
 
 Every RPC needs the admin token (auth.Authenticator.require_admin): without one the caller
 gets UNAUTHENTICATED, with a caller's API key PERMISSION_DENIED. Control semantics live in
-loop.Trainer (pause, resume, promote, rollback); their FlywheelErrors become
+loop.Trainer (pause, resume, promote, rollback: promotion.py); their FlywheelErrors become
 FAILED_PRECONDITION / NOT_FOUND through the server's ErrorInterceptor.
 """
 

@@ -8,7 +8,7 @@ load). Everything else the trainer needs to continue *exactly* lives next to it,
   KL controller, reward-normalization moments, torch and Python RNG states, and the
   consumed offsets (Kafka partitions and the prompt-pool cursor).
 
-Order of a checkpoint (loop.py): publish the version -> write state.pt atomically ->
+Order of a checkpoint (checkpoints.py): publish the version -> write state.pt atomically ->
 commit the Kafka offsets -> gate. A crash between the first two leaves an "orphan" version
 that no state refers to: on restart it is marked as such and never gated or announced, and
 training resumes from the state (so no committed work is repeated or skipped: the records
