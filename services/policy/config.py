@@ -60,6 +60,12 @@ class EngineConfig:
         "A new load waits at most this long for the sequences of the previous swap to leave (two copies at most).",
         env="FLYWHEEL_POLICY_SWAP_DRAIN_TIMEOUT_S",
     )
+    swap_nice: int = setting(
+        5,
+        "CPU niceness added to the threads that verify and load a new version (Linux; 0 = as the decode "
+        "thread), so decode steps win the CPU while a swap loads.",
+        env="FLYWHEEL_POLICY_SWAP_NICE",
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -101,6 +107,7 @@ class EngineConfig:
             self.swap_policy,
             f"use one of {', '.join(SWAP_POLICIES)}",
         )
+        require(0 <= self.swap_nice <= 19, n, "swap_nice", self.swap_nice, "use 0 (off) to 19 (lowest priority)")
         require(
             self.swap_drain_timeout_s > 0, n, "swap_drain_timeout_s", self.swap_drain_timeout_s, "use a positive time"
         )
