@@ -26,5 +26,5 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 SHAPE=(--hidden 1280 --layers 24 --device cuda --dtype bfloat16)
 rc=0
 timeout 300 $PY bench/serving.py "${SHAPE[@]}" --out "$OUT/serving-gpu.json" || rc=1
-timeout 300 $PY bench/hot_swap.py "${SHAPE[@]}" --out "$OUT/hot-swap-gpu.json" || rc=1
+timeout 300 $PY bench/hot_swap.py "${SHAPE[@]}" --rounds 1 --out "$OUT/hot-swap-gpu.json" || rc=1
 exit $rc
