@@ -6,7 +6,8 @@ thread per file, overlaps the reading of new weights into a copy); the engine th
 between two decode steps, and only if every file's sha256 matched. A checkpoint that fails
 verification or loading is refused and reported (log, the counter
 flywheel_policy_swaps_total{outcome="refused"|"failed"}, `last_error` -> GetInfo.last_swap_error
-and /health/details) while the current version keeps serving. The announced version is applied whatever its number: an older one is a rollback.
+and /health/details) while the current version keeps serving. The announced version is applied
+whatever its number: an older one is a rollback.
 
 The verifying and loading threads run at a lower CPU priority (`EngineConfig.swap_nice`; RocksDB
 lowers its compaction threads' priority the same way): on a busy machine a swap's sha256 and
@@ -61,8 +62,8 @@ class Swapper:
         self.last_swap_s: float | None = None
         self._start_offsets: dict[int, int] = {}
         self._consumer: bus.Consumer | None = None
-        nice = engine.config.swap_nice
-        self._verifier = ThreadPoolExecutor(1, "swap-verify", initializer=lower_cpu_priority, initargs=(nice,))
+        self._nice = engine.config.swap_nice
+        self._verifier = ThreadPoolExecutor(1, "swap-verify", initializer=lower_cpu_priority, initargs=(self._nice,))
         self._loader_niced = False
 
     # ------------------------------------------------------------------ start-up
@@ -117,7 +118,7 @@ class Swapper:
         if record.offset < self._start_offsets.get(record.partition, 0):
             return  # seen by initial_target
         if not self._loader_niced:  # the consumer's own thread loads; it does nothing else
-            lower_cpu_priority(self.engine.config.swap_nice)
+            lower_cpu_priority(self._nice)
             self._loader_niced = True
         self.apply(record.value)
 
