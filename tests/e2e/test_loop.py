@@ -235,7 +235,7 @@ def test_loop_learns_what_the_panel_prefers(demo_report) -> None:
     """The panel prefers the promoted policy to the starter by a clear margin.
 
     Stochastic, on 5 minutes of 2 CPU cores: 0.80 and 0.50 were seen before the demo's KL floor;
-    every run since (4 of 4, stop 11) passed.
+    every run since (6 of 6, stop 11) passed.
     """
     _, report = demo_report
     summary = {k: v for k, v in report.items() if k != "series"}
