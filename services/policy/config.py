@@ -66,6 +66,13 @@ class EngineConfig:
         "thread), so decode steps win the CPU while a swap loads.",
         env="FLYWHEEL_POLICY_SWAP_NICE",
     )
+    update_fetch_wait_ms: int = setting(
+        50,
+        "Longest a fetch of the updates topic waits on the broker when there is no new announcement "
+        "(fetch_max_wait_ms). Apache Kafka answers a waiting fetch as soon as a record arrives; Tansu (the "
+        "embedded broker) does not, so each swap started ~0.2 s late with the client's default of 500 ms.",
+        env="FLYWHEEL_POLICY_UPDATE_FETCH_WAIT_MS",
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -108,6 +115,13 @@ class EngineConfig:
             f"use one of {', '.join(SWAP_POLICIES)}",
         )
         require(0 <= self.swap_nice <= 19, n, "swap_nice", self.swap_nice, "use 0 (off) to 19 (lowest priority)")
+        require(
+            10 <= self.update_fetch_wait_ms <= 5000,
+            n,
+            "update_fetch_wait_ms",
+            self.update_fetch_wait_ms,
+            "use 10 to 5000 (ms)",
+        )
         require(
             self.swap_drain_timeout_s > 0, n, "swap_drain_timeout_s", self.swap_drain_timeout_s, "use a positive time"
         )

@@ -105,6 +105,7 @@ class Swapper:
             self._on_record,
             dlq_topic=None,
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.engine.config.update_fetch_wait_ms,
         )
         self._consumer.start()
 

@@ -390,6 +390,8 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(kafka_bootstrap: str,
     try:
         for c in clients:
             c.start()
+        # Announcements are fetched with the short wait that a broker without fetch wake-ups needs.
+        assert running.service.swapper._consumer.consumer.config["fetch_max_wait_ms"] == 50
         v1 = store.publish("policy", perturbed(tiny_starter(), 1), parent=0).version
         announce(v1)
         wait_for(serving(1), 30, "answers from version 1")

@@ -1,4 +1,5 @@
-"""The hot swap's verify and load threads yield the CPU to the decode thread (EngineConfig.swap_nice)."""
+"""Hot-swap settings: the verify and load threads yield the CPU to the decode thread
+(EngineConfig.swap_nice); the updates topic's fetch wait is range-checked."""
 
 from __future__ import annotations
 
@@ -44,3 +45,8 @@ def test_zero_leaves_the_thread_alone() -> None:
 def test_swap_nice_out_of_range_says_what_to_use() -> None:
     with pytest.raises(ConfigError, match=r"swap_nice = 20: use 0 \(off\) to 19"):
         EngineConfig(swap_nice=20)
+
+
+def test_update_fetch_wait_out_of_range_says_what_to_use() -> None:
+    with pytest.raises(ConfigError, match=r"update_fetch_wait_ms = 0: use 10 to 5000"):
+        EngineConfig(update_fetch_wait_ms=0)
