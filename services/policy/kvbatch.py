@@ -26,12 +26,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from flywheel.core.masks import attention_mask_4d
 from flywheel.policy.config import EngineConfig
 
 if TYPE_CHECKING:
     from flywheel.policy.sequence import Sequence
 
 DEFAULT_CONTEXT = 4096
+PREFILL_MASK_MAX = 1 << 22  # elements of a 4D prefill mask we build ourselves (16 MB in float32)
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,7 +52,7 @@ class LoadedModel:
     special_ids: frozenset[int]
     pad_id: int
     logits_to_keep: bool
-    mask_4d: bool = False  # decode steps pass a ready 4D mask (checked equal to the 2D path at load)
+    mask_4d: bool = False  # prefill and decode pass a ready 4D mask (checked equal to the 2D path at load)
     _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
     _backend_decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False)
 
@@ -99,16 +101,18 @@ class LoadedModel:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The attention mask of a one-token decode step, from the 2D padding mask (B, L).
+        """The attention mask of a one-token decode step, from the 2D padding mask (B, L): a ready
+        (B, 1, 1, L) mask where the model takes one (`flywheel.core.masks`)."""
+        return attention_mask_4d(mask, 1, self.dtype) if self.mask_4d else mask
 
-        transformers rebuilds a 4D mask from a 2D one at every forward (vmap over the batch),
-        which costs more than the whole forward of a small model; a one-token query needs no
-        causal part, so an additive (B, 1, 1, L) mask is the same thing, built in one op.
-        """
-        if not self.mask_4d:
-            return mask
-        neg = torch.finfo(self.dtype).min
-        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(mask == 0, neg)[:, None, None]
+    def prefill_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a prefill over left-padded prompts, from the 2D padding mask (B, L).
+        Ours only where transformers would build one with its vmap: with padding, up to
+        PREFILL_MASK_MAX elements (past that its cost is memory, not time)."""
+        b, n = mask.shape
+        if not self.mask_4d or b * n * n > PREFILL_MASK_MAX or bool(mask.all()):
+            return mask  # no padding: transformers' causal fast path builds no mask at all
+        return attention_mask_4d(mask, n, self.dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
@@ -184,7 +188,8 @@ def smoke_test(m: LoadedModel) -> None:
 
 
 def _same_with_4d_mask(m: LoadedModel) -> bool:
-    """Whether a decode step with `decode_mask`'s 4D mask gives the 2D path's logits on this model."""
+    """Whether a padded prefill and a decode step with our 4D masks (`prefill_mask`, `decode_mask`)
+    give the 2D path's logits on this model."""
     ids = torch.tensor([[m.pad_id, m.pad_id, 5, 6], [3, 4, 5, 6]], device=m.device) % len(m.tokenizer)
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=m.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -193,15 +198,16 @@ def _same_with_4d_mask(m: LoadedModel) -> bool:
     logits = []
     for use_4d in (False, True):
         try:
-            cache = m.forward(ids, mask, pos, DynamicCache()).past_key_values
             m.mask_4d = use_4d
-            logits.append(m.forward(step, m.decode_mask(full), full.sum(-1, keepdim=True) - 1, cache).logits.float())
+            out = m.forward(ids, m.prefill_mask(mask), pos, DynamicCache())
+            after = m.forward(step, m.decode_mask(full), full.sum(-1, keepdim=True) - 1, out.past_key_values)
+            logits.append(torch.cat([out.logits[:, -1], after.logits[:, -1]]).float())
         except Exception:  # noqa: BLE001 - a model that rejects 4D masks uses the 2D path
             return False
         finally:
             m.mask_4d = False
     tol = 1e-4 if m.dtype == torch.float32 else 2e-2
-    return bool(torch.allclose(logits[0], logits[1], atol=tol, rtol=tol))
+    return bool(torch.isfinite(logits[1]).all() and torch.allclose(logits[0], logits[1], atol=tol, rtol=tol))
 
 
 class Batch:
@@ -224,7 +230,7 @@ class Batch:
             mask[b, length - n :] = 1
         ids, mask = ids.to(m.device), mask.to(m.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = m.forward(ids, mask, pos, DynamicCache())
+        out = m.forward(ids, m.prefill_mask(mask), pos, DynamicCache())
         batch = cls(m, list(seqs), out.past_key_values, mask)
         batch.last_logits = out.logits[:, -1, :]
         return batch

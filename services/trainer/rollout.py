@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from flywheel.core.masks import attention_mask_4d
 from flywheel.trainer.ppo import entropy_from_logits, logprobs_from_logits
 
 
@@ -92,21 +93,6 @@ def mask_after_eos(
     mask = (pos <= first.unsqueeze(1)).float()  # (B, T)
     ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     return ids, mask, has_eos
-
-
-def attention_mask_4d(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, q_len, K) for the last q_len of K positions: causal and no padded keys.
-
-    Passing it ready-made skips transformers' per-call mask builder, which dominates the time of
-    a small model's decoding step. A padded query row may see itself only (no all -inf rows).
-    """
-    B, K = key_mask.shape
-    q_pos = torch.arange(K - q_len, K, device=key_mask.device)  # (q,)
-    k_pos = torch.arange(K, device=key_mask.device)  # (K,)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask.bool()[:, None, :]  # (B, q, K)
-    allowed |= (k_pos[None, :] == q_pos[:, None])[None]
-    mask = torch.zeros(B, 1, q_len, K, dtype=dtype, device=key_mask.device)
-    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
 @torch.no_grad()
