@@ -5,7 +5,8 @@ flywheel.policy.updates one after another, --rounds times (15 versions by defaul
     that answer, --new-tokens decode steps on the new weights) against the raw time to
     read that checkpoint from disk (every byte of its files, best of 3, measured before the load
     starts; the page cache is as warm as the service finds it); target <= 1.5x + 0.5 s. Also the
-    service's own swap duration (its metric: verify + load + switch, mean over the swaps),
+    service's own figures (its metrics, means over the swaps): swap duration (verify + load +
+    switch) and announcement -> switch (delivery too, without the answer's own decode steps),
   - failed requests (target 0) and answers whose version is not the one announced last,
   - p99 request latency during swaps against steady state (target <= 1.3x). "During" is every
     request that overlaps an announcement -> first-new-answer window, pooled over the rounds (each
@@ -98,13 +99,14 @@ def noise_band(steady: list[tuple[float, float, int]], lengths: list[float], n: 
     return [pct(p99s, q) for q in (0.1, 0.5, 0.9)]
 
 
-def swap_seconds(url: str) -> tuple[float, float]:
-    """(sum, count) of the service's own flywheel_policy_swap_duration_seconds (load + switch)."""
+def histogram_means(url: str, *names: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of the service's own histograms `names`, read from its /metrics."""
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-    vals = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("flywheel_policy_swap_duration"))
-    return float(vals["flywheel_policy_swap_duration_seconds_sum"]), float(
-        vals["flywheel_policy_swap_duration_seconds_count"]
-    )
+    vals = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(names))
+    return {n: (float(vals[n + "_sum"]), float(vals[n + "_count"])) for n in names}
+
+
+SERVICE_SWAP = ("flywheel_policy_swap_duration_seconds", "flywheel_policy_swap_lag_seconds")
 
 
 async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic: str, args: argparse.Namespace) -> dict:
@@ -142,7 +144,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         tasks = [asyncio.create_task(client(i)) for i in range(args.clients)]
         await asyncio.sleep(args.steady_s)
         steady_log = list(log)
-        before = swap_seconds(url)
+        before = histogram_means(url, *SERVICE_SWAP)
         swaps = []
         for m, raw in versions:
             t_a = time.perf_counter()
@@ -155,7 +157,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
             await asyncio.sleep(args.gap_s)
         stop.set()
         await asyncio.gather(*tasks)
-        after = swap_seconds(url)
+        after = histogram_means(url, *SERVICE_SWAP)
         trainer.shutdown()
 
     def overlapping(windows: list[tuple[float, float]]) -> list[float]:
@@ -175,7 +177,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         "during": during,
         "rounds": rounds,
         "swaps": swaps,
-        "service_swap_s": (after[0] - before[0]) / max(after[1] - before[1], 1),
+        "service": {n: (after[n][0] - before[n][0]) / max(after[n][1] - before[n][1], 1) for n in SERVICE_SWAP},
         "failures": failures,
         "answers": len(log),
         "wrong": wrong,
@@ -241,7 +243,8 @@ def main() -> None:
         "stale_version_answers": r["wrong"],
         "swap_latency_s": [round(s["swap_s"], 3) for s in swaps],
         "checkpoint_read_s": [round(s["read_s"], 3) for s in swaps],
-        "service_swap_s_mean": round(r["service_swap_s"], 3),
+        "service_swap_s_mean": round(r["service"][SERVICE_SWAP[0]], 3),
+        "service_announce_to_switch_s_mean": round(r["service"][SERVICE_SWAP[1]], 3),
         "worst_swap_vs_budget": round(max(s["swap_s"] / (1.5 * s["read_s"] + 0.5) for s in swaps), 2),
         "steady_p99_ms": round(steady_p99 * 1000, 1),
         "during_swaps_p99_ms": round(during_p99 * 1000, 1),

@@ -26,11 +26,11 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
-from prometheus_client import Counter, Gauge, Histogram
 
 from flywheel.core import errors
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
+from flywheel.policy.metrics import METRICS
 from flywheel.policy.reload import try_reload
 from flywheel.policy.requests import (
     ROLES,
@@ -46,32 +46,6 @@ from flywheel.policy.sequence import Outbox, Sequence, detokenize, find_stop, sa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-class _Metrics:
-    """Prometheus series of the engine (base units, `_total` counters). Created once per process."""
-
-    def __init__(self) -> None:
-        p = "flywheel_policy_"
-        self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for a slot.")
-        self.running = Gauge(p + "running_sequences", "Sequences in the running batch.")
-        self.tokens = Counter(p + "generated_tokens", "Tokens generated.")
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens prefilled.")
-        self.requests = Counter(p + "requests", "Finished or refused requests by outcome.", ["outcome"])
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Submit to first token.", buckets=_LATENCY)
-        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between two tokens.", buckets=_LATENCY)
-        self.e2e_seconds = Histogram(p + "request_duration_seconds", "Submit to last token.", buckets=_LATENCY)
-        self.queue_seconds = Histogram(p + "queue_time_seconds", "Submit to admission.", buckets=_LATENCY)
-        self.step_seconds = Histogram(p + "step_duration_seconds", "One scheduler step.", buckets=_LATENCY)
-        self.swaps = Counter(p + "swaps", "Hot swaps by outcome (ok, failed).", ["outcome"])
-        self.swap_seconds = Histogram(p + "swap_duration_seconds", "Load plus switch of a new version.")
-        self.version = Gauge(p + "serving_version", "Model-store version being served.")
-
-
-METRICS = _Metrics()
-
 
 _startup_frozen = False
 

@@ -29,8 +29,9 @@ from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, require
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.engine import METRICS, Engine
+from flywheel.policy.engine import Engine
 from flywheel.policy.interactions import InteractionPublisher
+from flywheel.policy.metrics import METRICS
 from flywheel.policy.requests import GenerationRequest, Result, TokenEvent
 from flywheel.policy.starter import STEPS as STARTER_STEPS
 from flywheel.policy.swap import Swapper

@@ -7,7 +7,8 @@ between two decode steps, and only if every file's sha256 matched. A checkpoint 
 verification or loading is refused and reported (log, the counter
 flywheel_policy_swaps_total{outcome="refused"|"failed"}, `last_error` -> GetInfo.last_swap_error
 and /health/details) while the current version keeps serving. The announced version is applied
-whatever its number: an older one is a rollback.
+whatever its number: an older one is a rollback. Each live switch observes its lag from the
+announcement record's timestamp (flywheel_policy_swap_lag_seconds: delivery, verify, load).
 
 The verifying and loading threads run at a lower CPU priority (`EngineConfig.swap_nice`; RocksDB
 lowers its compaction threads' priority the same way): on a busy machine a swap's sha256 and
@@ -34,7 +35,8 @@ from kafka import KafkaConsumer, TopicPartition
 from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import ModelStore
-from flywheel.policy.engine import METRICS, Engine
+from flywheel.policy.engine import Engine
+from flywheel.policy.metrics import METRICS
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -121,10 +123,11 @@ class Swapper:
         if not self._loader_niced:  # the consumer's own thread loads; it does nothing else
             lower_cpu_priority(self._nice)
             self._loader_niced = True
-        self.apply(record.value)
+        self.apply(record.value, announced_at=record.timestamp_ms / 1000)
 
-    def apply(self, u: events_pb2.ModelUpdate) -> bool:
-        """Verify and load one announcement (blocking). True if the engine now serves it."""
+    def apply(self, u: events_pb2.ModelUpdate, announced_at: float | None = None) -> bool:
+        """Verify and load one announcement (blocking). True if the engine now serves it.
+        `announced_at` (epoch seconds, the record's timestamp): the switch observes the swap lag."""
         if u.model != self.model:
             return False
         current = self.engine.info().version
@@ -140,7 +143,9 @@ class Swapper:
         # the new weights into a copy; nothing switches unless it passes.
         hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
         try:  # the error clears at the switch itself, so no answer of the new version sees it
-            self.engine.load_version(str(path), u.version, on_switch=self._clear_error, verify=hashing.result)
+            self.engine.load_version(
+                str(path), u.version, on_switch=lambda: self._switched(announced_at), verify=hashing.result
+            )
             hashing.result()  # also when the engine had nothing to load (it serves this version already)
         except errors.IntegrityError as e:
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
@@ -153,8 +158,10 @@ class Swapper:
         log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)
         return True
 
-    def _clear_error(self) -> None:
+    def _switched(self, announced_at: float | None) -> None:
         self.last_error = ""
+        if announced_at is not None:  # a live announcement, not the start-up's catch-up
+            METRICS.swap_lag.observe(max(0.0, time.time() - announced_at))
 
     def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None) -> bool:
         serving = self.engine.info().version

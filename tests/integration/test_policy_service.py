@@ -393,8 +393,17 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(kafka_bootstrap: str,
         # Announcements are fetched with the short wait that a broker without fetch wake-ups needs.
         assert running.service.swapper._consumer.consumer.config["fetch_max_wait_ms"] == 50
         v1 = store.publish("policy", perturbed(tiny_starter(), 1), parent=0).version
+        lags, lag_sum = (
+            counter("flywheel_policy_swap_lag_seconds_count"),
+            counter("flywheel_policy_swap_lag_seconds_sum"),
+        )
+        announced = time.time()
         announce(v1)
         wait_for(serving(1), 30, "answers from version 1")
+        # The switch observed its lag from the announcement record's timestamp (the same clock here),
+        # and that lag lies within what this test saw.
+        assert counter("flywheel_policy_swap_lag_seconds_count") == lags + 1
+        assert 0 < counter("flywheel_policy_swap_lag_seconds_sum") - lag_sum < time.time() - announced + 0.01
         # A tampered checkpoint: refused, reported, version 1 keeps serving.
         v2 = store.publish("policy", perturbed(tiny_starter(), 2), parent=1)
         weights = v2.path / "model.safetensors"
