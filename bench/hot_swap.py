@@ -15,7 +15,8 @@ flywheel.policy.updates one after another, --rounds times (15 versions by defaul
     (the trainer's side, whose Kafka client would otherwise share the clients' GIL right at the
     start of every window).
   - the noise band of that p99: steady-state p99 over random windows as long as the swap
-    windows (the "during" sample is smaller, so one hiccup of a shared machine moves it).
+    windows (the "during" sample is smaller, so one hiccup of a shared machine moves it), and the
+    p99 against a control matched in time: the steady answers plus those between swaps.
 
     .venv/bin/python bench/hot_swap.py
     .venv/bin/python bench/hot_swap.py --hidden 256 --layers 4
@@ -164,7 +165,20 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         return [e - s for s, e, _ in log if any(s < b and e > a for a, b in windows)]
 
     during = overlapping([x["window"] for x in swaps])
+    # A control matched in time: answers between swaps (from `settle_s` after one swap's first new
+    # answer, when the old weights have drained, to the next announcement). The host's speed
+    # drifted by 1.5x within one run, so a baseline taken only before the first swap can be unlike
+    # the seconds the swaps ran in.
+    quiet = [(x["window"][1] + args.settle_s, y["window"][0]) for x, y in zip(swaps, swaps[1:], strict=False)]
+    between = [e - s for s, e, _ in steady_log] + [e - s for s, e, _ in log if any(a <= s and e <= b for a, b in quiet)]
     rounds = [overlapping([x["window"] for x in swaps[r : r + 5]]) for r in range(0, len(swaps), 5)]
+    # The answers still decoding on the old weights once the new ones serve: every step then runs
+    # one forward per version (finish_on_old), which is what a swap costs the answers in flight.
+    draining = []
+    for x in swaps:
+        a, b = x["window"]
+        switched = min(s for s, _, v in log if v == x["version"])  # first answer started on the new weights
+        draining += [e - s for s, e, v in log if s < b and e > switched and v != x["version"] and e > a]
     wrong = 0
     for s, _, v in log:  # an answer started after the swap to k was observed must not report < k
         done = [x["version"] for x in swaps if x["window"][1] < s]
@@ -173,6 +187,8 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         Path(args.trace).write_text(json.dumps({"log": log, "swaps": swaps}))
     return {
         "steady": [e - s for s, e, _ in steady_log],
+        "between": between,
+        "draining": draining,
         "steady_band": noise_band(steady_log, [x["window"][1] - x["window"][0] for x in swaps]),
         "during": during,
         "rounds": rounds,
@@ -192,6 +208,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--steady-s", type=float, default=5.0)
     ap.add_argument("--gap-s", type=float, default=2.0)
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=0.5,
+        help="answers from this long after a swap's first new answer to the next announcement are the"
+        " between-swaps control",
+    )
     ap.add_argument(
         "--rounds",
         type=int,
@@ -252,6 +275,10 @@ def main() -> None:
         "p99_ratio_per_round_of_5": [round(pct(d, 0.99) / steady_p99, 2) for d in r["rounds"]],
         "steady_p99_same_size_windows_ms_p10_p50_p90": [round(x * 1000, 1) for x in r["steady_band"]],
         "p99_ratio_to_same_size_p50": round(during_p99 / r["steady_band"][1], 2),
+        "draining_answers": len(r["draining"]),
+        "draining_p50_vs_steady_p50": round(pct(r["draining"], 0.5) / pct(r["steady"], 0.5), 2),
+        "steady_p99_between_swaps_ms": round(pct(r["between"], 0.99) * 1000, 1),
+        "p99_ratio_to_between_swaps": round(during_p99 / pct(r["between"], 0.99), 2),
         "first_failures": r["failures"][:3],
     }
     print(json.dumps(out, indent=2))
