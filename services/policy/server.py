@@ -130,9 +130,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
 def build_server(service: PolicyService, server_config: ServerConfig) -> ServiceServer:
     """The policy ServiceServer: gRPC Policy plus the TGI and OpenAI HTTP routes (not started)."""
-    from flywheel.policy.http import add_routes
+    from flywheel.policy.http import add_tgi_routes
+    from flywheel.policy.openai_routes import add_openai_routes
 
     server = ServiceServer(server_config, name="policy")
     server.add_servicer(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer(service))
-    add_routes(server.http_app, service)
+    add_tgi_routes(server.http_app, service)
+    add_openai_routes(server.http_app, service)
     return server
