@@ -2,7 +2,8 @@
 transformers `generate` on the same model, prompts and token counts, in one run:
   1. `model.generate` one prompt at a time, 2. `model.generate` on all prompts as one static batch,
   3. `flywheel serve policy` as its own process, every client streaming over gRPC at once.
-Also p50/p99 time to first token and inter-token latency as the clients see them.
+Also p50/p99 time to first token and inter-token latency as the clients see them. Each of the
+three is measured --repeat times, interleaved with nothing else, and the medians are compared.
 
 Baselines, all on this machine in this run: `generate` greedy with min_new_tokens = max_new_tokens
 = --new-tokens, on the same saved model (same dtype, device) and the same --clients prompts;
@@ -25,11 +26,13 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -136,7 +139,9 @@ def service_env(bootstrap: str, root: Path, engine: dict[str, object]) -> dict[s
     return env | {f"FLYWHEEL_POLICY_{k.upper()}": str(v) for k, v in engine.items()}
 
 
-def bench_hf(path: Path, prompts: list[str], new: int, device: torch.device, dtype: torch.dtype) -> dict:
+def bench_hf(
+    path: Path, prompts: list[str], new: int, device: torch.device, dtype: torch.dtype, repeat: int = 1
+) -> dict:
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
@@ -147,22 +152,21 @@ def bench_hf(path: Path, prompts: list[str], new: int, device: torch.device, dty
             out = model.generate(**enc, **kw)
         return (out.shape[1] - enc.input_ids.shape[1]) * len(batch)
 
+    def rate(fn: Callable[[], int]) -> float:
+        t0 = time.perf_counter()
+        return fn() / (time.perf_counter() - t0)
+
     gen(prompts[:1])
-    t0 = time.perf_counter()
-    tokens = sum(gen([p]) for p in prompts)
-    sequential = tokens / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    tokens = gen(prompts)
-    static = tokens / (time.perf_counter() - t0)
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "sequential_tok_s": sequential,
-        "static_batch_tok_s": static,
+        "sequential_tok_s": [rate(lambda: sum(gen([p]) for p in prompts)) for _ in range(repeat)],
+        "static_batch_tok_s": [rate(lambda: gen(prompts)) for _ in range(repeat)],
     }
 
 
-async def stream_clients(addr: str, prompts: list[str], new: int) -> dict:
-    """Every prompt streamed by its own concurrent client; tokens/s over the whole run, TTFT and ITL."""
+async def stream_clients(addr: str, prompts: list[str], new: int, repeat: int = 1) -> dict:
+    """Every prompt streamed by its own concurrent client, `repeat` waves one after the other:
+    tokens/s of each wave, TTFT and ITL pooled over the waves."""
     async with grpc.aio.insecure_channel(addr) as ch:
         stub = policy_pb2_grpc.PolicyStub(ch)
 
@@ -185,14 +189,16 @@ async def stream_clients(addr: str, prompts: list[str], new: int) -> dict:
                     n = chunk.final.generated_tokens
             return n, ttft, gaps
 
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - t0
-    tokens = sum(r[0] for r in results)
+        rates, results = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            wave = await asyncio.gather(*(one(p) for p in prompts))
+            rates.append(sum(r[0] for r in wave) / (time.perf_counter() - t0))
+            results += wave
     ttfts, gaps = [r[1] for r in results], [g for r in results for g in r[2]]
     return {
-        "tokens": tokens,
-        "tok_s": tokens / wall,
+        "tokens": sum(r[0] for r in results),
+        "tok_s": rates,
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p99_s": pct(ttfts, 0.99),
         "itl_p50_s": pct(gaps, 0.5),
@@ -209,6 +215,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for HF and the service (0: torch default)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="measure each of the three this many times and compare medians (one wave of 32 x 64 tokens took"
+        " 0.3 s on 2 CPU cores, and single runs gave 3.9-6.6x)",
+    )
     ap.add_argument("--bootstrap", default=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -219,7 +232,7 @@ def main() -> None:
     prompts = [e.prompt for e in corpus.generate(args.clients, seed=1)]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    hf = bench_hf(path, prompts, args.new_tokens, device, dtype)
+    hf = bench_hf(path, prompts, args.new_tokens, device, dtype, args.repeat)
     engine = {"model": path, "device": args.device, "dtype": args.dtype, "max_concurrent": args.clients}
     engine |= {"max_new_tokens_cap": max(args.new_tokens, 64)}
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
@@ -230,7 +243,10 @@ def main() -> None:
             _,
         ),
     ):
-        svc = asyncio.run(stream_clients(addr, prompts, args.new_tokens))
+        svc = asyncio.run(stream_clients(addr, prompts, args.new_tokens, args.repeat))
+    seq, static, served = (
+        statistics.median(x) for x in (hf["sequential_tok_s"], hf["static_batch_tok_s"], svc["tok_s"])
+    )
     out = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
@@ -240,16 +256,25 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "baselines": "HF generate greedy, same model/prompts/token counts, this run: one prompt at a time; "
         f"one static left-padded batch of {args.clients}",
-        "hf_sequential_tok_s": round(hf["sequential_tok_s"], 1),
-        "hf_static_batch_tok_s": round(hf["static_batch_tok_s"], 1),
-        "service_tok_s": round(svc["tok_s"], 1),
-        "service_vs_sequential": round(svc["tok_s"] / hf["sequential_tok_s"], 2),
-        "service_vs_static_batch": round(svc["tok_s"] / hf["static_batch_tok_s"], 2),
+        "repeat": args.repeat,
+        "hf_sequential_tok_s": round(seq, 1),
+        "hf_static_batch_tok_s": round(static, 1),
+        "service_tok_s": round(served, 1),
+        "service_vs_sequential": round(served / seq, 2),
+        "service_vs_static_batch": round(served / static, 2),
+        "each_run_tok_s": {
+            k: [round(x) for x in v]
+            for k, v in (
+                ("hf_sequential", hf["sequential_tok_s"]),
+                ("hf_static_batch", hf["static_batch_tok_s"]),
+                ("service", svc["tok_s"]),
+            )
+        },
         "ttft_p50_ms": round(svc["ttft_p50_s"] * 1000, 1),
         "ttft_p99_ms": round(svc["ttft_p99_s"] * 1000, 1),
         "itl_p50_ms": round(svc["itl_p50_s"] * 1000, 2),
         "itl_p99_ms": round(svc["itl_p99_s"] * 1000, 2),
-        "all_tokens_generated": svc["tokens"] == args.clients * args.new_tokens,
+        "all_tokens_generated": svc["tokens"] == args.repeat * args.clients * args.new_tokens,
     }
     print(json.dumps(out, indent=2))
     if args.out:

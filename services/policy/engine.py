@@ -39,6 +39,7 @@ from flywheel.policy.requests import (
     Result,
     Token,
     TokenEvent,
+    deadline_exceeded,
     validate_sampling,
 )
 from flywheel.policy.sampling import select_next
@@ -248,9 +249,10 @@ class Engine:
         self._running = sum(len(b.seqs) for b in self._batches.values())
 
     # ------------------------------------------------------------------ public API
-    async def generate(self, req: GenerationRequest) -> Result:
-        """The whole answer. Cancelling the awaiting task frees the sequence's slot."""
-        seq = self._submit(req, stream=False)
+    async def generate(self, req: GenerationRequest, timeout_s: float | None = None) -> Result:
+        """The whole answer, or DeadlineExceeded after `timeout_s`. Cancelling the awaiting task frees
+        the sequence's slot."""
+        seq = self._submit(req, stream=False, timeout_s=timeout_s)
         try:
             while True:
                 ev = await seq.queue.get()
@@ -261,11 +263,12 @@ class Engine:
         finally:
             self._cancel(seq)
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Tokens as they come; the last event has `.result`. Closing the iterator (or cancelling
-        the task that iterates) frees the slot; use `contextlib.aclosing` for prompt release.
-        Being an async generator, bad input raises at the first `__anext__`, before any event."""
-        seq = self._submit(req, stream=True)
+    async def stream(self, req: GenerationRequest, timeout_s: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Tokens as they come; the last event has `.result`; DeadlineExceeded once the whole answer
+        has taken `timeout_s`. Closing the iterator (or cancelling the task that iterates) frees the
+        slot; use `contextlib.aclosing` for prompt release. Being an async generator, bad input
+        raises at the first `__anext__`, before any event."""
+        seq = self._submit(req, stream=True, timeout_s=timeout_s)
         try:
             while True:
                 ev = await seq.queue.get()
@@ -278,6 +281,8 @@ class Engine:
             self._cancel(seq)
 
     def _cancel(self, seq: Sequence) -> None:
+        if seq.expiry is not None:
+            seq.expiry.cancel()
         if seq.done:
             return
         seq.cancelled = True
@@ -291,7 +296,7 @@ class Engine:
             self._cv.notify_all()
 
     # ------------------------------------------------------------------ validation
-    def _submit(self, req: GenerationRequest, stream: bool) -> Sequence:
+    def _submit(self, req: GenerationRequest, stream: bool, timeout_s: float | None = None) -> Sequence:
         try:
             loaded = self._current
             if loaded is None:
@@ -311,6 +316,10 @@ class Engine:
                 self._waiting.append(seq)
                 METRICS.queue_depth.set(len(self._waiting))
                 self._cv.notify_all()
+            if timeout_s is not None:  # one timer per answer: a timeout around each token's wait cost
+                # the event loop a timer-heap push and cancel per token, a quarter of its time at 32 streams
+                expired = deadline_exceeded(timeout_s)
+                seq.expiry = seq.loop.call_later(max(0.0, timeout_s), seq.queue.put_nowait, expired)
             return seq
         except errors.FlywheelError as e:
             METRICS.requests.labels(f"rejected_{e.error_type}").inc()

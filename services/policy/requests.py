@@ -113,3 +113,9 @@ def validate_sampling(req: GenerationRequest, default_max_new: int, cap: int) ->
         if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
             raise bad(f"stop sequence {s!r}: each must be a non-empty string of at most {MAX_STOP_CHARS} chars")
     return max_new
+
+
+def deadline_exceeded(limit: float) -> errors.DeadlineExceeded:
+    return errors.DeadlineExceeded(
+        f"the answer did not finish within the deadline of {limit:.3g} s: allow more time or ask for fewer tokens"
+    )

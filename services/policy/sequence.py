@@ -29,6 +29,7 @@ class Sequence:
         self.cancelled = False  # set from the event loop; read by the scheduler between steps
         self.done = False
         self.t_submit = time.perf_counter()
+        self.expiry: asyncio.TimerHandle | None = None  # puts DeadlineExceeded in `queue` (the event loop's)
         self.model: LoadedModel | None = None
         self.reset()
 

@@ -17,7 +17,6 @@ import dataclasses
 import fcntl
 import logging
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -159,13 +158,6 @@ def ensure_starter(store: ModelStore, steps: int = STARTER_STEPS, progress: bool
     return 0
 
 
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left
-
-
 class PolicyService:
     """Engine, model store, interactions publisher and hot-swap consumer of one replica."""
 
@@ -266,16 +258,10 @@ class PolicyService:
         cap = self.config.policy.request_timeout_s
         return cap if caller_s is None else max(0.0, min(cap, caller_s))
 
-    async def _result(self, engine: Engine, req: GenerationRequest, timeout_s: float) -> Result:
-        try:
-            return await asyncio.wait_for(engine.generate(req), timeout_s)
-        except TimeoutError:
-            raise _deadline(timeout_s) from None
-
     async def generate(self, req: GenerationRequest, user_id: str, timeout_s: float | None = None) -> Served:
         """One whole answer within the deadline (the caller's, capped by request_timeout_s)."""
         self.check(req)
-        result = await self._result(self.engine, req, self.timeout(timeout_s))
+        result = await self.engine.generate(req, self.timeout(timeout_s))
         return self._finish(req, result, new_id(), user_id)
 
     async def stream(
@@ -283,19 +269,10 @@ class PolicyService:
     ) -> AsyncIterator[tuple[TokenEvent, Served | None]]:
         """Token events as they come; the last one comes with its Served. Closing it frees the slot."""
         self.check(req)
-        limit = self.timeout(timeout_s)
-        deadline = time.monotonic() + limit
         iid = interaction_id or new_id()
-        events = self.engine.stream(req)
+        events = self.engine.stream(req, self.timeout(timeout_s))
         async with contextlib.aclosing(events):
-            while True:
-                try:  # asyncio.timeout arms a timer; wait_for would create a task per token
-                    async with asyncio.timeout(_remaining(deadline)):
-                        ev = await anext(events)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise _deadline(limit) from None
+            async for ev in events:
                 if ev.result is not None:
                     yield ev, self._finish(req, ev.result, iid, user_id)
                     return
@@ -319,8 +296,8 @@ class PolicyService:
                 req_b.seed = (req.seed + 1) % 2**64
         limit = self.timeout(timeout_s)
         tasks = [
-            asyncio.ensure_future(self._result(self.engine, req_a, limit)),
-            asyncio.ensure_future(self._result(engine_b, req_b, limit)),
+            asyncio.ensure_future(self.engine.generate(req_a, limit)),
+            asyncio.ensure_future(engine_b.generate(req_b, limit)),
         ]
         try:
             ra, rb = await asyncio.gather(*tasks)
@@ -396,9 +373,3 @@ def sampling_proto(req: GenerationRequest, seed: int | None = None) -> common_pb
     if s is not None:
         p.seed = s
     return p
-
-
-def _deadline(limit: float) -> errors.DeadlineExceeded:
-    return errors.DeadlineExceeded(
-        f"the answer did not finish within the deadline of {limit:.3g} s: allow more time or ask for fewer tokens"
-    )

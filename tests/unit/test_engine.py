@@ -316,6 +316,25 @@ def test_cancellation_frees_the_slot_at_once(v0, slow):
         asyncio.run(scenario())
 
 
+def test_a_deadline_fails_the_answer_and_frees_its_slot(v0, slow):
+    with engine(v0, max_concurrent_sequences=1) as e:
+
+        async def scenario():
+            with pytest.raises(errors.DeadlineExceeded, match="deadline of 0.1 s: allow more time"):
+                await e.generate(greedy(PROMPTS[0], 200), timeout_s=0.1)
+            tokens = 0
+            with pytest.raises(errors.DeadlineExceeded, match="deadline of 0.1 s"):
+                async for _ in e.stream(greedy(PROMPTS[1], 200), timeout_s=0.1):
+                    tokens += 1
+            assert 0 < tokens < 200  # it streamed until the deadline, then stopped
+            await asyncio.sleep(0.05)
+            assert e.info().running == 0 and e.info().waiting == 0
+            done = await e.generate(greedy(PROMPTS[2], 5), timeout_s=30)  # and answers within it are whole
+            assert done.generated_tokens == 5
+
+        asyncio.run(scenario())
+
+
 async def _first_token_then_result(e: Engine, req: GenerationRequest, started: asyncio.Event):
     async for ev in e.stream(req):
         started.set()
