@@ -45,7 +45,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import broker, make_model, pct, policy_process, service_env  # noqa: E402
+from serving import broker, make_model, pct, pin_service_cpus, policy_process, service_env  # noqa: E402
 
 from flywheel.core.bus import Producer  # noqa: E402
 from flywheel.core.config import KafkaConfig  # noqa: E402
@@ -235,13 +235,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--trace", default="", help="write every request's (start, end, version) and the windows here")
     args = ap.parse_args()
-    service_cpus = None
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            ap.error("--pin needs at least 2 CPUs")
-        service_cpus = set(cpus[: len(cpus) // 2])
-        os.sched_setaffinity(0, set(cpus) - service_cpus)  # inherited by the broker and the announcer
+    service_cpus = pin_service_cpus() if args.pin else None
     root = Path(tempfile.mkdtemp(prefix="flywheel-bench-swap-"))
     model = make_model(root / "model", args.hidden, args.layers)
     store = ModelStore(root / "store")

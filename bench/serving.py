@@ -15,6 +15,7 @@ embedding, so greedy decoding never stops early: every request makes exactly --n
 (`generate` gets min_new_tokens too). Kafka: --bootstrap, else the embedded Tansu broker.
 
     .venv/bin/python bench/serving.py                          # CPU, hidden 64, 2 layers
+    .venv/bin/python bench/serving.py --pin                    # the service on its own core(s)
     .venv/bin/python bench/serving.py --hidden 256 --layers 4
     .venv/bin/python bench/serving.py --hidden 1280 --layers 24 --device cuda --dtype bfloat16  # ~0.5B on a GPU
 """
@@ -122,6 +123,17 @@ def policy_process(env: dict[str, str], log: Path, timeout_s: float = 180.0, cpu
             proc.kill()
 
 
+def pin_service_cpus() -> set[int]:
+    """The first half of this process's CPUs for the service; this process (clients, baselines) and
+    what it starts later (broker, announcer) keep the rest, as a pod has its own cores in production."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    service = set(cpus[: len(cpus) // 2])
+    os.sched_setaffinity(0, set(cpus) - service)
+    return service
+
+
 def service_env(bootstrap: str, root: Path, engine: dict[str, object]) -> dict[str, str]:
     prefix = f"bench{int(time.time() * 1000)}."
     env = {
@@ -222,9 +234,16 @@ def main() -> None:
         help="measure each of the three this many times and compare medians (one wave of 32 x 64 tokens took"
         " 0.3 s on 2 CPU cores, and single runs gave 3.9-6.6x)",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the service on the first half of the CPUs; the clients, the HF baselines and the broker on the rest"
+        " (sharing 2 cores, the service ran at 8k or 11.5k tokens/s from one run to the next)",
+    )
     ap.add_argument("--bootstrap", default=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    service_cpus = pin_service_cpus() if args.pin else None
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
@@ -238,7 +257,7 @@ def main() -> None:
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     with (
         broker(args.bootstrap) as bootstrap,
-        policy_process(service_env(bootstrap, root, engine) | threads, root / "policy.log") as (
+        policy_process(service_env(bootstrap, root, engine) | threads, root / "policy.log", cpus=service_cpus) as (
             addr,
             _,
         ),
@@ -254,6 +273,7 @@ def main() -> None:
         "clients": args.clients,
         "new_tokens": args.new_tokens,
         "torch_threads": torch.get_num_threads(),
+        "service_cpus": sorted(service_cpus) if service_cpus else "shared",
         "baselines": "HF generate greedy, same model/prompts/token counts, this run: one prompt at a time; "
         f"one static left-padded batch of {args.clients}",
         "repeat": args.repeat,
