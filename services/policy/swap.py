@@ -123,7 +123,8 @@ class Swapper:
         if not self._loader_niced:  # the consumer's own thread loads; it does nothing else
             lower_cpu_priority(self._nice)
             self._loader_niced = True
-        self.apply(record.value, announced_at=record.timestamp_ms / 1000)
+        stamped = record.timestamp_ms > 0  # -1: a record without a timestamp (old message format)
+        self.apply(record.value, announced_at=record.timestamp_ms / 1000 if stamped else None)
 
     def apply(self, u: events_pb2.ModelUpdate, announced_at: float | None = None) -> bool:
         """Verify and load one announcement (blocking). True if the engine now serves it.
