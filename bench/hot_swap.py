@@ -165,12 +165,13 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         return [e - s for s, e, _ in log if any(s < b and e > a for a, b in windows)]
 
     during = overlapping([x["window"] for x in swaps])
+    steady = [e - s for s, e, _ in steady_log]
     # A control matched in time: answers between swaps (from `settle_s` after one swap's first new
     # answer, when the old weights have drained, to the next announcement). The host's speed
     # drifted by 1.5x within one run, so a baseline taken only before the first swap can be unlike
     # the seconds the swaps ran in.
     quiet = [(x["window"][1] + args.settle_s, y["window"][0]) for x, y in zip(swaps, swaps[1:], strict=False)]
-    between = [e - s for s, e, _ in steady_log] + [e - s for s, e, _ in log if any(a <= s and e <= b for a, b in quiet)]
+    between = steady + [e - s for s, e, _ in log if any(a <= s and e <= b for a, b in quiet)]
     rounds = [overlapping([x["window"] for x in swaps[r : r + 5]]) for r in range(0, len(swaps), 5)]
     # The answers still decoding on the old weights once the new ones serve: every step then runs
     # one forward per version (finish_on_old), which is what a swap costs the answers in flight.
@@ -186,7 +187,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
     if args.trace:
         Path(args.trace).write_text(json.dumps({"log": log, "swaps": swaps}))
     return {
-        "steady": [e - s for s, e, _ in steady_log],
+        "steady": steady,
         "between": between,
         "draining": draining,
         "steady_band": noise_band(steady_log, [x["window"][1] - x["window"][0] for x in swaps]),
