@@ -223,6 +223,13 @@ def main() -> None:
         help="rounds of 5 announcements; the p99 during swaps pools them (one round's ~300 requests"
         " leave its p99 to the 3 slowest, and the ratio swung 0.86-1.34x between runs)",
     )
+    ap.add_argument(
+        "--drain",
+        choices=("mixed", "separate"),
+        default="mixed",
+        help="answers in flight at a swap finish on the old weights in one forward with the new rows (mixed, the "
+        "default) or in a forward of their own (separate): FLYWHEEL_POLICY_MIXED_DRAIN",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the service (0: torch default)")
@@ -242,7 +249,13 @@ def main() -> None:
     store = ModelStore(root / "store")
     store.publish("policy", lambda d: shutil.copytree(model, d, dirs_exist_ok=True), parent=None, version=0)
     with broker(args.bootstrap) as bootstrap:
-        env = service_env(bootstrap, root, {"device": args.device, "dtype": args.dtype, "max_concurrent": 32})
+        engine = {
+            "device": args.device,
+            "dtype": args.dtype,
+            "max_concurrent": 32,
+            "mixed_drain": args.drain == "mixed",
+        }
+        env = service_env(bootstrap, root, engine)
         env |= {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
         with policy_process(env, root / "policy.log", cpus=service_cpus) as (addr, url):
             r = asyncio.run(

@@ -52,9 +52,16 @@ class EngineConfig:
     swap_policy: str = setting(
         "finish_on_old",
         "On a hot swap, in-flight sequences finish on the weights they started with (finish_on_old: two copies "
-        "and one forward per version each step until they leave, 1.3-1.7x the steady latency for those answers "
-        "on a small CPU model) or restart from their prompt on the new weights (reprefill: they lose their tokens).",
+        "until they leave, see mixed_drain) or restart from their prompt on the new weights (reprefill: they "
+        "lose their tokens).",
         env="FLYWHEEL_POLICY_SWAP_POLICY",
+    )
+    mixed_drain: bool = setting(
+        True,
+        "While in-flight sequences finish on the old weights, decode both versions' rows in one forward (each "
+        "weighted module runs the old rows on the old weights; checked equal to one forward per version at "
+        "each swap, which it falls back to otherwise). Off: one forward per version each step.",
+        env="FLYWHEEL_POLICY_MIXED_DRAIN",
     )
     swap_drain_timeout_s: float = setting(
         120.0,

@@ -31,6 +31,7 @@ from flywheel.core import errors
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
 from flywheel.policy.metrics import METRICS
+from flywheel.policy.mixed import MixedForward
 from flywheel.policy.reload import try_reload
 from flywheel.policy.requests import (
     ROLES,
@@ -71,6 +72,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()  # guarded by _cv
         self._pending_swap: LoadedModel | None = None  # guarded by _cv
+        self._pending_mix: MixedForward | None = None  # guarded by _cv; the old and pending versions' forward
         self._on_switch: Callable[[], None] | None = None  # guarded by _cv
         self._chores: deque[tuple[Callable[[], object], Future]] = deque()  # guarded by _cv; see _between_steps
         self._swap_applied = threading.Event()
@@ -78,6 +80,7 @@ class Engine:
         self._batches: dict[int, Batch] = {}  # id(LoadedModel) -> running batch; scheduler-owned
         self._admitted: list[Sequence] = []  # admitted this step, not yet in a batch; scheduler-owned
         self._running = 0
+        self._draining = False  # sequences of a previous version still run; set by the scheduler
         self._swap_lock = threading.Lock()
         self._last_swap_error = ""
         self._thread: threading.Thread | None = None
@@ -167,9 +170,10 @@ class Engine:
                     f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}); "
                     f"still serving version {cur.version if cur else None}"
                 ) from e
+            mix = self._mixed_forward(cur, loaded)
             self._swap_applied.clear()
             with self._cv:
-                self._pending_swap, self._on_switch = loaded, on_switch
+                self._pending_swap, self._pending_mix, self._on_switch = loaded, mix, on_switch
                 self._cv.notify_all()
             while not self._swap_applied.wait(0.05):
                 if not (self._thread and self._thread.is_alive()):
@@ -210,17 +214,29 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting loader
                 done.set_exception(e)
 
+    def _mixed_forward(self, cur: LoadedModel | None, new: LoadedModel) -> MixedForward | None:
+        """One forward for both versions during the drain, if they can share one (`flywheel.policy.mixed`)."""
+        if cur is None or not self.config.mixed_drain:
+            return None
+        mix = MixedForward.pair(cur, new)
+        if mix is None:
+            log.info(
+                "version %s drains with one forward per version: it cannot share one with %s", new.version, cur.version
+            )
+        return mix
+
     def _wait_for_drain(self) -> None:
         deadline = time.monotonic() + self.config.swap_drain_timeout_s
-        while len(self._batches) > 1:
+        while self._draining:
             if time.monotonic() > deadline:
                 raise errors.Unavailable("the previous swap is still draining: announce the version again later")
             time.sleep(0.01)
 
     def _apply_swap(self) -> None:
-        """Scheduler side of a swap: runs between steps, so no step ever mixes versions."""
+        """Scheduler side of a swap: runs between steps, so each sequence has one version for all its steps."""
         with self._cv:
             new, self._pending_swap = self._pending_swap, None
+            mix, self._pending_mix = self._pending_mix, None
             on_switch, self._on_switch = self._on_switch, None
         if new is None:
             return
@@ -240,6 +256,10 @@ class Engine:
                     s.reset()
                     s.model = None
                     self._waiting.appendleft(s)  # keep their place ahead of newer requests
+        if mix is not None and id(old) in self._batches and self._batches[id(old)].seqs:
+            batch = self._batches.pop(id(old))  # its answers finish on old's weights, in new's forwards
+            batch.adopt(mix)
+            self._batches[id(new)] = batch
         self._drop_empty_batches()
         self._swap_applied.set()
 
@@ -247,6 +267,8 @@ class Engine:
         for key in [k for k, b in self._batches.items() if not b.seqs]:
             del self._batches[key]  # the last reference to an old model goes here
         self._running = sum(len(b.seqs) for b in self._batches.values())
+        cur = self._current
+        self._draining = any(b.model is not cur or b.mix is not None for b in self._batches.values())
 
     # ------------------------------------------------------------------ public API
     async def generate(self, req: GenerationRequest, timeout_s: float | None = None) -> Result:
@@ -387,7 +409,7 @@ class Engine:
                 victims += list(self._waiting)
                 self._waiting.clear()
             self._batches.clear()
-            self._running = 0
+            self._running, self._draining = 0, False
             METRICS.queue_depth.set(len(self._waiting))
         for s in victims:
             s.done = True
@@ -493,7 +515,7 @@ class Engine:
             else:
                 METRICS.itl.observe(now - seq.t_last)
             seq.t_last = now
-            self._append(seq, batch.model, tok, lp)
+            self._append(seq, seq.model, tok, lp)
 
     def _append(self, seq: Sequence, m: LoadedModel, tok: int, lp: float | None) -> None:
         seq.generated.append(tok)

@@ -10,6 +10,7 @@ to one length and stacks them (TGI's CausalLMBatch.filter / concatenate).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -28,8 +29,10 @@ from transformers import (
 
 from flywheel.core.masks import attention_mask_4d
 from flywheel.policy.config import EngineConfig
+from flywheel.policy.mixed import rowwise
 
 if TYPE_CHECKING:
+    from flywheel.policy.mixed import MixedForward
     from flywheel.policy.sequence import Sequence
 
 DEFAULT_CONTEXT = 4096
@@ -53,6 +56,7 @@ class LoadedModel:
     pad_id: int
     logits_to_keep: bool
     mask_4d: bool = False  # prefill and decode pass a ready 4D mask (checked equal to the 2D path at load)
+    rowwise: bool = False  # can share a forward with other weights of its architecture (`flywheel.policy.mixed`)
     _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
     _backend_decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False)
 
@@ -176,6 +180,7 @@ def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
     smoke_test(loaded)
     sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
     loaded.mask_4d = not sliding and _same_with_4d_mask(loaded)
+    loaded.rowwise = rowwise(loaded)
     return loaded
 
 
@@ -211,12 +216,21 @@ def _same_with_4d_mask(m: LoadedModel) -> bool:
 
 
 class Batch:
-    """Running sequences of one LoadedModel and their shared, left-padded KV cache."""
+    """Running sequences of one LoadedModel and their shared, left-padded KV cache; after a hot
+    swap, also the sequences still finishing on the previous version, at the front of the batch
+    (`adopt`)."""
 
     def __init__(self, model: LoadedModel, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor):
         self.model, self.seqs, self.cache, self.mask = model, seqs, cache, mask  # mask (B, L) long
         self.next_ids: torch.Tensor | None = None  # (B,) sampled, not yet in the cache
         self.last_logits: torch.Tensor | None = None
+        self.mix: MixedForward | None = None  # while rows of mix.old remain
+        self.old_rows = 0  # the first rows, on mix.old's weights
+
+    def adopt(self, mix: MixedForward) -> None:
+        """Go on with mix.new: the rows so far finish on mix.old's weights, new rows merge after them."""
+        assert mix.old is self.model
+        self.model, self.mix, self.old_rows = mix.new, mix, len(self.seqs)
 
     @classmethod
     def prefill(cls, m: LoadedModel, seqs: list[Sequence]) -> Batch:
@@ -241,7 +255,13 @@ class Batch:
         ones = torch.ones((len(self.seqs), 1), dtype=self.mask.dtype, device=self.mask.device)
         pos = self.mask.sum(-1, keepdim=True)  # real tokens so far = position of the new one
         mask = torch.cat([self.mask, ones], dim=1)
-        out = self.model.forward(self.next_ids[:, None], self.model.decode_mask(mask), pos, self.cache)
+        model, split = self.model, contextlib.nullcontext()
+        if self.mix is not None and self.old_rows == len(self.seqs):
+            model = self.mix.old  # no new rows yet: the old weights' own forward
+        elif self.mix is not None:
+            split = self.mix.split(self.old_rows, len(self.seqs))
+        with split:
+            out = model.forward(self.next_ids[:, None], model.decode_mask(mask), pos, self.cache)
         self.cache, self.mask = out.past_key_values, mask
         return out.logits[:, -1, :]
 
@@ -252,6 +272,9 @@ class Batch:
         if len(idx) == len(self.seqs):
             return
         self.seqs = [self.seqs[i] for i in idx]
+        if self.mix is not None:  # order is kept: the old rows stay in front
+            self.old_rows = sum(1 for s in self.seqs if s.model is self.mix.old)
+            self.mix = self.mix if self.old_rows else None  # the last reference to the old weights
         if not idx:
             self.cache, self.mask, self.next_ids = DynamicCache(), self.mask[:0], None
             return

@@ -342,10 +342,11 @@ async def _first_token_then_result(e: Engine, req: GenerationRequest, started: a
             return ev.result
 
 
-def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, slow):
+@pytest.mark.parametrize("mixed_drain", [True, False], ids=["one-forward", "forward-per-version"])
+def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, slow, mixed_drain):
     with engine(v1, 1) as ref:
         new_alone = [asyncio.run(ref.generate(greedy(p, 40))) for p in PROMPTS[:3]]
-    with engine(v0) as e:
+    with engine(v0, mixed_drain=mixed_drain) as e:
         old_alone = [asyncio.run(e.generate(greedy(p, 40))) for p in PROMPTS[:3]]
 
         async def scenario():
@@ -358,7 +359,9 @@ def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, s
             await asyncio.gather(*[s.wait() for s in started])
             await asyncio.to_thread(e.load_version, v1, 1)
             assert e.info().version == 1
-            assert [b.model.version for b in e._batches.values()] == [0]  # old copy alive for its sequences
+            # The old copy stays alive for its sequences: in the new version's batch, or in its own.
+            old_copies = [b.mix.old if mixed_drain else b.model for b in e._batches.values()]
+            assert [m.version for m in old_copies] == [0] and e._draining
             fresh = await asyncio.gather(*[e.generate(greedy(p, 40)) for p in PROMPTS[:3]])
             return await asyncio.gather(*inflight), fresh
 
@@ -368,7 +371,7 @@ def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, s
         assert ids(old[3]) == ids(old_alone[0])
         assert [ids(r) for r in fresh] == [ids(r) for r in new_alone]
         assert [ids(r) for r in fresh] != [ids(r) for r in old_alone]
-        assert [b.model.version for b in e._batches.values()] == []  # the old copy left with its last sequence
+        assert list(e._batches.values()) == [] and not e._draining  # the old copy left with its last sequence
         # Rollback is just another load; the same announcement twice is a no-op.
         e.load_version(v0, 0)
         e.load_version(v0, 0)
