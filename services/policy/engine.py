@@ -158,6 +158,7 @@ class Engine:
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
             loaded = cur and try_reload(cur, str(path), version, self._between_steps)  # None on any error
+            reloaded = loaded is not None
             if verify is not None:
                 verify()  # what it raises goes to the caller (who reports it); nothing has switched
             try:
@@ -170,7 +171,7 @@ class Engine:
                     f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}); "
                     f"still serving version {cur.version if cur else None}"
                 ) from e
-            mix = self._mixed_forward(cur, loaded)
+            mix = self._mixed_forward(cur, loaded, reloaded)
             self._swap_applied.clear()
             with self._cv:
                 self._pending_swap, self._pending_mix, self._on_switch = loaded, mix, on_switch
@@ -214,11 +215,12 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting loader
                 done.set_exception(e)
 
-    def _mixed_forward(self, cur: LoadedModel | None, new: LoadedModel) -> MixedForward | None:
-        """One forward for both versions during the drain, if they can share one (`flywheel.policy.mixed`)."""
+    def _mixed_forward(self, cur: LoadedModel | None, new: LoadedModel, reloaded: bool) -> MixedForward | None:
+        """One forward for both versions during the drain, if they can share one (`flywheel.policy.mixed`).
+        `reloaded`: new is a copy of cur's module tree with other weights (`flywheel.policy.reload`)."""
         if cur is None or not self.config.mixed_drain:
             return None
-        mix = MixedForward.pair(cur, new)
+        mix = MixedForward.pair(cur, new, same_tree=reloaded)
         if mix is None:
             log.info(
                 "version %s drains with one forward per version: it cannot share one with %s", new.version, cur.version

@@ -29,7 +29,7 @@ from transformers import (
 
 from flywheel.core.masks import attention_mask_4d
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.mixed import rowwise
+from flywheel.policy.mixed import routable_modules
 
 if TYPE_CHECKING:
     from flywheel.policy.mixed import MixedForward
@@ -56,7 +56,9 @@ class LoadedModel:
     pad_id: int
     logits_to_keep: bool
     mask_4d: bool = False  # prefill and decode pass a ready 4D mask (checked equal to the 2D path at load)
-    rowwise: bool = False  # can share a forward with other weights of its architecture (`flywheel.policy.mixed`)
+    # Its weighted modules, where a forward shared with other weights of its architecture can route
+    # them (`flywheel.policy.mixed`); None where it cannot. Checked at load.
+    routable_modules: tuple[str, ...] | None = None
     _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
     _backend_decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False)
 
@@ -180,7 +182,7 @@ def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
     smoke_test(loaded)
     sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
     loaded.mask_4d = not sliding and _same_with_4d_mask(loaded)
-    loaded.rowwise = rowwise(loaded)
+    loaded.routable_modules = routable_modules(loaded)
     return loaded
 
 

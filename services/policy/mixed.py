@@ -8,10 +8,12 @@ rows. Each module that holds weights (Linear, Embedding, a norm) computes the ol
 the front of the batch, with its twin in the old model and the other rows with its own weights;
 every weightless op (attention over the shared KV cache, rotary embeddings, activations) runs
 once. Each row thus gets its own version's computation, if every weighted module sees the batch's
-rows, in order, as the first dimension of its input: `rowwise` checks that once per architecture
-when it is loaded (a swap to new weights of it probes nothing: a probe between two decode steps
-added ~4.5 ms to the answers in flight). Where it fails (e.g. a mixture of experts, whose expert
-layers see a gathered subset of the rows) the engine keeps one forward per version.
+rows, in order, as the first dimension of its input: `routable_modules` checks that once per
+architecture when it is loaded. A swap to new weights of it probes and walks nothing: the CPU
+a swap takes on the serving core delays the answers in flight (a probe between two decode steps
+added ~4.5 ms to them; comparing configs and module trees, ~3 ms of the loader's). Where the check
+fails (e.g. a mixture of experts, whose expert layers see a gathered subset of the rows) the
+engine keeps one forward per version.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ class NotRowwise(RuntimeError):
     """A weighted module got an input whose first dimension is not the batch's rows."""
 
 
-def _weighted_leaves(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        name: m
+def _weighted_leaves(model: nn.Module) -> tuple[str, ...]:
+    return tuple(
+        name
         for name, m in model.named_modules()
         if not next(m.children(), None) and next(m.parameters(recurse=False), None) is not None
-    }
+    )
 
 
 def _same_tree(old: LoadedModel, new: LoadedModel) -> bool:
@@ -61,18 +63,19 @@ def _same_tree(old: LoadedModel, new: LoadedModel) -> bool:
 class MixedForward:
     """The forward of `new`'s module tree whose first rows use `old`'s weights."""
 
-    def __init__(self, old: LoadedModel, new: LoadedModel) -> None:
+    def __init__(self, old: LoadedModel, new: LoadedModel, modules: tuple[str, ...]) -> None:
         self.old, self.new = old, new
-        lo, ln = _weighted_leaves(old.model), _weighted_leaves(new.model)
-        if lo.keys() != ln.keys():
-            raise ValueError("the two versions have other weighted modules")
-        self._twins = [(ln[k], lo[k]) for k in ln]
+        self._twins = [(new.model.get_submodule(n), old.model.get_submodule(n)) for n in modules]
 
     @classmethod
-    def pair(cls, old: LoadedModel, new: LoadedModel) -> MixedForward | None:
+    def pair(cls, old: LoadedModel, new: LoadedModel, same_tree: bool = False) -> MixedForward | None:
         """The mixed forward of `old` and `new`, or None where they cannot share one: an
-        architecture that is not `rowwise`, or two that differ in more than their weights."""
-        return cls(old, new) if old.rowwise and new.rowwise and _same_tree(old, new) else None
+        architecture whose modules cannot be routed, or two that differ in more than their weights.
+        `same_tree`: the caller knows they do not (`flywheel.policy.reload` made `new`)."""
+        modules = old.routable_modules
+        if modules is None or new.routable_modules != modules:
+            return None
+        return cls(old, new, modules) if same_tree or _same_tree(old, new) else None
 
     @contextlib.contextmanager
     def split(self, old_rows: int, rows: int) -> Iterator[None]:
@@ -111,18 +114,19 @@ class MixedForward:
         return bool(torch.isfinite(mixed).all() and torch.allclose(separate, mixed, atol=tol, rtol=tol))
 
 
-def rowwise(m: LoadedModel) -> bool:
-    """Whether each weighted module of `m` sees the batch's rows first, in order: the mixed forward
-    of `m` with itself gives one forward's logits. Architectural, so checked once per load of a new
-    architecture (reloaded weights inherit it); a module that takes more than its input, or one
-    that wraps its own forward (e.g. accelerate's offloading hooks), fails it."""
-    mix = MixedForward(m, m)
+def routable_modules(m: LoadedModel) -> tuple[str, ...] | None:
+    """The names of `m`'s weighted modules if each sees the batch's rows first, in order (the mixed
+    forward of `m` with itself gives one forward's logits), else None. Architectural, so checked
+    once per load of an architecture (reloaded weights inherit it); a module that takes more than
+    its input, or one that wraps its own forward (e.g. accelerate's offloading hooks), fails it."""
+    modules = _weighted_leaves(m.model)
+    mix = MixedForward(m, m, modules)
     if any("forward" in vars(new) for new, _ in mix._twins):
-        return False
+        return None
     try:
-        return mix._probe()
+        return modules if mix._probe() else None
     except Exception:  # noqa: BLE001 - NotRowwise, or a module whose forward takes other arguments
-        return False
+        return None
 
 
 def _routed(new_mod: nn.Module, old_mod: nn.Module, old_rows: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:

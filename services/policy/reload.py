@@ -43,7 +43,7 @@ def reload_weights(cur: LoadedModel, path: str, version: int, between_steps: Cho
     derives from it, or its safetensors files do not set exactly `cur`'s tensors.
 
     Memory stays at two copies: the old and this one, plus one tensor in flight. The smoke test
-    still checks the new weights; the 4D-mask and rowwise checks carry over (they depend on the architecture).
+    still checks the new weights; the 4D-mask and routable-modules checks carry over (they depend on the architecture).
     """
     old, new = Path(cur.source), Path(path)
     if not old.is_dir() or not new.is_dir():

@@ -36,7 +36,7 @@ def _decode(b: Batch, steps: int) -> list[torch.Tensor]:
 
 def test_mixed_batch_decodes_each_row_on_its_own_version(v0, v1):  # noqa: F811
     old, new = load_model(v0, 0, CONFIG), load_model(v1, 1, CONFIG)
-    assert old.rowwise and new.rowwise
+    assert old.routable_modules and new.routable_modules == old.routable_modules
     mix = MixedForward.pair(old, new)
     assert mix is not None
     old_prompts, new_prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]], [[14, 15], [16, 17, 18, 19]]
@@ -69,6 +69,11 @@ def test_versions_that_cannot_share_a_forward_are_not_paired(v0, tmp_path):  # n
     other.save_pretrained(tmp_path / "fewer-layers")
     AutoTokenizer.from_pretrained(v0).save_pretrained(tmp_path / "fewer-layers")
     assert MixedForward.pair(old, load_model(str(tmp_path / "fewer-layers"), 1, CONFIG)) is None
+    other = AutoModelForCausalLM.from_pretrained(v0, rms_norm_eps=1e-2)  # same modules, another config
+    other.save_pretrained(tmp_path / "other-eps")
+    AutoTokenizer.from_pretrained(v0).save_pretrained(tmp_path / "other-eps")
+    other_eps = load_model(str(tmp_path / "other-eps"), 1, CONFIG)
+    assert other_eps.routable_modules == old.routable_modules and MixedForward.pair(old, other_eps) is None
 
     # A mixture of experts routes a gathered subset of the rows through each expert.
     tok = AutoTokenizer.from_pretrained(v0)
@@ -81,7 +86,7 @@ def test_versions_that_cannot_share_a_forward_are_not_paired(v0, tmp_path):  # n
         MixtralForCausalLM(cfg).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     a, b = (load_model(str(tmp_path / n), i, CONFIG) for i, n in enumerate(("moe-a", "moe-b")))
-    assert not a.rowwise and MixedForward.pair(a, b) is None
+    assert a.routable_modules is None and MixedForward.pair(a, b) is None
     assert not any("forward" in vars(m) for m in b.model.modules())  # the probe cleaned up
 
 

@@ -1,0 +1,140 @@
+"""The cost of a decode step while a hot swap drains, against a steady step, in process.
+
+After a swap the answers in flight finish on the old weights while new answers start on the new
+ones. This times one decode step (forward + next-token selection, as the engine runs it) of
+--rows sequences, --old-rows of them on the old version:
+  - steady: all rows on one version, one forward,
+  - separate: one batch and one forward per version (FLYWHEEL_POLICY_MIXED_DRAIN=false),
+  - mixed: one batch, one forward whose weighted modules run the old rows on the old weights
+    (`flywheel.policy.mixed`, the default),
+interleaved, --repeat times, medians. Prints each as a ratio to steady.
+
+    .venv/bin/python bench/drain_step.py
+    .venv/bin/python bench/drain_step.py --hidden 256 --layers 4
+    .venv/bin/python bench/drain_step.py --hidden 1280 --layers 24 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving import make_model  # noqa: E402
+
+from flywheel.policy.config import EngineConfig  # noqa: E402
+from flywheel.policy.kvbatch import Batch, LoadedModel, load_model  # noqa: E402
+from flywheel.policy.mixed import MixedForward  # noqa: E402
+from flywheel.policy.sampling import SamplingParams, select_next  # noqa: E402
+
+
+class Row:  # what a Batch reads of a sequence
+    def __init__(self, prompt_ids: list[int], model: LoadedModel) -> None:
+        self.prompt_ids, self.model = prompt_ids, model
+
+
+def perturbed_copy(src: Path, out: Path) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def batch(m: LoadedModel, n: int, first: int) -> Batch:
+    b = Batch.prefill(m, [Row(list(range(first + i, first + i + 24)), m) for i in range(n)])
+    b.next_ids = b.last_logits.argmax(-1)
+    return b
+
+
+def timed(batches: list[Batch], steps: int, device: torch.device) -> float:
+    """Seconds per decode step of all `batches` (one forward + selection each), sampled at T=0.7."""
+    for _ in range(2):  # warm-up
+        for b in batches:
+            b.decode()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for b in batches:
+            n = len(b.seqs)
+            params, seen = [SamplingParams(temperature=0.7, do_sample=True)] * n, [torch.tensor([1])] * n
+            gens = [torch.Generator(device=device).manual_seed(i) for i in range(n)]
+            b.next_ids, _ = select_next(b.decode(), params, seen, gens, False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--old-rows", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=40, help="decode steps per measurement")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="flywheel-bench-drain-"))
+    cfg = EngineConfig(device=args.device, dtype=args.dtype)
+    old_path = make_model(root / "old", args.hidden, args.layers)
+    old = load_model(str(old_path), 0, cfg)
+    new = load_model(str(perturbed_copy(old_path, root / "new")), 1, cfg)
+    mix = MixedForward.pair(old, new)
+    if mix is None:
+        raise SystemExit("these two versions cannot share a forward (modules not routable)")
+    k, n = args.old_rows, args.rows
+
+    def mixed_batch() -> Batch:
+        b = batch(old, k, 0)
+        b.adopt(mix)
+        b.merge(batch(new, n - k, k))
+        return b
+
+    # Caches grow by a token a step: each measurement starts from fresh batches of the same lengths.
+    cases = {
+        "steady": lambda: [batch(new, n, 0)],
+        "separate": lambda: [batch(old, k, 0), batch(new, n - k, k)],
+        "mixed": lambda: [mixed_batch()],
+    }
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    with torch.inference_mode():
+        for _ in range(args.repeat):
+            for c, make in cases.items():
+                times[c].append(timed(make(), args.steps, old.device))
+    med = {c: statistics.median(t) for c, t in times.items()}
+    out = {
+        "device": torch.cuda.get_device_name(0) if old.device.type == "cuda" else "cpu",
+        "dtype": str(old.dtype).removeprefix("torch."),
+        "params": sum(p.numel() for p in old.model.parameters()),
+        "rows": n,
+        "old_rows": k,
+        "steady_step_ms": round(med["steady"] * 1000, 3),
+        "separate_step_ms": round(med["separate"] * 1000, 3),
+        "mixed_step_ms": round(med["mixed"] * 1000, 3),
+        "separate_vs_steady": round(med["separate"] / med["steady"], 2),
+        "mixed_vs_steady": round(med["mixed"] / med["steady"], 2),
+    }
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
