@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -299,6 +300,7 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
+    shutil.rmtree(root, ignore_errors=True)  # kept when the run fails: its service log is there
 
 
 if __name__ == "__main__":
