@@ -59,8 +59,8 @@ class EngineConfig:
     mixed_drain: bool = setting(
         True,
         "While in-flight sequences finish on the old weights, decode both versions' rows in one forward (each "
-        "weighted module runs the old rows on the old weights; checked equal to one forward per version at "
-        "each swap, which it falls back to otherwise). Off: one forward per version each step.",
+        "weighted module runs the old rows on the old weights), where the architecture was found at load to "
+        "give one forward per version's logits that way (else, and when off: one forward per version a step).",
         env="FLYWHEEL_POLICY_MIXED_DRAIN",
     )
     swap_drain_timeout_s: float = setting(

@@ -9,9 +9,9 @@ the front of the batch, with its twin in the old model and the other rows with i
 every weightless op (attention over the shared KV cache, rotary embeddings, activations) runs
 once. Each row thus gets its own version's computation, if every weighted module sees the batch's
 rows, in order, as the first dimension of its input: `routable_modules` checks that once per
-architecture when it is loaded. A swap to new weights of it probes and walks nothing: the CPU
+architecture when it is loaded. A swap to new weights of it probes and compares nothing: the CPU
 a swap takes on the serving core delays the answers in flight (a probe between two decode steps
-added ~4.5 ms to them; comparing configs and module trees, ~3 ms of the loader's). Where the check
+added ~4.5 ms to them; comparing configs and module trees, ~0.5 ms of the loader's). Where the check
 fails (e.g. a mixture of experts, whose expert layers see a gathered subset of the rows) the
 engine keeps one forward per version.
 """
