@@ -17,8 +17,6 @@ interleaved, --repeat times, medians. Prints each as a ratio to steady.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import make_model  # noqa: E402
+from serving import make_model, report  # noqa: E402
 
 from flywheel.policy.config import EngineConfig  # noqa: E402
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model  # noqa: E402
@@ -132,10 +130,7 @@ def main() -> None:
         "separate_vs_steady": round(med["separate"] / med["steady"], 2),
         "mixed_vs_steady": round(med["mixed"] / med["steady"], 2),
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    shutil.rmtree(root, ignore_errors=True)  # kept when the run fails: its service log is there
+    report(out, args.out, root)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import broker, make_model, pct, pin_service_cpus, policy_process, service_env  # noqa: E402
+from serving import broker, make_model, pct, pin_service_cpus, policy_process, report, service_env  # noqa: E402
 
 from flywheel.core.bus import Producer  # noqa: E402
 from flywheel.core.config import KafkaConfig  # noqa: E402
@@ -289,10 +289,7 @@ def main() -> None:
         "p99_ratio_to_between_swaps": round(during_p99 / pct(r["between"], 0.99), 2),
         "first_failures": r["failures"][:3],
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    shutil.rmtree(root, ignore_errors=True)  # kept when the run fails: its service log is there
+    report(out, args.out, root)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,15 @@ def service_env(bootstrap: str, root: Path, engine: dict[str, object]) -> dict[s
     return env | {f"FLYWHEEL_POLICY_{k.upper()}": str(v) for k, v in engine.items()}
 
 
+def report(out: dict, path: str, root: Path) -> None:
+    """Print a benchmark's result, write it to `path` if given, and delete its scratch folder
+    `root` (kept when the run fails before this: the service's log is there)."""
+    print(json.dumps(out, indent=2))
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_hf(
     path: Path, prompts: list[str], new: int, device: torch.device, dtype: torch.dtype, repeat: int = 1
 ) -> dict:
@@ -297,10 +306,7 @@ def main() -> None:
         "itl_p99_ms": round(svc["itl_p99_s"] * 1000, 2),
         "all_tokens_generated": svc["tokens"] == args.repeat * args.clients * args.new_tokens,
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
-    shutil.rmtree(root, ignore_errors=True)  # kept when the run fails: its service log is there
+    report(out, args.out, root)
 
 
 if __name__ == "__main__":
