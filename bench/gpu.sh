@@ -2,7 +2,8 @@
 # The policy issue's GPU checks on a machine with a CUDA build of torch (in .venv, else python3):
 # serving (32 streaming gRPC clients vs HF generate), hot swap and a drain's decode step, on a
 # random-init ~0.5B Llama in bfloat16, each measured once (HF one prompt at a time takes ~45 s
-# there), the service on half the CPUs (--pin). Results go to $OUT (default ./gpu-results) as JSON, with the card's name in them.
+# there), the service on half the CPUs (--pin). Results go to $OUT (default ./gpu-results) as
+# JSON, with the card's name in them.
 #
 # Our pinned packages that such a machine lacks travel as wheels in .whl/, fetched where pip
 # works (Python 3.12, x86-64), e.g.:

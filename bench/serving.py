@@ -154,7 +154,7 @@ def service_env(bootstrap: str, root: Path, engine: dict[str, object]) -> dict[s
 
 def report(out: dict, path: str, root: Path) -> None:
     """Print a benchmark's result, write it to `path` if given, and delete its scratch folder
-    `root` (kept when the run fails before this: the service's log is there)."""
+    `root` (kept when the run fails before this, with the service's log where there is one)."""
     print(json.dumps(out, indent=2))
     if path:
         Path(path).write_text(json.dumps(out, indent=2))
