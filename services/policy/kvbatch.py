@@ -120,6 +120,20 @@ class LoadedModel:
             return mask  # no padding: transformers' causal fast path builds no mask at all
         return attention_mask_4d(mask, n, self.dtype)
 
+    def probe_logits(self, ids: torch.Tensor, mask: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Last-position logits (B, 2, V) of a prefill of left-padded `ids` (`mask` 1 on real tokens)
+        and of one decode step of `step` (B, 1) after it: what the checks at load compare."""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.forward(ids, self.prefill_mask(mask), pos, DynamicCache())
+        full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        after = self.forward(step, self.decode_mask(full), full.sum(-1, keepdim=True) - 1, out.past_key_values)
+        return torch.stack([out.logits[:, -1], after.logits[:, -1]], dim=1).float()
+
+    def same_logits(self, want: torch.Tensor, got: torch.Tensor) -> bool:
+        """`got` is finite and equals `want` within this model's dtype's tolerance."""
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        return bool(torch.isfinite(got).all() and torch.allclose(want, got, atol=tol, rtol=tol))
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
         kw = {"logits_to_keep": 1} if self.logits_to_keep else {}
@@ -199,22 +213,17 @@ def _same_with_4d_mask(m: LoadedModel) -> bool:
     give the 2D path's logits on this model."""
     ids = torch.tensor([[m.pad_id, m.pad_id, 5, 6], [3, 4, 5, 6]], device=m.device) % len(m.tokenizer)
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device=m.device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step = torch.tensor([[7], [7]], device=m.device)
-    full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     logits = []
     for use_4d in (False, True):
         try:
             m.mask_4d = use_4d
-            out = m.forward(ids, m.prefill_mask(mask), pos, DynamicCache())
-            after = m.forward(step, m.decode_mask(full), full.sum(-1, keepdim=True) - 1, out.past_key_values)
-            logits.append(torch.cat([out.logits[:, -1], after.logits[:, -1]]).float())
+            logits.append(m.probe_logits(ids, mask, step))
         except Exception:  # noqa: BLE001 - a model that rejects 4D masks uses the 2D path
             return False
         finally:
             m.mask_4d = False
-    tol = 1e-4 if m.dtype == torch.float32 else 2e-2
-    return bool(torch.isfinite(logits[1]).all() and torch.allclose(logits[0], logits[1], atol=tol, rtol=tol))
+    return m.same_logits(logits[0], logits[1])
 
 
 class Batch:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 if TYPE_CHECKING:
     from flywheel.policy.kvbatch import LoadedModel
@@ -95,23 +94,13 @@ class MixedForward:
         ids = torch.arange(3, 23, device=m.device).reshape(4, 5) % vocab  # 5 tokens: not to be taken for 4 rows
         mask = torch.tensor([[0, 1, 1, 1, 1], [1] * 5, [0, 0, 0, 1, 1], [1] * 5], device=m.device)
         ids[mask == 0] = m.pad_id
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         step = torch.tensor([[16], [17], [18], [19]], device=m.device) % vocab
-        full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_pos = full.sum(-1, keepdim=True) - 1
-
-        def run(lm: LoadedModel, rows: slice, ctx: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-            with ctx():
-                out = lm.forward(ids[rows], lm.prefill_mask(mask[rows]), pos[rows], DynamicCache())
-            with ctx():
-                after = lm.forward(step[rows], lm.decode_mask(full[rows]), step_pos[rows], out.past_key_values)
-            return torch.stack([out.logits[:, -1], after.logits[:, -1]], dim=1).float()
-
-        none = contextlib.nullcontext
-        separate = torch.cat([run(self.old, slice(0, 2), none), run(m, slice(2, 4), none)])
-        mixed = run(m, slice(0, 4), lambda: self.split(2, 4))
-        tol = 1e-4 if m.dtype == torch.float32 else 2e-2
-        return bool(torch.isfinite(mixed).all() and torch.allclose(separate, mixed, atol=tol, rtol=tol))
+        separate = torch.cat(
+            [self.old.probe_logits(ids[:2], mask[:2], step[:2]), m.probe_logits(ids[2:], mask[2:], step[2:])]
+        )
+        with self.split(2, 4):
+            mixed = m.probe_logits(ids, mask, step)
+        return m.same_logits(separate, mixed)
 
 
 def routable_modules(m: LoadedModel) -> tuple[str, ...] | None:
