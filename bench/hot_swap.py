@@ -146,7 +146,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         await asyncio.sleep(args.steady_s)
         steady_log = list(log)
         before = histogram_means(url, *SERVICE_SWAP)
-        swaps = []
+        swaps, noops = [], []
         for m, raw in versions:
             t_a = time.perf_counter()
             update = store.to_update(m, "gate").SerializeToString()
@@ -156,6 +156,13 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
             first = min(e for s, e, v in log if v == m.version)
             swaps.append({"version": m.version, "swap_s": first - t_a, "read_s": raw, "window": (t_a, first)})
             await asyncio.sleep(args.gap_s)
+            if args.noop:  # the same announcement for another model: delivered and parsed, then ignored
+                update = store.to_update(m, "gate")
+                update.model = "noop"
+                t_n = time.perf_counter()
+                await loop.run_in_executor(trainer, _announce, topic, update.SerializeToString())
+                noops.append((t_n, t_n + (first - t_a)))
+                await asyncio.sleep(max(0.0, t_n + (first - t_a) - time.perf_counter()) + args.gap_s)
         stop.set()
         await asyncio.gather(*tasks)
         after = histogram_means(url, *SERVICE_SWAP)
@@ -165,13 +172,18 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         return [e - s for s, e, _ in log if any(s < b and e > a for a, b in windows)]
 
     during = overlapping([x["window"] for x in swaps])
+    noop = overlapping(noops)
     steady = [e - s for s, e, _ in steady_log]
     # A control matched in time: answers between swaps (from `settle_s` after one swap's first new
     # answer, when the old weights have drained, to the next announcement). The host's speed
     # drifted by 1.5x within one run, so a baseline taken only before the first swap can be unlike
     # the seconds the swaps ran in.
     quiet = [(x["window"][1] + args.settle_s, y["window"][0]) for x, y in zip(swaps, swaps[1:], strict=False)]
-    between = steady + [e - s for s, e, _ in log if any(a <= s and e <= b for a, b in quiet)]
+    between = steady + [
+        e - s
+        for s, e, _ in log
+        if any(a <= s and e <= b for a, b in quiet) and not any(s < b and e > a for a, b in noops)
+    ]
     rounds = [overlapping([x["window"] for x in swaps[r : r + 5]]) for r in range(0, len(swaps), 5)]
     # The answers still decoding on the old weights once the new ones serve: every step then runs
     # one forward per version (finish_on_old), which is what a swap costs the answers in flight.
@@ -185,13 +197,14 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         done = [x["version"] for x in swaps if x["window"][1] < s]
         wrong += bool(done) and v < max(done)
     if args.trace:
-        Path(args.trace).write_text(json.dumps({"log": log, "swaps": swaps}))
+        Path(args.trace).write_text(json.dumps({"log": log, "swaps": swaps, "noops": noops}))
     return {
         "steady": steady,
         "between": between,
         "draining": draining,
         "steady_band": noise_band(steady_log, [x["window"][1] - x["window"][0] for x in swaps]),
         "during": during,
+        "noop": noop,
         "rounds": rounds,
         "swaps": swaps,
         "service": {n: (after[n][0] - before[n][0]) / max(after[n][1] - before[n][1], 1) for n in SERVICE_SWAP},
@@ -230,6 +243,20 @@ def main() -> None:
         help="answers in flight at a swap finish on the old weights in one forward with the new rows (mixed, the "
         "default) or in a forward of their own (separate): FLYWHEEL_POLICY_MIXED_DRAIN",
     )
+    ap.add_argument(
+        "--swap-worker",
+        choices=("process", "threads"),
+        default="process",
+        help="consume, verify and read new versions in a process of their own (the default) or in threads of the"
+        " service: FLYWHEEL_POLICY_SWAP_WORKER",
+    )
+    ap.add_argument(
+        "--noop",
+        action="store_true",
+        help="after each swap, announce the same version for another model (delivered, parsed, ignored) and"
+        " report the p99 of the answers overlapping a window as long as that swap's: what the announcing"
+        " costs without the swap",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the service (0: torch default)")
@@ -254,6 +281,7 @@ def main() -> None:
             "dtype": args.dtype,
             "max_concurrent": 32,
             "mixed_drain": args.drain == "mixed",
+            "swap_worker": args.swap_worker == "process",
         }
         env = service_env(bootstrap, root, engine)
         env |= {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
@@ -269,6 +297,7 @@ def main() -> None:
         "params": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters()),
         "clients": args.clients,
         "service_cpus": sorted(service_cpus) if service_cpus else "shared",
+        "swap_worker": args.swap_worker,
         "answers": r["answers"],
         "failed_requests": len(r["failures"]),
         "stale_version_answers": r["wrong"],
@@ -287,6 +316,17 @@ def main() -> None:
         "draining_p50_vs_steady_p50": round(pct(r["draining"], 0.5) / pct(r["steady"], 0.5), 2),
         "steady_p99_between_swaps_ms": round(pct(r["between"], 0.99) * 1000, 1),
         "p99_ratio_to_between_swaps": round(during_p99 / pct(r["between"], 0.99), 2),
+        **(
+            {
+                "noop_announcements_p99_ms": round(pct(r["noop"], 0.99) * 1000, 1),
+                "p99_ratio_to_noop_announcements": round(during_p99 / pct(r["noop"], 0.99), 2),
+                "mean_ratio_to_noop_announcements": round(
+                    sum(r["during"]) / len(r["during"]) / (sum(r["noop"]) / len(r["noop"])), 3
+                ),
+            }
+            if r["noop"]
+            else {}
+        ),
         "first_failures": r["failures"][:3],
     }
     report(out, args.out, root)

@@ -184,8 +184,12 @@ def _write_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def verify_dir(path: Path, expected: dict[str, dict[str, Any]]) -> Path:
-    """Check that `path` holds exactly the files in `expected` with their sha256 and size."""
+Digests = Callable[[Path, Iterable[str]], dict[str, str]]  # (root, relpaths) -> sha256 of each
+
+
+def verify_dir(path: Path, expected: dict[str, dict[str, Any]], digests: Digests = sha256_files) -> Path:
+    """Check that `path` holds exactly the files in `expected` with their sha256 and size.
+    `digests` hashes them (a hot swap's also copies the weights in the same read)."""
     path = Path(path)
     if not path.is_dir():
         raise errors.IntegrityError(f"checkpoint directory {str(path)!r} does not exist")
@@ -198,7 +202,7 @@ def verify_dir(path: Path, expected: dict[str, dict[str, Any]]) -> Path:
             raise errors.IntegrityError(
                 f"checkpoint {path}: file {rel!r} has {size} bytes, manifest says {want['size']}"
             )
-    for rel, got in sorted(sha256_files(path, expected).items()):
+    for rel, got in sorted(digests(path, expected).items()):
         want = expected[rel]["sha256"]
         if got != want:
             raise errors.IntegrityError(
@@ -210,12 +214,14 @@ def verify_dir(path: Path, expected: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def verify_digests(path: str | os.PathLike, expected: Iterable[events_pb2.FileDigest]) -> Path:
+def verify_digests(
+    path: str | os.PathLike, expected: Iterable[events_pb2.FileDigest], digests: Digests = sha256_files
+) -> Path:
     """`verify_dir` with the FileDigest list of a ModelUpdate (a consumer that came from Kafka)."""
-    digests = {d.path: {"sha256": d.sha256, "size": d.size} for d in expected}
-    if not digests:
+    want = {d.path: {"sha256": d.sha256, "size": d.size} for d in expected}
+    if not want:
         raise errors.IntegrityError(f"checkpoint {path}: the update lists no files, refusing to load unverified")
-    return verify_dir(Path(path), digests)
+    return verify_dir(Path(path), want, digests)
 
 
 class ModelStore:

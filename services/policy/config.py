@@ -70,9 +70,16 @@ class EngineConfig:
     )
     swap_nice: int = setting(
         5,
-        "CPU niceness added to the threads that verify and load a new version (Linux; 0 = as the decode "
-        "thread), so decode steps win the CPU while a swap loads.",
+        "CPU niceness added to the swap worker's process, or to the threads that verify and load a new version "
+        "(Linux; 0 = as the decode thread), so decode steps win the CPU while a swap loads.",
         env="FLYWHEEL_POLICY_SWAP_NICE",
+    )
+    swap_worker: bool = setting(
+        True,
+        "Consume the updates topic, verify and read new versions in a process of their own (Linux; its memory "
+        "is handed over without a copy), so that their work never holds the decode thread's interpreter lock. "
+        "Off: in threads of the service.",
+        env="FLYWHEEL_POLICY_SWAP_WORKER",
     )
     update_fetch_wait_ms: int = setting(
         50,

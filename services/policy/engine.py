@@ -32,7 +32,7 @@ from flywheel.policy.config import EngineConfig
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.mixed import MixedForward
-from flywheel.policy.reload import try_reload
+from flywheel.policy.reload import MappedWeights, try_reload
 from flywheel.policy.requests import (
     ROLES,
     EngineInfo,
@@ -135,6 +135,7 @@ class Engine:
         version: int,
         on_switch: Callable[[], None] | None = None,
         verify: Callable[[], object] | None = None,
+        weights: MappedWeights | None = None,
     ) -> EngineInfo:
         """Load `path` as `version` in the caller's thread, then switch between two decode steps.
 
@@ -149,7 +150,8 @@ class Engine:
         `verify` (e.g. the result of a sha256 check running in other threads) is awaited before
         anything switches; whatever it raises is raised here and nothing changes. Only new weights
         for the serving config are read before it returns (the work then overlaps the hashing): a
-        checkpoint with another config is not even parsed until it is verified.
+        checkpoint with another config is not even parsed until it is verified. `weights`: its
+        safetensors' tensors, already read and verified (`reload.reload_weights`).
         """
         with self._swap_lock:
             cur = self._current
@@ -157,7 +159,7 @@ class Engine:
                 return self.info()
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
-            loaded = cur and try_reload(cur, str(path), version, self._between_steps)  # None on any error
+            loaded = cur and try_reload(cur, str(path), version, self._between_steps, weights)  # None on any error
             reloaded = loaded is not None
             if verify is not None:
                 verify()  # what it raises goes to the caller (who reports it); nothing has switched

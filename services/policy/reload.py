@@ -2,7 +2,8 @@
 
 A trainer's new version is the same architecture with new weights, so the engine skips
 from_pretrained (config parsing, module construction, the 4D-mask check of `load_model`: tens of
-ms of Python) and fills a copy of the serving module tree from the safetensors files instead.
+ms of Python) and fills a copy of the serving module tree from the safetensors files instead, or
+makes the swap worker's verified snapshot of them its parameters (`map_safetensors`).
 
 Where the work runs matters more than how long it takes. The loader thread shares the GIL with
 the scheduler thread, and a decode step releases and re-takes it around every torch op: a loader
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
-from collections.abc import Callable
+import mmap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,13 +40,22 @@ def _now(fn: Callable[[], T]) -> T:
     return fn()
 
 
-def reload_weights(cur: LoadedModel, path: str, version: int, between_steps: Chore = _now) -> LoadedModel | None:
+def reload_weights(
+    cur: LoadedModel,
+    path: str,
+    version: int,
+    between_steps: Chore = _now,
+    weights: MappedWeights | None = None,
+) -> LoadedModel | None:
     """`path` as a copy of `cur` with the weights of `path`, or None where it may be another model:
     its config.json or generation_config.json differ, its tokenizer differs in what the engine
     derives from it, or its safetensors files do not set exactly `cur`'s tensors.
 
-    Memory stays at two copies: the old and this one, plus one tensor in flight. The smoke test
-    still checks the new weights; the 4D-mask and routable-modules checks carry over (they depend on the architecture).
+    `weights`: the tensors of `path`'s safetensors files, already read (the swap worker's verified
+    snapshot, `map_safetensors`); a parameter whose dtype, device and shape match is that tensor,
+    with no copy. Memory stays at two copies: the old and this one, plus one tensor in flight. The
+    smoke test still checks the new weights; the 4D-mask and routable-modules checks carry over
+    (they depend on the architecture).
     """
     old, new = Path(cur.source), Path(path)
     if not old.is_dir() or not new.is_dir():
@@ -51,24 +63,25 @@ def reload_weights(cur: LoadedModel, path: str, version: int, between_steps: Cho
     plan = _same_model_files(old, new)  # file reads: they release the GIL
     if plan is None:
         return None
-    weights, same_tokenizer = plan
+    files, same_tokenizer = plan
     tok = cur.tokenizer if same_tokenizer else between_steps(lambda: _equivalent_tokenizer(cur, new))
     if tok is None:
         return None
-    model = between_steps(lambda: _empty_copy(cur.model))
+    model = between_steps(lambda: _empty_copy(cur.model, weights))
     params = dict(model.named_parameters())  # a tied weight appears once, as in the saved file
     tensors, seen = params | dict(model.named_buffers()), set()
     with torch.no_grad():
-        for w in weights:
-            with safe_open(new / w, framework="pt") as f:
-                for k in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    t, src = tensors.get(k), f.get_tensor(k)
-                    if t is None or t.shape != src.shape:
-                        return None
-                    # To the device first: a CPU->GPU copy_ that changes the dtype converts on the
-                    # CPU (one core under OMP_NUM_THREADS=1); on the GPU it is free.
-                    t.copy_(src.to(t.device, non_blocking=False))
-                    seen.add(k)
+        for k, src in weights.items() if weights is not None else _read(new, files):
+            t = tensors.get(k)
+            if t is None or t.shape != src.shape:
+                return None
+            if t.data_ptr() != src.data_ptr():  # else it is the snapshot's tensor itself
+                # To the device first: a CPU->GPU copy_ that changes the dtype converts on the
+                # CPU (one core under OMP_NUM_THREADS=1); on the GPU it is free.
+                t.copy_(src.to(t.device, non_blocking=False))
+                if weights is not None:
+                    weights.release(k)
+            seen.add(k)
     if not seen >= params.keys():
         return None  # a parameter the files do not set: let from_pretrained decide
     loaded = dataclasses.replace(cur, source=path, version=version, model=model, tokenizer=tok)
@@ -78,10 +91,16 @@ def reload_weights(cur: LoadedModel, path: str, version: int, between_steps: Cho
     return loaded
 
 
-def try_reload(cur: LoadedModel, path: str, version: int, between_steps: Chore = _now) -> LoadedModel | None:
+def try_reload(
+    cur: LoadedModel,
+    path: str,
+    version: int,
+    between_steps: Chore = _now,
+    weights: MappedWeights | None = None,
+) -> LoadedModel | None:
     """reload_weights, or None on any error: from_pretrained then decides (it refuses what is broken)."""
     try:
-        return reload_weights(cur, path, version, between_steps)
+        return reload_weights(cur, path, version, between_steps, weights)
     except Exception as e:  # noqa: BLE001 - e.g. a module whose deepcopy fails: the slow path still works
         log.warning(
             "reloading the weights of %s into a copy failed (%s: %s): loading it whole", path, type(e).__name__, e
@@ -119,11 +138,76 @@ def _equivalent_tokenizer(cur: LoadedModel, new: Path) -> PreTrainedTokenizerBas
     return tok if derived(tok) == derived(cur.tokenizer) else None
 
 
-def _empty_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A deepcopy of the module tree whose parameters are allocated but not copied (the files are
-    about to set them): only the Python objects and the buffers are duplicated. A forward running on
-    `model` meanwhile is safe: it changes no module."""
-    memo: dict[int, object] = {
-        id(p): torch.nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad) for p in model.parameters()
-    }
+def _read(d: Path, files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for w in files:
+        with safe_open(d / w, framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                yield k, f.get_tensor(k)
+
+
+def _empty_copy(model: PreTrainedModel, reuse: Mapping[str, torch.Tensor] | None = None) -> PreTrainedModel:
+    """A deepcopy of the module tree whose parameters are `reuse`'s tensor of the same name where it
+    fits (dtype, device, shape), else allocated but not copied (the files are about to set them):
+    only the Python objects and the buffers are duplicated. A forward running on `model` meanwhile
+    is safe: it changes no module."""
+    memo: dict[int, object] = {}
+    for name, p in model.named_parameters():  # a tied weight once, under its first name
+        src = reuse.get(name) if reuse else None
+        fits = src is not None and (src.dtype, src.device, src.shape) == (p.dtype, p.device, p.shape)
+        memo[id(p)] = torch.nn.Parameter(src if fits else torch.empty_like(p), requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class MappedWeights(dict):
+    """name -> tensor of the swap worker's snapshot, views of shared mappings (`map_safetensors`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._spans: dict[str, tuple[mmap.mmap, int, int]] = {}
+
+    def release(self, name: str) -> None:
+        """Give the pages only `name` uses back to the kernel, once it was copied elsewhere (another
+        dtype or device): memory then holds two copies of the weights, not three."""
+        mm, begin, end = self._spans[name]
+        lo, hi = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+
+
+def map_safetensors(files: Iterable[tuple[str, int, int]]) -> MappedWeights:
+    """The tensors of safetensors files held in memfds (the swap worker's (name, fd, size)) as views
+    of one shared mapping per file, which lives as long as any of its tensors: no copy (safetensors'
+    own `get_tensor` copies each tensor). The format: an 8-byte little-endian header length, a JSON
+    header of {name: {dtype, shape, data_offsets}}, then the data."""
+    out = MappedWeights()
+    for _, fd, size in files:
+        mm = mmap.mmap(fd, size)
+        n = int.from_bytes(mm[:8], "little")
+        header = json.loads(mm[8 : 8 + n])
+        header.pop("__metadata__", None)
+        for name, h in header.items():
+            dtype, (begin, end) = _DTYPES[h["dtype"]], h["data_offsets"]
+            offset, count = 8 + n + begin, (end - begin) // dtype.itemsize
+            if count == 0:
+                t = torch.empty(0, dtype=dtype)
+            elif offset % dtype.itemsize:  # a misaligned tensor: an aligned copy of its bytes
+                t = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=offset).clone().view(dtype)
+            else:
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=offset)
+            out[name] = t.reshape(h["shape"])
+            out._spans[name] = (mm, offset, offset + end - begin)
+    return out

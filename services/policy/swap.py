@@ -1,18 +1,22 @@
 """Hot swap: flywheel.policy.updates -> verify (sha256 per file) -> Engine.load_version.
 
-Runs in the update consumer's own thread, never on the serving path: hashing and loading take
-as long as they take while the engine keeps decoding on the current weights (the hashing, one
-thread per file, overlaps the reading of new weights into a copy); the engine then switches
-between two decode steps, and only if every file's sha256 matched. A checkpoint that fails
-verification or loading is refused and reported (log, the counter
-flywheel_policy_swaps_total{outcome="refused"|"failed"}, `last_error` -> GetInfo.last_swap_error
-and /health/details) while the current version keeps serving. The announced version is applied
-whatever its number: an older one is a rollback. Each live switch observes its lag from the
-announcement record's timestamp (flywheel_policy_swap_lag_seconds: delivery, verify, load).
+Never on the serving path: hashing and loading take as long as they take while the engine keeps
+decoding on the current weights; the engine then switches between two decode steps, and only if
+every file's sha256 matched. By default the consumer, the hashing and the reading run in the swap
+worker's process (`flywheel.policy.swap_worker`: it hashes the weights while it copies them into
+shared memory, which becomes the new parameters); with `swap_worker` off, or where there is no
+memfd, they run in threads of this process (the hashing, one thread per file, overlapping the
+reading of new weights into a copy). A checkpoint that fails verification or loading is refused
+and reported (log, the counter flywheel_policy_swaps_total{outcome="refused"|"failed"},
+`last_error` -> GetInfo.last_swap_error and /health/details) while the current version keeps
+serving. The announced version is applied whatever its number: an older one is a rollback. Each
+live switch observes its lag from the announcement record's timestamp
+(flywheel_policy_swap_lag_seconds: delivery, verify, load).
 
-The verifying and loading threads run at a lower CPU priority (`EngineConfig.swap_nice`; RocksDB
-lowers its compaction threads' priority the same way): on a busy machine a swap's sha256 and
-copies took the core from the decode thread, and the answers in flight then ran 1.2-1.6x slower.
+The worker process, or the verifying and loading threads, run at a lower CPU priority
+(`EngineConfig.swap_nice`; RocksDB lowers its compaction threads' priority the same way): on a
+busy machine a swap's sha256 and copies took the core from the decode thread, and the answers in
+flight then ran 1.2-1.6x slower.
 
 Start-up: the updates topic is compacted with one partition, so its last record for our
 model names the version to serve. `initial_target` reads up to the end offset once, and the
@@ -21,6 +25,7 @@ consumer then starts from that offset, so history is never replayed version by v
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -37,6 +42,8 @@ from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import ModelStore
 from flywheel.policy.engine import Engine
 from flywheel.policy.metrics import METRICS
+from flywheel.policy.reload import MappedWeights, map_safetensors
+from flywheel.policy.swap_worker import Snapshot, SwapWorker, WorkerSettings
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ class Swapper:
         self.last_swap_s: float | None = None
         self._start_offsets: dict[int, int] = {}
         self._consumer: bus.Consumer | None = None
+        self._worker: SwapWorker | None = None
         self._nice = engine.config.swap_nice
         self._verifier = ThreadPoolExecutor(1, "swap-verify", initializer=lower_cpu_priority, initargs=(self._nice,))
         self._loader_niced = False
@@ -99,7 +107,23 @@ class Swapper:
             c.close()
 
     def start(self) -> None:
-        """Consume announcements made after `initial_target` looked (call that first)."""
+        """Consume announcements made after `initial_target` looked (call that first): in the swap
+        worker's process (`flywheel.policy.swap_worker`), or in a thread of this one."""
+        cfg = self.engine.config
+        if cfg.swap_worker and hasattr(os, "memfd_create"):
+            settings = WorkerSettings(
+                dataclasses.asdict(self.kafka),
+                self.topic,
+                self.model,
+                self.group,
+                str(self.store.root),
+                self._start_offsets,
+                cfg.update_fetch_wait_ms,
+                self._nice,
+            )
+            self._worker = SwapWorker(settings, self._apply_snapshot, lambda u, why: self._refuse(u, why, "refused"))
+            self._worker.start(thread_init=lambda: lower_cpu_priority(self._nice))  # its thread loads
+            return
         self._consumer = bus.Consumer(
             self.kafka,
             self.group,
@@ -112,6 +136,8 @@ class Swapper:
         self._consumer.start()
 
     def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
         if self._consumer is not None:
             self._consumer.stop()
         self._verifier.shutdown(wait=False, cancel_futures=True)
@@ -126,9 +152,25 @@ class Swapper:
         stamped = record.timestamp_ms > 0  # -1: a record without a timestamp (old message format)
         self.apply(record.value, announced_at=record.timestamp_ms / 1000 if stamped else None)
 
-    def apply(self, u: events_pb2.ModelUpdate, announced_at: float | None = None) -> bool:
+    def _apply_snapshot(
+        self, u: events_pb2.ModelUpdate, path: Path, announced_at: float | None, snap: Snapshot
+    ) -> bool:
+        """Load what the swap worker verified and read: its memfds, mapped without a copy."""
+        try:
+            weights = map_safetensors(snap)
+        except Exception as e:  # noqa: BLE001 - verified, yet not a safetensors file we can read
+            return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused")
+        return self.apply(u, announced_at, verified=(path, weights))
+
+    def apply(
+        self,
+        u: events_pb2.ModelUpdate,
+        announced_at: float | None = None,
+        verified: tuple[Path, MappedWeights] | None = None,
+    ) -> bool:
         """Verify and load one announcement (blocking). True if the engine now serves it.
-        `announced_at` (epoch seconds, the record's timestamp): the switch observes the swap lag."""
+        `announced_at` (epoch seconds, the record's timestamp): the switch observes the swap lag.
+        `verified`: the checkpoint's path and weights, as the swap worker verified and read them."""
         if u.model != self.model:
             return False
         current = self.engine.info().version
@@ -137,17 +179,22 @@ class Swapper:
         kind = "rollback" if current is not None and u.version < current else "update"
         t0 = time.perf_counter()
         try:
-            path: Path = self.store.locate(u)
+            path: Path = verified[0] if verified else self.store.locate(u)
         except errors.FlywheelError as e:  # e.g. the store has no such version
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
         # sha256 of every file against the announcement, in other threads while the engine reads
         # the new weights into a copy; nothing switches unless it passes.
-        hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
+        hashing = None if verified else self._verifier.submit(modelstore.verify_digests, path, u.files)
         try:  # the error clears at the switch itself, so no answer of the new version sees it
             self.engine.load_version(
-                str(path), u.version, on_switch=lambda: self._switched(announced_at), verify=hashing.result
+                str(path),
+                u.version,
+                on_switch=lambda: self._switched(announced_at),
+                verify=hashing.result if hashing else None,
+                weights=verified[1] if verified else None,
             )
-            hashing.result()  # also when the engine had nothing to load (it serves this version already)
+            if hashing:
+                hashing.result()  # also when the engine had nothing to load (it serves this version already)
         except errors.IntegrityError as e:
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
         except errors.FlywheelError as e:  # the engine counted it (outcome="failed"), or it is still draining

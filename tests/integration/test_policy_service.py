@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -359,10 +361,15 @@ def test_interactions_spool_while_kafka_is_away(kafka_bootstrap: str, tmp_path: 
         back.close()
 
 
-def test_hot_swap_under_load_tampered_refused_and_rollback(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("swap_worker", [True, False], ids=["worker-process", "threads"])
+def test_hot_swap_under_load_tampered_refused_and_rollback(
+    kafka_bootstrap: str, tmp_path: Path, swap_worker: bool
+) -> None:
     store = make_store(tmp_path / "store")
     topics = fresh_topics()
-    running = Running(make_config(kafka_bootstrap, topics, tmp_path / "store", tmp_path / "state"))
+    config = make_config(kafka_bootstrap, topics, tmp_path / "store", tmp_path / "state", swap_worker=swap_worker)
+    running = Running(config)
+    swapper = running.service.swapper
     kafka = KafkaConfig(bootstrap=kafka_bootstrap)
     answers: list[tuple[str, int, str]] = []
     failures: list[str] = []
@@ -391,7 +398,10 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(kafka_bootstrap: str,
         for c in clients:
             c.start()
         # Announcements are fetched with the short wait that a broker without fetch wake-ups needs.
-        assert running.service.swapper._consumer.consumer.config["fetch_max_wait_ms"] == 50
+        if swap_worker:  # consumed, verified and read in a process of its own
+            assert swapper._worker.settings.fetch_wait_ms == 50 and swapper._worker.pid != os.getpid()
+        else:
+            assert swapper._consumer.consumer.config["fetch_max_wait_ms"] == 50
         v1 = store.publish("policy", perturbed(tiny_starter(), 1), parent=0).version
         lags, lag_sum = (
             counter("flywheel_policy_swap_lag_seconds_count"),
@@ -426,6 +436,11 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(kafka_bootstrap: str,
         announce(0, "rollback")
         wait_for(serving(0), 30, "answers from version 0 after the rollback")
         assert running.stub.GetInfo(policy_pb2.GetInfoRequest()).last_swap_error == ""
+        if swap_worker:  # a worker that dies is started again and the next announcement still applies
+            os.kill(swapper._worker.pid, signal.SIGKILL)
+            wait_for(lambda: swapper._worker.restarts == 1, 10, "the swap worker restarted")
+            announce(v1)
+            wait_for(serving(1), 30, "answers from version 1 after the worker restarted")
     finally:
         stop.set()
         for c in clients:

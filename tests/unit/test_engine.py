@@ -513,9 +513,9 @@ def test_the_python_heavy_parts_of_a_reload_run_between_steps_in_the_scheduler_t
     ran_in: list[str] = []
     real = reload_module._empty_copy
 
-    def spy(model):
+    def spy(model, reuse):
         ran_in.append(threading.current_thread().name)
-        return real(model)
+        return real(model, reuse)
 
     monkeypatch.setattr(reload_module, "_empty_copy", spy)
     with engine(v0) as e:

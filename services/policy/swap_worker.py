@@ -1,0 +1,245 @@
+"""The reading half of a hot swap, in a process of its own (`python -m flywheel.policy.swap_worker`).
+
+Why a process: the scheduler thread shares the interpreter lock with every thread of the service.
+The updates consumer (kafka-python's polls and heartbeats), the sha256 threads and the loader's
+reads were such threads, and on a machine whose cores are busy a thread at a lower CPU priority
+is preempted while it holds the lock: the decode step then waits for a thread the kernel has put
+last (priority inversion; niceness and one interpreter lock do not mix). In their own process the
+lock is theirs and the niceness works: the kernel runs the decode thread first.
+
+The worker consumes flywheel.policy.updates. For each announcement of our model it hashes every
+file of the checkpoint while it copies the safetensors files into anonymous shared memory (memfd),
+so the bytes the service serves are the bytes that were verified. It hands the memfds to the
+service over a Unix socket (SCM_RIGHTS) and waits for its answer before the record's offset is
+committed: an announcement is applied at least once, even if either process dies. The service
+maps the memfds (`flywheel.policy.reload.map_safetensors`): on the CPU the new parameters are
+those pages, with no further copy.
+
+Imports stay light (no torch): the process starts in well under a second and holds ~50 MB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
+
+from flywheel.core import bus, errors, modelstore
+from flywheel.core.config import KafkaConfig
+from flywheel.core.modelstore import ModelStore
+from flywheel.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+Snapshot = list[tuple[str, int, int]]  # (file name, memfd, size) of each safetensors file
+
+
+@dataclass
+class WorkerSettings:
+    """What the worker needs; sent to it as its first message."""
+
+    kafka: dict
+    topic: str
+    model: str
+    group: str
+    store_root: str
+    start_offsets: dict[int, int]  # records before these were read by the service at start-up
+    fetch_wait_ms: int
+    nice: int
+
+
+# ---------------------------------------------------------------------------- worker side
+def copy_and_hash(root: Path, rels: Iterable[str], fds: dict[str, int]) -> dict[str, str]:
+    """sha256 of each file under root, one thread per file as `modelstore.sha256_files` (hashlib and
+    os.write release the GIL); each safetensors file is also copied, in the same read, into a new
+    memfd (recorded in `fds`). `modelstore.verify_dir`'s hashing step."""
+    rels = list(rels)
+    for rel in rels:
+        if rel.endswith(".safetensors"):
+            fds[rel] = os.memfd_create(f"flywheel-{Path(rel).name}", os.MFD_CLOEXEC)
+
+    def one(rel: str) -> str:
+        h, fd = hashlib.sha256(), fds.get(rel)
+        with open(root / rel, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                if fd is not None:
+                    os.write(fd, chunk)
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(max(1, min(len(rels), os.cpu_count() or 1)), thread_name_prefix="sha256") as pool:
+        return dict(zip(rels, pool.map(one, rels), strict=True))
+
+
+def prepare(store: ModelStore, u: events_pb2.ModelUpdate) -> tuple[Path, Snapshot]:
+    """Locate and verify `u`'s checkpoint, its weights copied into memfds (closed here on failure)."""
+    fds: dict[str, int] = {}
+    try:
+        path = store.locate(u)
+        modelstore.verify_digests(path, u.files, digests=lambda root, rels: copy_and_hash(root, rels, fds))
+        return path, [(rel, fd, os.fstat(fd).st_size) for rel, fd in sorted(fds.items())]
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+
+
+def _serve(conn: Connection, s: WorkerSettings) -> None:
+    store = ModelStore(s.store_root)
+
+    def on_record(record: bus.Record) -> None:
+        u: events_pb2.ModelUpdate = record.value
+        if record.offset < s.start_offsets.get(record.partition, 0) or u.model != s.model:
+            return
+        announced_at = record.timestamp_ms / 1000 if record.timestamp_ms > 0 else None
+        try:
+            path, snap = prepare(store, u)
+        except errors.FlywheelError as e:  # IntegrityError, or the store has no such version
+            conn.send(("refused", u.SerializeToString(), f"checkpoint failed verification: {e.message}"))
+        except OSError as e:  # an unreadable store is a refusal too, never a crash
+            conn.send(("refused", u.SerializeToString(), f"checkpoint unreadable: {type(e).__name__}: {e}"))
+        else:
+            try:
+                conn.send(("prepared", u.SerializeToString(), str(path), announced_at, [(n, z) for n, _, z in snap]))
+                for _, fd, _ in snap:
+                    send_handle(conn, fd, os.getppid())
+            finally:
+                for _, fd, _ in snap:
+                    os.close(fd)
+        conn.recv()  # the service's answer: only then may the offset be committed
+
+    consumer = bus.Consumer(
+        KafkaConfig(**s.kafka),
+        s.group,
+        {s.topic: events_pb2.ModelUpdate},
+        on_record,
+        dlq_topic=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=s.fetch_wait_ms,
+    )
+    parent = os.getppid()
+
+    def watch_parent() -> None:  # the service died without stopping us
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        consumer.stop()
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    consumer.run()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s swap-worker %(name)s: %(message)s",
+    )
+    conn = Connection(int(sys.argv[1]))
+    s = WorkerSettings(**conn.recv())
+    if s.nice > 0:
+        os.nice(s.nice)
+    try:
+        _serve(conn, s)
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the service went away
+        pass
+
+
+# ---------------------------------------------------------------------------- service side
+Prepared = Callable[[events_pb2.ModelUpdate, Path, float | None, Snapshot], bool]
+Refused = Callable[[events_pb2.ModelUpdate, str], None]
+
+
+class SwapWorker:
+    """Runs the worker process and hands what it prepares to `on_prepared` (in this object's thread,
+    which owns the memfds until then). A worker that dies is started again; the announcement it was
+    handling is redelivered, since its offset was not committed."""
+
+    def __init__(self, settings: WorkerSettings, on_prepared: Prepared, on_refused: Refused) -> None:
+        self.settings, self.on_prepared, self.on_refused = settings, on_prepared, on_refused
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, thread_init: Callable[[], None] = lambda: None) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._run, args=(thread_init,), name="policy-swap", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._kill()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            cmd = [sys.executable, "-m", "flywheel.policy.swap_worker", str(theirs.fileno())]
+            self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self._conn = Connection(ours.detach())
+        self._conn.send(asdict(self.settings))
+
+    def _kill(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def _run(self, thread_init: Callable[[], None]) -> None:
+        thread_init()
+        while not self._stopping.is_set():
+            try:
+                self._conn.send(self._handle(self._conn.recv()))
+                continue
+            except (EOFError, OSError) as e:
+                if self._stopping.is_set():
+                    return
+                log.error("the swap worker stopped (%s, exit code %s): starting it again", e, self._proc.poll())
+            self._kill()
+            if self._stopping.wait(1.0):
+                return
+            self.restarts += 1
+            try:
+                self._spawn()
+            except OSError as e:  # tried again: the closed connection fails the next recv
+                log.error("could not start the swap worker: %s", e)
+
+    def _handle(self, msg: tuple) -> bool:
+        snap = [(name, recv_handle(self._conn), size) for name, size in msg[4]] if msg[0] == "prepared" else []
+        try:
+            u = events_pb2.ModelUpdate.FromString(msg[1])
+            if msg[0] == "refused":
+                self.on_refused(u, msg[2])
+                return False
+            return self.on_prepared(u, Path(msg[2]), msg[3], snap)
+        except Exception:  # noqa: BLE001 - the callbacks report their own errors; this thread must live on
+            log.exception("applying what the swap worker prepared failed")
+            return False
+        finally:
+            for _, fd, _ in snap:
+                os.close(fd)
+
+
+if __name__ == "__main__":
+    main()
