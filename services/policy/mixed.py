@@ -79,13 +79,15 @@ class MixedForward:
     @contextlib.contextmanager
     def split(self, old_rows: int, rows: int) -> Iterator[None]:
         """Within: a forward of `new` over `rows` rows runs the first `old_rows` on `old`'s weights."""
+        # object's own setattr/delattr (0.3 us a pair): nn.Module's look for a parameter, buffer or
+        # submodule of that name first (2.1 us), for every weighted module at every decode step
         for new_mod, old_mod in self._twins:
-            new_mod.forward = _routed(new_mod, old_mod, old_rows, rows)
+            object.__setattr__(new_mod, "forward", _routed(new_mod, old_mod, old_rows, rows))
         try:
             yield
         finally:
             for new_mod, _ in self._twins:
-                del new_mod.forward  # back to the class's forward
+                object.__delattr__(new_mod, "forward")  # back to the class's forward
 
     def _probe(self) -> bool:
         """A padded prefill and one decode step of 2 + 2 rows, mixed against separate forwards."""

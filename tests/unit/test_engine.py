@@ -537,6 +537,9 @@ def test_the_copy_gets_new_parameters_with_the_ties_kept_and_the_buffers_copied(
     assert new.get_input_embeddings().weight is new.get_output_embeddings().weight  # tied, as in cur
     for (k, b), (_, c) in zip(cur.named_buffers(), new.named_buffers(), strict=True):
         assert c is not b and torch.equal(c, b), k
+    for (k, a), (_, b) in zip(cur.named_modules(), new.named_modules(), strict=True):  # new modules, own hooks
+        assert type(b) is type(a) and b is not a and b._forward_hooks is not a._forward_hooks, k
+    assert new.config is cur.config  # the files said so: shared, not copied
 
 
 def test_a_failed_verification_switches_nothing(v0, v2):
