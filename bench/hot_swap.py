@@ -16,9 +16,15 @@ flywheel.policy.updates one after another, --rounds times (15 versions by defaul
     start of every window).
   - the noise band of that p99: steady-state p99 over random windows as long as the swap
     windows (the "during" sample is smaller, so one hiccup of a shared machine moves it), and the
-    p99 against a control matched in time: the steady answers plus those between swaps.
+    p99 against a control matched in time: the steady answers plus those between swaps,
+  - with --noop, a control for what announcing costs without a swap: after each swap, the same
+    announcement for another model (delivered, parsed, ignored), and the p99 and mean latency of
+    the answers overlapping a window of that swap's length; and where the swap's cost falls: the
+    mean latency of the answers that ended before the switch, were in flight at it (they finish
+    on the old weights) or began after it, against the same phases of the no-op windows.
 
     .venv/bin/python bench/hot_swap.py
+    .venv/bin/python bench/hot_swap.py --noop --pin
     .venv/bin/python bench/hot_swap.py --hidden 256 --layers 4
     .venv/bin/python bench/hot_swap.py --pin  # the service on its own CPUs, as a pod would be
     .venv/bin/python bench/hot_swap.py --hidden 1280 --layers 24 --device cuda --dtype bfloat16  # ~0.5B on a GPU
@@ -105,6 +111,23 @@ def histogram_means(url: str, *names: str) -> dict[str, tuple[float, float]]:
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
     vals = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(names))
     return {n: (float(vals[n + "_sum"]), float(vals[n + "_count"])) for n in names}
+
+
+def by_phase(log: list[tuple[float, float, int]], swaps: list[dict], noops: list[tuple[float, float]]) -> dict:
+    """Mean latency (ms) of the answers overlapping the swap windows, and of those overlapping the
+    no-op windows, by phase: ended before the switch (the load), in flight at the switch (they
+    drain on the old weights), started after it. A no-op window's "switch" is at its swap's offset."""
+    out: dict[str, list[list[float]]] = {k: [[], []] for k in ("before_switch", "across_switch", "after_switch")}
+    for x, (na, nb) in zip(swaps, noops, strict=False):
+        a, b = x["window"]
+        switch = min(s for s, _, v in log if v == x["version"])  # the first answer on the new weights began
+        for side, (wa, wb, sw) in enumerate(((a, b, switch), (na, nb, na + switch - a))):
+            for s, e, _ in log:
+                if s < wb and e > wa:
+                    out["before_switch" if e <= sw else "across_switch" if s < sw else "after_switch"][side].append(
+                        e - s
+                    )
+    return {k: [round(1000 * sum(v) / max(len(v), 1), 1) for v in sides] + [len(sides[0])] for k, sides in out.items()}
 
 
 SERVICE_SWAP = ("flywheel_policy_swap_duration_seconds", "flywheel_policy_swap_lag_seconds")
@@ -205,6 +228,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         "steady_band": noise_band(steady_log, [x["window"][1] - x["window"][0] for x in swaps]),
         "during": during,
         "noop": noop,
+        "phases": by_phase(log, swaps, noops) if noops else {},
         "rounds": rounds,
         "swaps": swaps,
         "service": {n: (after[n][0] - before[n][0]) / max(after[n][1] - before[n][1], 1) for n in SERVICE_SWAP},
@@ -320,6 +344,7 @@ def main() -> None:
             {
                 "noop_announcements_p99_ms": round(pct(r["noop"], 0.99) * 1000, 1),
                 "p99_ratio_to_noop_announcements": round(during_p99 / pct(r["noop"], 0.99), 2),
+                "mean_ms_swap_vs_noop_by_phase_and_n": r["phases"],
                 "mean_ratio_to_noop_announcements": round(
                     sum(r["during"]) / len(r["during"]) / (sum(r["noop"]) / len(r["noop"])), 3
                 ),

@@ -159,7 +159,9 @@ class Engine:
                 return self.info()
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
-            loaded = cur and try_reload(cur, str(path), version, self._between_steps, weights)  # None on any error
+            loaded = cur and try_reload(
+                cur, str(path), version, between_steps=self._between_steps, weights=weights
+            )  # None on any error
             reloaded = loaded is not None
             if verify is not None:
                 verify()  # what it raises goes to the caller (who reports it); nothing has switched

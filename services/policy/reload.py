@@ -22,7 +22,7 @@ import logging
 import mmap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -92,16 +92,11 @@ def reload_weights(
     return loaded
 
 
-def try_reload(
-    cur: LoadedModel,
-    path: str,
-    version: int,
-    between_steps: Chore = _now,
-    weights: MappedWeights | None = None,
-) -> LoadedModel | None:
-    """reload_weights, or None on any error: from_pretrained then decides (it refuses what is broken)."""
+def try_reload(cur: LoadedModel, path: str, version: int, **options: Any) -> LoadedModel | None:
+    """reload_weights(cur, path, version, **options), or None on any error: from_pretrained then
+    decides (it refuses what is broken)."""
     try:
-        return reload_weights(cur, path, version, between_steps, weights)
+        return reload_weights(cur, path, version, **options)
     except Exception as e:  # noqa: BLE001 - e.g. a module that cannot be cloned: the slow path still works
         log.warning(
             "reloading the weights of %s into a copy failed (%s: %s): loading it whole", path, type(e).__name__, e

@@ -500,7 +500,7 @@ def test_reload_needs_the_same_model_files_and_an_equivalent_tokenizer(v0, v1, v
 
 
 def test_a_failing_reload_falls_back_to_a_whole_load(v0, v2, monkeypatch):
-    def boom(*a):
+    def boom(*a, **k):
         raise RuntimeError("cannot deepcopy this module")
 
     monkeypatch.setattr(reload_module, "reload_weights", boom)
