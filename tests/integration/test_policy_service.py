@@ -400,10 +400,8 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(
         # Announcements are fetched with the short wait that a broker without fetch wake-ups needs.
         if swap_worker:  # consumed, verified and read in a process of its own, at a lower priority
             assert swapper._worker.settings.fetch_wait_ms == 50 and swapper._worker.pid != os.getpid()
-            ours = os.getpriority(os.PRIO_PROCESS, 0)
-            wait_for(
-                lambda: os.getpriority(os.PRIO_PROCESS, swapper._worker.pid) == min(19, ours + 5), 10, "the nice worker"
-            )
+            want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.engine.swap_nice)
+            wait_for(lambda: os.getpriority(os.PRIO_PROCESS, swapper._worker.pid) == want, 10, "the nice worker")
         else:
             assert swapper._consumer.consumer.config["fetch_max_wait_ms"] == 50
         v1 = store.publish("policy", perturbed(tiny_starter(), 1), parent=0).version
