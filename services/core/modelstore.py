@@ -25,7 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -110,20 +110,25 @@ def version_dir_name(version: int) -> str:
     return f"v{version:06d}"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, copy_to: int | None = None) -> str:
+    """sha256 of a file; `copy_to`: a file descriptor that also gets every byte, from the same read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+            if copy_to is not None:
+                os.write(copy_to, chunk)
     return h.hexdigest()
 
 
-def sha256_files(root: Path, rels: Iterable[str]) -> dict[str, str]:
-    """sha256 of each file under root, one thread per file (hashlib releases the GIL on big reads)."""
-    rels = list(rels)
+def sha256_files(root: Path, rels: Iterable[str], copy_to: Mapping[str, int] | None = None) -> dict[str, str]:
+    """sha256 of each file under root, one thread per file (hashlib and os.write release the GIL on
+    big reads); `copy_to`: file descriptors that also get the bytes of the files they are named for."""
+    rels, copy_to = list(rels), copy_to or {}
     workers = max(1, min(len(rels), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="sha256") as pool:
-        return dict(zip(rels, pool.map(lambda rel: sha256_file(root / rel), rels), strict=True))
+        hashes = pool.map(lambda rel: sha256_file(root / rel, copy_to.get(rel)), rels)
+        return dict(zip(rels, hashes, strict=True))
 
 
 def _walk_files(root: Path) -> list[str]:

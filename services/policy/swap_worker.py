@@ -20,7 +20,6 @@ Imports stay light (no torch): the process starts in well under a second and hol
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -29,7 +28,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -61,25 +59,13 @@ class WorkerSettings:
 
 # ---------------------------------------------------------------------------- worker side
 def copy_and_hash(root: Path, rels: Iterable[str], fds: dict[str, int]) -> dict[str, str]:
-    """sha256 of each file under root, one thread per file as `modelstore.sha256_files` (hashlib and
-    os.write release the GIL); each safetensors file is also copied, in the same read, into a new
-    memfd (recorded in `fds`). `modelstore.verify_dir`'s hashing step."""
+    """`modelstore.verify_dir`'s hashing step: sha256 of each file under root, each safetensors file
+    also copied, in the same read, into a new memfd (recorded in `fds`)."""
     rels = list(rels)
     for rel in rels:
         if rel.endswith(".safetensors"):
             fds[rel] = os.memfd_create(f"flywheel-{Path(rel).name}", os.MFD_CLOEXEC)
-
-    def one(rel: str) -> str:
-        h, fd = hashlib.sha256(), fds.get(rel)
-        with open(root / rel, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-                if fd is not None:
-                    os.write(fd, chunk)
-        return h.hexdigest()
-
-    with ThreadPoolExecutor(max(1, min(len(rels), os.cpu_count() or 1)), thread_name_prefix="sha256") as pool:
-        return dict(zip(rels, pool.map(one, rels), strict=True))
+    return modelstore.sha256_files(root, rels, copy_to=fds)
 
 
 def prepare(store: ModelStore, u: events_pb2.ModelUpdate) -> tuple[Path, Snapshot]:
