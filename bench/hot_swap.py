@@ -11,6 +11,8 @@ flywheel.policy.updates one after another, --rounds times (15 versions by defaul
   - p99 request latency during swaps against steady state (target <= 1.3x). "During" is every
     request that overlaps an announcement -> first-new-answer window, pooled over the rounds (each
     round's own ratio is printed too); steady is the --steady-s before the first announcement.
+    With it, a 90% interval of that ratio from a cluster bootstrap (swap windows and slices of the
+    steady seconds resampled): how far another run of the same code on this machine can land.
     The versions are all published before the load starts, and announced from another process
     (the trainer's side, whose Kafka client would otherwise share the clients' GIL right at the
     start of every window).
@@ -104,6 +106,25 @@ def noise_band(steady: list[tuple[float, float, int]], lengths: list[float], n: 
         ws = [(t, t + w) for w in lengths for t in [rng.uniform(lo, hi - w)]]
         p99s.append(pct([e - s for s, e, _ in steady if any(s < b and e > a for a, b in ws)], 0.99))
     return [pct(p99s, q) for q in (0.1, 0.5, 0.9)]
+
+
+def ratio_interval(
+    during: list[list[float]], steady: list[tuple[float, float, int]], n: int = 1000, slices: int = 20
+) -> list[float]:
+    """p5 and p95 of the p99 ratio (during swaps / steady) under a cluster bootstrap: the swap
+    windows' answer sets, and the steady answers cut into `slices` slices of time, resampled with
+    replacement. Answers of one window share its hiccups, so resampling single answers would
+    understate how far another run of the same code can land."""
+    lo, hi = min(s for s, _, _ in steady), max(s for s, _, _ in steady)
+    cut: list[list[float]] = [[] for _ in range(slices)]
+    for s, e, _ in steady:
+        cut[min(slices - 1, int((s - lo) / (hi - lo) * slices))].append(e - s)
+    rng, ratios = random.Random(1), []
+    for _ in range(n):
+        d = [x for w in rng.choices(during, k=len(during)) for x in w]
+        st = [x for c in rng.choices(cut, k=slices) for x in c]
+        ratios.append(pct(d, 0.99) / pct(st, 0.99))
+    return [pct(ratios, 0.05), pct(ratios, 0.95)]
 
 
 def histogram_means(url: str, *names: str) -> dict[str, tuple[float, float]]:
@@ -208,6 +229,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         if any(a <= s and e <= b for a, b in quiet) and not any(s < b and e > a for a, b in noops)
     ]
     rounds = [overlapping([x["window"] for x in swaps[r : r + 5]]) for r in range(0, len(swaps), 5)]
+    interval = ratio_interval([overlapping([x["window"]]) for x in swaps], steady_log)
     # The answers still decoding on the old weights once the new ones serve: every step then runs
     # one forward per version (finish_on_old), which is what a swap costs the answers in flight.
     draining = []
@@ -230,6 +252,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         "noop": noop,
         "phases": by_phase(log, swaps, noops) if noops else {},
         "rounds": rounds,
+        "interval": interval,
         "swaps": swaps,
         "service": {n: (after[n][0] - before[n][0]) / max(after[n][1] - before[n][1], 1) for n in SERVICE_SWAP},
         "failures": failures,
@@ -333,6 +356,7 @@ def main() -> None:
         "steady_p99_ms": round(steady_p99 * 1000, 1),
         "during_swaps_p99_ms": round(during_p99 * 1000, 1),
         "p99_ratio": round(during_p99 / steady_p99, 2),
+        "p99_ratio_90pct_interval": [round(x, 2) for x in r["interval"]],
         "p99_ratio_per_round_of_5": [round(pct(d, 0.99) / steady_p99, 2) for d in r["rounds"]],
         "steady_p99_same_size_windows_ms_p10_p50_p90": [round(x * 1000, 1) for x in r["steady_band"]],
         "p99_ratio_to_same_size_p50": round(during_p99 / r["steady_band"][1], 2),

@@ -65,6 +65,37 @@ H_PARTITION, H_OFFSET, H_GROUP, H_ATTEMPTS = (
 Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]] | None
 
 
+Sample = tuple[str, dict[str, str], float]  # (sample name, labels, value)
+
+
+def consumer_samples() -> list[Sample]:
+    """This process's consumer counters and lag, for a parent process to export as its own
+    (`mirror_consumer_samples`): a consumer that runs in a helper process (the policy's swap
+    worker) still shows on its service's /metrics."""
+    return [
+        (s.name, s.labels, s.value)
+        for metric in (CONSUMED, FAILED, LAG)
+        for family in metric.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    ]
+
+
+def mirror_consumer_samples(samples: list[Sample], seen: dict[tuple, float]) -> None:
+    """Export another process's `consumer_samples` through this process's metrics. Counters
+    advance by what they gained since the last call (`seen` keeps each series' last value; a
+    helper that was restarted counts from 0 again: pass a new `seen`); gauges take the value."""
+    counters = {"flywheel_bus_consumed_total": CONSUMED, "flywheel_bus_handler_failures_total": FAILED}
+    for name, labels, value in samples:
+        if name == "flywheel_bus_consumer_lag":
+            LAG.labels(**labels).set(value)
+        elif name in counters:
+            key = (name, tuple(sorted(labels.items())))
+            gained, seen[key] = value - seen.get(key, 0.0), value
+            if gained > 0:
+                counters[name].labels(**labels).inc(gained)
+
+
 def _headers(headers: Headers) -> list[tuple[str, bytes]]:
     items = headers.items() if isinstance(headers, Mapping) else (headers or [])
     return [(k, v.encode() if isinstance(v, str) else bytes(v)) for k, v in items]

@@ -15,6 +15,9 @@ committed: an announcement is applied at least once, even if either process dies
 maps the memfds (`flywheel.policy.reload.map_safetensors`): on the CPU the new parameters are
 those pages, with no further copy.
 
+Its consumer's counters and lag (flywheel_bus_*) reach the service's /metrics: the worker sends
+them every second and the service exports them as its own (`bus.mirror_consumer_samples`).
+
 Imports stay light (no torch): the process starts in well under a second and holds ~50 MB.
 """
 
@@ -41,6 +44,7 @@ from flywheel.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 Snapshot = list[tuple[str, int, int]]  # (file name, memfd, size) of each safetensors file
+METRICS_INTERVAL_S = 1.0  # how often the worker sends its consumer's counters and lag to the service
 
 
 @dataclass
@@ -83,6 +87,11 @@ def prepare(store: ModelStore, u: events_pb2.ModelUpdate) -> tuple[Path, Snapsho
 
 def _serve(conn: Connection, s: WorkerSettings) -> None:
     store = ModelStore(s.store_root)
+    sending = threading.Lock()  # the consumer's thread and the metrics thread share the socket
+
+    def send(msg: tuple) -> None:
+        with sending:
+            conn.send(msg)
 
     def on_record(record: bus.Record) -> None:
         u: events_pb2.ModelUpdate = record.value
@@ -92,14 +101,16 @@ def _serve(conn: Connection, s: WorkerSettings) -> None:
         try:
             path, snap = prepare(store, u)
         except errors.FlywheelError as e:  # IntegrityError, or the store has no such version
-            conn.send(("refused", u.SerializeToString(), f"checkpoint failed verification: {e.message}"))
+            send(("refused", u.SerializeToString(), f"checkpoint failed verification: {e.message}"))
         except OSError as e:  # an unreadable store is a refusal too, never a crash
-            conn.send(("refused", u.SerializeToString(), f"checkpoint unreadable: {type(e).__name__}: {e}"))
+            send(("refused", u.SerializeToString(), f"checkpoint unreadable: {type(e).__name__}: {e}"))
         else:
             try:
-                conn.send(("prepared", u.SerializeToString(), str(path), announced_at, [(n, z) for n, _, z in snap]))
-                for _, fd, _ in snap:
-                    send_handle(conn, fd, os.getppid())
+                with sending:
+                    msg = ("prepared", u.SerializeToString(), str(path), announced_at, [(n, z) for n, _, z in snap])
+                    conn.send(msg)
+                    for _, fd, _ in snap:
+                        send_handle(conn, fd, os.getppid())
             finally:
                 for _, fd, _ in snap:
                     os.close(fd)
@@ -121,7 +132,16 @@ def _serve(conn: Connection, s: WorkerSettings) -> None:
             time.sleep(0.5)
         consumer.stop()
 
+    def report_metrics() -> None:  # the service exports them as its own (flywheel_bus_consumed_total, ...)
+        try:
+            while True:
+                time.sleep(METRICS_INTERVAL_S)
+                send(("metrics", bus.consumer_samples()))
+        except OSError:  # the service went away: the consumer's next send or recv ends us
+            pass
+
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    threading.Thread(target=report_metrics, name="metrics", daemon=True).start()
     consumer.run()
 
 
@@ -155,6 +175,7 @@ class SwapWorker:
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._mirrored: dict[tuple, float] = {}  # the worker's counters as last exported
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -180,6 +201,7 @@ class SwapWorker:
             self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
         self._conn.send(asdict(self.settings))
+        self._mirrored: dict[tuple, float] = {}  # a new worker's counters start from 0
 
     def _kill(self) -> None:
         if self._conn is not None:
@@ -196,7 +218,11 @@ class SwapWorker:
         thread_init()
         while not self._stopping.is_set():
             try:
-                self._conn.send(self._handle(self._conn.recv()))
+                msg = self._conn.recv()
+                if msg[0] == "metrics":
+                    bus.mirror_consumer_samples(msg[1], self._mirrored)
+                else:
+                    self._conn.send(self._handle(msg))
                 continue
             except (EOFError, OSError) as e:
                 if self._stopping.is_set():

@@ -438,11 +438,19 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(
         announce(0, "rollback")
         wait_for(serving(0), 30, "answers from version 0 after the rollback")
         assert running.stub.GetInfo(policy_pb2.GetInfoRequest()).last_swap_error == ""
+        # The updates consumer's counters and lag are the service's metrics, from the worker's process too.
+        group = {"topic": topics.policy_updates, "group": swapper.group}
+        wait_for(lambda: counter("flywheel_bus_consumed_total", **group) >= 3, 10, "3 updates consumed on /metrics")
+        lag = group | {"partition": "0"}
+        wait_for(lambda: REGISTRY.get_sample_value("flywheel_bus_consumer_lag", lag) == 0, 10, "no lag on /metrics")
         if swap_worker:  # a worker that dies is started again and the next announcement still applies
+            consumed = counter("flywheel_bus_consumed_total", **group)
             os.kill(swapper._worker.pid, signal.SIGKILL)
             wait_for(lambda: swapper._worker.restarts == 1, 10, "the swap worker restarted")
             announce(v1)
             wait_for(serving(1), 30, "answers from version 1 after the worker restarted")
+            # the new worker counts from 0: the exported total goes on from where it was
+            wait_for(lambda: counter("flywheel_bus_consumed_total", **group) > consumed, 10, "the count going on")
     finally:
         stop.set()
         for c in clients:

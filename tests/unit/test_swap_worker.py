@@ -106,3 +106,30 @@ def test_weights_copied_into_another_dtype_give_their_pages_back(store: ModelSto
         assert os.fstat(fd).st_blocks < before / 2  # two copies of the weights, not three
     finally:
         os.close(fd)
+
+
+def test_a_helper_process_consumer_metrics_are_exported_as_the_service_own() -> None:
+    from prometheus_client import REGISTRY
+
+    from flywheel.core import bus
+
+    labels = {"topic": "t-mirror", "group": "g-mirror"}
+
+    def consumed() -> float:
+        return REGISTRY.get_sample_value("flywheel_bus_consumed_total", labels) or 0.0
+
+    def worker(n: float, lag: float) -> list[bus.Sample]:
+        return [
+            ("flywheel_bus_consumed_total", labels, n),
+            ("flywheel_bus_consumer_lag", labels | {"partition": "0"}, lag),
+        ]
+
+    seen: dict[tuple, float] = {}
+    bus.mirror_consumer_samples(worker(3, 2), seen)
+    bus.mirror_consumer_samples(worker(5, 0), seen)
+    assert consumed() == 5
+    assert REGISTRY.get_sample_value("flywheel_bus_consumer_lag", labels | {"partition": "0"}) == 0
+    bus.mirror_consumer_samples(worker(1, 0), {})  # a restarted worker counts from 0: the total goes on
+    assert consumed() == 6
+    mine = [s for s in bus.consumer_samples() if s[1] == labels]  # and this process's own samples
+    assert mine == [("flywheel_bus_consumed_total", labels, 6.0)]
