@@ -121,14 +121,29 @@ def sha256_file(path: Path, copy_to: int | None = None) -> str:
     return h.hexdigest()
 
 
+PARALLEL_HASH_BYTES = 8 << 20  # smaller files are hashed in the caller's thread: a thread costs more
+
+
 def sha256_files(root: Path, rels: Iterable[str], copy_to: Mapping[str, int] | None = None) -> dict[str, str]:
-    """sha256 of each file under root, one thread per file (hashlib and os.write release the GIL on
-    big reads); `copy_to`: file descriptors that also get the bytes of the files they are named for."""
+    """sha256 of each file under root; big files (shards) one thread each (hashlib and os.write
+    release the GIL on big reads); `copy_to`: file descriptors that also get the bytes of the files
+    they are named for."""
     rels, copy_to = list(rels), copy_to or {}
-    workers = max(1, min(len(rels), os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="sha256") as pool:
-        hashes = pool.map(lambda rel: sha256_file(root / rel, copy_to.get(rel)), rels)
-        return dict(zip(rels, hashes, strict=True))
+
+    def size(rel: str) -> int:
+        try:
+            return os.stat(root / rel).st_size
+        except OSError:  # sha256_file raises it below
+            return 0
+
+    big = [rel for rel in rels if size(rel) >= PARALLEL_HASH_BYTES]
+    big = big if len(big) > 1 and (os.cpu_count() or 1) > 1 else []
+    out = {}
+    with ThreadPoolExecutor(max(1, min(len(big), os.cpu_count() or 1)), thread_name_prefix="sha256") as pool:
+        futures = {rel: pool.submit(sha256_file, root / rel, copy_to.get(rel)) for rel in big}
+        for rel in rels:
+            out[rel] = futures[rel].result() if rel in futures else sha256_file(root / rel, copy_to.get(rel))
+    return out
 
 
 def _walk_files(root: Path) -> list[str]:

@@ -64,7 +64,8 @@ class MixedForward:
 
     def __init__(self, old: LoadedModel, new: LoadedModel, modules: tuple[str, ...]) -> None:
         self.old, self.new = old, new
-        self._twins = [(new.model.get_submodule(n), old.model.get_submodule(n)) for n in modules]
+        olds, news = dict(old.model.named_modules()), dict(new.model.named_modules())  # get_submodule: 4x the CPU
+        self._twins = [(news[n], olds[n]) for n in modules]
 
     @classmethod
     def pair(cls, old: LoadedModel, new: LoadedModel, same_tree: bool = False) -> MixedForward | None:

@@ -246,3 +246,33 @@ def test_published_version_is_readable_by_others(store: ModelStore) -> None:
     store.mark_promoted("p", 0)
     assert m.path.stat().st_mode & 0o055 == 0o055
     assert (m.path / "manifest.json").stat().st_mode & 0o044 == 0o044
+
+
+def test_sha256_files_hashes_shards_in_threads_and_the_rest_inline(tmp_path: Path) -> None:
+    import hashlib
+
+    big = modelstore.PARALLEL_HASH_BYTES
+    data = {"a.safetensors": os.urandom(big), "b.safetensors": os.urandom(big + 1), "config.json": b"{}"}
+    for name, b in data.items():
+        (tmp_path / name).write_bytes(b)
+    fd = os.memfd_create("copy") if hasattr(os, "memfd_create") else os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT)
+    seen: set[str] = set()
+    real = modelstore.sha256_file
+
+    def spy(path: Path, copy_to: int | None = None) -> str:
+        seen.add(f"{path.name}:{threading.current_thread() is threading.main_thread()}")
+        return real(path, copy_to)
+
+    try:
+        modelstore.sha256_file = spy
+        got = modelstore.sha256_files(tmp_path, list(data), copy_to={"b.safetensors": fd})
+        copied = os.pread(fd, big + 2, 0)
+    finally:
+        modelstore.sha256_file = real
+        os.close(fd)
+    assert got == {n: hashlib.sha256(b).hexdigest() for n, b in data.items()}
+    assert copied == data["b.safetensors"]
+    threaded = (os.cpu_count() or 1) > 1
+    assert seen == {f"a.safetensors:{not threaded}", f"b.safetensors:{not threaded}", "config.json:True"}
+    with pytest.raises(OSError):
+        modelstore.sha256_files(tmp_path, ["a.safetensors", "b.safetensors", "missing.json"])
