@@ -201,7 +201,7 @@ class SwapWorker:
             self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
         self._conn.send(asdict(self.settings))
-        self._mirrored: dict[tuple, float] = {}  # a new worker's counters start from 0
+        self._mirrored = {}  # a new worker's counters start from 0
 
     def _kill(self) -> None:
         if self._conn is not None:
