@@ -424,7 +424,7 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(
         weights.write_bytes(bytes(data))
         refused = counter("flywheel_policy_swaps_total", outcome="refused")
         announce(v2.version)
-        wait_for(lambda: counter("flywheel_policy_swaps_total", outcome="refused") > refused, 20, "the refusal")
+        wait_for(lambda: counter("flywheel_policy_swaps_total", outcome="refused") > refused, 30, "the refusal")
         info = running.stub.GetInfo(policy_pb2.GetInfoRequest())
         assert (
             info.policy_version == 1
