@@ -241,6 +241,12 @@ class Record:
     headers: dict[str, bytes]
     timestamp_ms: int
 
+    @property
+    def timestamp_s(self) -> float | None:
+        """When the record was produced, in epoch seconds; None for a record without a timestamp
+        (-1: the old message format)."""
+        return self.timestamp_ms / 1000 if self.timestamp_ms > 0 else None
+
 
 Handler = Callable[[Record], None]
 

@@ -5,8 +5,8 @@ decoding on the current weights; the engine then switches between two decode ste
 every file's sha256 matched. By default the consumer, the hashing and the reading run in the swap
 worker's process (`flywheel.policy.swap_worker`: it hashes the weights while it copies them into
 shared memory, which becomes the new parameters); with `swap_worker` off, or where there is no
-memfd, they run in threads of this process (the hashing, one thread per file, overlapping the
-reading of new weights into a copy). A checkpoint that fails verification or loading is refused
+memfd, they run in threads of this process (the hashing, in a thread of its own and one more per
+big shard, overlapping the reading of new weights into a copy). A checkpoint that fails verification or loading is refused
 and reported (log, the counter flywheel_policy_swaps_total{outcome="refused"|"failed"},
 `last_error` -> GetInfo.last_swap_error and /health/details) while the current version keeps
 serving. The announced version is applied whatever its number: an older one is a rollback. Each
@@ -149,8 +149,7 @@ class Swapper:
         if not self._loader_niced:  # the consumer's own thread loads; it does nothing else
             lower_cpu_priority(self._nice)
             self._loader_niced = True
-        stamped = record.timestamp_ms > 0  # -1: a record without a timestamp (old message format)
-        self.apply(record.value, announced_at=record.timestamp_ms / 1000 if stamped else None)
+        self.apply(record.value, announced_at=record.timestamp_s)
 
     def _apply_snapshot(
         self, u: events_pb2.ModelUpdate, path: Path, announced_at: float | None, snap: Snapshot

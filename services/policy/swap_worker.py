@@ -97,7 +97,6 @@ def _serve(conn: Connection, s: WorkerSettings) -> None:
         u: events_pb2.ModelUpdate = record.value
         if record.offset < s.start_offsets.get(record.partition, 0) or u.model != s.model:
             return
-        announced_at = record.timestamp_ms / 1000 if record.timestamp_ms > 0 else None
         try:
             path, snap = prepare(store, u)
         except errors.FlywheelError as e:  # IntegrityError, or the store has no such version
@@ -107,7 +106,13 @@ def _serve(conn: Connection, s: WorkerSettings) -> None:
         else:
             try:
                 with sending:
-                    msg = ("prepared", u.SerializeToString(), str(path), announced_at, [(n, z) for n, _, z in snap])
+                    msg = (
+                        "prepared",
+                        u.SerializeToString(),
+                        str(path),
+                        record.timestamp_s,
+                        [(n, z) for n, _, z in snap],
+                    )
                     conn.send(msg)
                     for _, fd, _ in snap:
                         send_handle(conn, fd, os.getppid())
