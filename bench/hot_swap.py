@@ -141,7 +141,7 @@ def by_phase(log: list[tuple[float, float, int]], swaps: list[dict], noops: list
     out: dict[str, list[list[float]]] = {k: [[], []] for k in ("before_switch", "across_switch", "after_switch")}
     for x, (na, nb) in zip(swaps, noops, strict=False):
         a, b = x["window"]
-        switch = min(s for s, _, v in log if v == x["version"])  # the first answer on the new weights began
+        switch = x["switch"]
         for side, (wa, wb, sw) in enumerate(((a, b, switch), (na, nb, na + switch - a))):
             for s, e, _ in log:
                 if s < wb and e > wa:
@@ -211,6 +211,8 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         await asyncio.gather(*tasks)
         after = histogram_means(url, *SERVICE_SWAP)
         trainer.shutdown()
+    for x in swaps:  # when the first answer on the new weights began (known once every answer ended)
+        x["switch"] = min(s for s, _, v in log if v == x["version"])
 
     def overlapping(windows: list[tuple[float, float]]) -> list[float]:
         return [e - s for s, e, _ in log if any(s < b and e > a for a, b in windows)]
@@ -235,8 +237,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
     draining = []
     for x in swaps:
         a, b = x["window"]
-        switched = min(s for s, _, v in log if v == x["version"])  # first answer started on the new weights
-        draining += [e - s for s, e, v in log if s < b and e > switched and v != x["version"] and e > a]
+        draining += [e - s for s, e, v in log if s < b and e > x["switch"] and v != x["version"] and e > a]
     wrong = 0
     for s, _, v in log:  # an answer started after the swap to k was observed must not report < k
         done = [x["version"] for x in swaps if x["window"][1] < s]
