@@ -52,6 +52,22 @@ LAG = Gauge(
     ["topic", "partition", "group"],
 )
 HANDLER_SECONDS = Histogram("flywheel_bus_handler_seconds", "Time a handler took on one record.", ["topic", "group"])
+LOOP_ERRORS = Counter(
+    "flywheel_bus_consumer_errors",
+    "Kafka errors a consumer loop survived, by kind: commit_rebalanced (records will be redelivered), "
+    "commit_retry (offsets kept for the next commit), poll (polled again after a backoff).",
+    ["group", "kind"],
+)
+# A commit the group refused because its membership changed: the partitions' owner after the
+# rebalance (maybe this consumer again, once its next poll rejoins) gets those records again.
+# kafka-python 3 raises RebalanceInProgressError when it already knows of the rebalance and
+# CommitFailedError when the coordinator says so.
+COMMIT_REBALANCED = (
+    kerrors.CommitFailedError,
+    kerrors.RebalanceInProgressError,
+    kerrors.IllegalGenerationError,
+    kerrors.UnknownMemberIdError,
+)
 
 # Headers of a dead-lettered record (the DeadLetter value repeats them).
 H_ERROR, H_ERROR_TYPE, H_TOPIC = "flywheel-error", "flywheel-error-type", "flywheel-original-topic"
@@ -393,13 +409,20 @@ class Consumer:
         """Commit every record processed so far (their effects are durable)."""
         if not self._pending:
             return
-        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._pending.items()}
-        try:
-            self.consumer.commit(offsets)
-        except kerrors.CommitFailedError as e:  # a rebalance took the partitions: the new owner redoes them
-            log.warning("commit failed (group %s rebalanced); records will be redelivered: %s", self.group, e)
-        self._pending.clear()
+        owned = self.consumer.assignment()  # never commit for a partition another member may own now
+        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._pending.items() if tp in owned}
         self._last_commit = time.monotonic()
+        try:
+            if offsets:
+                self.consumer.commit(offsets)
+        except COMMIT_REBALANCED as e:
+            LOOP_ERRORS.labels(self.group, "commit_rebalanced").inc()
+            log.warning("commit refused (group %s is rebalancing); records will be redelivered: %r", self.group, e)
+        except kerrors.KafkaError as e:  # timed out, coordinator away: the next commit carries these offsets
+            LOOP_ERRORS.labels(self.group, "commit_retry").inc()
+            log.warning("commit failed (group %s), kept for the next one: %r", self.group, e)
+            return
+        self._pending.clear()
 
     def _update_lag(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._lag_at < 1.0:
@@ -433,7 +456,7 @@ class Consumer:
     def run(self, max_records: int | None = None, timeout_s: float | None = None) -> int:
         """Process records until stop() (or `max_records`, or `timeout_s`); then commit and close."""
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        total = 0
+        total, backoff = 0, self.kafka.retry_backoff_s
         try:
             while not self._stop.is_set():
                 if max_records is not None and total >= max_records:
@@ -442,8 +465,14 @@ class Consumer:
                     break
                 try:
                     total += self.poll_once()
+                    backoff = self.kafka.retry_backoff_s
                 except _Stopping:
                     break
+                except kerrors.KafkaError as e:  # the client stays usable: poll again (a rebalance completes there)
+                    LOOP_ERRORS.labels(self.group, "poll").inc()
+                    log.warning("consumer group %s: %r; polling again in %.1fs", self.group, e, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(max(backoff, 0.1) * 2, 30.0)
         finally:
             with contextlib.suppress(Exception):
                 self._update_lag(force=True)

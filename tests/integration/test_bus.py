@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from kafka import errors as kerrors
 from prometheus_client import REGISTRY
 
 from flywheel.core import bus
@@ -307,6 +308,54 @@ def test_stop_finishes_the_current_record_commits_and_closes(kafka: KafkaConfig,
     assert not thread.is_alive() and c.error is None
     assert handled == started == [0]  # finished the record in hand, started no other
     assert committed(kafka, "stopper", t.interactions) == 1
+
+
+def test_refused_commit_and_poll_error_do_not_end_the_loop(kafka: KafkaConfig, topics_config: TopicsConfig) -> None:
+    """kafka-python raises from commit while its group rebalances (a RebalanceInProgressError ended the
+    reward join's loop in a demo run, and with it the reward model's training) and from poll while
+    the broker is away. Injected once each into a real consumer: the loop goes on and the next
+    commit covers the refused offsets."""
+    t, group = topics_config, "refused"
+    bus.ensure_topics(kafka, t)
+    producer = bus.Producer(kafka)
+    for i in range(3):
+        producer.send(t.interactions, "k", events_pb2.Interaction(interaction_id=f"i{i}"))  # one key, one partition
+    producer.flush()
+    got: list[str] = []
+    c = bus.Consumer(
+        kafka, group, {t.interactions: events_pb2.Interaction}, lambda r: got.append(r.value.interaction_id)
+    )
+    real_commit, real_poll = c.consumer.commit, c.consumer.poll
+    faults = {
+        "commit": [kerrors.RebalanceInProgressError("injected")],
+        "poll": [kerrors.KafkaConnectionError("injected")],
+    }
+
+    def commit(offsets=None, **kw):
+        if faults["commit"]:
+            raise faults["commit"].pop()
+        return real_commit(offsets, **kw)
+
+    def poll(**kw):
+        if got and faults["poll"]:
+            raise faults["poll"].pop()
+        return real_poll(**kw)
+
+    c.consumer.commit, c.consumer.poll = commit, poll
+    before = {
+        k: metric("flywheel_bus_consumer_errors_total", group=group, kind=k) for k in ("commit_rebalanced", "poll")
+    }
+    c.start()
+    try:
+        wait_for(lambda: len(got) == 3 and not faults["poll"], 20, lambda: f"3 records and a poll, got {got}")
+        producer.send_sync(t.interactions, "k", events_pb2.Interaction(interaction_id="i3"))
+        wait_for(lambda: committed(kafka, group, t.interactions) == 4, 20, lambda: f"the commit of 4, got {got}")
+    finally:
+        c.stop()
+        producer.close()
+    assert c.error is None and got == ["i0", "i1", "i2", "i3"]
+    for kind, n in before.items():
+        assert metric("flywheel_bus_consumer_errors_total", group=group, kind=kind) == n + 1, kind
 
 
 def test_send_sync_says_clearly_when_kafka_is_unreachable() -> None:
