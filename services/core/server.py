@@ -16,7 +16,9 @@ starve the loop's default executor (which asyncio also uses for DNS lookups).
 
 Shutdown (SIGTERM/SIGINT or `stop()`): health NOT_SERVING everywhere -> optional drain pause
 (so load balancers see it) -> gRPC stop with `grace_s` (in-flight RPCs finish, new ones are
-refused) -> HTTP runner cleanup -> `wait()` returns.
+refused) -> HTTP runner cleanup -> `wait()` returns. The same shutdown, with exit code 1, once
+a part registered with `watch()` died, or the process named by FLYWHEEL_PARENT_PID (`flywheel
+up`) is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -336,6 +339,9 @@ class ServiceServer:
         self._stop_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._signals: list[signal.Signals] = []
+        self._watched: list[tuple[str, Callable[[], BaseException | None]]] = []
+        self._watchdog: asyncio.Task[None] | None = None
+        self.exit_code = 0  # 1 once a watched part died (serve() returns it)
 
     @property
     def service_names(self) -> list[str]:
@@ -406,6 +412,32 @@ class ServiceServer:
             self._install_signal_handlers()
         log.info("%s listening: gRPC %s:%d, HTTP %s:%d", self.name, cfg.host, self.grpc_port, cfg.host, self.http_port)
 
+    def watch(self, name: str, error: Callable[[], BaseException | None]) -> None:
+        """Stop the service with exit code 1 once `error()` returns an exception (checked every 0.5 s).
+
+        For background loops the service cannot do without (a Kafka consumer, a training
+        thread): one that died unseen would leave a process that answers health checks and
+        does nothing. Crash-only, like Kafka Streams' SHUTDOWN_CLIENT: the orchestrator
+        (Kubernetes, `flywheel up`) sees the exit and restarts it, and it resumes from what it
+        committed. Call from the event loop's thread, e.g. in run_forever's setup.
+        """
+        self._watched.append((name, error))
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while not self._stopping:
+            for name, error in self._watched:
+                e = error()
+                if e is not None and not self._stopping:
+                    log.critical(
+                        "%s: %s died (%r); stopping with exit code 1 so that it is restarted", self.name, name, e
+                    )
+                    self.exit_code = 1
+                    await self.stop()
+                    return
+            await asyncio.sleep(0.5)
+
     async def set_serving(self, serving: bool = True, service: str | None = None) -> None:
         """Report SERVING (model loaded) or NOT_SERVING on gRPC health and /health.
 
@@ -438,6 +470,9 @@ class ServiceServer:
         A signal during setup cancels it; a setup failure stops the server and re-raises.
         """
         await self.start(handle_signals=True)
+        parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
+        if parent:  # started by `flywheel up`: never outlive it (a SIGKILLed supervisor cannot stop us)
+            self.watch(f"the process that started it (pid {parent})", lambda: _gone(parent))
         if setup is None:
             await self.wait()
             return
@@ -495,9 +530,18 @@ class ServiceServer:
         self._stop_task = asyncio.ensure_future(self._shutdown(self.config.grace_s))
 
 
-def serve(server: ServiceServer, setup: Callable[[ServiceServer], Awaitable[None]] | None = None) -> None:
-    """Blocking entry point for `__main__`: run the server until SIGTERM/SIGINT, then return."""
+PARENT_PID_ENV = "FLYWHEEL_PARENT_PID"
+
+
+def _gone(parent: int) -> BaseException | None:
+    return None if os.getppid() == parent else ProcessLookupError(f"pid {parent} is no longer this process's parent")
+
+
+def serve(server: ServiceServer, setup: Callable[[ServiceServer], Awaitable[None]] | None = None) -> int:
+    """Blocking entry point for `__main__`: run the server until SIGTERM/SIGINT (or a watched part
+    died); return the process's exit code."""
     asyncio.run(server.run_forever(setup))
+    return server.exit_code
 
 
 __all__ = [

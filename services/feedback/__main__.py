@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     asyncio.run(run())
-    return 0
+    return server.exit_code
 
 
 if __name__ == "__main__":

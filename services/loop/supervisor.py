@@ -203,6 +203,7 @@ class Supervisor:
             FLYWHEEL_REWARD_STATE_DIR=str(self.run_dir / "state" / "reward"),
             PYTHONUNBUFFERED="1",
             HF_HUB_OFFLINE="1",
+            FLYWHEEL_PARENT_PID=str(os.getpid()),  # a service stops once this process is gone (even SIGKILLed)
             TOKENIZERS_PARALLELISM="false",
         )
         env.setdefault("FLYWHEEL_HOST", "127.0.0.1")

@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     service = PolicyService(config)
     server = build_server(service, scfg)
     try:
-        serve(server, service.setup)
+        return serve(server, service.setup)
     finally:
         service.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -228,6 +228,7 @@ class PolicyService:
     async def setup(self, server: ServiceServer) -> None:
         """ServiceServer.run_forever's setup: load, then report SERVING."""
         await run_blocking(self.start)
+        server.watch("the updates consumer", lambda: self.swapper.error)
         await server.set_serving(True)
 
     def stop(self) -> None:

@@ -135,6 +135,11 @@ class Swapper:
         )
         self._consumer.start()
 
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the in-thread consumer's loop (the worker process is restarted when it dies)."""
+        return self._consumer.error if self._consumer is not None else None
+
     def stop(self) -> None:
         if self._worker is not None:
             self._worker.stop()

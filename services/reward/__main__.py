@@ -28,10 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     service = RewardService(config)
     server = build_server(service, server_config("reward", grpc_port=args.grpc_port, http_port=args.http_port))
     try:
-        serve(server, service.setup)
+        return serve(server, service.setup)
     finally:
         service.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,10 @@ class RewardService:
     async def setup(self, server: ServiceServer) -> None:
         """ServiceServer.run_forever's setup: start everything, then report SERVING."""
         await run_blocking(self.start)
+        for c in self._consumers:
+            server.watch(f"the consumer loop of group {c.group}", lambda c=c: c.error)
+        if self.trainer is not None:
+            server.watch("the reward trainer", lambda: self.trainer.error)
         await server.set_serving(True)
 
     def stop(self) -> None:

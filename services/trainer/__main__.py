@@ -88,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer, auth))
     stop = threading.Event()
-    thread = threading.Thread(target=trainer.run, args=(stop,), name="trainer-loop", daemon=True)
+    died: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            trainer.run(stop)
+        except BaseException as e:  # the watchdog stops the service (exit code 1): restarted, it resumes
+            died.append(e)
+            log.exception("the training loop died")
+
+    thread = threading.Thread(target=train, name="trainer-loop", daemon=True)
     leading = threading.Event()
     elector = elector_from_env(lambda held: _on_lease_change(held, leading))
 
@@ -102,17 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(0.5)
         if trainer.status == "stopped":
             raise RuntimeError("the training loop stopped during start-up; see the log above")
+        srv.watch("the training loop", lambda: died[0] if died else None)
         await srv.set_serving(True)
 
     try:
-        serve(server, setup)
+        return serve(server, setup)
     finally:
         stop.set()
         if thread.is_alive():
             thread.join(timeout=60)
         if elector is not None:
             elector.stop()  # releases the Lease, so a standby takes over at once
-    return 0
 
 
 def _on_lease_change(held: bool, leading: threading.Event) -> None:

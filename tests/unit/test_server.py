@@ -328,6 +328,68 @@ def test_sigterm_exits_cleanly() -> None:
             proc.wait()
 
 
+WATCHED_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from flywheel.core.server import ServerConfig, ServiceServer, serve
+    from flywheel.v1 import reward_pb2_grpc
+
+    died = []
+
+    def loop():  # a background loop that dies after a while, as a Kafka consumer's might
+        time.sleep(1.0)
+        died.append(RuntimeError("commit refused"))
+
+    async def setup(server):
+        threading.Thread(target=loop, daemon=True).start()
+        server.watch("the test loop", lambda: died[0] if died else None)
+        await server.set_serving(True)
+        print("READY", flush=True)
+
+    server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=2), name="sub")
+    server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, reward_pb2_grpc.RewardServicer())
+    sys.exit(serve(server, setup))
+    """
+)
+
+
+def test_a_watched_part_that_dies_stops_the_service_with_exit_code_1() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHED_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "READY" in out and proc.returncode == 1, err
+    assert "sub: the test loop died (RuntimeError('commit refused')); stopping with exit code 1" in err
+
+
+def test_a_service_stops_when_the_process_that_started_it_dies() -> None:
+    """`flywheel up` sets FLYWHEEL_PARENT_PID: SIGKILLed, it cannot stop its services, so they stop themselves."""
+    sh = subprocess.Popen(  # sh starts the service and waits; the service's stdout is our pipe
+        ["sh", "-c", 'FLYWHEEL_PARENT_PID=$$ "$0" -c "$1"; echo "sh: service exited"', sys.executable, SERVER_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = sh.stdout.readline()
+        assert line.startswith("READY"), line
+        sh.kill()  # the service is orphaned now
+        out, err = sh.communicate(timeout=15)  # EOF: every holder of the pipes (the service) has exited
+    finally:
+        if sh.poll() is None:
+            sh.kill()
+            sh.wait()
+    assert "EXITED" in out and "sh: service exited" not in out
+    assert "the process that started it (pid" in err and "stopping with exit code 1" in err
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     async def body(server: ServiceServer) -> None:
         for grpc_port, http_port, what in ((server.grpc_port, 0, "gRPC"), (0, server.http_port, "HTTP")):
