@@ -7,7 +7,8 @@ half. The reward model's own score never enters the win-rate.
 
 The trainer starts paused and is resumed (Trainer.Resume with the admin token) once the reward
 model is worth optimizing (held-out accuracy >= `resume_accuracy`, or after
-`resume_after_events`): PPO against an untrained reward head would only drift the policy.
+`resume_after_events`): PPO against an untrained reward head would only drift the policy. It is
+paused again for the final evaluation, so that one version answers all of it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ class Services:
         from flywheel.v1 import trainer_pb2
 
         self.trainer.Resume(trainer_pb2.ResumeRequest(), metadata=self.admin, timeout=10)
+
+    def pause_trainer(self, reason: str) -> int:
+        """Pause (returns after the step in progress); the version the replicas are told to serve."""
+        from flywheel.v1 import trainer_pb2
+
+        req = trainer_pb2.PauseRequest(reason=reason)
+        return self.trainer.Pause(req, metadata=self.admin, timeout=120).serving_version
 
     def close(self) -> None:
         for c in self._chans:
@@ -285,7 +293,13 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
                 next_eval = time.monotonic() + cfg.eval_every_s
             stop.wait(1.0)
         panel_stop.set()
-        say("final evaluation ...", flush=True)
+        # The final evaluation measures one version: the trainer promotes nothing more, and the
+        # answers wait until the replica serves what the trainer last promoted.
+        final_version = svc.pause_trainer("demo: final evaluation")
+        settle = time.monotonic() + 60
+        while svc.policy_version() != final_version and time.monotonic() < settle:
+            time.sleep(0.5)
+        say(f"final evaluation of v{svc.policy_version()} (trainer paused) ...", flush=True)
         final = evaluate(client, panel, bank, cfg.final_eval_samples)
         elapsed = time.monotonic() - t_start
         report = {

@@ -83,6 +83,10 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
 # ---------------------------------------------------------------------------- the model
 
 
+class Stopped(Exception):
+    """A long scoring pass was cut short because its caller is shutting down."""
+
+
 class RewardModel:
     """A sequence-classification model with one output plus its tokenizer."""
 
@@ -127,13 +131,21 @@ class RewardModel:
         return self.model(**enc).logits[:, 0].float()  # (B, 1) -> (B,)
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], chunk_size: int = 64) -> list[float]:
-        """Scores without grad, in chunks, in eval mode."""
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        chunk_size: int = 64,
+        stop: threading.Event | None = None,
+    ) -> list[float]:
+        """Scores without grad, in chunks, in eval mode; raises Stopped between chunks once `stop` is set."""
         was_training = self.model.training
         self.model.eval()
         out: list[float] = []
         try:
             for i in range(0, len(prompts), chunk_size):
+                if stop is not None and stop.is_set():
+                    raise Stopped(f"scoring stopped after {i} of {len(prompts)} items")
                 out += self.forward(prompts[i : i + chunk_size], responses[i : i + chunk_size]).tolist()
         finally:
             self.model.train(was_training)
@@ -170,14 +182,16 @@ def train_step(
     return {"loss": loss.item(), "bce": bce.item(), "batch_accuracy": pairwise_accuracy(r_c.detach(), r_r.detach())}
 
 
-def evaluate(rm: RewardModel, pairs: Sequence, chunk_size: int = 64) -> dict[str, float]:
-    """Held-out pairwise accuracy and the mean/std of the scores (ties are left out)."""
+def evaluate(
+    rm: RewardModel, pairs: Sequence, chunk_size: int = 64, stop: threading.Event | None = None
+) -> dict[str, float]:
+    """Held-out pairwise accuracy and the mean/std of the scores (ties are left out); see score for `stop`."""
     pairs = [p for p in pairs if getattr(p, "source", "") != "tie"]
     if not pairs:
         return {"heldout_accuracy": -1.0}
     prompts = [p.prompt for p in pairs]
-    rc = torch.tensor(rm.score(prompts, [p.chosen for p in pairs], chunk_size))  # (B,)
-    rr = torch.tensor(rm.score(prompts, [p.rejected for p in pairs], chunk_size))  # (B,)
+    rc = torch.tensor(rm.score(prompts, [p.chosen for p in pairs], chunk_size, stop))  # (B,)
+    rr = torch.tensor(rm.score(prompts, [p.rejected for p in pairs], chunk_size, stop))  # (B,)
     both = torch.cat([rc, rr])
     return {
         "heldout_accuracy": pairwise_accuracy(rc, rr),

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from flywheel.core.modelstore import Manifest, ModelStore
 from flywheel.reward.config import RewardModelConfig, TrainConfig
-from flywheel.reward.model import RewardModel, evaluate, train_step
+from flywheel.reward.model import RewardModel, Stopped, evaluate, train_step
 from flywheel.reward.store import PairRow, PreferenceStore
 from flywheel.v1 import events_pb2
 
@@ -123,6 +123,8 @@ class OnlineTrainer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("reward trainer still inside a step after %.0fs; exiting without it", timeout_s)
 
     # ------------------------------------------------------------------ one round
     def run_round(self) -> bool:
@@ -176,7 +178,11 @@ class OnlineTrainer:
         assert self.rm is not None
         self._steps_since_publish = 0
         heldout = self.dataset.pairs_after(0, "heldout", limit=self.config.max_heldout_eval)
-        ev = evaluate(self.rm, heldout)
+        try:  # ~20 s on a loaded CPU: a stopping service must not wait for it (a restart trains these again)
+            ev = evaluate(self.rm, heldout, stop=self._stop)
+        except Stopped:
+            log.info("held-out evaluation stopped: the service is shutting down, nothing published")
+            return None
         acc = ev["heldout_accuracy"]
         if acc >= 0:
             ACCURACY.set(acc)

@@ -245,6 +245,8 @@ class Trainer(CheckpointMixin, PromotionMixin):
                     stop.wait(0.2)
                     continue
                 with self.lock:
+                    if self.paused:  # paused while this thread waited for the lock
+                        continue
                     self.status = "training"
                     self._apply_reset()
                     try:

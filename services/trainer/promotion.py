@@ -88,10 +88,15 @@ class PromotionMixin:
             raise errors.FailedPrecondition(f"cannot {what}: this trainer is {self.status}, not the active one")
 
     def pause(self, reason: str = "") -> None:
-        """Stop taking steps after the current one (persisted: a restarted trainer stays paused)."""
+        """Stop taking steps; returns once the step in progress (and any version it promotes) is done.
+
+        Persisted: a restarted trainer stays paused. The flag is set before the lock is taken, so
+        the loop starts no step after the current one while the caller waits.
+        """
         self._require_active("pause")
         self.paused = True
-        state.save_control(self.dir, {"paused": True, "reason": reason})
+        with self.lock:
+            state.save_control(self.dir, {"paused": True, "reason": reason})
         log.warning("paused: %s", reason or "(no reason given)")
 
     def resume(self) -> None:

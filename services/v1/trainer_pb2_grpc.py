@@ -76,7 +76,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pause(self, request, context):
-        """Stop taking training steps (serving is unaffected).
+        """Stop taking training steps (serving is unaffected). Returns once the step in progress,
+        and any version it promotes, is done: the status it returns is final until Resume.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -195,7 +195,9 @@ def demo_report(kafka_bootstrap, tmp_path_factory) -> tuple[object, dict]:
     topics = {f"FLYWHEEL_TOPIC_{t.upper()}": prefix + n for t, n in _topic_defaults().items()}
     cfg = DemoConfig(
         out=tmp_path_factory.mktemp("loop") / "demo",
-        minutes=5.0,
+        # Stops early once 0.7 is confirmed on 150 answers; the limit is for slow runs (CI's stop-15
+        # run ended at 0.59 after 5 minutes while the win-rate was still climbing).
+        minutes=9.0,
         target_win_rate=0.7,
         max_events=1500,
         events_per_s=8.0,
@@ -234,11 +236,13 @@ def test_loop_promotes_and_swaps_in_a_new_policy(demo_report) -> None:
 def test_loop_learns_what_the_panel_prefers(demo_report) -> None:
     """The panel prefers the promoted policy to the starter by a clear margin.
 
-    Stochastic, on 5 minutes of 2 CPU cores: 0.80 and 0.50 were seen before the demo's KL floor;
-    every run since (6 of 6, stop 11) passed.
+    Stochastic, on a few minutes of 2 CPU cores: 0.80 and 0.50 were seen before the demo's KL
+    floor; then 13 runs passed, and one (CI, stop 15) ended at 0.59 after 5 minutes. Since then the
+    limit is 9 minutes and the final evaluation measures one version (the trainer is paused).
     """
     _, report = demo_report
-    summary = {k: v for k, v in report.items() if k != "series"}
+    summary = {k: v for k, v in report.items() if k not in ("series", "settings", "examples", "heldout_prompts")}
+    summary["win_rates"] = [(p["t_s"], p["serving_version"], round(p["win_rate"], 2)) for p in report["series"]]
     # A clear margin: 0.6 on 150 comparisons is 2.5 standard errors above a coin flip.
     assert report["win_rate_vs_starter"] >= 0.6, summary
     assert report["hidden_utility"]["serving"] > report["hidden_utility"]["starter"], summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from flywheel.core.modelstore import ModelStore
 from flywheel.reward.model import (
     RewardModel,
     Scorer,
+    Stopped,
     binary_loss,
     bradley_terry_loss,
     build_tiny,
@@ -70,6 +72,11 @@ def test_tiny_model_learns_a_synthetic_preference(tmp_path) -> None:
     after = evaluate(rm, heldout)
     assert after["heldout_accuracy"] >= 0.9, (before, after)
     assert before < 0.8  # it was learned, not given
+    stop = threading.Event()
+    assert evaluate(rm, heldout, chunk_size=64, stop=stop) == after  # not stopped: the same pass
+    stop.set()
+    with pytest.raises(Stopped, match="after 0 of 200 items"):  # a stopping service does not wait for it
+        evaluate(rm, heldout, chunk_size=64, stop=stop)
 
 
 def test_store_round_trip_and_scorer_hot_swap(tmp_path) -> None:

@@ -226,6 +226,40 @@ def test_control_errors_are_precise(tmp_path: Path, init_path: Path) -> None:
     assert t.serving_version == 0 and t._reset_to == 0
 
 
+def test_pause_returns_after_the_step_in_progress(tmp_path: Path, init_path: Path, monkeypatch) -> None:
+    """Pause waits for the running step; after it returns, no step starts (its status is final)."""
+    t = make(tmp_path, init_path)
+    t.setup = lambda: None  # type: ignore[method-assign]  # already set up by make()
+    in_step, release, steps = threading.Event(), threading.Event(), []
+
+    def slow_step() -> dict:
+        steps.append(t.step)
+        in_step.set()
+        release.wait(10)
+        t.step += 1
+        return {}
+
+    monkeypatch.setattr(t, "train_step", slow_step)
+    stop = threading.Event()
+    loop = threading.Thread(target=t.run, args=(stop,))
+    loop.start()
+    try:
+        assert in_step.wait(10)
+        paused = threading.Thread(target=t.pause, args=("final evaluation",))
+        paused.start()
+        paused.join(0.3)
+        assert paused.is_alive()  # still inside the step
+        release.set()
+        paused.join(10)
+        assert not paused.is_alive() and t.step == 1
+        time.sleep(0.5)
+        assert steps == [0] and t.status == "paused"
+    finally:
+        stop.set()
+        release.set()
+        loop.join(10)
+
+
 def test_second_trainer_waits_as_standby(tmp_path: Path) -> None:
     d = state.trainer_dir(tmp_path, "policy")
     a, b = state.ActiveLock(d), state.ActiveLock(d)
