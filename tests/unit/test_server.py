@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -304,16 +305,21 @@ SERVER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sigterm_exits_cleanly() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+@contextlib.contextmanager
+def spawned(args: list[str]) -> Iterator[subprocess.Popen]:
+    """A child process with text pipes, killed on the way out if it is still running."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_exits_cleanly() -> None:
+    with spawned([sys.executable, "-c", SERVER_SCRIPT]) as proc:
         line = proc.stdout.readline()
         assert line.startswith("READY"), line + proc.stderr.read()
         started = time.monotonic()
@@ -322,10 +328,6 @@ def test_sigterm_exits_cleanly() -> None:
         assert proc.returncode == 0, err
         assert "EXITED" in out
         assert time.monotonic() - started < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 WATCHED_SCRIPT = textwrap.dedent(
@@ -354,38 +356,21 @@ WATCHED_SCRIPT = textwrap.dedent(
 
 
 def test_a_watched_part_that_dies_stops_the_service_with_exit_code_1() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WATCHED_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
-    )
-    try:
+    with spawned([sys.executable, "-c", WATCHED_SCRIPT]) as proc:
         out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert "READY" in out and proc.returncode == 1, err
     assert "sub: the test loop died (RuntimeError('commit refused')); stopping with exit code 1" in err
 
 
 def test_a_service_stops_when_the_process_that_started_it_dies() -> None:
     """`flywheel up` sets FLYWHEEL_PARENT_PID: SIGKILLed, it cannot stop its services, so they stop themselves."""
-    sh = subprocess.Popen(  # sh starts the service and waits; the service's stdout is our pipe
-        ["sh", "-c", 'FLYWHEEL_PARENT_PID=$$ "$0" -c "$1"; echo "sh: service exited"', sys.executable, SERVER_SCRIPT],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
+    # sh starts the service and waits for it; the service's stdout is our pipe.
+    script = 'FLYWHEEL_PARENT_PID=$$ "$0" -c "$1"; echo "sh: service exited"'
+    with spawned(["sh", "-c", script, sys.executable, SERVER_SCRIPT]) as sh:
         line = sh.stdout.readline()
         assert line.startswith("READY"), line
         sh.kill()  # the service is orphaned now
         out, err = sh.communicate(timeout=15)  # EOF: every holder of the pipes (the service) has exited
-    finally:
-        if sh.poll() is None:
-            sh.kill()
-            sh.wait()
     assert "EXITED" in out and "sh: service exited" not in out
     assert "the process that started it (pid" in err and "stopping with exit code 1" in err
 
