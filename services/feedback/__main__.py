@@ -14,7 +14,7 @@ import logging
 
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import ConfigError, KafkaConfig, TopicsConfig, load_section, read_yaml
-from flywheel.core.server import run_blocking, server_config
+from flywheel.core.server import end_process, run_blocking, server_config
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.server import build_server, open_and_serve
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     asyncio.run(run())
-    return server.exit_code
+    return end_process(server.exit_code)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     service = PolicyService(config)
     server = build_server(service, scfg)
-    try:
-        return serve(server, service.setup)
-    finally:
-        service.stop()
+    return serve(server, service.setup, cleanup=service.stop)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RewardServiceConfig.from_env(args.config)
     service = RewardService(config)
     server = build_server(service, server_config("reward", grpc_port=args.grpc_port, http_port=args.http_port))
-    try:
-        return serve(server, service.setup)
-    finally:
-        service.stop()
+    return serve(server, service.setup, cleanup=service.stop)
 
 
 if __name__ == "__main__":

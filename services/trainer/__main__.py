@@ -114,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         srv.watch("the training loop", lambda: died[0] if died else None)
         await srv.set_serving(True)
 
-    try:
-        return serve(server, setup)
-    finally:
+    def cleanup() -> None:
         stop.set()
         if thread.is_alive():
             thread.join(timeout=60)
         if elector is not None:
             elector.stop()  # releases the Lease, so a standby takes over at once
+
+    return serve(server, setup, cleanup)
 
 
 def _on_lease_change(held: bool, leading: threading.Event) -> None:

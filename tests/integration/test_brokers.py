@@ -72,3 +72,24 @@ def test_tansu_runs_in_the_foreground_until_sigterm() -> None:
     time.sleep(0.2)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_tansu_dies_with_its_owner_even_when_that_is_sigkilled() -> None:
+    port = brokers.free_port()
+    proc = subprocess.Popen([*CLI, "tansu", "run", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == f"127.0.0.1:{port}"
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        proc.kill()  # no chance to stop its broker
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return  # the kernel's SIGTERM stopped it
+        time.sleep(0.1)
+    pytest.fail(f"the broker still listens on {port} after its owner was SIGKILLed")

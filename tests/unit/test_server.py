@@ -333,7 +333,7 @@ def test_sigterm_exits_cleanly() -> None:
 WATCHED_SCRIPT = textwrap.dedent(
     """
     import sys, threading, time
-    from flywheel.core.server import ServerConfig, ServiceServer, serve
+    from flywheel.core.server import ServerConfig, ServiceServer, run_blocking, serve
     from flywheel.v1 import reward_pb2_grpc
 
     died = []
@@ -347,10 +347,11 @@ WATCHED_SCRIPT = textwrap.dedent(
         server.watch("the test loop", lambda: died[0] if died else None)
         await server.set_serving(True)
         print("READY", flush=True)
+        await run_blocking(time.sleep, 600)  # a blocking call that hangs (a connect to a broker that is gone)
 
     server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=2), name="sub")
     server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, reward_pb2_grpc.RewardServicer())
-    sys.exit(serve(server, setup))
+    sys.exit(serve(server, setup, cleanup=lambda: print("CLEANED UP", flush=True)))
     """
 )
 
@@ -358,7 +359,7 @@ WATCHED_SCRIPT = textwrap.dedent(
 def test_a_watched_part_that_dies_stops_the_service_with_exit_code_1() -> None:
     with spawned([sys.executable, "-c", WATCHED_SCRIPT]) as proc:
         out, err = proc.communicate(timeout=20)
-    assert "READY" in out and proc.returncode == 1, err
+    assert "READY" in out and "CLEANED UP" in out and proc.returncode == 1, err
     assert "sub: the test loop died (RuntimeError('commit refused')); stopping with exit code 1" in err
 
 
@@ -371,7 +372,7 @@ def test_a_service_stops_when_the_process_that_started_it_dies() -> None:
         assert line.startswith("READY"), line
         sh.kill()  # the service is orphaned now
         out, err = sh.communicate(timeout=15)  # EOF: every holder of the pipes (the service) has exited
-    assert "EXITED" in out and "sh: service exited" not in out
+    assert "sh: service exited" not in out  # sh itself was gone before the service exited
     assert "the process that started it (pid" in err and "stopping with exit code 1" in err
 
 
