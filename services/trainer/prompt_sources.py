@@ -130,10 +130,15 @@ class KafkaPrompts(PoolPrompts):
         self._demos: list[tuple[str, str]] = []
 
     def take(self, n: int) -> list[str]:
+        from kafka.errors import KafkaError
+
         from flywheel.v1 import events_pb2
 
         live: list[str] = []
-        batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=n)
+        try:
+            batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=n)
+        except KafkaError as e:  # the training loop backs off and retries the step
+            raise errors.Unavailable(f"polling prompts from Kafka failed: {e!r}") from e
         for tp, msgs in batches.items():
             for msg in msgs:
                 try:

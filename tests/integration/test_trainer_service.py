@@ -16,14 +16,14 @@ import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
-from flywheel.core import bus
+from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Authenticator
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.modelstore import ModelStore
 from flywheel.core.server import ServerConfig, ServiceServer
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
-from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
+from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, KafkaPrompts, PoolPrompts
 from flywheel.trainer.server import TrainerServicer
 from flywheel.trainer.tiny_policy import tiny_policy
 from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -253,3 +253,26 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
         assert fake.prompts.count(later) == 2 and fake.prompts.count(live) == 0, fake.prompts
     finally:
         rserver.stop(0)
+
+
+def test_kafka_prompts_turn_a_failed_poll_into_unavailable(kafka_bootstrap: str, topics_config: TopicsConfig) -> None:
+    """The training loop backs off and retries a step on Unavailable; any other error would end it."""
+    from kafka.errors import KafkaConnectionError
+
+    t, kafka = topics_config, KafkaConfig(bootstrap=kafka_bootstrap)
+    bus.ensure_topics(kafka, t)
+    with bus.Producer(kafka) as p:
+        p.send_sync(t.interactions, "k", events_pb2.Interaction(prompt="live prompt", model="policy"))
+    prompts = KafkaPrompts(kafka, t.interactions, ["pool prompt"], "tr-poll", "policy")
+    try:
+        real = prompts.consumer.poll
+        prompts.consumer.poll = lambda **kw: (_ for _ in ()).throw(KafkaConnectionError("injected"))
+        with pytest.raises(errors.Unavailable, match="polling prompts from Kafka failed"):
+            prompts.take(1)
+        prompts.consumer.poll = real
+        deadline = time.monotonic() + 20
+        while (got := prompts.take(1)) != ["live prompt"] and time.monotonic() < deadline:
+            pass
+        assert got == ["live prompt"]
+    finally:
+        prompts.close()
