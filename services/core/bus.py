@@ -90,7 +90,7 @@ def consumer_samples() -> list[Sample]:
     worker) still shows on its service's /metrics."""
     return [
         (s.name, s.labels, s.value)
-        for metric in (CONSUMED, FAILED, LAG)
+        for metric in (CONSUMED, FAILED, LOOP_ERRORS, LAG)
         for family in metric.collect()
         for s in family.samples
         if not s.name.endswith("_created")
@@ -101,7 +101,11 @@ def mirror_consumer_samples(samples: list[Sample], seen: dict[tuple, float]) -> 
     """Export another process's `consumer_samples` through this process's metrics. Counters
     advance by what they gained since the last call (`seen` keeps each series' last value; a
     helper that was restarted counts from 0 again: pass a new `seen`); gauges take the value."""
-    counters = {"flywheel_bus_consumed_total": CONSUMED, "flywheel_bus_handler_failures_total": FAILED}
+    counters = {
+        "flywheel_bus_consumed_total": CONSUMED,
+        "flywheel_bus_handler_failures_total": FAILED,
+        "flywheel_bus_consumer_errors_total": LOOP_ERRORS,
+    }
     for name, labels, value in samples:
         if name == "flywheel_bus_consumer_lag":
             LAG.labels(**labels).set(value)

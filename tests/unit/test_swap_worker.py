@@ -133,3 +133,7 @@ def test_a_helper_process_consumer_metrics_are_exported_as_the_service_own() -> 
     assert consumed() == 6
     mine = [s for s in bus.consumer_samples() if s[1] == labels]  # and this process's own samples
     assert mine == [("flywheel_bus_consumed_total", labels, 6.0)]
+    errors = {"group": "g-mirror", "kind": "poll"}  # the errors its consumer loop survived, too
+    bus.mirror_consumer_samples([("flywheel_bus_consumer_errors_total", errors, 2.0)], seen)
+    assert REGISTRY.get_sample_value("flywheel_bus_consumer_errors_total", errors) == 2
+    assert ("flywheel_bus_consumer_errors_total", errors, 2.0) in bus.consumer_samples()
