@@ -10,18 +10,25 @@ flywheel.policy.updates one after another, --rounds times (15 versions by defaul
   - failed requests (target 0) and answers whose version is not the one announced last,
   - p99 request latency during swaps against steady state (target <= 1.3x). "During" is every
     request that overlaps an announcement -> first-new-answer window, pooled over the rounds (each
-    round's own ratio is printed too); steady is the --steady-s before the first announcement.
-    With it, a 90% interval of that ratio from a cluster bootstrap (swap windows and slices of the
-    steady seconds resampled): how far another run of the same code on this machine can land.
+    round's own ratio is printed too). Steady state is measured across the whole run: the
+    --steady-s before the first announcement and the quiet seconds between swaps (from --settle-s
+    after a swap's first new answer to the next announcement, no-op windows left out). This
+    host's speed drifts with its neighbours: with no swap at all, the p99 of 4-second slices of
+    one run ranged 45-74 ms, so a baseline from one stretch of seconds (the steady seconds before
+    the first swap, `p99_ratio_to_first_steady_s`, the headline figure until stop 16) put a run's
+    ratio wherever that stretch fell. With it, a 90% interval of the ratio from a cluster
+    bootstrap (swap windows and slices of the steady answers resampled): how far another run of
+    the same code on this machine can land.
     The versions are all published before the load starts, and announced from another process
     (the trainer's side, whose Kafka client would otherwise share the clients' GIL right at the
     start of every window).
   - the noise band of that p99: steady-state p99 over random windows as long as the swap
-    windows (the "during" sample is smaller, so one hiccup of a shared machine moves it), and the
-    p99 against a control matched in time: the steady answers plus those between swaps,
+    windows (the "during" sample is smaller, so one hiccup of a shared machine moves it),
   - with --noop, a control for what announcing costs without a swap: after each swap, the same
     announcement for another model (delivered, parsed, ignored), and the p99 and mean latency of
-    the answers overlapping a window of that swap's length; and where the swap's cost falls: the
+    the answers overlapping a window of that swap's length, whose p99 against steady state is
+    what this estimator reads when nothing loads (an A/A test in the same run); and where the
+    swap's cost falls: the
     mean latency of the answers that ended before the switch, were in flight at it (they finish
     on the old weights) or began after it, against the same phases of the no-op windows.
 
@@ -188,16 +195,16 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         await loop.run_in_executor(trainer, _announce, topic, b"")  # started before the clients are timed
         tasks = [asyncio.create_task(client(i)) for i in range(args.clients)]
         await asyncio.sleep(args.steady_s)
-        steady_log = list(log)
+        first_steady = list(log)
         before = histogram_means(url, *SERVICE_SWAP)
         swaps, noops = [], []
         for m, raw in versions:
-            t_a = time.perf_counter()
+            t_a, seen = time.perf_counter(), len(log)
             update = store.to_update(m, "gate").SerializeToString()
             await loop.run_in_executor(trainer, _announce, topic, update)
             while not any(v == m.version for _, _, v in log[-args.clients * 2 :]):
                 await asyncio.sleep(0.005)
-            first = min(e for s, e, v in log if v == m.version)
+            first = min(e for s, e, v in log[seen:] if v == m.version)  # the tail: the loop is the clients' too
             swaps.append({"version": m.version, "swap_s": first - t_a, "read_s": raw, "window": (t_a, first)})
             await asyncio.sleep(args.gap_s)
             if args.noop:  # the same announcement for another model: delivered and parsed, then ignored
@@ -208,6 +215,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
                 noops.append((t_n, t_n + (first - t_a)))
                 await asyncio.sleep(max(0.0, t_n + (first - t_a) - time.perf_counter()) + args.gap_s)
         stop.set()
+        t_end = time.perf_counter()
         await asyncio.gather(*tasks)
         after = histogram_means(url, *SERVICE_SWAP)
         trainer.shutdown()
@@ -219,17 +227,17 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
 
     during = overlapping([x["window"] for x in swaps])
     noop = overlapping(noops)
-    steady = [e - s for s, e, _ in steady_log]
-    # A control matched in time: answers between swaps (from `settle_s` after one swap's first new
-    # answer, when the old weights have drained, to the next announcement). The host's speed
-    # drifted by 1.5x within one run, so a baseline taken only before the first swap can be unlike
-    # the seconds the swaps ran in.
-    quiet = [(x["window"][1] + args.settle_s, y["window"][0]) for x, y in zip(swaps, swaps[1:], strict=False)]
-    between = steady + [
-        e - s
-        for s, e, _ in log
+    # Steady state across the run: the seconds before the first swap and those between swaps (from
+    # `settle_s` after one swap's first new answer, when the old weights have drained, to the next
+    # announcement), no-op windows left out. The host's speed drifts by 1.5x within one run.
+    ends = [y["window"][0] for y in swaps[1:]] + [t_end]
+    quiet = [(x["window"][1] + args.settle_s, end) for x, end in zip(swaps, ends, strict=True)]
+    steady_log = first_steady + [
+        (s, e, v)
+        for s, e, v in log[len(first_steady) :]
         if any(a <= s and e <= b for a, b in quiet) and not any(s < b and e > a for a, b in noops)
     ]
+    steady = [e - s for s, e, _ in steady_log]
     rounds = [overlapping([x["window"] for x in swaps[r : r + 5]]) for r in range(0, len(swaps), 5)]
     interval = ratio_interval([overlapping([x["window"]]) for x in swaps], steady_log)
     # The answers still decoding on the old weights once the new ones serve: every step then runs
@@ -246,7 +254,7 @@ async def run(addr: str, url: str, store: ModelStore, kafka: KafkaConfig, topic:
         Path(args.trace).write_text(json.dumps({"log": log, "swaps": swaps, "noops": noops}))
     return {
         "steady": steady,
-        "between": between,
+        "first_steady": [e - s for s, e, _ in first_steady],
         "draining": draining,
         "steady_band": noise_band(steady_log, [x["window"][1] - x["window"][0] for x in swaps]),
         "during": during,
@@ -274,15 +282,15 @@ def main() -> None:
         "--settle-s",
         type=float,
         default=0.5,
-        help="answers from this long after a swap's first new answer to the next announcement are the"
-        " between-swaps control",
+        help="answers from this long after a swap's first new answer (the old weights have drained) to the"
+        " next announcement count as steady state",
     )
     ap.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="rounds of 5 announcements; the p99 during swaps pools them (one round's ~300 requests"
-        " leave its p99 to the 3 slowest, and the ratio swung 0.86-1.34x between runs)",
+        default=6,
+        help="rounds of 5 announcements; the p99 during swaps pools them (one round's ~120 requests"
+        " leave its p99 to the slowest two, and the ratio swung 0.86-1.34x between runs)",
     )
     ap.add_argument(
         "--drain",
@@ -363,11 +371,14 @@ def main() -> None:
         "p99_ratio_to_same_size_p50": round(during_p99 / r["steady_band"][1], 2),
         "draining_answers": len(r["draining"]),
         "draining_p50_vs_steady_p50": round(pct(r["draining"], 0.5) / pct(r["steady"], 0.5), 2),
-        "steady_p99_between_swaps_ms": round(pct(r["between"], 0.99) * 1000, 1),
-        "p99_ratio_to_between_swaps": round(during_p99 / pct(r["between"], 0.99), 2),
+        "steady_answers": len(r["steady"]),
+        "during_swaps_answers": len(r["during"]),
+        "steady_p99_first_steady_s_ms": round(pct(r["first_steady"], 0.99) * 1000, 1),
+        "p99_ratio_to_first_steady_s": round(during_p99 / pct(r["first_steady"], 0.99), 2),
         **(
             {
                 "noop_announcements_p99_ms": round(pct(r["noop"], 0.99) * 1000, 1),
+                "noop_p99_ratio": round(pct(r["noop"], 0.99) / steady_p99, 2),
                 "p99_ratio_to_noop_announcements": round(during_p99 / pct(r["noop"], 0.99), 2),
                 "mean_ms_swap_vs_noop_by_phase_and_n": r["phases"],
                 "mean_ratio_to_noop_announcements": round(
