@@ -1,6 +1,6 @@
 """Hot swap under continuous load: `flywheel serve policy` as its own process, N gRPC clients
 generating without pause, 5 new versions published to the model store and announced on
-flywheel.policy.updates one after another, --rounds times (15 versions by default). Reports:
+flywheel.policy.updates one after another, --rounds times (30 versions by default). Reports:
   - swap latency (announcement -> first answer from the new version: it includes the whole of
     that answer, --new-tokens decode steps on the new weights) against the raw time to
     read that checkpoint from disk (every byte of its files, best of 3, measured before the load
@@ -14,7 +14,7 @@ flywheel.policy.updates one after another, --rounds times (15 versions by defaul
     --steady-s before the first announcement and the quiet seconds between swaps (from --settle-s
     after a swap's first new answer to the next announcement, no-op windows left out). This
     host's speed drifts with its neighbours: with no swap at all, the p99 of 4-second slices of
-    one run ranged 45-74 ms, so a baseline from one stretch of seconds (the steady seconds before
+    one run ranged 43-72 ms, so a baseline from one stretch of seconds (the steady seconds before
     the first swap, `p99_ratio_to_first_steady_s`, the headline figure until stop 16) put a run's
     ratio wherever that stretch fell. With it, a 90% interval of the ratio from a cluster
     bootstrap (swap windows and slices of the steady answers resampled): how far another run of
@@ -379,6 +379,7 @@ def main() -> None:
             {
                 "noop_announcements_p99_ms": round(pct(r["noop"], 0.99) * 1000, 1),
                 "noop_p99_ratio": round(pct(r["noop"], 0.99) / steady_p99, 2),
+                "noop_p99_ratio_to_first_steady_s": round(pct(r["noop"], 0.99) / pct(r["first_steady"], 0.99), 2),
                 "p99_ratio_to_noop_announcements": round(during_p99 / pct(r["noop"], 0.99), 2),
                 "mean_ms_swap_vs_noop_by_phase_and_n": r["phases"],
                 "mean_ratio_to_noop_announcements": round(
