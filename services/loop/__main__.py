@@ -20,6 +20,13 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=".flywheel/up", help="logs and service state (default .flywheel/up)")
     p.add_argument("--free-ports", action="store_true", help="let the OS pick ports instead of 50051-50054/808x")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every service to serve")
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=5,
+        help="restart a service that exits up to this often in 10 minutes (1 s backoff, doubling), then stop"
+        " everything; 0: the first exit stops everything (default 5)",
+    )
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:

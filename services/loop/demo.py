@@ -211,6 +211,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
         progress=cfg.progress,
         trainer_paused=True,
     )
+    import grpc
+
     say = print if cfg.progress else (lambda *a, **k: None)
     t_start = time.monotonic()
     sup = Supervisor(up)
@@ -244,53 +246,58 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
         deadline = t_start + cfg.minutes * 60
         while not stop.is_set() and time.monotonic() < deadline:
             sup.poll()
-            info = svc.reward_info()
-            if not resumed and (
-                (
-                    info.pairs_trained >= cfg.resume_min_pairs
-                    and info.pairs_heldout >= 10
-                    and info.heldout_accuracy >= cfg.resume_accuracy
-                )
-                or client.events >= cfg.resume_after_events
-            ):
-                svc.resume_trainer()
-                resumed = True
-                say(f"trainer resumed at {client.events} events (reward accuracy {info.heldout_accuracy:.2f})")
-            if time.monotonic() >= next_eval:
-                ev = evaluate(client, panel, bank, cfg.eval_samples)
-                st = svc.trainer_status()
-                point = {
-                    "t_s": round(time.monotonic() - t0, 1),
-                    "feedback_events": client.events,
-                    "serving_version": svc.policy_version(),
-                    "reward_version": info.reward_version,
-                    "reward_accuracy": info.heldout_accuracy,
-                    "pairs_trained": info.pairs_trained,
-                    "trainer_step": st.step,
-                    "trainer_reward_mean": st.metrics.get("reward_mean", float("nan")),
-                    "trainer_kl": st.metrics.get("kl", float("nan")),
-                    "kl_to_starter": serving_kl(sup.store, ev["version"]),
-                    **{k: v for k, v in ev.items() if k != "examples"},
-                }
-                series.append(point)
-                say(
-                    f"[{point['t_s']:6.0f}s] feedback {client.events:5d}  reward v{info.reward_version} "
-                    f"acc {info.heldout_accuracy:.2f}  trainer step {st.step}  serving v{point['serving_version']}  "
-                    f"win-rate {ev['win_rate']:.2f}±{ev['win_rate_se']:.2f}  KL {point['kl_to_starter']:.2f}  "
-                    f"words {ev['mean_words']:.0f}",
-                    flush=True,
-                )
-                hits = hits + 1 if ev["win_rate"] >= cfg.target_win_rate and ev["version"] > 0 else 0
-                if hits >= 2:  # two small evaluations are noisy (±0.06): confirm on the final's sample size
-                    check = evaluate(client, panel, bank, cfg.final_eval_samples)
-                    lower = check["win_rate"] - cfg.confirm_margin_se * check["win_rate_se"]
-                    seen = f"win-rate {check['win_rate']:.2f} over {check['n']} answers (lower bound {lower:.2f})"
-                    if lower >= cfg.target_win_rate:
-                        say(f"target confirmed: {seen}")
-                        break
-                    say(f"not confirmed: {seen}; going on")
-                    hits = 0
-                next_eval = time.monotonic() + cfg.eval_every_s
+            try:
+                info = svc.reward_info()
+                if not resumed and (
+                    (
+                        info.pairs_trained >= cfg.resume_min_pairs
+                        and info.pairs_heldout >= 10
+                        and info.heldout_accuracy >= cfg.resume_accuracy
+                    )
+                    or client.events >= cfg.resume_after_events
+                ):
+                    svc.resume_trainer()
+                    resumed = True
+                    say(f"trainer resumed at {client.events} events (reward accuracy {info.heldout_accuracy:.2f})")
+                if time.monotonic() >= next_eval:
+                    ev = evaluate(client, panel, bank, cfg.eval_samples)
+                    st = svc.trainer_status()
+                    point = {
+                        "t_s": round(time.monotonic() - t0, 1),
+                        "feedback_events": client.events,
+                        "serving_version": svc.policy_version(),
+                        "reward_version": info.reward_version,
+                        "reward_accuracy": info.heldout_accuracy,
+                        "pairs_trained": info.pairs_trained,
+                        "trainer_step": st.step,
+                        "trainer_reward_mean": st.metrics.get("reward_mean", float("nan")),
+                        "trainer_kl": st.metrics.get("kl", float("nan")),
+                        "kl_to_starter": serving_kl(sup.store, ev["version"]),
+                        **{k: v for k, v in ev.items() if k != "examples"},
+                    }
+                    series.append(point)
+                    say(
+                        f"[{point['t_s']:6.0f}s] feedback {client.events:5d}  reward v{info.reward_version} "
+                        f"acc {info.heldout_accuracy:.2f}  trainer step {st.step}  serving v{point['serving_version']}  "
+                        f"win-rate {ev['win_rate']:.2f}±{ev['win_rate_se']:.2f}  KL {point['kl_to_starter']:.2f}  "
+                        f"words {ev['mean_words']:.0f}",
+                        flush=True,
+                    )
+                    hits = hits + 1 if ev["win_rate"] >= cfg.target_win_rate and ev["version"] > 0 else 0
+                    if hits >= 2:  # two small evaluations are noisy (±0.06): confirm on the final's sample size
+                        check = evaluate(client, panel, bank, cfg.final_eval_samples)
+                        lower = check["win_rate"] - cfg.confirm_margin_se * check["win_rate_se"]
+                        seen = f"win-rate {check['win_rate']:.2f} over {check['n']} answers (lower bound {lower:.2f})"
+                        if lower >= cfg.target_win_rate:
+                            say(f"target confirmed: {seen}")
+                            break
+                        say(f"not confirmed: {seen}; going on")
+                        hits = 0
+                    next_eval = time.monotonic() + cfg.eval_every_s
+            except grpc.RpcError as e:  # a service restarted by the supervisor: wait for it
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                say(f"waiting for a service: {e.code().name} ({e.details()})", flush=True)
             stop.wait(1.0)
         panel_stop.set()
         # The final evaluation measures one version: the trainer promotes nothing more, and the

@@ -8,6 +8,11 @@ Order of start-up: broker (the embedded Tansu unless FLYWHEEL_KAFKA_BOOTSTRAP na
 topics -> starter models (built once into a cache with progress bars, copied into the run's
 store) -> policy, feedback, reward, trainer (`python -m flywheel.<service>`, each in its own
 process group, logs under RUN/logs) -> wait until each reports SERVING over grpc.health.v1.
+Once all serve, a service that exits is started again after a backoff (1 s doubling to 30 s),
+as a Deployment's pod would be: every service keeps its events across a restart (spools, committed
+offsets, the model store). One that exits `restarts` times within `restart_window_s` is a crash
+loop, and so is one that exits while the loop starts: those stop everything with its log tail,
+and so does the broker (the embedded one keeps its topics in memory).
 Stop: SIGTERM to every process group, a grace period, then SIGKILL; the broker last.
 """
 
@@ -34,11 +39,13 @@ SERVICES = tuple(DEFAULT_PORTS)
 
 
 class ChildDied(RuntimeError):
-    """A service process exited on its own; the message has its name, exit code and log tail."""
+    """A service process exited and is not restarted; the message has its name, exit code, how
+    often it was restarted lately and its log tail."""
 
-    def __init__(self, name: str, code: int | None, log: Path) -> None:
-        self.name, self.code, self.log = name, code, log
-        super().__init__(f"service {name} exited with code {code}; last lines of {log}:\n{tail(log)}")
+    def __init__(self, name: str, code: int | None, log: Path, restarts: int = 0, window_s: float = 0.0) -> None:
+        self.name, self.code, self.log, self.restarts = name, code, log, restarts
+        again = f" after {restarts} restarts within {window_s:.0f}s (a crash loop)" if restarts else ""
+        super().__init__(f"service {name} exited with code {code}{again}; last lines of {log}:\n{tail(log)}")
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -137,6 +144,8 @@ class Child:
     http_port: int
     log: Path
     proc: subprocess.Popen | None = None
+    restarted_at: list[float] = dataclasses.field(default_factory=list)  # time.monotonic() of each restart
+    restart_due: float | None = None  # exited: started again at this time.monotonic()
 
     @property
     def address(self) -> str:
@@ -160,6 +169,16 @@ class UpConfig:
     stop_grace_s: float = 20.0
     progress: bool = True
     trainer_paused: bool = False  # start the trainer paused (the demo resumes it once rewards are learned)
+    restarts: int = 5  # a service that exited is restarted this often within restart_window_s; 0: never
+    restart_window_s: float = 600.0  # one more exit within this window is a crash loop: everything stops
+    restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles each time, up to 30 s
+
+    def __post_init__(self) -> None:
+        if self.restarts < 0 or self.restart_window_s <= 0 or self.restart_backoff_s < 0:
+            raise ValueError(
+                f"restarts={self.restarts}, restart_window_s={self.restart_window_s}, restart_backoff_s="
+                f"{self.restart_backoff_s}: give restarts >= 0 (0: never), a window > 0 s and a backoff >= 0 s"
+            )
 
 
 class Supervisor:
@@ -176,6 +195,7 @@ class Supervisor:
         self.admin_token = os.environ.get("FLYWHEEL_ADMIN_TOKEN") or secrets.token_urlsafe(24)
         self.children: dict[str, Child] = {}
         self._stopped = False
+        self._serving = False  # all SERVING once: from then on a service that exits is restarted
 
     # ------------------------------------------------------------------ start
     def _say(self, msg: str) -> None:
@@ -255,6 +275,7 @@ class Supervisor:
         for child in self.children.values():
             self._spawn(child, env)
         self._wait_serving()
+        self._serving = True
 
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", f"flywheel.{child.name}", "--grpc-port", str(child.grpc_port)]
@@ -285,18 +306,45 @@ class Supervisor:
 
     # ------------------------------------------------------------------ watch
     def poll(self) -> None:
-        """Raise ChildDied for the first service that has exited (never hide a dead child)."""
+        """Restart the services that exited, once their backoff is over, or raise ChildDied for one
+        that is not restarted: it exited while the loop was starting, or once too often within the
+        window (never hide a dead child)."""
         if self._stopped:
             return
+        now = time.monotonic()
         for child in self.children.values():
-            if child.proc is not None and child.proc.poll() is not None:
-                raise ChildDied(child.name, child.proc.returncode, child.log)
+            if child.restart_due is not None:
+                if now >= child.restart_due:
+                    self._restart(child)
+                continue
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            cfg, code = self.cfg, child.proc.returncode
+            child.restarted_at = [t for t in child.restarted_at if now - t < cfg.restart_window_s]
+            if not self._serving or len(child.restarted_at) >= cfg.restarts:
+                raise ChildDied(child.name, code, child.log, len(child.restarted_at), cfg.restart_window_s)
+            delay = min(30.0, cfg.restart_backoff_s * 2 ** len(child.restarted_at))
+            child.restarted_at.append(now)
+            child.restart_due = now + delay
+            self._say(
+                f"{child.name} exited with code {code}; restart {len(child.restarted_at)} of {cfg.restarts} "
+                f"within {cfg.restart_window_s:.0f}s in {delay:.0f}s; last lines of {child.log}:\n{tail(child.log, 10)}"
+            )
         if self.broker is not None and not self.broker.alive():
             raise ChildDied(
                 "broker",
                 self.broker.proc.returncode if self.broker.proc else None,
                 self.run_dir / "logs" / "broker.log",
             )
+
+    def _restart(self, child: Child) -> None:
+        child.restart_due = None
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # what the old group left behind
+            os.killpg(child.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        with open(child.log, "a") as f:
+            f.write(f"--- flywheel up: restarting {child.name} (restart {len(child.restarted_at)}) ---\n")
+        self._spawn(child, self.env())
+        self._say(f"{child.name} restarted (pid {child.proc.pid})")  # type: ignore[union-attr]
 
     def endpoints(self) -> str:
         """Where each service listens and how to call it."""
@@ -363,12 +411,18 @@ def up_config(args: Any) -> UpConfig:
         run_dir=Path(getattr(args, "run_dir", None) or ".flywheel/up"),
         free_ports=bool(getattr(args, "free_ports", False)),
         start_timeout_s=float(getattr(args, "timeout", None) or 600.0),
+        restarts=int(getattr(args, "restarts", 5)),
     )
 
 
 def up_main(args: Any) -> int:
-    """`flywheel up`: start everything, print endpoints, run until Ctrl-C/SIGTERM or a child dies."""
-    cfg = up_config(args)
+    """`flywheel up`: start everything, print endpoints, run until Ctrl-C/SIGTERM or a service that exits
+    is not restarted (see Supervisor.poll)."""
+    try:
+        cfg = up_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not os.environ.get("FLYWHEEL_MODEL_STORE") and not os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP"):
         shutil.rmtree(Path(cfg.run_dir) / "state", ignore_errors=True)  # the embedded broker starts empty
         shutil.rmtree(Path(cfg.run_dir) / "models", ignore_errors=True)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -160,25 +161,39 @@ def _procs_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.timeout(600)
-def test_up_twice_leaves_nothing_behind(tmp_path) -> None:
-    from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig, port_free
+def test_up_restarts_a_dead_service_and_twice_leaves_nothing_behind(tmp_path) -> None:
+    from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig, health_status, port_free, tail
 
     store = tmp_path / "models"
     for round_ in range(2):
-        sup = Supervisor(UpConfig(run_dir=tmp_path / f"run{round_}", store=str(store), free_ports=True, progress=False))
+        up = UpConfig(tmp_path / f"run{round_}", store=str(store), free_ports=True, progress=False)
+        sup = Supervisor(dataclasses.replace(up, restarts=1 if round_ == 0 else 0, restart_backoff_s=0.2))
         sup.start()
         try:
             pids = {n: c.proc.pid for n, c in sup.children.items()}
             ports = [p for c in sup.children.values() for p in (c.grpc_port, c.http_port)]
             broker_pid, broker_port = sup.broker.proc.pid, sup.broker.port
             assert all(_pid_alive(p) for p in pids.values())
-            if round_ == 1:  # a child that dies is reported with its name, exit code and log
+            feedback = sup.children["feedback"]
+            if round_ == 0:  # a child that dies is restarted on its ports, once within the window
                 os.killpg(pids["feedback"], signal.SIGKILL)
-                time.sleep(1.0)
-                with pytest.raises(ChildDied) as err:
+                deadline = time.monotonic() + 120
+                while health_status(feedback.address, 1.0) != "SERVING" or feedback.proc.pid == pids["feedback"]:
                     sup.poll()
-                assert err.value.name == "feedback" and err.value.code == -signal.SIGKILL
-                assert "feedback listening" in str(err.value)
+                    assert time.monotonic() < deadline, tail(feedback.log)
+                    time.sleep(0.2)
+                assert feedback.restarted_at and "restarting feedback (restart 1)" in tail(feedback.log, 100)
+                pids["feedback_restarted"] = feedback.proc.pid
+                os.killpg(feedback.proc.pid, signal.SIGKILL)  # a second exit within the window: a crash loop
+            else:  # restarts=0: the first exit stops everything
+                os.killpg(pids["feedback"], signal.SIGKILL)
+            feedback.proc.wait(10)
+            with pytest.raises(ChildDied) as err:
+                sup.poll()
+            assert err.value.name == "feedback" and err.value.code == -signal.SIGKILL
+            assert err.value.restarts == (1 if round_ == 0 else 0)
+            assert ("a crash loop" in str(err.value)) == (round_ == 0)
+            assert "feedback listening" in str(err.value)
         finally:
             sup.stop()
         assert not [p for p in [*pids.values(), broker_pid] if _pid_alive(p)]

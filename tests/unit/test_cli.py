@@ -22,7 +22,10 @@ def test_serve_help_has_ports_for_each_service():
 
 
 def test_up_and_demo_document_their_options():
-    assert "--run-dir" in flywheel("up", "--help").stdout
+    up = flywheel("up", "--help").stdout
+    assert "--run-dir" in up and "--restarts" in up
+    r = flywheel("up", "--restarts", "-1")
+    assert r.returncode == 2 and "restarts=-1" in r.stderr and "give restarts >= 0" in r.stderr
     demo = flywheel("demo", "--help").stdout
     assert "--minutes" in demo and "--out" in demo
 
