@@ -327,8 +327,8 @@ class Supervisor:
             child.restarted_at.append(now)
             child.restart_due = now + delay
             self._say(
-                f"{child.name} exited with code {code}; restart {len(child.restarted_at)} of {cfg.restarts} "
-                f"within {cfg.restart_window_s:.0f}s in {delay:.0f}s; last lines of {child.log}:\n{tail(child.log, 10)}"
+                f"{child.name} exited with code {code}; restarting it in {delay:.1f}s (restart {len(child.restarted_at)}"
+                f" of {cfg.restarts} within {cfg.restart_window_s:.0f}s); last lines of {child.log}:\n{tail(child.log, 10)}"
             )
         if self.broker is not None and not self.broker.alive():
             raise ChildDied(
