@@ -6,7 +6,9 @@ ones. This times one decode step (forward + next-token selection, as the engine 
   - steady: all rows on one version, one forward,
   - separate: one batch and one forward per version (FLYWHEEL_POLICY_MIXED_DRAIN=false),
   - mixed: one batch, one forward whose weighted modules run the old rows on the old weights
-    (`flywheel.policy.mixed`, the default),
+    (`flywheel.policy.mixed`, the default); its norm layers run once with a weight per row,
+  - mixed_norms_routed: the same with the norm layers routed like the other weighted modules
+    (each runs twice on part of the rows; the default until stop 17),
 interleaved, --repeat times, medians. Prints each as a ratio to steady.
 
     .venv/bin/python bench/drain_step.py
@@ -100,7 +102,9 @@ def main() -> None:
         raise SystemExit("these two versions cannot share a forward (modules not routable)")
     k, n = args.old_rows, args.rows
 
-    def mixed_batch() -> Batch:
+    norms_routed = MixedForward(old, new, old.routable_modules, ())
+
+    def mixed_batch(mix: MixedForward = mix) -> Batch:
         b = batch(old, k, 0)
         b.adopt(mix)
         b.merge(batch(new, n - k, k))
@@ -111,6 +115,7 @@ def main() -> None:
         "steady": lambda: [batch(new, n, 0)],
         "separate": lambda: [batch(old, k, 0), batch(new, n - k, k)],
         "mixed": lambda: [mixed_batch()],
+        "mixed_norms_routed": lambda: [mixed_batch(norms_routed)],
     }
     times: dict[str, list[float]] = {c: [] for c in cases}
     with torch.inference_mode():
@@ -129,6 +134,8 @@ def main() -> None:
         "mixed_step_ms": round(med["mixed"] * 1000, 3),
         "separate_vs_steady": round(med["separate"] / med["steady"], 2),
         "mixed_vs_steady": round(med["mixed"] / med["steady"], 2),
+        "mixed_norms_routed_vs_steady": round(med["mixed_norms_routed"] / med["steady"], 2),
+        "norms_row_weighted": len(old.row_weighted),
     }
     report(out, args.out, root)
 

@@ -59,6 +59,7 @@ class LoadedModel:
     # Its weighted modules, where a forward shared with other weights of its architecture can route
     # them (`flywheel.policy.mixed`); None where it cannot. Checked at load.
     routable_modules: tuple[str, ...] | None = None
+    row_weighted: tuple[str, ...] = ()  # of those, the norms that take a weight per row (`mixed.scales_rows`)
     _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
     _backend_decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False)
 
@@ -196,7 +197,7 @@ def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
     smoke_test(loaded)
     sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
     loaded.mask_4d = not sliding and _same_with_4d_mask(loaded)
-    loaded.routable_modules = routable_modules(loaded)
+    loaded.routable_modules, loaded.row_weighted = routable_modules(loaded) or (None, ())
     return loaded
 
 

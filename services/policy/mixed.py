@@ -7,7 +7,8 @@ is everything around it (masks, sampling). Here the new model's module tree runs
 rows. Each module that holds weights (Linear, Embedding, a norm) computes the old rows, kept at
 the front of the batch, with its twin in the old model and the other rows with its own weights;
 every weightless op (attention over the shared KV cache, rotary embeddings, activations) runs
-once. Each row thus gets its own version's computation, if every weighted module sees the batch's
+once. A norm layer (one 1-D `weight` applied elementwise) runs once too, with a weight per row:
+routing it ran its normalisation twice, ~45 us a norm of a small model's ~470 us drain overhead. Each row thus gets its own version's computation, if every weighted module sees the batch's
 rows, in order, as the first dimension of its input: `routable_modules` checks that once per
 architecture when it is loaded. A swap to new weights of it probes and compares nothing: the CPU
 a swap takes on the serving core delays the answers in flight (a probe between two decode steps
@@ -62,10 +63,14 @@ def _same_tree(old: LoadedModel, new: LoadedModel) -> bool:
 class MixedForward:
     """The forward of `new`'s module tree whose first rows use `old`'s weights."""
 
-    def __init__(self, old: LoadedModel, new: LoadedModel, modules: tuple[str, ...]) -> None:
+    def __init__(
+        self, old: LoadedModel, new: LoadedModel, modules: tuple[str, ...], row_weighted: tuple[str, ...] = ()
+    ) -> None:
         self.old, self.new = old, new
         olds, news = dict(old.model.named_modules()), dict(new.model.named_modules())  # get_submodule: 4x the CPU
-        self._twins = [(news[n], olds[n]) for n in modules]
+        self._twins = [(news[n], olds[n]) for n in modules if n not in row_weighted]
+        self._scaled = [(news[n], olds[n]) for n in row_weighted]
+        self._row_weights: dict[tuple[int, int], list[torch.Tensor]] = {}  # (old_rows, rows) -> one per _scaled
 
     @classmethod
     def pair(cls, old: LoadedModel, new: LoadedModel, same_tree: bool = False) -> MixedForward | None:
@@ -73,9 +78,9 @@ class MixedForward:
         architecture whose modules cannot be routed, or two that differ in more than their weights.
         `same_tree`: the caller knows they do not (`flywheel.policy.reload` made `new`)."""
         modules = old.routable_modules
-        if modules is None or new.routable_modules != modules:
+        if modules is None or new.routable_modules != modules or new.row_weighted != old.row_weighted:
             return None
-        return cls(old, new, modules) if same_tree or _same_tree(old, new) else None
+        return cls(old, new, modules, old.row_weighted) if same_tree or _same_tree(old, new) else None
 
     @contextlib.contextmanager
     def split(self, old_rows: int, rows: int) -> Iterator[None]:
@@ -84,11 +89,31 @@ class MixedForward:
         # submodule of that name first (2.1 us), for every weighted module at every decode step
         for new_mod, old_mod in self._twins:
             object.__setattr__(new_mod, "forward", _routed(new_mod, old_mod, old_rows, rows))
+        for (new_mod, _), weight in zip(self._scaled, self._weights_by_row(old_rows, rows), strict=True):
+            object.__setattr__(new_mod, "weight", weight)  # shadows the parameter until restored
+            object.__setattr__(new_mod, "forward", _row_checked(new_mod, rows))
         try:
             yield
         finally:
             for new_mod, _ in self._twins:
                 object.__delattr__(new_mod, "forward")  # back to the class's forward
+            for new_mod, _ in self._scaled:
+                object.__delattr__(new_mod, "forward")
+                object.__delattr__(new_mod, "weight")  # back to the parameter
+
+    def _weights_by_row(self, old_rows: int, rows: int) -> list[torch.Tensor]:
+        """Each norm's weight as [rows, 1, H]: the old weight's rows first. Cached: a drain's steps
+        mostly repeat the previous step's rows."""
+        key = (old_rows, rows)
+        got = self._row_weights.get(key)
+        if got is None:
+            if len(self._row_weights) >= 4:
+                self._row_weights.clear()
+            got = self._row_weights[key] = [
+                torch.cat((o.weight.expand(old_rows, 1, -1), n.weight.expand(rows - old_rows, 1, -1)))
+                for n, o in self._scaled
+            ]
+        return got
 
     def _probe(self) -> bool:
         """A padded prefill and one decode step of 2 + 2 rows, mixed against separate forwards."""
@@ -106,19 +131,62 @@ class MixedForward:
         return m.same_logits(separate, mixed)
 
 
-def routable_modules(m: LoadedModel) -> tuple[str, ...] | None:
+def routable_modules(m: LoadedModel) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The names of `m`'s weighted modules if each sees the batch's rows first, in order (the mixed
-    forward of `m` with itself gives one forward's logits), else None. Architectural, so checked
-    once per load of an architecture (reloaded weights inherit it); a module that takes more than
-    its input, or one that wraps its own forward (e.g. accelerate's offloading hooks), fails it."""
-    modules = _weighted_leaves(m.model)
-    mix = MixedForward(m, m, modules)
-    if any("forward" in vars(new) for new, _ in mix._twins):
+    forward of `m` with itself gives one forward's logits), and those among them that take a weight
+    per row (`scales_rows`), else None. Architectural, so checked once per load of an architecture
+    (reloaded weights inherit it); a module that takes more than its input, or one that wraps its
+    own forward (e.g. accelerate's offloading hooks), fails it."""
+    modules, named = _weighted_leaves(m.model), dict(m.model.named_modules())
+    if any("forward" in vars(named[n]) for n in modules):
         return None
+    row_weighted = tuple(n for n in modules if scales_rows(named[n]))
+    for scaled in dict.fromkeys((row_weighted, ())):  # per-row weights if the whole model agrees
+        try:
+            if MixedForward(m, m, modules, scaled)._probe():
+                return modules, scaled
+        except Exception:  # noqa: BLE001 - NotRowwise, or a module whose forward takes other arguments
+            pass
+    return None
+
+
+def scales_rows(mod: nn.Module) -> bool:
+    """Whether `mod` holds one 1-D `weight` whose forward over [rows, seq, H] with that weight as
+    [rows, 1, H] gives each row what its own weight gives: a norm layer (RMSNorm, Gemma's 1 + w).
+    Then a drain runs its normalisation once for both versions' rows."""
+    params = dict(mod.named_parameters(recurse=False))
+    if params.keys() != {"weight"} or params["weight"].dim() != 1 or "weight" in vars(mod):
+        return False
+    w, forward = params["weight"], type(mod).forward
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(3, 2, w.shape[0], generator=gen, device=w.device).to(w.dtype)
+    weights = [w * (1 + 0.25 * i) for i in range(3)]
     try:
-        return modules if mix._probe() else None
-    except Exception:  # noqa: BLE001 - NotRowwise, or a module whose forward takes other arguments
-        return None
+        with torch.no_grad():
+            alone = []
+            for i, wi in enumerate(weights):
+                object.__setattr__(mod, "weight", wi)
+                alone.append(forward(mod, x[i : i + 1]))
+            object.__setattr__(mod, "weight", torch.stack(weights)[:, None])
+            together = forward(mod, x)
+        torch.testing.assert_close(together, torch.cat(alone))
+        return True
+    except Exception:  # noqa: BLE001 - another shape or result: route it like any weighted module
+        return False
+    finally:
+        if "weight" in vars(mod):
+            object.__delattr__(mod, "weight")
+
+
+def _row_checked(mod: nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    fwd = type(mod).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[0] != rows:  # its weight is [rows, 1, H]: only this shape gets each row's
+            raise NotRowwise(f"{type(mod).__name__} got {tuple(x.shape)} for a batch of {rows} rows")
+        return fwd(mod, x)
+
+    return forward
 
 
 def _routed(new_mod: nn.Module, old_mod: nn.Module, old_rows: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:

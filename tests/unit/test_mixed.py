@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Mix
 
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
-from flywheel.policy.mixed import MixedForward, NotRowwise, _routed
+from flywheel.policy.mixed import MixedForward, NotRowwise, _routed, scales_rows
 from tests.unit.test_engine import v0, v1  # noqa: F401 - fixtures
 
 CONFIG = EngineConfig(device="cpu")
@@ -37,6 +37,7 @@ def _decode(b: Batch, steps: int) -> list[torch.Tensor]:
 def test_mixed_batch_decodes_each_row_on_its_own_version(v0, v1):  # noqa: F811
     old, new = load_model(v0, 0, CONFIG), load_model(v1, 1, CONFIG)
     assert old.routable_modules and new.routable_modules == old.routable_modules
+    assert old.row_weighted and set(old.row_weighted) < set(old.routable_modules)  # the norms: v1's differ too
     mix = MixedForward.pair(old, new)
     assert mix is not None
     old_prompts, new_prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]], [[14, 15], [16, 17, 18, 19]]
@@ -60,7 +61,7 @@ def test_mixed_batch_decodes_each_row_on_its_own_version(v0, v1):  # noqa: F811
     assert mixed.mix is mix and mixed.old_rows == 2
     mixed.filter(mixed.seqs[2:])
     assert mixed.mix is None and mixed.old_rows == 0
-    assert not any("forward" in vars(m) for m in new.model.modules())
+    assert not any("forward" in vars(m) or "weight" in vars(m) for m in new.model.modules())
 
 
 def test_versions_that_cannot_share_a_forward_are_not_paired(v0, tmp_path):  # noqa: F811
@@ -97,3 +98,22 @@ def test_a_weighted_module_must_see_the_rows_first():
     torch.testing.assert_close(routed(x), torch.cat([lin_old(x[:2]), lin_new(x[2:])]))
     with pytest.raises(NotRowwise, match=r"Linear got \(10, 4\) for a batch of 5 rows"):
         routed(torch.randn(10, 4))
+
+
+def test_a_norm_takes_a_weight_per_row_other_modules_are_routed():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    assert scales_rows(norm) and "weight" not in vars(norm)  # the probe put the parameter back
+
+    class Gate(torch.nn.Module):  # a 1-D weight used otherwise: a dot product per position
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    assert not scales_rows(Gate()) and not scales_rows(torch.nn.LayerNorm(8))  # LayerNorm: a bias too
