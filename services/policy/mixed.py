@@ -8,7 +8,8 @@ rows. Each module that holds weights (Linear, Embedding, a norm) computes the ol
 the front of the batch, with its twin in the old model and the other rows with its own weights;
 every weightless op (attention over the shared KV cache, rotary embeddings, activations) runs
 once. A norm layer (one 1-D `weight` applied elementwise) runs once too, with a weight per row:
-routing it ran its normalisation twice, ~45 us a norm of a small model's ~470 us drain overhead. Each row thus gets its own version's computation, if every weighted module sees the batch's
+routing it ran its normalisation twice, ~45 us a norm of a small model's ~470 us drain overhead.
+Each row thus gets its own version's computation, if every weighted module sees the batch's
 rows, in order, as the first dimension of its input: `routable_modules` checks that once per
 architecture when it is loaded. A swap to new weights of it probes and compares nothing: the CPU
 a swap takes on the serving core delays the answers in flight (a probe between two decode steps
@@ -158,11 +159,11 @@ def scales_rows(mod: nn.Module) -> bool:
     if params.keys() != {"weight"} or params["weight"].dim() != 1 or "weight" in vars(mod):
         return False
     w, forward = params["weight"], type(mod).forward
-    gen = torch.Generator(device=w.device).manual_seed(0)
-    x = torch.randn(3, 2, w.shape[0], generator=gen, device=w.device).to(w.dtype)
-    weights = [w * (1 + 0.25 * i) for i in range(3)]
     try:
         with torch.no_grad():
+            gen = torch.Generator(device=w.device).manual_seed(0)
+            x = torch.randn(3, 2, w.shape[0], generator=gen, device=w.device).to(w.dtype)
+            weights = [w * (1 + 0.25 * i) for i in range(3)]
             alone = []
             for i, wi in enumerate(weights):
                 object.__setattr__(mod, "weight", wi)
