@@ -411,7 +411,7 @@ def up_config(args: Any) -> UpConfig:
         run_dir=Path(getattr(args, "run_dir", None) or ".flywheel/up"),
         free_ports=bool(getattr(args, "free_ports", False)),
         start_timeout_s=float(getattr(args, "timeout", None) or 600.0),
-        restarts=int(getattr(args, "restarts", 5)),
+        restarts=int(getattr(args, "restarts", UpConfig.restarts)),
     )
 
 
