@@ -1,6 +1,6 @@
 """Hot swap under continuous load: `flywheel serve policy` as its own process, N gRPC clients
 generating without pause, 5 new versions published to the model store and announced on
-flywheel.policy.updates one after another, --rounds times (30 versions by default). Reports:
+flywheel.policy.updates one after another, --rounds times (60 versions by default). Reports:
   - swap latency (announcement -> first answer from the new version: it includes the whole of
     that answer, --new-tokens decode steps on the new weights) against the raw time to
     read that checkpoint from disk (every byte of its files, best of 3, measured before the load
@@ -288,9 +288,10 @@ def main() -> None:
     ap.add_argument(
         "--rounds",
         type=int,
-        default=6,
-        help="rounds of 5 announcements; the p99 during swaps pools them (one round's ~120 requests"
-        " leave its p99 to the slowest two, and the ratio swung 0.86-1.34x between runs)",
+        default=12,
+        help="rounds of 5 announcements; the p99 during swaps pools them. The 8 answers in flight in a"
+        " window share its decode steps, so the windows, not the answers, are the samples: with 6 rounds"
+        " (30 windows) one slow window could lift a run past 1.3x",
     )
     ap.add_argument(
         "--drain",
