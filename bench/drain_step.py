@@ -9,7 +9,10 @@ ones. This times one decode step (forward + next-token selection, as the engine 
     (`flywheel.policy.mixed`, the default); its norm layers run once with a weight per row,
   - mixed_norms_routed: the same with the norm layers routed like the other weighted modules
     (each runs twice on part of the rows; the default until stop 17),
-interleaved, --repeat times, medians. Prints each as a ratio to steady.
+interleaved, --repeat times, medians. Prints each as a ratio to steady. With --profile, also where
+a steady step's time goes (torch.profiler): the ops with the most self CPU time, their device time
+and calls per step, and the part of the step spent outside any op (Python, the launch path): on
+the GPU of stop 10 a decode step of 32 sequences took 100 ms, cause not established.
 
     .venv/bin/python bench/drain_step.py
     .venv/bin/python bench/drain_step.py --hidden 256 --layers 4
@@ -23,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,6 +81,37 @@ def timed(batches: list[Batch], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def profile_steady(make: Callable[[], list[Batch]], steps: int, device: torch.device, top: int = 12) -> dict:
+    """Where a steady step's time goes: the `top` ops by self CPU time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    batches = make()
+    timed(batches, 1, device)  # warm-up outside the profile
+    with profile(activities=acts) as prof:
+        wall = timed(batches, steps, device)
+    events = prof.key_averages()
+    in_ops = sum(e.self_cpu_time_total for e in events) / 1000 / steps  # ms
+    dev = (lambda e: getattr(e, "self_device_time_total", 0)) if cuda else (lambda e: 0)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "profiled_step_ms": round(wall * 1000, 3),  # the profiler's own overhead included
+        "in_ops_self_cpu_ms_per_step": round(in_ops, 3),
+        "outside_ops_ms_per_step": round(wall * 1000 - in_ops, 3),
+        "device_ms_per_step": round(sum(dev(e) for e in events) / 1000 / steps, 3),
+        "top_ops_by_self_cpu": [
+            {
+                "op": e.key,
+                "calls_per_step": round(e.count / steps, 1),
+                "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 3),
+                "device_ms_per_step": round(dev(e) / 1000 / steps, 3),
+            }
+            for e in rows
+        ],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=64)
@@ -88,6 +123,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    ap.add_argument("--profile", action="store_true", help="also profile a steady step (torch.profiler)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.threads:
@@ -137,6 +173,9 @@ def main() -> None:
         "mixed_norms_routed_vs_steady": round(med["mixed_norms_routed"] / med["steady"], 2),
         "norms_row_weighted": len(old.row_weighted),
     }
+    if args.profile:
+        with torch.inference_mode():
+            out["steady_step_profile"] = profile_steady(cases["steady"], args.steps, old.device)
     report(out, args.out, root)
 
 
