@@ -62,9 +62,10 @@ def batch(m: LoadedModel, n: int, first: int) -> Batch:
     return b
 
 
-def timed(batches: list[Batch], steps: int, device: torch.device) -> float:
-    """Seconds per decode step of all `batches` (one forward + selection each), sampled at T=0.7."""
-    for _ in range(2):  # warm-up
+def timed(batches: list[Batch], steps: int, device: torch.device, warmup: int = 2) -> float:
+    """Seconds per decode step of all `batches` (one forward + selection each), sampled at T=0.7,
+    after `warmup` untimed decode steps."""
+    for _ in range(warmup):
         for b in batches:
             b.decode()
     if device.type == "cuda":
@@ -88,9 +89,9 @@ def profile_steady(make: Callable[[], list[Batch]], steps: int, device: torch.de
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     batches = make()
-    timed(batches, 1, device)  # warm-up outside the profile
+    timed(batches, 1, device)  # warm-up outside the profile, so that it holds `steps` steps only
     with profile(activities=acts) as prof:
-        wall = timed(batches, steps, device)
+        wall = timed(batches, steps, device, warmup=0)
     events = prof.key_averages()
     in_ops = sum(e.self_cpu_time_total for e in events) / 1000 / steps  # ms
     dev = (lambda e: getattr(e, "self_device_time_total", 0)) if cuda else (lambda e: 0)
