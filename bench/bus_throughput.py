@@ -15,15 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import uuid
+from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (the Kafka launcher)
+
 from flywheel.core import brokers, bus
 from flywheel.core.config import KafkaConfig
 from flywheel.v1 import common_pb2, events_pb2
+from tools import kafka
 
 
 def event(i: int) -> events_pb2.Interaction:
@@ -160,7 +165,7 @@ def main() -> None:
     for name, bootstrap in targets:
         broker = None
         if bootstrap is None:
-            broker = brokers.ApacheKafka() if name == "kafka" else brokers.EmbeddedTansu()
+            broker = kafka.ApacheKafka() if name == "kafka" else brokers.EmbeddedTansu()
             bootstrap = broker.start()
         try:
             r = bench(name, bootstrap, a.n, a.repeat)

@@ -51,6 +51,8 @@ from pathlib import Path
 import grpc
 from kafka import KafkaConsumer, TopicPartition
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (the Kafka launcher)
+
 from flywheel.core import bus
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import KafkaConfig, TopicsConfig
@@ -359,7 +361,7 @@ def broker(bootstrap: str | None):
     if bootstrap:
         yield bootstrap
         return
-    from flywheel.core.brokers import ApacheKafka
+    from tools.kafka import ApacheKafka
 
     print("starting an Apache Kafka broker for this run (--bootstrap to use your own)", file=sys.stderr)
     kafka = ApacheKafka()

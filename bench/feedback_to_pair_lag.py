@@ -260,9 +260,9 @@ def main() -> None:
     ap.add_argument("--batch-records", type=int, default=200, help="the join's batch (reward_join.batch_records)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-record-at-a-time baseline run")
     args = ap.parse_args()
-    from flywheel.reward.model import build_tiny
+    from flywheel.testing import tiny_reward_model
 
-    tiny = build_tiny(Path(tempfile.mkdtemp(prefix="lag-bench-tiny-")) / "tiny")
+    tiny = tiny_reward_model(Path(tempfile.mkdtemp(prefix="lag-bench-tiny-")) / "tiny")
     base = None if args.no_baseline else measure(args, 1, tiny)
     ours = measure(args, args.batch_records, tiny)
     p99 = ours["ack_to_pair_p99_ms"] / 1000

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from flywheel.core.modelstore import ModelStore
+from flywheel.testing import tiny_policy
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
-from flywheel.trainer.tiny_policy import tiny_policy
 
 TARGET = "help"
 

@@ -27,9 +27,10 @@ import torch  # noqa: E402
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig  # noqa: E402
 from flywheel.core.server import ServerConfig  # noqa: E402
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig  # noqa: E402
-from flywheel.reward.model import RewardModel, build_tiny  # noqa: E402
+from flywheel.reward.model import RewardModel  # noqa: E402
 from flywheel.reward.server import RewardService, RewardServiceConfig, build_server  # noqa: E402
 from flywheel.reward.starter import ensure_starter  # noqa: E402
+from flywheel.testing import tiny_reward_model  # noqa: E402
 from flywheel.v1 import reward_pb2, reward_pb2_grpc  # noqa: E402
 
 WORDS = "the river stone green quick model answer light table house blue seven market paper garden".split()
@@ -47,7 +48,7 @@ async def run(args: argparse.Namespace) -> dict:
     store = ModelStore(tmp / "store")
     model_cfg = RewardModelConfig(max_length=args.max_length, device=args.device)
     if args.model == "tiny":
-        store.publish("reward", lambda d: build_tiny(d), parent=None, version=0)
+        store.publish("reward", lambda d: tiny_reward_model(d), parent=None, version=0)
     else:
         ensure_starter(store, model_cfg)
     cfg = RewardServiceConfig(

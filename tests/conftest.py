@@ -1,7 +1,7 @@
 """Shared fixtures. Brokers start lazily: only a test that asks for one pays for it.
 
 - `kafka_bootstrap`: the Apache Kafka broker named by FLYWHEEL_TEST_KAFKA (host:port; the
-  test script starts one with `python -m flywheel.core.brokers kafka start`), otherwise one
+  test script starts one with `python -m tools.kafka start`), otherwise one
   this session starts in a temp dir and stops at the end.
 - `tansu_bootstrap`: the embedded Tansu broker on a free port, for the session.
 - `topics_config`: topic names with a unique prefix, so tests never share a topic.
@@ -29,7 +29,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    from flywheel.core.brokers import ApacheKafka
+    from tools.kafka import ApacheKafka
 
     broker = ApacheKafka(data_dir=tmp_path_factory.mktemp("kafka"))
     try:

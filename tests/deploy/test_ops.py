@@ -421,7 +421,7 @@ def test_promote_and_rollback_carry_the_admin_token(
 
 
 def test_add_parser_plugs_into_the_flywheel_cli(grpc_stubs: tuple[FakeTrainer, int]) -> None:
-    """services/cli.py registers `ops` with add_parser(sub); the parsed args carry `run`."""
+    """services/flywheel/cli.py registers `ops` with add_parser(sub); the parsed args carry `run`."""
     import argparse
 
     trainer, port = grpc_stubs

@@ -1,7 +1,7 @@
 """Alert rules and a real Prometheus server (Debian's `prometheus` package).
 
 * `promtool check rules` and `promtool test rules` on deploy/prometheus/alerts.yaml;
-* a Prometheus server scrapes a running ServiceServer (services/core/server.py, in a
+* a Prometheus server scrapes a running ServiceServer (services/flywheel/core/server.py, in a
   subprocess with a trivial Policy servicer) on 127.0.0.1, loads the alert rules, and the
   key series are there (queried over Prometheus' HTTP API).
 """

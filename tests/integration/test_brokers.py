@@ -13,18 +13,20 @@ import pytest
 from kafka import KafkaAdminClient
 
 from flywheel.core import brokers
+from tools import kafka
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
-CLI = [sys.executable, "-m", "flywheel.core.brokers"]
+CLI = [sys.executable, "-m", "tools.kafka"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_kafka_cli_start_stop_keeps_topics_across_restarts(tmp_path: Path) -> None:
     port = str(brokers.free_port())
-    started = cli("kafka", "start", "--port", port, "--dir", str(tmp_path))
+    started = cli("start", "--port", port, "--dir", str(tmp_path))
     assert started.returncode == 0, started.stderr
     assert started.stdout.strip() == f"127.0.0.1:{port}"
     pid = int((tmp_path / "kafka.pid").read_text().split()[0])
@@ -32,16 +34,16 @@ def test_kafka_cli_start_stop_keeps_topics_across_restarts(tmp_path: Path) -> No
         admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
         admin.create_topics({"kept": {"num_partitions": 2, "replication_factor": 1}})
         admin.close()
-        assert cli("kafka", "start", "--port", port, "--dir", str(tmp_path)).returncode == 0  # already up: no-op
+        assert cli("start", "--port", port, "--dir", str(tmp_path)).returncode == 0  # already up: no-op
         assert int((tmp_path / "kafka.pid").read_text().split()[0]) == pid
-        assert cli("kafka", "stop", "--dir", str(tmp_path)).returncode == 0
-        assert not brokers._pid_alive(pid) and not (tmp_path / "kafka.pid").exists()
-        assert cli("kafka", "start", "--port", port, "--dir", str(tmp_path)).returncode == 0
+        assert cli("stop", "--dir", str(tmp_path)).returncode == 0
+        assert not brokers.pid_alive(pid) and not (tmp_path / "kafka.pid").exists()
+        assert cli("start", "--port", port, "--dir", str(tmp_path)).returncode == 0
         admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
         assert "kept" in admin.list_topics()
         admin.close()
     finally:
-        assert cli("kafka", "stop", "--dir", str(tmp_path)).returncode == 0
+        assert cli("stop", "--dir", str(tmp_path)).returncode == 0
     assert "shut down completed" in (tmp_path / "broker.log").read_text()
 
 
@@ -49,7 +51,7 @@ def test_kafka_start_failure_reports_the_broker_log(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        broker = brokers.ApacheKafka(taken.getsockname()[1], tmp_path)
+        broker = kafka.ApacheKafka(taken.getsockname()[1], tmp_path)
         with pytest.raises(brokers.BrokerError, match="(?s)exited during start-up.*Address already in use"):
             broker.start(timeout_s=60)
     assert broker.proc is None

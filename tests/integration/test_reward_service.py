@@ -27,9 +27,9 @@ from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServerConfig
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
-from flywheel.reward.model import build_tiny
 from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
 from flywheel.reward.store import PreferenceStore
+from flywheel.testing import tiny_reward_model
 from flywheel.v1 import events_pb2 as ev
 from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
@@ -103,7 +103,7 @@ async def wait_until(cond, timeout_s: float, what: str) -> None:
 def test_reward_service_end_to_end(kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path) -> None:
     kafka = KafkaConfig(bootstrap=kafka_bootstrap, session_timeout_ms=3000, request_timeout_ms=10_000)
     t = topics_config
-    tiny = build_tiny(tmp_path / "tiny")
+    tiny = tiny_reward_model(tmp_path / "tiny")
     cfg = RewardServiceConfig(
         join=JoinConfig(state_dir=str(tmp_path / "state"), group=f"rw-{uuid.uuid4().hex[:6]}", heldout_percent=20),
         model=RewardModelConfig(base_model=str(tiny), max_length=64, device="cpu"),
@@ -218,7 +218,7 @@ def reward_process_env(kafka_bootstrap: str, t: TopicsConfig, tmp_path: Path, **
         "FLYWHEEL_KAFKA_SESSION_TIMEOUT_MS": "3000",
         "FLYWHEEL_MODEL_STORE": str(tmp_path / "store"),
         "FLYWHEEL_REWARD_STATE_DIR": str(tmp_path / "state"),
-        "FLYWHEEL_REWARD_BASE_MODEL": str(build_tiny(tmp_path / "tiny")),
+        "FLYWHEEL_REWARD_BASE_MODEL": str(tiny_reward_model(tmp_path / "tiny")),
         "FLYWHEEL_REWARD_JOIN_GROUP": f"rw-{uuid.uuid4().hex[:6]}",
         "FLYWHEEL_REWARD_TRAIN": "0",
         "FLYWHEEL_TOPIC_PARTITIONS": "1",

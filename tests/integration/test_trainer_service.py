@@ -21,11 +21,11 @@ from flywheel.core.auth import AuthConfig, Authenticator
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.modelstore import ModelStore
 from flywheel.core.server import ServerConfig, ServiceServer
+from flywheel.testing import tiny_policy
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, KafkaPrompts, PoolPrompts
 from flywheel.trainer.server import TrainerServicer
-from flywheel.trainer.tiny_policy import tiny_policy
 from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""Feedback tokens and caller identity (services/core/auth.py)."""
+"""Feedback tokens and caller identity (services/flywheel/core/auth.py)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Docs generated from code stay true to it."""
 
-from flywheel.core import configdoc
+from tools import configdoc
 
 
 def test_config_reference_is_fresh():
-    assert configdoc.DOC.read_text() == configdoc.render(), "run `python -m flywheel.core.configdoc`"
+    assert configdoc.DOC.read_text() == configdoc.render(), "run `python -m tools.configdoc`"
 
 
 def test_every_setting_has_help_text():

@@ -1,4 +1,4 @@
-"""The model store: atomic publish, verification, retention (services/core/modelstore.py)."""
+"""The model store: atomic publish, verification, retention (services/flywheel/core/modelstore.py)."""
 
 from __future__ import annotations
 

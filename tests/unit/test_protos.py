@@ -1,11 +1,11 @@
 """The generated code matches protos/, and the schema keeps the public contract's names."""
 
-from flywheel.core import protogen
 from flywheel.v1 import events_pb2, feedback_pb2, policy_pb2, reward_pb2, trainer_pb2
+from tools import protogen
 
 
 def test_generated_code_is_fresh():
-    assert protogen.stale_files() == [], "run `python -m flywheel.core.protogen` and commit services/v1"
+    assert protogen.stale_files() == [], "run `python -m tools.protogen` and commit services/flywheel/v1"
 
 
 def test_stale_code_is_detected(tmp_path):

@@ -18,11 +18,11 @@ from flywheel.reward.model import (
     Stopped,
     binary_loss,
     bradley_terry_loss,
-    build_tiny,
     evaluate,
     pairwise_accuracy,
     train_step,
 )
+from flywheel.testing import tiny_reward_model
 
 WORDS = "the a river stone green quick model answer light table house blue seven market paper garden".split()
 
@@ -60,7 +60,7 @@ def test_binary_loss_matches_hand_computation() -> None:
 
 def test_tiny_model_learns_a_synthetic_preference(tmp_path) -> None:
     torch.manual_seed(0)
-    rm = RewardModel.load(build_tiny(tmp_path / "tiny"), max_length=64)
+    rm = RewardModel.load(tiny_reward_model(tmp_path / "tiny"), max_length=64)
     train, heldout = synthetic_pairs(1200, seed=1), synthetic_pairs(200, seed=2)
     before = evaluate(rm, heldout)["heldout_accuracy"]
     opt = torch.optim.AdamW(rm.model.parameters(), lr=2e-3, eps=1e-5)
@@ -81,8 +81,8 @@ def test_tiny_model_learns_a_synthetic_preference(tmp_path) -> None:
 
 def test_store_round_trip_and_scorer_hot_swap(tmp_path) -> None:
     store = ModelStore(tmp_path / "store")
-    v0 = store.publish("reward", lambda d: build_tiny(d, seed=0), parent=None, version=0)
-    v1 = store.publish("reward", lambda d: build_tiny(d, seed=1), parent=0, metrics={"heldout_accuracy": 0.75})
+    v0 = store.publish("reward", lambda d: tiny_reward_model(d, seed=0), parent=None, version=0)
+    v1 = store.publish("reward", lambda d: tiny_reward_model(d, seed=1), parent=0, metrics={"heldout_accuracy": 0.75})
     scorer = Scorer(max_length=64)
     with pytest.raises(errors.Unavailable):
         scorer.score(["p"], ["r"])

@@ -17,11 +17,11 @@ import torch
 
 from flywheel.core import errors
 from flywheel.core.modelstore import ModelStore
+from flywheel.testing import tiny_policy
 from flywheel.trainer import gate, state
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
-from flywheel.trainer.tiny_policy import tiny_policy
 
 pytestmark = pytest.mark.timeout(120)
 TARGET = "help"

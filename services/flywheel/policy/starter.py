@@ -3,7 +3,7 @@
 It is version 0 of the model "policy" and the trainer's KL reference. A sequence is
 `<s>{prompt} {answer}</s>`: a raw prompt and a one-message chat render to the same ids (the
 chat template below), so the answer follows either. The answers mix the styles of
-services/policy/corpus.py in the corpus' proportions, which gives feedback something to choose
+services/flywheel/policy/corpus.py in the corpus' proportions, which gives feedback something to choose
 between. Deterministic from the seed (on the same machine and torch build).
 """
 

@@ -1,7 +1,7 @@
-"""Generate the Python code in services/v1/ from protos/ (the only schema source).
+"""Generate the Python code in services/flywheel/v1/ from protos/ (the only schema source).
 
-    python -m flywheel.core.protogen          # regenerate services/v1/
-    python -m flywheel.core.protogen --check  # exit 1 if services/v1/ is stale
+    python -m tools.protogen          # regenerate services/flywheel/v1/
+    python -m tools.protogen --check  # exit 1 if services/flywheel/v1/ is stale
 
 The generated modules import each other as `flywheel.v1.*_pb2`, which is this package.
 """
@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ROOT / "protos"
-OUT = ROOT / "services" / "v1"
-INIT = '"""Generated from protos/flywheel/v1 by `python -m flywheel.core.protogen`. Do not edit."""\n'
+OUT = ROOT / "services" / "flywheel" / "v1"
+INIT = '"""Generated from protos/flywheel/v1 by `python -m tools.protogen`. Do not edit."""\n'
 
 
 def generate(dest: Path) -> None:
@@ -61,14 +61,14 @@ def stale_files(out: Path = OUT) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only report whether services/v1 is stale")
+    parser.add_argument("--check", action="store_true", help="only report whether services/flywheel/v1 is stale")
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files()
         if stale:
-            print(f"services/v1 is stale ({', '.join(stale)}): run `python -m flywheel.core.protogen`")
+            print(f"services/flywheel/v1 is stale ({', '.join(stale)}): run `python -m tools.protogen`")
             return 1
-        print("services/v1 is fresh")
+        print("services/flywheel/v1 is fresh")
         return 0
     if OUT.exists():
         shutil.rmtree(OUT)

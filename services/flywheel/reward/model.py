@@ -20,7 +20,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -198,28 +197,6 @@ def evaluate(
         "score_mean": both.mean().item(),
         "score_std": both.std().item() if both.numel() > 1 else 1.0,
     }
-
-
-def build_tiny(path: str | os.PathLike, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A config-built BERT (hidden 32) with the MiniLM tokenizer, saved to `path`: fast tests."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from flywheel.reward.starter import minilm_dir
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=hidden * 2,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    model = BertForSequenceClassification(cfg)
-    RewardModel(model, tok, 128).save(path)
-    return Path(path)
 
 
 # ---------------------------------------------------------------------------- hot-swapped scorer

@@ -1,7 +1,7 @@
 """Render every config dataclass as the Markdown reference in docs/CONFIG.md.
 
-    python -m flywheel.core.configdoc           # rewrite docs/CONFIG.md
-    python -m flywheel.core.configdoc --check   # exit 1 if docs/CONFIG.md is stale
+    python -m tools.configdoc           # rewrite docs/CONFIG.md
+    python -m tools.configdoc --check   # exit 1 if docs/CONFIG.md is stale
 
 The dataclasses are the only source of settings, help text and environment variables; this
 keeps the operator's reference from drifting away from them.
@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from flywheel.core.protogen import ROOT
+from tools.protogen import ROOT
 
 DOC = ROOT / "docs" / "CONFIG.md"
 
@@ -54,7 +54,7 @@ def render() -> str:
     out = [
         "# Configuration reference",
         "",
-        "Generated from the config dataclasses by `python -m flywheel.core.configdoc`; a test fails when",
+        "Generated from the config dataclasses by `python -m tools.configdoc`; a test fails when",
         "it is stale. Precedence: field default < YAML file (`FLYWHEEL_CONFIG`) < environment variable",
         "< command-line flag. A wrong value stops the service at start with the field and the fix.",
     ]
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.check:
         if not DOC.exists() or DOC.read_text() != text:
-            print("docs/CONFIG.md is stale: run `python -m flywheel.core.configdoc`")
+            print("docs/CONFIG.md is stale: run `python -m tools.configdoc`")
             return 1
         print("docs/CONFIG.md is fresh")
         return 0

@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+# The source checkout this package was installed from in editable mode, if any: bench/ and
+# tools/ (development tooling) live there, not in the installed package.
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 ABOUT = {
     "policy": "the policy: generation over gRPC, TGI and OpenAI HTTP routes, hot swap",
@@ -39,9 +44,8 @@ def _bench(args: argparse.Namespace) -> int:
     """List bench/*.py of this checkout, or run one with its own arguments."""
     import ast
     import subprocess
-    from pathlib import Path
 
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    bench_dir = CHECKOUT / "bench"
     scripts = {p.stem: p for p in sorted(bench_dir.glob("*.py"))}
     if not scripts:
         print(f"no benchmarks found in {bench_dir} (they live in a source checkout)", file=sys.stderr)
@@ -61,7 +65,16 @@ def _broker(args: argparse.Namespace) -> int:
     from flywheel.core import brokers
 
     if args.impl == "kafka":
-        return brokers.main(["kafka", "run", "--port", str(args.port), "--dir", args.dir])
+        try:
+            sys.path.insert(0, str(CHECKOUT))
+            from tools import kafka
+        except ImportError:
+            print(
+                "--impl kafka runs Apache Kafka from its Maven jars with tools/kafka.py, which lives in a source checkout",
+                file=sys.stderr,
+            )
+            return 2
+        return kafka.main(["run", "--port", str(args.port), "--dir", args.dir])
     return brokers.run_embedded(args.port)
 
 

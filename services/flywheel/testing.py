@@ -1,11 +1,14 @@
-"""A tiny random policy for tests and the benchmark: a config-built Llama and a word-level tokenizer.
+"""Tiny models for tests and benchmarks: config-built, random, deterministic from a seed, with
+no download, so the real training and serving code runs on a CPU in seconds.
 
-Deterministic from a seed and downloads nothing, so the trainer's tests and bench/ppo_vs_trl.py
-can run the real loop on CPU in seconds.
+- `tiny_policy`: a Llama with a word-level tokenizer (distinct pad/bos/eos).
+- `tiny_reward_model`: a BERT sequence classifier with the MiniLM tokenizer that ships with the
+  starter reward model.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -59,3 +62,26 @@ def tiny_policy(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: in
     out.mkdir(parents=True, exist_ok=True)
     save_pretrained(model, tok, out)
     return out
+
+
+def tiny_reward_model(path: str | os.PathLike, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A config-built BERT (hidden 32) with the MiniLM tokenizer, saved to `path`: fast tests."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from flywheel.reward.model import RewardModel
+    from flywheel.reward.starter import minilm_dir
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    model = BertForSequenceClassification(cfg)
+    RewardModel(model, tok, 128).save(path)
+    return Path(path)

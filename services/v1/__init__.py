@@ -1,1 +1,0 @@
-"""Generated from protos/flywheel/v1 by `python -m flywheel.core.protogen`. Do not edit."""
