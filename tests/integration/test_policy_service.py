@@ -398,12 +398,15 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(
         for c in clients:
             c.start()
         # Announcements are fetched with the short wait that a broker without fetch wake-ups needs.
+        worker = swapper.worker
         if swap_worker:  # consumed, verified and read in a process of its own, at a lower priority
-            assert swapper._worker.settings.fetch_wait_ms == 50 and swapper._worker.pid != os.getpid()
+            assert worker is not None and worker.pid is not None and worker.pid != os.getpid()
+            assert worker.settings.fetch_wait_ms == 50
             want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.engine.swap_nice)
-            wait_for(lambda: os.getpriority(os.PRIO_PROCESS, swapper._worker.pid) == want, 10, "the nice worker")
+            wait_for(lambda: os.getpriority(os.PRIO_PROCESS, worker.pid) == want, 10, "the nice worker")
         else:
-            assert swapper._consumer.consumer.config["fetch_max_wait_ms"] == 50
+            assert worker is None and swapper.consumer is not None
+            assert swapper.consumer.consumer.config["fetch_max_wait_ms"] == 50
         v1 = store.publish("policy", perturbed(tiny_starter(), 1), parent=0).version
         lags, lag_sum = (
             counter("flywheel_policy_swap_lag_seconds_count"),
@@ -443,10 +446,10 @@ def test_hot_swap_under_load_tampered_refused_and_rollback(
         wait_for(lambda: counter("flywheel_bus_consumed_total", **group) >= 3, 10, "3 updates consumed on /metrics")
         lag = group | {"partition": "0"}
         wait_for(lambda: REGISTRY.get_sample_value("flywheel_bus_consumer_lag", lag) == 0, 10, "no lag on /metrics")
-        if swap_worker:  # a worker that dies is started again and the next announcement still applies
+        if worker is not None:  # a worker that dies is started again and the next announcement still applies
             consumed = counter("flywheel_bus_consumed_total", **group)
-            os.kill(swapper._worker.pid, signal.SIGKILL)
-            wait_for(lambda: swapper._worker.restarts == 1, 10, "the swap worker restarted")
+            os.kill(worker.pid, signal.SIGKILL)
+            wait_for(lambda: worker.restarts == 1, 10, "the swap worker restarted")
             announce(v1)
             wait_for(serving(1), 30, "answers from version 1 after the worker restarted")
             # the new worker counts from 0: the exported total goes on from where it was

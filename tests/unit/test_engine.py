@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
-from flywheel.policy import engine as engine_module
+from flywheel.policy import hotswap as hotswap_module
 from flywheel.policy import reload as reload_module
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.engine import Engine, GenerationRequest
@@ -99,6 +99,14 @@ def slow(monkeypatch):
     monkeypatch.setattr(LoadedModel, "forward", slow_forward)
 
 
+async def until(cond, what: str, timeout_s: float = 10.0) -> None:
+    """Wait for `cond()` to hold, polling the engine from the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
 def greedy(prompt: str, n: int = 24, **kw) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, temperature=0.0, max_new_tokens=n, ignore_eos=True, **kw)
 
@@ -153,7 +161,7 @@ def test_finish_reasons_length_eos_and_stop_sequence(v0):
         assert (r.finish_reason, r.generated_tokens) == ("length", 3)
         full = asyncio.run(e.generate(GenerationRequest(prompt=PROMPTS[1], temperature=0.0, max_new_tokens=100)))
         assert full.finish_reason == "eos_token"
-        assert full.tokens[-1].special and full.tokens[-1].id in e._current.eos_ids
+        assert full.tokens[-1].special and full.tokens[-1].id in e.serving_model.eos_ids
         assert "</s>" not in full.text
         words = full.text.split()
         stop = " " + words[2]
@@ -280,9 +288,9 @@ def test_queue_full_is_resource_exhausted(v0, slow):
 
         async def flood():
             long = [asyncio.create_task(e.generate(greedy(PROMPTS[0], 60)))]
-            await asyncio.sleep(0.05)  # running: it left the queue
+            await until(lambda: e.info().running == 1, "it running: it left the queue")
             long += [asyncio.create_task(e.generate(greedy(p, 60))) for p in PROMPTS[1:3]]
-            await asyncio.sleep(0.05)  # one running, two waiting
+            await until(lambda: e.info().waiting == 2, "two waiting")
             with pytest.raises(errors.ResourceExhausted, match="queue is full"):
                 await e.generate(greedy(PROMPTS[3], 5))
             assert e.info().waiting == 2 and e.info().running == 1
@@ -298,10 +306,10 @@ def test_cancellation_frees_the_slot_at_once(v0, slow):
 
         async def scenario():
             hog = asyncio.create_task(e.generate(greedy(PROMPTS[0], 200)))
-            await asyncio.sleep(0.05)
+            await until(lambda: e.info().running == 1, "the hog running")
             waiting = asyncio.create_task(e.generate(greedy(PROMPTS[1], 5)))
-            await asyncio.sleep(0.05)
-            assert e.info().running == 1 and e.info().waiting == 1
+            await until(lambda: e.info().waiting == 1, "one waiting")
+            assert e.info().running == 1
             hog.cancel()
             t0 = time.perf_counter()
             r = await waiting
@@ -310,8 +318,7 @@ def test_cancellation_frees_the_slot_at_once(v0, slow):
             async with contextlib.aclosing(e.stream(greedy(PROMPTS[2], 200))) as s:
                 async for _ in s:
                     break
-            await asyncio.sleep(0.05)
-            assert e.info().running == 0 and e.info().waiting == 0
+            await until(lambda: (e.info().running, e.info().waiting) == (0, 0), "the closed stream's slot", 2.0)
 
         asyncio.run(scenario())
 
@@ -327,8 +334,7 @@ def test_a_deadline_fails_the_answer_and_frees_its_slot(v0, slow):
                 async for _ in e.stream(greedy(PROMPTS[1], 200), timeout_s=0.3):
                     tokens += 1
             assert 0 < tokens < 200  # it streamed until the deadline, then stopped
-            await asyncio.sleep(0.05)
-            assert e.info().running == 0 and e.info().waiting == 0
+            await until(lambda: (e.info().running, e.info().waiting) == (0, 0), "both slots free", 2.0)
             done = await e.generate(greedy(PROMPTS[2], 5), timeout_s=30)  # and answers within it are whole
             assert done.generated_tokens == 5
 
@@ -360,8 +366,9 @@ def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, s
             await asyncio.to_thread(e.load_version, v1, 1)
             assert e.info().version == 1
             # The old copy stays alive for its sequences: in the new version's batch, or in its own.
-            old_copies = [b.mix.old if mixed_drain else b.model for b in e._batches.values()]
-            assert [m.version for m in old_copies] == [0] and e._draining
+            snap = await asyncio.to_thread(e.snapshot)
+            old_versions = [b.old_version if mixed_drain else b.version for b in snap.batches]
+            assert snap.version == 1 and old_versions == [0] and snap.draining
             fresh = await asyncio.gather(*[e.generate(greedy(p, 40)) for p in PROMPTS[:3]])
             return await asyncio.gather(*inflight), fresh
 
@@ -371,7 +378,8 @@ def test_hot_swap_in_flight_finish_on_old_weights_new_requests_get_new(v0, v1, s
         assert ids(old[3]) == ids(old_alone[0])
         assert [ids(r) for r in fresh] == [ids(r) for r in new_alone]
         assert [ids(r) for r in fresh] != [ids(r) for r in old_alone]
-        assert list(e._batches.values()) == [] and not e._draining  # the old copy left with its last sequence
+        snap = e.snapshot()
+        assert snap.batches == () and not snap.draining  # the old copy left with its last sequence
         # Rollback is just another load; the same announcement twice is a no-op.
         e.load_version(v0, 0)
         e.load_version(v0, 0)
@@ -434,7 +442,7 @@ def test_stop_fails_waiting_requests_with_unavailable(v0, slow):
 
     async def scenario():
         tasks = [asyncio.create_task(e.generate(greedy(p, 100))) for p in PROMPTS[:3]]
-        await asyncio.sleep(0.05)
+        await until(lambda: e.info().running == 1 and e.info().waiting == 2, "one running, two waiting")
         await asyncio.to_thread(e.stop)
         return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -468,11 +476,12 @@ def test_new_weights_alone_reload_into_a_copy_of_the_serving_model(v0, v2, monke
     with engine(v2, 2) as ref:  # from_pretrained: nothing to reuse
         want = [ids(asyncio.run(ref.generate(greedy(p, 20)))) for p in PROMPTS[:3]]
     with engine(v0) as e:
-        old = e._current
+        old = e.serving_model
         with monkeypatch.context() as m:  # the swap must not need from_pretrained
-            m.setattr(engine_module, "load_model", lambda *a: pytest.fail("from_pretrained on the hot path"))
+            m.setattr(hotswap_module, "load_model", lambda *a: pytest.fail("from_pretrained on the hot path"))
             e.load_version(v2, 2)
-        new = e._current
+        new = e.serving_model
+        assert old is not None and new is not None
         assert new.version == 2 and new.source == v2 and new.model is not old.model
         assert new.tokenizer is old.tokenizer and new.mask_4d == old.mask_4d
         got = [asyncio.run(e.generate(greedy(p, 20))) for p in PROMPTS[:3]]
@@ -482,7 +491,8 @@ def test_new_weights_alone_reload_into_a_copy_of_the_serving_model(v0, v2, monke
 
 def test_reload_needs_the_same_model_files_and_an_equivalent_tokenizer(v0, v1, v2, tmp_path):
     with engine(v0) as e:
-        cur = e._current
+        cur = e.serving_model
+        assert cur is not None
         assert reload_weights(cur, v2, 2).tokenizer is cur.tokenizer  # the same bytes: shared
         again = reload_weights(cur, v1, 1)  # saved otherwise (no starter.json, other JSON layout)
         assert again is not None and again.tokenizer is not cur.tokenizer
@@ -511,26 +521,26 @@ def test_a_failing_reload_falls_back_to_a_whole_load(v0, v2, monkeypatch):
 
 def test_the_python_heavy_parts_of_a_reload_run_between_steps_in_the_scheduler_thread(v0, v2, monkeypatch):
     ran_in: list[str] = []
-    real = reload_module._empty_copy
+    real = reload_module.empty_copy
 
     def spy(model, reuse):
         ran_in.append(threading.current_thread().name)
         return real(model, reuse)
 
-    monkeypatch.setattr(reload_module, "_empty_copy", spy)
+    monkeypatch.setattr(reload_module, "empty_copy", spy)
     with engine(v0) as e:
         e.load_version(v2, 2)
         assert ran_in == ["policy-engine"]
         with pytest.raises(ZeroDivisionError):  # a chore's error reaches the caller; the scheduler lives on
-            e._between_steps(lambda: 1 / 0)
+            e.between_steps(lambda: 1 / 0)
         assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 2
-    assert e._between_steps(lambda: threading.current_thread().name) == threading.current_thread().name
+    assert e.between_steps(lambda: threading.current_thread().name) == threading.current_thread().name
 
 
 def test_the_copy_gets_new_parameters_with_the_ties_kept_and_the_buffers_copied(v0):
     with engine(v0) as e:
-        cur = e._current.model
-        new = reload_module._empty_copy(cur)
+        cur = e.serving_model.model
+        new = reload_module.empty_copy(cur)
     old_params, new_params = dict(cur.named_parameters()), dict(new.named_parameters())
     assert old_params.keys() == new_params.keys()
     assert all(new_params[k] is not p and new_params[k].shape == p.shape for k, p in old_params.items())
@@ -574,7 +584,7 @@ def test_a_swapped_out_model_is_freed_without_the_garbage_collector(v0, v2):
     with engine(v0) as e:
         asyncio.run(e.generate(greedy(PROMPTS[0], 5)))
         for path, version in ((v2, 2), (v0, 0)):  # reload path, then from_pretrained
-            gone = weakref.ref(e._current.model)
+            gone = weakref.ref(e.serving_model.model)
             gc.disable()
             try:
                 e.load_version(path, version)
@@ -595,7 +605,7 @@ def test_a_swap_to_another_architecture_loads_it_whole(v0, tmp_path):
     with engine(str(tmp_path), 5) as ref:
         want = ids(asyncio.run(ref.generate(greedy(PROMPTS[0], 12))))
     with engine(v0) as e:
-        assert reload_weights(e._current, str(tmp_path), 5) is None
+        assert reload_weights(e.serving_model, str(tmp_path), 5) is None
         e.load_version(str(tmp_path), 5)
         got = asyncio.run(e.generate(greedy(PROMPTS[0], 12)))
         assert got.version == 5 and ids(got) == want and e.info().max_context_tokens == 128

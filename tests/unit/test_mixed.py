@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Mix
 
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.kvbatch import Batch, LoadedModel, load_model
-from flywheel.policy.mixed import MixedForward, NotRowwise, _routed, scales_rows
+from flywheel.policy.mixed import MixedForward, NotRowwise, routed, scales_rows
 from tests.unit.test_engine import v0, v1  # noqa: F401 - fixtures
 
 CONFIG = EngineConfig(device="cpu")
@@ -93,11 +93,11 @@ def test_versions_that_cannot_share_a_forward_are_not_paired(v0, tmp_path):  # n
 
 def test_a_weighted_module_must_see_the_rows_first():
     lin_old, lin_new = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    routed = _routed(lin_new, lin_old, 2, 5)
+    forward = routed(lin_new, lin_old, 2, 5)
     x = torch.randn(5, 4)
-    torch.testing.assert_close(routed(x), torch.cat([lin_old(x[:2]), lin_new(x[2:])]))
+    torch.testing.assert_close(forward(x), torch.cat([lin_old(x[:2]), lin_new(x[2:])]))
     with pytest.raises(NotRowwise, match=r"Linear got \(10, 4\) for a batch of 5 rows"):
-        routed(torch.randn(10, 4))
+        forward(torch.randn(10, 4))
 
 
 def test_a_norm_takes_a_weight_per_row_other_modules_are_routed():

@@ -98,7 +98,7 @@ class LoadedModel:
         """A chat as prompt text through this tokenizer's template (without a leading BOS)."""
         tok = self.tokenizer
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             bos = tok.bos_token or ""
             return text[len(bos) :] if bos and text.startswith(bos) else text
         except Exception:  # noqa: BLE001 - no template: a readable transcript is good enough for the log
@@ -168,7 +168,8 @@ def load_model(path: str, version: int, config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    # transformers' typing of PreTrainedModel.to (a wrapped method) loses its self argument
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
     cfg = model.config
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tok) > vocab:
@@ -267,7 +268,8 @@ class Batch:
         ones = torch.ones((len(self.seqs), 1), dtype=self.mask.dtype, device=self.mask.device)
         pos = self.mask.sum(-1, keepdim=True)  # real tokens so far = position of the new one
         mask = torch.cat([self.mask, ones], dim=1)
-        model, split = self.model, contextlib.nullcontext()
+        model = self.model
+        split: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self.mix is not None and self.old_rows == len(self.seqs):
             model = self.mix.old  # no new rows yet: the old weights' own forward
         elif self.mix is not None:
@@ -298,6 +300,7 @@ class Batch:
         first = int((self.mask.sum(0) > 0).int().argmax())
         if first > 0:
             for layer in self.cache.layers:
+                assert layer.keys is not None and layer.values is not None  # a filled cache
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self.mask = self.mask[:, first:]
 
@@ -307,6 +310,7 @@ class Batch:
         length = max(self.mask.shape[1], other.mask.shape[1])
         pad_a, pad_b = length - self.mask.shape[1], length - other.mask.shape[1]
         for la, lb in zip(self.cache.layers, other.cache.layers, strict=True):
+            assert la.keys is not None and la.values is not None and lb.keys is not None and lb.values is not None
             la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))])
             la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))])
         self.mask = torch.cat([F.pad(self.mask, (pad_a, 0)), F.pad(other.mask, (pad_b, 0))])

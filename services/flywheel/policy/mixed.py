@@ -89,7 +89,7 @@ class MixedForward:
         # object's own setattr/delattr (0.3 us a pair): nn.Module's look for a parameter, buffer or
         # submodule of that name first (2.1 us), for every weighted module at every decode step
         for new_mod, old_mod in self._twins:
-            object.__setattr__(new_mod, "forward", _routed(new_mod, old_mod, old_rows, rows))
+            object.__setattr__(new_mod, "forward", routed(new_mod, old_mod, old_rows, rows))
         for (new_mod, _), weight in zip(self._scaled, self._weights_by_row(old_rows, rows), strict=True):
             object.__setattr__(new_mod, "weight", weight)  # shadows the parameter until restored
             object.__setattr__(new_mod, "forward", _row_checked(new_mod, rows))
@@ -190,7 +190,8 @@ def _row_checked(mod: nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Te
     return forward
 
 
-def _routed(new_mod: nn.Module, old_mod: nn.Module, old_rows: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def routed(new_mod: nn.Module, old_mod: nn.Module, old_rows: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A forward for `new_mod` that runs the first `old_rows` rows through `old_mod` instead."""
     new_fwd, old_fwd = type(new_mod).forward, type(old_mod).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:

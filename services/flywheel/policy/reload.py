@@ -69,7 +69,7 @@ def reload_weights(
     tok = cur.tokenizer if same_tokenizer else between_steps(lambda: _equivalent_tokenizer(cur, new))
     if tok is None:
         return None
-    model = between_steps(lambda: _empty_copy(cur.model, weights))
+    model = between_steps(lambda: empty_copy(cur.model, weights))
     params = dict(model.named_parameters())  # a tied weight appears once, as in the saved file
     tensors, seen = params | dict(model.named_buffers()), set()
     with torch.no_grad():
@@ -112,7 +112,7 @@ def _same_model_files(old: Path, new: Path) -> tuple[list[str], bool] | None:
     # os, not pathlib: this runs in the loader thread, whose Python shares the interpreter lock
     # with the decode steps (pathlib's globbing was a third of the loader's CPU per swap)
     def files(d: Path) -> set[str]:
-        found = set()
+        found: set[str] = set()
         for root, _, names in os.walk(d):
             rel = os.path.relpath(root, d)
             found.update(n if rel == "." else f"{rel}/{n}" for n in names if os.path.isfile(os.path.join(root, n)))
@@ -153,7 +153,7 @@ def _read(d: Path, files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield k, f.get_tensor(k)
 
 
-def _empty_copy(model: PreTrainedModel, reuse: Mapping[str, torch.Tensor] | None = None) -> PreTrainedModel:
+def empty_copy(model: PreTrainedModel, reuse: Mapping[str, torch.Tensor] | None = None) -> PreTrainedModel:
     """A copy of the module tree whose parameters are `reuse`'s tensor of the same name where it fits
     (dtype, device, shape), else allocated but not copied (the files are about to set them): only
     the modules and the buffers are duplicated. A forward running on `model` meanwhile is safe: it
@@ -162,8 +162,11 @@ def _empty_copy(model: PreTrainedModel, reuse: Mapping[str, torch.Tensor] | None
     for name, p in model.named_parameters():  # a tied weight once, under its first name
         src = reuse.get(name) if reuse else None
         fits = src is not None and (src.dtype, src.device, src.shape) == (p.dtype, p.device, p.shape)
-        params[id(p)] = torch.nn.Parameter(src if fits else torch.empty_like(p), requires_grad=p.requires_grad)
-    return _clone_tree(model, params, {})
+        data = src if src is not None and fits else torch.empty_like(p)
+        params[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+    copy = _clone_tree(model, params, {})
+    assert isinstance(copy, PreTrainedModel)  # a new object of model's own class
+    return copy
 
 
 _CONTAINERS = (dict, collections.OrderedDict, list, set)

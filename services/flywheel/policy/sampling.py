@@ -9,6 +9,7 @@ same distribution here as there.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -35,7 +36,7 @@ class SamplingParams:
         return self.temperature if self.temperature > 0 else 1.0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalty: list[float]) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[torch.Tensor], penalty: list[float]) -> torch.Tensor:
     """CTRL's repetition penalty (Keskar et al. 2019, arXiv 1909.05858, eq. 1), as HF applies it.
 
     logits (B, V); seen[b] holds the token ids already in sequence b (prompt and answer).
@@ -96,8 +97,8 @@ def token_logprobs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torc
 def select_next(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    seen: list[torch.Tensor],
-    generators: list[torch.Generator | None],
+    seen: Sequence[torch.Tensor],
+    generators: Sequence[torch.Generator | None],
     logprobs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row. Returns (tokens (B,) long, logprobs (B,) float32, or None when

@@ -20,6 +20,11 @@ from flywheel.policy.requests import GenerationRequest, Token, TokenEvent
 class Sequence:
     """A request's state inside the engine. Fields below `model` are owned by the scheduler thread."""
 
+    # Set at admission (`admit`): its own random stream, and the ids so far (prompt and answer)
+    # for the repetition penalty, on the device of the model it runs on.
+    generator: torch.Generator
+    seen: torch.Tensor
+
     def __init__(self, req: GenerationRequest, prompt_ids: list[int], loaded: LoadedModel, max_new: int, stream: bool):
         self.req, self.params, self.stream = req, req.sampling(), stream
         self.prompt_ids, self.tokenized_by, self.max_new_tokens = prompt_ids, loaded, max_new
@@ -40,9 +45,13 @@ class Sequence:
         self.text, self.emitted = "", 0
         self.prefix_offset = self.read_offset = 0  # incremental detokenization window (detokenize)
         self.finish_reason: str | None = None
-        self.generator: torch.Generator | None = None
-        self.seen: torch.Tensor | None = None
         self.t_admit = self.t_first = self.t_last = 0.0
+
+    def admit(self, model: LoadedModel, now: float) -> None:
+        """Start running on `model` (the scheduler thread, as it leaves the queue)."""
+        self.model, self.t_admit = model, now
+        self.generator = torch.Generator(device=model.device).manual_seed(self.seed)
+        self.seen = torch.tensor(self.prompt_ids, dtype=torch.long, device=model.device)
 
 
 def _deliver(items: list[tuple[Sequence, TokenEvent | BaseException]]) -> None:

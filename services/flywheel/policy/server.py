@@ -42,9 +42,7 @@ def request_from_proto(msg: policy_pb2.GenerateRequest) -> GenerationRequest:
     )
 
 
-def token_proto(t: Token | None) -> common_pb2.Token | None:
-    if t is None:
-        return None
+def token_proto(t: Token) -> common_pb2.Token:
     return common_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special)
 
 
@@ -86,7 +84,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         user = self._user(request, context)
         req = request_from_proto(request)
         async for ev, served in self.service.stream(req, user, _deadline(context)):
-            out = policy_pb2.GenerateStreamResponse(token=token_proto(ev.token), text=ev.text)
+            out = policy_pb2.GenerateStreamResponse(token=token_proto(ev.token) if ev.token else None, text=ev.text)
             if served is not None:
                 out.final.CopyFrom(response_proto(served, False))
             yield out

@@ -171,6 +171,7 @@ def _build(
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{loss_ema:.3f}")
     model.eval()
+    assert model.generation_config is not None  # a causal LM's, made with it
     model.generation_config.pad_token_id = tok.pad_token_id
     save_pretrained(model, tok, out)
     meta = {

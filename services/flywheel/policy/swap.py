@@ -136,6 +136,16 @@ class Swapper:
         self._consumer.start()
 
     @property
+    def worker(self) -> SwapWorker | None:
+        """The swap worker, where announcements are consumed in its process (after `start`)."""
+        return self._worker
+
+    @property
+    def consumer(self) -> bus.Consumer | None:
+        """The consumer of announcements, where it runs in a thread of this process (after `start`)."""
+        return self._consumer
+
+    @property
     def error(self) -> BaseException | None:
         """What ended the in-thread consumer's loop (the worker process is restarted when it dies)."""
         return self._consumer.error if self._consumer is not None else None

@@ -167,7 +167,7 @@ def main() -> None:
 
 # ---------------------------------------------------------------------------- service side
 Prepared = Callable[[events_pb2.ModelUpdate, Path, float | None, Snapshot], bool]
-Refused = Callable[[events_pb2.ModelUpdate, str], None]
+Refused = Callable[[events_pb2.ModelUpdate, str], object]  # what it returns is ignored
 
 
 class SwapWorker:
@@ -222,17 +222,19 @@ class SwapWorker:
     def _run(self, thread_init: Callable[[], None]) -> None:
         thread_init()
         while not self._stopping.is_set():
+            conn, proc = self._conn, self._proc
+            assert conn is not None and proc is not None  # spawned before this thread started
             try:
-                msg = self._conn.recv()
+                msg = conn.recv()
                 if msg[0] == "metrics":
                     bus.mirror_consumer_samples(msg[1], self._mirrored)
                 else:
-                    self._conn.send(self._handle(msg))
+                    conn.send(self._handle(conn, msg))
                 continue
             except (EOFError, OSError) as e:
                 if self._stopping.is_set():
                     return
-                log.error("the swap worker stopped (%s, exit code %s): starting it again", e, self._proc.poll())
+                log.error("the swap worker stopped (%s, exit code %s): starting it again", e, proc.poll())
             self._kill()
             if self._stopping.wait(1.0):
                 return
@@ -242,8 +244,8 @@ class SwapWorker:
             except OSError as e:  # tried again: the closed connection fails the next recv
                 log.error("could not start the swap worker: %s", e)
 
-    def _handle(self, msg: tuple) -> bool:
-        snap = [(name, recv_handle(self._conn), size) for name, size in msg[4]] if msg[0] == "prepared" else []
+    def _handle(self, conn: Connection, msg: tuple) -> bool:
+        snap = [(name, recv_handle(conn), size) for name, size in msg[4]] if msg[0] == "prepared" else []
         try:
             u = events_pb2.ModelUpdate.FromString(msg[1])
             if msg[0] == "refused":
