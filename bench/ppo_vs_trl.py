@@ -28,7 +28,7 @@ import torch
 from flywheel.core.modelstore import ModelStore
 from flywheel.testing import tiny_policy
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.loop import Trainer
+from flywheel.trainer.loop import build_trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
 
 TARGET = "help"
@@ -62,7 +62,7 @@ def ours(model_dir: Path, algo: str, a: argparse.Namespace, epochs: int) -> dict
         whiten_advantages=algo == "ppo",
     )
     with tempfile.TemporaryDirectory() as d:
-        t = Trainer(cfg, ModelStore(d), Reward(), PoolPrompts(FALLBACK_PROMPTS))
+        t = build_trainer(cfg, ModelStore(d), Reward(), PoolPrompts(FALLBACK_PROMPTS), FALLBACK_PROMPTS)
         t.setup()
         t.train_step()  # warm-up, not timed
         steps = [t.train_step() for _ in range(a.steps)]

@@ -23,7 +23,7 @@ from flywheel.core.modelstore import ModelStore
 from flywheel.core.server import ServerConfig, ServiceServer
 from flywheel.testing import tiny_policy
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.loop import Trainer
+from flywheel.trainer.loop import Trainer, build_trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, KafkaPrompts, PoolPrompts
 from flywheel.trainer.server import TrainerServicer
 from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -51,7 +51,9 @@ def _trainer(tmp_path: Path, init_path: Path) -> Trainer:
     cfg = TrainerConfig(
         init_path=str(init_path), batch_size=4, max_new_tokens=6, prompt_source="pool", gate_prompts=2, gate_margin=1e9
     )
-    t = Trainer(cfg, ModelStore(tmp_path / "store"), WordReward(), PoolPrompts(FALLBACK_PROMPTS))
+    t = build_trainer(
+        cfg, ModelStore(tmp_path / "store"), WordReward(), PoolPrompts(FALLBACK_PROMPTS), FALLBACK_PROMPTS
+    )
     t.setup()
     t.train_step()
     t.checkpoint()  # v1, refused by the gate (margin 1e9)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from flywheel.core.modelstore import ModelStore
 from flywheel.testing import tiny_policy
 from flywheel.trainer import gate, state
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.loop import Trainer
-from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
+from flywheel.trainer.loop import Trainer, build_trainer
+from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts, PromptSource
 
 pytestmark = pytest.mark.timeout(120)
 TARGET = "help"
@@ -43,7 +44,9 @@ def init_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_policy(tmp_path_factory.mktemp("tiny") / "init", seed=0)
 
 
-def make(tmp_path: Path, init_path: Path, announced: list | None = None, **kw) -> Trainer:
+def make(
+    tmp_path: Path, init_path: Path, announced: list | None = None, prompts: PromptSource | None = None, **kw
+) -> Trainer:
     torch.set_num_threads(1)
     opts = dict(
         init_path=str(init_path),
@@ -59,9 +62,18 @@ def make(tmp_path: Path, init_path: Path, announced: list | None = None, **kw) -
     opts.update(kw)
     cfg = TrainerConfig(**opts)
     sink = announced.append if announced is not None else None
-    t = Trainer(cfg, ModelStore(tmp_path / "store"), TargetReward(), PoolPrompts(FALLBACK_PROMPTS), announce=sink)
+    source = prompts if prompts is not None else PoolPrompts(FALLBACK_PROMPTS)
+    t = build_trainer(cfg, ModelStore(tmp_path / "store"), TargetReward(), source, FALLBACK_PROMPTS, announce=sink)
     t.setup()
     return t
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g}s waiting for {what}"
+        time.sleep(0.02)
 
 
 def test_sampler_matches_hf_generate_and_forward_matches_hf_masking(init_path: Path) -> None:
@@ -104,9 +116,9 @@ def test_reward_rises_while_kl_stays_in_budget(tmp_path: Path, init_path: Path) 
 def test_critic_free_algorithms_learn(tmp_path: Path, init_path: Path, algo: str) -> None:
     # grpo with 1 epoch takes the single-pass path (old log-probs = the update's own, detached)
     t = make(tmp_path, init_path, algo=algo, batch_size=4, group_size=4, epochs=2 if algo == "rloo" else 1, lr=3e-3)
-    before = [p.detach().clone() for p in t.policy.parameters()]
+    before = [p.detach().clone() for p in t.state.policy.parameters()]
     hist = [t.train_step() for _ in range(10)]
-    assert any(not torch.equal(a, b) for a, b in zip(before, t.policy.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.state.policy.parameters(), strict=True))
     rewards = [m["reward_mean"] for m in hist]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
     assert "value_loss" not in hist[-1]  # no critic
@@ -122,24 +134,24 @@ def test_ppo_ptx_learns_users_demonstrations(tmp_path: Path, init_path: Path) ->
             return demo
 
     def run(ptx: float) -> float:
-        t = make(tmp_path / str(ptx), init_path, ptx_coef=ptx, epochs=1)
-        t.prompts = DemoPool(FALLBACK_PROMPTS)
+        t = make(tmp_path / str(ptx), init_path, prompts=DemoPool(FALLBACK_PROMPTS), ptx_coef=ptx, epochs=1)
         torch.manual_seed(0)
         for _ in range(5):
             t.train_step()
         with torch.no_grad():
-            return float(sft_loss(t.policy, t.tok, demo, t.device))
+            return float(sft_loss(t.state.policy, t.state.tokenizer, demo, t.device))
 
     assert run(1.0) < run(0.0) - 0.5  # the supervised term pulls the policy toward the demonstration
 
 
 def _degenerate(t: Trainer, token: str = TARGET, steps: int = 40) -> None:
     """Fine-tune the in-memory policy to answer every prompt with one token repeated (reward hacking)."""
-    opt = torch.optim.AdamW(t.policy.parameters(), lr=1e-2)
-    tid = t.tok.convert_tokens_to_ids(token)
-    ids = torch.cat([t.tok(FALLBACK_PROMPTS[0], return_tensors="pt")["input_ids"], torch.full((1, 12), tid)], 1)
+    policy, tok = t.state.policy, t.state.tokenizer
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    tid = tok.convert_tokens_to_ids(token)
+    ids = torch.cat([tok(FALLBACK_PROMPTS[0], return_tensors="pt")["input_ids"], torch.full((1, 12), tid)], 1)
     for _ in range(steps):
-        loss = t.policy(input_ids=ids, labels=ids).loss
+        loss = policy(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -149,13 +161,14 @@ def test_gate_refuses_a_degenerate_checkpoint(tmp_path: Path, init_path: Path) -
     announced: list = []
     t = make(tmp_path, init_path, announced, gate_kl_budget=1e9)
     _degenerate(t)
-    report = gate.evaluate(t.policy, t.reference, t.tok, t.gate_prompts, t.reward, t.cfg)
+    st = t.state
+    report = gate.evaluate(st.policy, st.reference, st.tokenizer, t.promoter.gate_prompts, t.reward, t.cfg)
     assert report.repeat > 0.8 and report.reward_mean > 0.5  # the reward model loves it ...
     m = t.checkpoint()
     assert m.gate.startswith("failed:") and "degenerate" in m.gate, m.gate  # ... the gate does not
     assert "reward" not in m.gate.split("failed:")[1].split(";")[0]  # it beat the serving reward
     assert not m.promoted and announced == [] and t.serving_version == 0
-    assert t.store.get("policy", m.version).metrics["gate.repeat"] > 0.8  # kept, with its figures
+    assert t.checkpointer.store.get("policy", m.version).metrics["gate.repeat"] > 0.8  # kept, with its figures
     # The same gate passes a healthy candidate that beats the serving version (so it can fail above).
     ok = gate.GateReport(reward_mean=0.5, kl=1.0, mean_tokens=6, repeat=0.3, distinct2=0.9, eos_rate=1.0)
     serving = gate.GateReport(reward_mean=0.1, kl=0.0, mean_tokens=6, repeat=0.3, distinct2=0.9, eos_rate=1.0)
@@ -167,20 +180,20 @@ def test_after_gate_patience_failures_in_a_row_training_restarts_from_the_servin
     tmp_path: Path, init_path: Path
 ) -> None:
     t = make(tmp_path, init_path, gate_margin=1e9, gate_patience=2)  # every checkpoint fails the gate
-    serving = {k: v.clone() for k, v in t.policy.state_dict().items()}
+    serving = {k: v.clone() for k, v in t.state.policy.state_dict().items()}
     t.train_step()
     t.checkpoint()
-    t._apply_reset()
-    assert any(not torch.equal(v, serving[k]) for k, v in t.policy.state_dict().items())  # 1 failure: drifts on
+    t.apply_restart()
+    assert any(not torch.equal(v, serving[k]) for k, v in t.state.policy.state_dict().items())  # 1 failure: drifts on
     t.train_step()
     t.checkpoint()  # the second in a row
-    t._apply_reset()
-    assert all(torch.equal(v, serving[k]) for k, v in t.policy.state_dict().items())  # back to v0's weights
-    assert t.version == 0 and t.serving_version == 0 and not t.optimizer.state  # and a fresh optimizer
+    t.apply_restart()
+    assert all(torch.equal(v, serving[k]) for k, v in t.state.policy.state_dict().items())  # back to v0's weights
+    assert t.version == 0 and t.serving_version == 0 and not t.state.optimizer.state  # and a fresh optimizer
     t.train_step()
     t.checkpoint()
-    t._apply_reset()
-    assert any(not torch.equal(v, serving[k]) for k, v in t.policy.state_dict().items())  # the count restarted
+    t.apply_restart()
+    assert any(not torch.equal(v, serving[k]) for k, v in t.state.policy.state_dict().items())  # the count restarted
 
 
 def test_passing_checkpoint_is_promoted_with_lineage(tmp_path: Path, init_path: Path) -> None:
@@ -221,9 +234,9 @@ def test_control_errors_are_precise(tmp_path: Path, init_path: Path) -> None:
     assert state.load_control(t.dir)["paused"] is True  # survives a restart
     t.resume()
     t.promote(m.version, "operator knows best")
-    assert t.serving_version == m.version and t.store.get("policy", m.version).promoted
+    assert t.serving_version == m.version and t.checkpointer.store.get("policy", m.version).promoted
     t.rollback(0)
-    assert t.serving_version == 0 and t._reset_to == 0
+    assert t.serving_version == 0 and t.promoter.restart_version == 0
 
 
 def test_pause_returns_after_the_step_in_progress(tmp_path: Path, init_path: Path, monkeypatch) -> None:
@@ -236,7 +249,7 @@ def test_pause_returns_after_the_step_in_progress(tmp_path: Path, init_path: Pat
         steps.append(t.step)
         in_step.set()
         release.wait(10)
-        t.step += 1
+        t.state.step += 1
         return {}
 
     monkeypatch.setattr(t, "train_step", slow_step)
@@ -252,8 +265,8 @@ def test_pause_returns_after_the_step_in_progress(tmp_path: Path, init_path: Pat
         release.set()
         paused.join(10)
         assert not paused.is_alive() and t.step == 1
-        time.sleep(0.5)
-        assert steps == [0] and t.status == "paused"
+        wait_for(lambda: t.status == "paused", 10, "the loop to report paused")
+        assert steps == [0]
     finally:
         stop.set()
         release.set()
@@ -268,8 +281,8 @@ def test_second_trainer_waits_as_standby(tmp_path: Path) -> None:
     got: list[bool] = []
     th = threading.Thread(target=lambda: got.append(b.wait(stop, 0.05)))
     th.start()
-    time.sleep(0.3)
-    assert got == []  # still waiting
+    th.join(0.3)
+    assert th.is_alive() and got == []  # still waiting
     a.release()
     th.join(5)
     assert got == [True] and b.held
@@ -277,41 +290,46 @@ def test_second_trainer_waits_as_standby(tmp_path: Path) -> None:
 
 RUNNER = textwrap.dedent(
     """
-    import hashlib, json, sys, threading, time, torch
+    import hashlib, json, sys, threading
     from flywheel.core.modelstore import ModelStore
     from flywheel.trainer.config import TrainerConfig
-    from flywheel.trainer.loop import Trainer
+    from flywheel.trainer.loop import build_trainer
     from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
-    store, init, log_path, max_steps, sleep_s = sys.argv[1:6]
+    store, init, log_path, max_steps, halt_after = sys.argv[1:6]
 
     class Reward:
         def score(self, prompts, responses):
             return [sum(w == "help" for w in r.split()) / max(1, len(r.split())) for r in responses]
 
-    class Logged(Trainer):
-        def train_step(self):
-            before = self.prompts.cursor
-            m = super().train_step()
-            h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in self.policy.parameters())).hexdigest()
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": self.step, "cursor": before, "hash": h, "reward": m["reward_mean"]}) + "\\n")
-            time.sleep(float(sleep_s))
-            return m
-
     cfg = TrainerConfig(init_path=init, batch_size=4, max_new_tokens=8, lr=2e-3, prompt_source="pool",
                         checkpoint_every=2, max_steps=int(max_steps), torch_threads=1, gate_prompts=2,
                         missing_eos_penalty=None, reward_norm="running", epochs=2)
-    t = Logged(cfg, ModelStore(store), Reward(), PoolPrompts(FALLBACK_PROMPTS))
+    prompts = PoolPrompts(FALLBACK_PROMPTS)
+    t = build_trainer(cfg, ModelStore(store), Reward(), prompts, FALLBACK_PROMPTS)
+    train_step = t.train_step
+
+    def logged_step():
+        before = prompts.cursor
+        m = train_step()
+        h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in t.state.policy.parameters())).hexdigest()
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": t.step, "cursor": before, "hash": h, "reward": m["reward_mean"]}) + "\\n")
+        if t.step == int(halt_after):
+            threading.Event().wait()  # hold here, after the step and before its checkpoint, for the SIGKILL
+        return m
+
+    t.train_step = logged_step
     t.run(threading.Event())
     """
 )
 
 
-def _spawn(tmp_path: Path, store: Path, init: Path, log: Path, steps: int, sleep_s: float) -> subprocess.Popen:
+def _spawn(tmp_path: Path, store: Path, init: Path, log: Path, steps: int, halt_after: int = 0) -> subprocess.Popen:
+    """A trainer process logging each step; `halt_after` > 0: it stops after that step until killed."""
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(script), str(store), str(init), str(log), str(steps), str(sleep_s)]
+    args = [sys.executable, str(script), str(store), str(init), str(log), str(steps), str(halt_after)]
     return subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
 
 
@@ -322,19 +340,21 @@ def _lines(log: Path) -> list[dict]:
 def test_sigkill_then_restart_resumes_exactly(tmp_path: Path, init_path: Path) -> None:
     steps = 6
     ref_log, run_log = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
-    ref = _spawn(tmp_path, tmp_path / "ref_store", init_path, ref_log, steps, 0.0)  # uninterrupted
-    victim = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, 0.5)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not any(x["step"] == 3 for x in _lines(run_log)):
+    ref = _spawn(tmp_path, tmp_path / "ref_store", init_path, ref_log, steps)  # uninterrupted
+    victim = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, halt_after=3)
+
+    def victim_did_step_3() -> bool:
         assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+        return any(x["step"] == 3 for x in _lines(run_log))
+
+    wait_for(victim_did_step_3, 90, "the victim's step 3")
     os.kill(victim.pid, signal.SIGKILL)  # step 3 is done but not checkpointed (checkpoint_every=2)
     victim.wait()
     saved = state.load_state(state.trainer_dir(tmp_path / "store", "policy"))
-    assert saved["step"] == 2 and saved["offsets"] == {"pool": 8}
+    assert saved is not None and saved.step == 2 and saved.offsets == {"pool": 8}
     killed_at = len(_lines(run_log))
 
-    restart = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps, 0.0)
+    restart = _spawn(tmp_path, tmp_path / "store", init_path, run_log, steps)
     assert restart.wait(90) == 0, restart.stderr.read().decode()[-2000:]
     assert ref.wait(90) == 0, ref.stderr.read().decode()[-2000:]
     want, after = _lines(ref_log), _lines(run_log)[killed_at:]
@@ -342,7 +362,7 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path: Path, init_path: Path) -
     assert [x["step"] for x in after] == [3, 4, 5, 6]
     assert [(x["cursor"], x["hash"]) for x in after] == [(x["cursor"], x["hash"]) for x in want[2:]]
     final = state.load_state(state.trainer_dir(tmp_path / "store", "policy"))
-    assert final["step"] == steps and final["offsets"] == {"pool": 4 * steps}
-    assert float(final["optimizer"]["state"][0]["step"]) == steps * 2  # AdamW continued: 2 epochs per step
+    assert final is not None and final.step == steps and final.offsets == {"pool": 4 * steps}
+    assert float(final.optimizer["state"][0]["step"]) == steps * 2  # AdamW continued: 2 epochs per step
     versions = [m.version for m in ModelStore(tmp_path / "store").list_versions("policy")]
     assert versions == [0, 1, 2, 3]  # one version per checkpoint, none orphaned or repeated

@@ -2,7 +2,7 @@
 
 Configuration: the `trainer`, `kafka`, `topics`, `model_store` and `auth` sections of the
 YAML file (FLYWHEEL_CONFIG or --config) and their FLYWHEEL_* variables; the reward service
-at FLYWHEEL_REWARD_ADDR (default localhost:50053). Health turns SERVING once this replica
+at `trainer.reward_addr` (FLYWHEEL_TRAINER_REWARD_ADDR, default localhost:50053). Health turns SERVING once this replica
 holds the active-trainer lock and has loaded its models; a standby stays NOT_SERVING.
 """
 
@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from flywheel.core.auth import AuthConfig, Authenticator
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_section
@@ -23,9 +24,10 @@ from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServiceServer, serve, server_config
 from flywheel.ops.lease import elector_from_env
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.loop import Trainer
-from flywheel.trainer.prompt_sources import KafkaPrompts, PoolPrompts, default_pool, split_pool
-from flywheel.trainer.reward_source import GrpcReward
+from flywheel.trainer.loop import Trainer, build_trainer
+from flywheel.trainer.promotion import Announce
+from flywheel.trainer.prompt_sources import KafkaPrompts, PoolPrompts, PromptSource, default_pool, split_pool
+from flywheel.trainer.reward_source import GrpcReward, RewardInfo
 from flywheel.trainer.server import TrainerServicer
 from flywheel.v1 import trainer_pb2_grpc
 
@@ -39,27 +41,29 @@ def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
     topics = load_section(TopicsConfig, "topics", config_path)
     store = load_section(ModelStoreConfig, "model_store", config_path)
     auth = Authenticator(load_section(AuthConfig, "auth", config_path))
-    reward = GrpcReward(os.environ.get("FLYWHEEL_REWARD_ADDR", "localhost:50053"))
+    reward = GrpcReward(cfg.reward_addr)
 
-    def reward_info() -> object:  # normalization statistics; None while the reward service cannot say
+    def reward_info() -> RewardInfo | None:  # normalization statistics; None while the reward service cannot say
         try:
             return reward.info()
         except Exception:
             return None
 
     train, heldout = split_pool(cfg.prompt_pool or default_pool(), cfg.gate_prompts, cfg.seed)
-    announce = None
+    announce: Announce | None = None
     if kafka.bootstrap:
         from flywheel.core.bus import Producer, ensure_topics
 
         ensure_topics(kafka, topics)
         producer = Producer(kafka)
 
-        def announce(update: object) -> None:  # a flywheel.v1.ModelUpdate
+        def send_update(update: Any) -> None:  # a flywheel.v1.ModelUpdate
             producer.send_sync(topics.policy_updates, update.model, update)
 
+        announce = send_update
     else:
         log.warning("FLYWHEEL_KAFKA_BOOTSTRAP is not set: prompts come from the pool and versions are not announced")
+    prompts: PromptSource
     if cfg.prompt_source == "kafka" and kafka.bootstrap:
         prefs = topics.preferences if cfg.ptx_coef > 0 else None
         prompts = KafkaPrompts(
@@ -67,9 +71,7 @@ def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
         )
     else:
         prompts = PoolPrompts(train)
-    trainer = Trainer(
-        cfg, store.store(), reward, prompts, announce, store.keep_last, reward_info=reward_info, heldout=heldout
-    )
+    trainer = build_trainer(cfg, store.store(), reward, prompts, heldout, announce, store.keep_last, reward_info)
     return trainer, auth
 
 

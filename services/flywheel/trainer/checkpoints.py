@@ -1,12 +1,10 @@
-"""Setup, resume and checkpoints: the trainer's weights and state going into and out of the model store.
+"""Checkpoints: the trainer's weights and state going into and out of the model store.
 
 A checkpoint is a model-store version (the weights the policy replicas load) plus the trainer
-state saved next to it (state.py). `checkpoint` publishes the version, saves the state, commits
-the consumed offsets, then hands the version to the gate (promotion.py). `setup` resumes from
-the last saved state (or publishes the starter on a first run), and `_recover` cleans up after
-a crash between publishing and saving.
-
-`CheckpointMixin` is one part of `loop.Trainer`, whose `__init__` sets the attributes used here.
+state saved next to it (state.py). `Checkpointer.save` publishes the version, saves the state
+and commits the consumed offsets (the Trainer then hands the version to the gate);
+`Checkpointer.restore` resumes from the last saved state, or publishes the starter and starts
+fresh on a first run, and cleans up after a crash between publishing and saving.
 """
 
 from __future__ import annotations
@@ -14,34 +12,53 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from typing import Any
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
-from flywheel.core.modelstore import Manifest, save_pretrained
+from flywheel.core.modelstore import Manifest, ModelStore, save_pretrained
 from flywheel.trainer import state
-from flywheel.trainer.metrics import GAUGES
-from flywheel.trainer.rollout import ValueHead
+from flywheel.trainer.config import TrainerConfig
+from flywheel.trainer.prompt_sources import PromptSource
+from flywheel.trainer.reward_source import RewardSource
+from flywheel.trainer.training_state import TrainingState, build_training_state
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMixin:
-    """The Trainer's setup, resume after a crash, and checkpoint publishing."""
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore` found."""
 
-    # ------------------------------------------------------------------ setup and resume
+    state: TrainingState
+    ungated: Manifest | None  # the last checkpoint, when the trainer stopped before gating it
 
-    def _load_lm(self, version: int) -> Any:
-        path = self.store.load_path(self.cfg.model, version)  # verified against its manifest
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
 
-    def setup(self) -> None:
-        """Load models and, if there is one, the last checkpoint's state (call with the active lock held)."""
+class Checkpointer:
+    """Publishes checkpoints to the model store and restores the training state from the last one."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        store: ModelStore,
+        prompts: PromptSource,
+        reward: RewardSource,
+        directory: Path,
+        keep_last: int = 5,
+    ) -> None:
+        self.cfg, self.store, self.prompts, self.reward = cfg, store, prompts, reward
+        self.dir, self.keep_last = directory, keep_last
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self) -> Restored:
+        """The training state: from the last saved checkpoint, else fresh from the serving version.
+
+        Also positions the prompt source and the RNGs (call with the active lock held).
+        """
         cfg = self.cfg
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
         if not self.store.list_versions(cfg.model):
             if not cfg.init_path:
                 raise errors.FailedPrecondition(
@@ -50,40 +67,28 @@ class CheckpointMixin:
                 )
             self._publish_starter(cfg.init_path)
         saved = state.load_state(self.dir)
-        start = saved["version"] if saved else self._serving_from_store()
-        self.tok = AutoTokenizer.from_pretrained(self.store.load_path(cfg.model, start))
-        if self.tok.pad_token_id is None or self.tok.pad_token_id == self.tok.eos_token_id:
-            raise errors.FailedPrecondition(
-                "the policy's tokenizer needs a pad token distinct from EOS (Huang et al. 2024)"
-            )
-        self.policy = self._load_lm(start)
-        self.reference = self._load_lm(cfg.reference_version).eval().requires_grad_(False)
-        self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device)
-        self._new_optimizer()
-        self.version = start
         if saved is None:
+            st = build_training_state(cfg, self.store, self._serving_from_store())
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
-            self.serving_version = start
             self.prompts.seek({})
-        else:
-            self.step, self.serving_version = saved["step"], saved["serving_version"]
-            self.value_head.load_state_dict(saved["value_head"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.kl_ctl.load_state_dict(saved["kl_ctl"])
-            self.moments.load_state_dict(saved["moments"])
-            self.metrics = dict(saved.get("metrics", {}))
-            self.prompts.seek(saved["offsets"])
-            state.set_rng_state(saved["rng"])
-            self._recover(saved)
-        GAUGES["step"].set(self.step)
-        GAUGES["serving_version"].set(self.serving_version)
-        log.info("trainer ready at step %d, version %d, serving %d", self.step, self.version, self.serving_version)
+            return Restored(st, ungated=None)
+        st = build_training_state(cfg, self.store, saved.version)
+        st.step, st.serving_version, st.metrics = saved.step, saved.serving_version, dict(saved.metrics)
+        st.value_head.load_state_dict(saved.value_head)
+        st.optimizer.load_state_dict(saved.optimizer)
+        st.kl_ctl.load_state_dict(saved.kl_ctl)
+        st.moments.load_state_dict(saved.moments)
+        self.prompts.seek(saved.offsets)
+        saved.rng.restore()
+        self._mark_orphans(saved.version)
+        last = self.store.get(cfg.model, saved.version)
+        ungated = last if last.version != cfg.reference_version and not last.gate else None
+        return Restored(st, ungated)
 
     def _publish_starter(self, path: str) -> None:
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path)
-
         self.store.publish(
             self.cfg.model,
             lambda d: save_pretrained(lm, tok, d),
@@ -96,60 +101,56 @@ class CheckpointMixin:
         latest = self.store.latest(self.cfg.model, promoted_only=True)
         return latest.version if latest is not None else self.cfg.reference_version
 
-    def _recover(self, saved: dict[str, Any]) -> None:
-        """After a crash: mark orphan versions, and gate the last checkpoint if the gate never ran."""
+    def _mark_orphans(self, saved_version: int) -> None:
+        """Versions published after the saved state (a crash before state.pt was written) are never served."""
         for m in self.store.list_versions(self.cfg.model):
-            if m.version > saved["version"] and not m.gate and "trainer_step" in m.extra:
+            if m.version > saved_version and not m.gate and "trainer_step" in m.extra:
                 self.store.update(
                     self.cfg.model, m.version, gate="failed: orphaned (the trainer stopped before saving its state)"
                 )
-        m = self.store.get(self.cfg.model, saved["version"])
-        if m.version != self.cfg.reference_version and not m.gate:
-            self.run_gate(m)
 
-    def _new_optimizer(self) -> None:
-        params = list(self.policy.parameters()) + list(self.value_head.parameters())
-        # Huang et al. 2024: Adam eps 1e-5 (PyTorch's default 1e-8 differs from the TF original).
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, eps=self.cfg.adam_eps, weight_decay=0.0)
+    # ------------------------------------------------------------------ save
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def checkpoint(self) -> Manifest:
-        """Publish the weights as a new version, save the trainer state, commit offsets, then gate."""
+    def save(self, st: TrainingState) -> Manifest:
+        """Publish the policy as a new version, save state.pt, then commit the consumed offsets."""
         cfg = self.cfg
-        parent = self.store.get(cfg.model, self.version)
-
-        def write(d: Any) -> None:
-            save_pretrained(self.policy, self.tok, d)
-
+        parent = self.store.get(cfg.model, st.version)
         extra = {
-            "trainer_step": self.step,
+            "trainer_step": st.step,
             "algo": cfg.algo,
             "reference_version": cfg.reference_version,
             "lineage": [*parent.extra.get("lineage", []), parent.version],
-            "reward_version": int(getattr(self.reward, "version", -1)),
+            "reward_version": int(getattr(self.reward, "version", -1)),  # a RewardSource need not know it
         }
-        metrics = {f"train.{k}": v for k, v in self.metrics.items()}
-        manifest = self.store.publish(cfg.model, write, parent=self.version, metrics=metrics, extra=extra)
-        self.version = manifest.version
+        metrics = {f"train.{k}": v for k, v in st.metrics.items()}
+        manifest = self.store.publish(
+            cfg.model,
+            lambda d: save_pretrained(st.policy, st.tokenizer, d),
+            parent=st.version,
+            metrics=metrics,
+            extra=extra,
+        )
+        st.version = manifest.version
         offsets = self.prompts.position()
         state.save_state(
             self.dir,
-            {
-                "step": self.step,
-                "version": self.version,
-                "serving_version": self.serving_version,
-                "value_head": self.value_head.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(),
-                "moments": self.moments.state_dict(),
-                "rng": state.rng_state(),
-                "offsets": offsets,
-                "metrics": self.metrics,
-                "config": dataclasses.asdict(cfg),
-            },
+            state.SavedState(
+                step=st.step,
+                version=st.version,
+                serving_version=st.serving_version,
+                value_head=st.value_head.state_dict(),
+                optimizer=st.optimizer.state_dict(),
+                kl_ctl=st.kl_ctl.state_dict(),
+                moments=st.moments.state_dict(),
+                rng=state.RngState.capture(),
+                offsets=offsets,
+                metrics=st.metrics,
+                config=dataclasses.asdict(cfg),
+            ),
         )
         self.prompts.commit(offsets)  # only now is the consumed work durable
-        manifest = self.run_gate(manifest)
-        self.store.retain(cfg.model, self.keep_last)
         return manifest
+
+    def retain(self) -> None:
+        """Delete old versions except the last `keep_last`, the promoted ones and the starter."""
+        self.store.retain(self.cfg.model, self.keep_last)

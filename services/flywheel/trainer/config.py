@@ -1,7 +1,7 @@
 """The trainer's typed configuration (CleanRL's Args idea: every field carries its help text).
 
 Defaults follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO"
-(arXiv 2403.17031) and Ziegler et al. 2019 (arXiv 1909.08593); see DESIGN.md, "Training
+(arXiv 2403.17031) and Ziegler et al. 2019 (arXiv 1909.08593); see docs/ARCHITECTURE.md, "Training
 defaults worth knowing". Every field can be set from the `trainer:` section of the YAML
 config file or from its FLYWHEEL_TRAINER_* environment variable.
 """
@@ -9,159 +9,122 @@ config file or from its FLYWHEEL_TRAINER_* environment variable.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Literal
 
 from flywheel.core.config import require, setting
 
-ALGOS = ("ppo", "rloo", "grpo")
+Algo = Literal["ppo", "rloo", "grpo"]
+ALGOS: tuple[Algo, ...] = ("ppo", "rloo", "grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 REWARD_NORMS = ("info", "running", "none")
 PROMPT_SOURCES = ("kafka", "pool")
-
-
-def _env(name: str) -> str:
-    return f"FLYWHEEL_TRAINER_{name.upper()}"
 
 
 @dataclasses.dataclass
 class TrainerConfig:
     """Everything the PPO loop, the gate and checkpointing need; validated in __post_init__."""
 
+    SECTION: ClassVar[str] = "trainer"
+
     # --- models -----------------------------------------------------------------------------
-    model: str = setting("policy", "Model name in the model store that the trainer trains.", env=_env("model"))
+    model: str = setting("policy", "Model name in the model store that the trainer trains.")
     init_path: str = setting(
         "",
         "A from_pretrained path to start from when the store has no version of `model` yet "
         "(it is published as version 0, the starter). Empty: the store must hold version 0.",
-        env=_env("init_path"),
     )
-    reference_version: int = setting(
-        0, "Store version of the frozen KL reference (the starter).", env=_env("reference_version")
+    reference_version: int = setting(0, "Store version of the frozen KL reference (the starter).")
+    device: str = setting("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    seed: int = setting(0, "Seed of torch and Python RNGs (saved and restored on resume).")
+    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default).")
+    reward_addr: str = setting(
+        "localhost:50053",
+        "gRPC address (host:port) of the reward service that scores rollouts.",
+        alias="FLYWHEEL_REWARD_ADDR",
     )
-    device: str = setting("cpu", "torch device: cpu, cuda, cuda:1, ...", env=_env("device"))
-    seed: int = setting(0, "Seed of torch and Python RNGs (saved and restored on resume).", env=_env("seed"))
-    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default).", env=_env("torch_threads"))
 
     # --- algorithm --------------------------------------------------------------------------
-    algo: str = setting(
+    algo: Algo = setting(
         "ppo",
         "ppo (critic + GAE, Huang et al. 2024), rloo (Ahmadian et al. 2024) or grpo (Shao et al. 2024).",
-        env=_env("algo"),
     )
-    batch_size: int = setting(8, "Prompts per rollout batch.", env=_env("batch_size"))
-    group_size: int = setting(
-        1, "Samples per prompt (RLOO and GRPO need 2 or more; PPO usually 1).", env=_env("group_size")
+    batch_size: int = setting(8, "Prompts per rollout batch.")
+    group_size: int = setting(1, "Samples per prompt (RLOO and GRPO need 2 or more; PPO usually 1).")
+    minibatch_size: int = setting(0, "Sequences per optimizer step inside an epoch (0: the whole rollout).")
+    epochs: int = setting(4, "Passes over each rollout (Huang et al. 2024: 4).")
+    lr: float = setting(1e-4, "AdamW learning rate (constant).")
+    adam_eps: float = setting(1e-5, "AdamW epsilon (Huang et al. 2024: 1e-5, not PyTorch's 1e-8).")
+    max_grad_norm: float = setting(1.0, "Gradient clipping by global norm.")
+    gamma: float = setting(1.0, "Discount (Huang et al. 2024: 1).")
+    lam: float = setting(0.95, "GAE lambda (Huang et al. 2024: 0.95).")
+    clip_policy: float = setting(0.2, "PPO ratio clip epsilon (Schulman et al. 2017).")
+    clip_value: float = setting(0.2, "Value clip range around the rollout's values.")
+    vf_coef: float = setting(0.1, "Value loss weight (shared backbone).")
+    whiten_advantages: bool = setting(
+        True, "Whiten advantages over the batch's response tokens.", alias="FLYWHEEL_TRAINER_WHITEN"
     )
-    minibatch_size: int = setting(
-        0, "Sequences per optimizer step inside an epoch (0: the whole rollout).", env=_env("minibatch_size")
-    )
-    epochs: int = setting(4, "Passes over each rollout (Huang et al. 2024: 4).", env=_env("epochs"))
-    lr: float = setting(1e-4, "AdamW learning rate (constant).", env=_env("lr"))
-    adam_eps: float = setting(
-        1e-5, "AdamW epsilon (Huang et al. 2024: 1e-5, not PyTorch's 1e-8).", env=_env("adam_eps")
-    )
-    max_grad_norm: float = setting(1.0, "Gradient clipping by global norm.", env=_env("max_grad_norm"))
-    gamma: float = setting(1.0, "Discount (Huang et al. 2024: 1).", env=_env("gamma"))
-    lam: float = setting(0.95, "GAE lambda (Huang et al. 2024: 0.95).", env=_env("lam"))
-    clip_policy: float = setting(0.2, "PPO ratio clip epsilon (Schulman et al. 2017).", env=_env("clip_policy"))
-    clip_value: float = setting(0.2, "Value clip range around the rollout's values.", env=_env("clip_value"))
-    vf_coef: float = setting(0.1, "Value loss weight (shared backbone).", env=_env("vf_coef"))
-    whiten_advantages: bool = setting(True, "Whiten advantages over the batch's response tokens.", env=_env("whiten"))
 
     # --- KL to the reference ----------------------------------------------------------------
     kl_coef: float = setting(
-        0.05, "Per-token KL penalty in the reward (fixed controller; the start value if adaptive).", env=_env("kl_coef")
+        0.05, "Per-token KL penalty in the reward (fixed controller; the start value if adaptive)."
     )
-    adaptive_kl: bool = setting(
-        False, "Adaptive KL controller (Ziegler et al. 2019): init kl_init, target, horizon.", env=_env("adaptive_kl")
-    )
-    kl_init: float = setting(0.15, "Adaptive controller's initial coefficient.", env=_env("kl_init"))
-    kl_target: float = setting(6.0, "Adaptive controller's target KL per sequence, in nats.", env=_env("kl_target"))
-    kl_horizon: int = setting(10_000, "Adaptive controller's horizon, in samples.", env=_env("kl_horizon"))
+    adaptive_kl: bool = setting(False, "Adaptive KL controller (Ziegler et al. 2019): init kl_init, target, horizon.")
+    kl_init: float = setting(0.15, "Adaptive controller's initial coefficient.")
+    kl_target: float = setting(6.0, "Adaptive controller's target KL per sequence, in nats.")
+    kl_horizon: int = setting(10_000, "Adaptive controller's horizon, in samples.")
     kl_min: float = setting(
         0.0,
         "Adaptive controller's smallest coefficient (0: none). kl_min = kl_init only ever tightens the leash.",
-        env=_env("kl_min"),
     )
-    kl_estimator: str = setting(
-        "k1", "Per-token KL estimator in the reward: k1, k2 or k3 (Schulman 2020).", env=_env("kl_estimator")
-    )
-    grpo_beta: float = setting(
-        0.04, "GRPO's KL loss weight (k3 estimator as a loss term, Shao et al. 2024).", env=_env("grpo_beta")
-    )
+    kl_estimator: str = setting("k1", "Per-token KL estimator in the reward: k1, k2 or k3 (Schulman 2020).")
+    grpo_beta: float = setting(0.04, "GRPO's KL loss weight (k3 estimator as a loss term, Shao et al. 2024).")
 
     # --- rollouts and reward ------------------------------------------------------------------
-    max_new_tokens: int = setting(32, "Tokens generated per response.", env=_env("max_new_tokens"))
-    max_prompt_tokens: int = setting(
-        96, "Prompts are truncated on the left to this many tokens.", env=_env("max_prompt_tokens")
-    )
-    temperature: float = setting(
-        0.7, "Sampling temperature; log-probs use the same temperature-scaled logits.", env=_env("temperature")
-    )
+    max_new_tokens: int = setting(32, "Tokens generated per response.")
+    max_prompt_tokens: int = setting(96, "Prompts are truncated on the left to this many tokens.")
+    temperature: float = setting(0.7, "Sampling temperature; log-probs use the same temperature-scaled logits.")
     missing_eos_penalty: float | None = setting(
         -1.0,
         "EOS trick (Huang et al. 2024): a response with no EOS gets this (normalized) score. None: off.",
-        env=_env("missing_eos_penalty"),
     )
     reward_norm: str = setting(
         "info",
         "Reward normalization: info (Reward.GetInfo score mean/std, running stats until it has them), "
         "running (running mean/std of scores), none.",
-        env=_env("reward_norm"),
     )
-    reward_clip: float = setting(10.0, "Normalized scores are clipped to +-this.", env=_env("reward_clip"))
+    reward_clip: float = setting(10.0, "Normalized scores are clipped to +-this.")
     ptx_coef: float = setting(
         0.0,
         "Weight of a supervised loss on users' demonstrations (InstructGPT's PPO-ptx, Ouyang et al. 2022). 0: off.",
-        env=_env("ptx_coef"),
     )
 
     # --- prompts --------------------------------------------------------------------------------
     prompt_source: str = setting(
         "kafka",
         "kafka: flywheel.interactions, topped up from the pool; pool: the pool only.",
-        env=_env("prompt_source"),
     )
-    prompt_pool: list[str] = setting(
-        [], "Fallback prompts (empty: the policy corpus' prompts, else a built-in list).", env=_env("prompt_pool")
-    )
-    consumer_group: str = setting("flywheel-trainer", "Kafka group for consumer lag.", env=_env("consumer_group"))
-    poll_timeout_ms: int = setting(200, "How long a batch waits for live prompts.", env=_env("poll_timeout_ms"))
+    prompt_pool: list[str] = setting([], "Fallback prompts (empty: the policy corpus' prompts, else a built-in list).")
+    consumer_group: str = setting("flywheel-trainer", "Kafka group for consumer lag.")
+    poll_timeout_ms: int = setting(200, "How long a batch waits for live prompts.")
 
     # --- versions and the gate ------------------------------------------------------------------
-    checkpoint_every: int = setting(
-        10, "Updates between checkpoints (each one is gated).", env=_env("checkpoint_every")
-    )
-    max_steps: int = setting(0, "Stop after this many updates (0: run until stopped).", env=_env("max_steps"))
-    gate_prompts: int = setting(16, "Held-out prompts the gate evaluates.", env=_env("gate_prompts"))
-    gate_margin: float = setting(
-        0.0, "Candidate's mean raw reward must beat the serving version's by more than this.", env=_env("gate_margin")
-    )
-    gate_kl_budget: float = setting(
-        12.0, "Largest mean KL (nats per response) to the reference a candidate may have.", env=_env("gate_kl_budget")
-    )
-    gate_min_tokens: float = setting(2.0, "Smallest mean response length, in tokens.", env=_env("gate_min_tokens"))
-    gate_max_tokens: float = setting(
-        0.0, "Largest mean response length (0: 0.95 * max_new_tokens).", env=_env("gate_max_tokens")
-    )
-    gate_max_repeat: float = setting(
-        0.5, "Largest mean share of a response taken by its most frequent token.", env=_env("gate_max_repeat")
-    )
-    gate_min_distinct2: float = setting(
-        0.3, "Smallest mean share of distinct bigrams in a response.", env=_env("gate_min_distinct2")
-    )
-    gate_seed: int = setting(
-        1234, "Sampling seed of the gate's generations (same for both versions).", env=_env("gate_seed")
-    )
+    checkpoint_every: int = setting(10, "Updates between checkpoints (each one is gated).")
+    max_steps: int = setting(0, "Stop after this many updates (0: run until stopped).")
+    gate_prompts: int = setting(16, "Held-out prompts the gate evaluates.")
+    gate_margin: float = setting(0.0, "Candidate's mean raw reward must beat the serving version's by more than this.")
+    gate_kl_budget: float = setting(12.0, "Largest mean KL (nats per response) to the reference a candidate may have.")
+    gate_min_tokens: float = setting(2.0, "Smallest mean response length, in tokens.")
+    gate_max_tokens: float = setting(0.0, "Largest mean response length (0: 0.95 * max_new_tokens).")
+    gate_max_repeat: float = setting(0.5, "Largest mean share of a response taken by its most frequent token.")
+    gate_min_distinct2: float = setting(0.3, "Smallest mean share of distinct bigrams in a response.")
+    gate_seed: int = setting(1234, "Sampling seed of the gate's generations (same for both versions).")
     gate_patience: int = setting(
         0,
         "After this many gate failures in a row, train on from the serving version's weights with a fresh "
         "optimizer (0: never): a policy that drifted where the gate refuses it stops drifting further.",
-        env=_env("gate_patience"),
     )
-    auto_promote: bool = setting(True, "Announce a candidate that passes the gate.", env=_env("auto_promote"))
-    standby_poll_s: float = setting(
-        2.0, "How often a standby trainer retries the active lock.", env=_env("standby_poll_s")
-    )
+    auto_promote: bool = setting(True, "Announce a candidate that passes the gate.")
+    standby_poll_s: float = setting(2.0, "How often a standby trainer retries the active lock.")
 
     def __post_init__(self) -> None:
         n = type(self).__name__

@@ -1,12 +1,15 @@
 """The one training loop: rollouts -> scores -> KL-penalised rewards -> advantages -> clipped updates.
 
-`Trainer.train_step` is the algorithm and reads top to bottom (CleanRL style); the pure math
-is in ppo.py, generation and log-probs in rollout.py, prompts in prompt_sources.py, scores in
-reward_source.py. The rest of the Trainer comes from two mixins: setup, resume and checkpoints
-in checkpoints.py (the state file in state.py), and the gate's verdicts, announcing and control
-in promotion.py (the gate's measures in gate.py); its Prometheus metrics are in metrics.py.
-Sources are cited where each detail is used (see ppo.py for the list); PPO-ptx is Ouyang et
-al. 2022 (InstructGPT, arXiv 2203.02155) section 3.5.
+`Trainer.train_step` is the algorithm and reads top to bottom (CleanRL style) over a typed
+`TrainingState` (training_state.py: the policy, reference, value head, tokenizer, optimizer,
+KL controller and reward moments, built in one place). The pure math is in ppo.py, what differs
+between PPO, RLOO and GRPO in algorithms.py, generation and log-probs in rollout.py, prompts in
+prompt_sources.py, scores in reward_source.py. The Trainer holds two collaborators: a
+`Checkpointer` (checkpoints.py: restore, publish, the state file of state.py) and a `Promoter`
+(promotion.py: the gate's verdicts, announcing, Promote and Rollback; the gate's measures are in
+gate.py). Its Prometheus metrics are in metrics.py; `build_trainer` wires it all. Sources are
+cited where each detail is used (see ppo.py for the list); PPO-ptx is Ouyang et al. 2022
+(InstructGPT, arXiv 2203.02155) section 3.5.
 
 Concurrency: `run()` owns the models in one thread; control calls (Pause, Promote, ...) from
 the gRPC servicer take `self.lock`, so they act between two steps, never inside one.
@@ -19,26 +22,34 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Literal
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.core import errors
-from flywheel.core.modelstore import ModelStore
-from flywheel.trainer import ppo, state
-from flywheel.trainer.checkpoints import CheckpointMixin
+from flywheel.core.modelstore import Manifest, ModelStore
+from flywheel.trainer import ppo
+from flywheel.trainer.algorithms import algorithm
+from flywheel.trainer.checkpoints import Checkpointer
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.metrics import GAUGES, PHASE_SECONDS
-from flywheel.trainer.promotion import PromotionMixin
-from flywheel.trainer.reward_source import RewardSource
+from flywheel.trainer.promotion import Announce, Promoter
+from flywheel.trainer.prompt_sources import PromptSource
+from flywheel.trainer.reward_source import RewardInfo, RewardSource
 from flywheel.trainer.rollout import forward, generate
+from flywheel.trainer.state import ActiveLock, load_control, save_control, trainer_dir
+from flywheel.trainer.training_state import TrainingState, load_lm
 
 log = logging.getLogger(__name__)
 
-Announce = Callable[[Any], None]  # takes a flywheel.v1.ModelUpdate
+Status = Literal["starting", "standby", "training", "paused", "stopped"]
 
 
-def sft_loss(model: Any, tok: Any, demos: list[tuple[str, str]], device: torch.device) -> torch.Tensor:
+def sft_loss(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, demos: list[tuple[str, str]], device: torch.device
+) -> torch.Tensor:
     """PPO-ptx (InstructGPT): next-token loss on the answer tokens of users' demonstrations."""
     rows = [
         (tok(p)["input_ids"], tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
@@ -51,110 +62,125 @@ def sft_loss(model: Any, tok: Any, demos: list[tuple[str, str]], device: torch.d
         ids[b, : len(p) + len(a)] = torch.tensor(p + a)
         labels[b, len(p) : len(p) + len(a)] = torch.tensor(a)
     ids, labels = ids.to(device), labels.to(device)
-    return model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
+    loss: torch.Tensor = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
+    return loss
 
 
-class Trainer(CheckpointMixin, PromotionMixin):
+class Trainer:
     """Continuous PPO / RLOO / GRPO against a RewardSource, with checkpoints, the gate and control."""
 
     def __init__(
         self,
         cfg: TrainerConfig,
-        store: ModelStore,
+        prompts: PromptSource,
         reward: RewardSource,
-        prompts: Any,  # a PoolPrompts or KafkaPrompts (take, position, seek, commit, lag)
-        announce: Announce | None = None,
-        keep_last: int = 5,
-        reward_info: Callable[[], Any] | None = None,
-        heldout: list[str] | None = None,
+        checkpointer: Checkpointer,
+        promoter: Promoter,
+        directory: Path,  # the trainer's own folder in the store (trainer_dir)
+        reward_info: Callable[[], RewardInfo | None] | None = None,
     ) -> None:
-        self.cfg, self.store, self.reward, self.prompts = cfg, store, reward, prompts
-        self.announce, self.keep_last, self.reward_info = announce, keep_last, reward_info
-        self.dir = state.trainer_dir(store.root, cfg.model)
-        self.active = state.ActiveLock(self.dir)
+        self.cfg, self.prompts, self.reward, self.reward_info = cfg, prompts, reward, reward_info
+        self.checkpointer, self.promoter = checkpointer, promoter
+        self.algorithm = algorithm(cfg)
+        self.dir = directory
+        self.active = ActiveLock(directory)
         self.lock = threading.RLock()
-        self.status = "starting"
-        self.step, self.version, self.serving_version = 0, 0, 0
-        self.paused = bool(state.load_control(self.dir).get("paused", False))
-        self.metrics: dict[str, float] = {}
+        self.status: Status = "starting"
+        self.paused = bool(load_control(directory).get("paused", False))
         self.device = torch.device(cfg.device)
-        self.kl_ctl = (
-            ppo.AdaptiveKLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon, cfg.kl_min)
-            if cfg.adaptive_kl
-            else ppo.FixedKLController(cfg.kl_coef)
-        )
-        self.moments = ppo.RunningMoments()
-        # Held-out gate prompts: given (split_pool of the pool), else the pool itself.
-        self.gate_prompts = list(heldout or prompts.pool)
-        self.gate_prompts = [self.gate_prompts[i % len(self.gate_prompts)] for i in range(cfg.gate_prompts)]
         self.last_lag = 0
-        self._serving_eval: tuple[int, Any] | None = None
-        self._reset_to: int | None = None
-        self._gate_failures = 0  # in a row, since the last pass or reset
+        self._state: TrainingState | None = None
+
+    @property
+    def state(self) -> TrainingState:
+        """The models and counters; there once `setup` ran (in `run`, after the active lock)."""
+        if self._state is None:
+            raise errors.FailedPrecondition(f"the trainer is {self.status}: its models are not loaded yet")
+        return self._state
+
+    # What the status RPC reports, also before the models are loaded.
+    @property
+    def step(self) -> int:
+        return self._state.step if self._state else 0
+
+    @property
+    def version(self) -> int:
+        return self._state.version if self._state else 0
+
+    @property
+    def serving_version(self) -> int:
+        return self._state.serving_version if self._state else 0
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self._state.metrics if self._state else {}
+
+    def setup(self) -> None:
+        """Load the training state (resuming the last checkpoint if any); call with the active lock held."""
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        restored = self.checkpointer.restore()
+        self._state = restored.state
+        if restored.ungated is not None:  # the trainer stopped between saving a checkpoint and gating it
+            self.promoter.run_gate(restored.ungated, restored.state)
+        GAUGES["step"].set(self.step)
+        GAUGES["serving_version"].set(self.serving_version)
+        log.info("trainer ready at step %d, version %d, serving %d", self.step, self.version, self.serving_version)
 
     # ------------------------------------------------------------------ the algorithm
 
-    def _normalize(self, raw: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, raw: torch.Tensor, moments: ppo.RunningMoments) -> torch.Tensor:
         """Reward normalization (Huang et al. 2024: scores with mean 0, std 1 on policy samples)."""
         cfg = self.cfg
-        self.moments.update(raw)
-        mean, std = self.moments.mean, self.moments.std
+        moments.update(raw)
+        mean, std = moments.mean, moments.std
         if cfg.reward_norm == "none":
             return raw
         if cfg.reward_norm == "info" and self.reward_info is not None:
             info = self.reward_info()
             if info is not None and info.score_std > 0:
                 mean, std = info.score_mean, info.score_std
-        if self.moments.count < 2 and cfg.reward_norm == "running":
+        if moments.count < 2 and cfg.reward_norm == "running":
             return raw - mean
         return ((raw - mean) / max(std, 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
 
     def train_step(self) -> dict[str, float]:
         """One rollout and one update; returns its metrics."""
+        st, algo = self.state, self.algorithm
         cfg, dev, k = self.cfg, self.device, self.cfg.group_size
         t0 = time.perf_counter()
 
         # 1. Rollout: prompts (live traffic first), k samples each with our own policy copy.
         prompts = [p for p in self.prompts.take(cfg.batch_size) for _ in range(k)]  # prompt-major groups
-        batch = generate(self.policy, self.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_tokens)
+        batch = generate(st.policy, st.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_tokens)
         t1 = time.perf_counter()
 
         # 2. Score with the reward model; normalize; EOS trick (Huang et al. 2024).
         raw = torch.tensor(self.reward.score(batch.prompts, batch.responses), dtype=torch.float32, device=dev)  # (B,)
-        scores = ppo.apply_eos_trick(self._normalize(raw), batch.has_eos, cfg.missing_eos_penalty)  # (B,)
+        scores = ppo.apply_eos_trick(self._normalize(raw, st.moments), batch.has_eos, cfg.missing_eos_penalty)  # (B,)
         t2 = time.perf_counter()
 
         # 3. Log-probs under the rollout policy and the frozen reference, values; per-token KL.
-        use_critic = cfg.algo == "ppo"
-        head = self.value_head if use_critic else None
+        head = st.value_head if algo.critic else None
         B = len(batch)
         mb_size = cfg.minibatch_size or B
         # One epoch over one minibatch is on-policy: the rollout log-probs and values are the
         # update's own, detached (TRL does the same with num_iterations=1); one forward saved.
         single_pass = cfg.epochs == 1 and mb_size == B
         with torch.no_grad():
-            batch.ref_logprobs, _, _ = forward(self.reference, batch, cfg.temperature)
+            ref_logprobs, _, _ = forward(st.reference, batch, cfg.temperature)
             if not single_pass:
-                batch.logprobs, batch.values, _ = forward(self.policy, batch, cfg.temperature, head)
+                old_logprobs, old_values, _ = forward(st.policy, batch, cfg.temperature, head)
         if single_pass:
-            live = forward(self.policy, batch, cfg.temperature, head, with_entropy=True)  # with grad
-            batch.logprobs = live[0].detach()
-            batch.values = live[1].detach() if use_critic else None
+            live = forward(st.policy, batch, cfg.temperature, head, with_entropy=True)  # with grad
+            old_logprobs = live[0].detach()
+            old_values = live[1].detach() if live[1] is not None else None
         mask = batch.response_mask  # (B, T)
-        kl = ppo.kl_per_token(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
+        kl = ppo.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         seq_kl = kl.sum(1)  # (B,)
 
-        # 4. Advantages.
-        returns = None
-        if cfg.algo == "ppo":  # per-token KL in the reward (Ziegler et al. 2019), GAE (gamma 1, lam 0.95)
-            rewards, _ = ppo.token_rewards(scores, kl, mask, self.kl_ctl.value)
-            advantages, returns = ppo.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
-        elif cfg.algo == "rloo":  # leave-one-out baseline on the KL-penalised sequence reward (Ahmadian et al. 2024)
-            advantages = ppo.rloo_advantages(scores - self.kl_ctl.value * seq_kl, k).unsqueeze(1) * mask
-        else:  # GRPO: group-normalised scores; KL is a loss term instead (Shao et al. 2024)
-            advantages = ppo.grpo_advantages(scores, k).unsqueeze(1) * mask
-        if cfg.whiten_advantages and cfg.algo != "grpo":
-            advantages = ppo.whiten(advantages, mask)  # Huang et al. 2024: whitened advantages
+        # 4. Advantages: the algorithm's own (PPO: KL in the reward and GAE; RLOO; GRPO).
+        advantages, returns = algo.advantages(scores, kl, mask, old_values, st.kl_ctl.value)
 
         # 5. Update: `epochs` passes of clipped PPO over shuffled minibatches (Schulman et al. 2017).
         demos = self.prompts.demonstrations() if cfg.ptx_coef > 0 else []
@@ -167,43 +193,45 @@ class Trainer(CheckpointMixin, PromotionMixin):
         }
         for _ in range(cfg.epochs):
             for idx in torch.randperm(B).split(mb_size):
-                mb, mb_mask = batch.index(idx), mask[idx]
+                mb_mask = mask[idx]
                 if single_pass:
                     logprobs, values, entropy = (x[idx] if x is not None else None for x in live)
                 else:
-                    logprobs, values, entropy = forward(self.policy, mb, cfg.temperature, head, with_entropy=True)
-                pg, st = ppo.policy_loss(logprobs, mb.logprobs, advantages[idx], mb_mask, cfg.clip_policy)
+                    logprobs, values, entropy = forward(
+                        st.policy, batch.index(idx), cfg.temperature, head, with_entropy=True
+                    )
+                assert logprobs is not None and entropy is not None  # with_entropy=True
+                pg, pg_stats = ppo.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip_policy)
                 loss = pg
-                if use_critic:
-                    vl, _ = ppo.value_loss(values, mb.values, returns[idx], mb_mask, cfg.clip_value)
+                if returns is not None and values is not None and old_values is not None:  # the critic (PPO)
+                    vl, _ = ppo.value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.clip_value)
                     loss = loss + cfg.vf_coef * vl
                     stats["value_loss"].append(float(vl.detach()))
-                if cfg.algo == "grpo" and cfg.grpo_beta > 0:
-                    loss = loss + cfg.grpo_beta * ppo.masked_mean(
-                        ppo.kl_per_token(logprobs, mb.ref_logprobs, "k3"), mb_mask
-                    )
+                kl_loss = algo.kl_loss(logprobs, ref_logprobs[idx], mb_mask)
+                if kl_loss is not None:  # GRPO: the KL to the reference as a loss term
+                    loss = loss + kl_loss
                 if demos:  # PPO-ptx (InstructGPT): keep the policy close to what users demonstrated
                     pick = random.sample(demos, min(len(demos), len(idx)))
-                    loss = loss + cfg.ptx_coef * sft_loss(self.policy, self.tok, pick, dev)
-                self.optimizer.zero_grad(set_to_none=True)
+                    loss = loss + cfg.ptx_coef * sft_loss(st.policy, st.tokenizer, pick, dev)
+                st.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
-                self.optimizer.step()
+                torch.nn.utils.clip_grad_norm_(st.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+                st.optimizer.step()
                 stats["pg_loss"].append(float(pg.detach()))
-                stats["clip_frac"].append(float(st["clip_frac"]))
-                stats["approx_kl"].append(float(st["approx_kl"]))
+                stats["clip_frac"].append(float(pg_stats["clip_frac"]))
+                stats["approx_kl"].append(float(pg_stats["approx_kl"]))
                 stats["entropy"].append(float(ppo.masked_mean(entropy.detach(), mb_mask)))
         # Adaptive KL (Ziegler et al. 2019) is fed the mean sequence KL of this rollout.
-        self.kl_ctl.update(float(seq_kl.mean()), B)
+        st.kl_ctl.update(float(seq_kl.mean()), B)
         t3 = time.perf_counter()
 
-        self.step += 1
+        st.step += 1
         m = {
             "reward_mean": float(raw.mean()),
             "reward_std": float(raw.std()) if B > 1 else 0.0,
             "score_norm_mean": float(scores.mean()),
             "kl": float(seq_kl.mean()),
-            "kl_coef": self.kl_ctl.value,
+            "kl_coef": st.kl_ctl.value,
             "eos_rate": float(batch.has_eos.float().mean()),
             "response_tokens": float(mask.sum(1).mean()),
             "samples_per_second": B / (t3 - t0),
@@ -212,7 +240,7 @@ class Trainer(CheckpointMixin, PromotionMixin):
             "time_update": t3 - t2,
             **{name: sum(v) / len(v) for name, v in stats.items() if v},
         }
-        self.metrics = m
+        st.metrics = m
         self._export(m, t0, t1, t2, t3)
         return m
 
@@ -223,6 +251,21 @@ class Trainer(CheckpointMixin, PromotionMixin):
         GAUGES["step"].set(self.step)
         for phase, dt in (("generate", t1 - t0), ("score", t2 - t1), ("update", t3 - t2)):
             PHASE_SECONDS.labels(phase).observe(dt)
+
+    # ------------------------------------------------------------------ checkpoints and restarts
+
+    def checkpoint(self) -> Manifest:
+        """Publish the weights as a new version, save the trainer state, commit offsets, then gate."""
+        manifest = self.checkpointer.save(self.state)
+        manifest = self.promoter.run_gate(manifest, self.state)
+        self.checkpointer.retain()
+        return manifest
+
+    def apply_restart(self) -> None:
+        """After a rollback (or gate_patience failures), train on from those weights with a fresh optimizer."""
+        version = self.promoter.take_restart()
+        if version is not None:
+            self.state.restart_from(version, load_lm(self.checkpointer.store, self.cfg, version), self.cfg)
 
     # ------------------------------------------------------------------ the service loop
 
@@ -248,7 +291,7 @@ class Trainer(CheckpointMixin, PromotionMixin):
                     if self.paused:  # paused while this thread waited for the lock
                         continue
                     self.status = "training"
-                    self._apply_reset()
+                    self.apply_restart()
                     try:
                         self.train_step()
                         self.last_lag = self.prompts.lag()  # Kafka clients are not thread-safe: read it here
@@ -263,3 +306,59 @@ class Trainer(CheckpointMixin, PromotionMixin):
         finally:
             self.status = "stopped"
             self.active.release()
+
+    # ------------------------------------------------------------------ control (gRPC servicer)
+
+    def _require_active(self, what: str) -> None:
+        if self.status in ("standby", "starting", "stopped"):
+            raise errors.FailedPrecondition(f"cannot {what}: this trainer is {self.status}, not the active one")
+
+    def pause(self, reason: str = "") -> None:
+        """Stop taking steps; returns once the step in progress (and any version it promotes) is done.
+
+        Persisted: a restarted trainer stays paused. The flag is set before the lock is taken, so
+        the loop starts no step after the current one while the caller waits.
+        """
+        self._require_active("pause")
+        self.paused = True
+        with self.lock:
+            save_control(self.dir, {"paused": True, "reason": reason})
+        log.warning("paused: %s", reason or "(no reason given)")
+
+    def resume(self) -> None:
+        self._require_active("resume")
+        self.paused = False
+        save_control(self.dir, {"paused": False})
+
+    def promote(self, version: int, reason: str = "") -> Manifest:
+        """Announce `version` bypassing the gate (see Promoter.promote for when it is refused)."""
+        with self.lock:
+            self._require_active("promote")
+            return self.promoter.promote(version, reason, self.state, self.paused)
+
+    def rollback(self, version: int, reason: str = "") -> Manifest:
+        """Serve an earlier promoted version (or the starter) again; training restarts from its weights."""
+        with self.lock:
+            self._require_active("roll back")
+            return self.promoter.rollback(version, reason, self.state)
+
+    def versions(self) -> list[Manifest]:
+        """Every stored version of the trained model, oldest first."""
+        return self.checkpointer.store.list_versions(self.cfg.model)
+
+
+def build_trainer(
+    cfg: TrainerConfig,
+    store: ModelStore,
+    reward: RewardSource,
+    prompts: PromptSource,
+    heldout: list[str],
+    announce: Announce | None = None,
+    keep_last: int = 5,
+    reward_info: Callable[[], RewardInfo | None] | None = None,
+) -> Trainer:
+    """A Trainer of `cfg.model` in `store`, gated on the `heldout` prompts (split_pool's second part)."""
+    directory = trainer_dir(store.root, cfg.model)
+    checkpointer = Checkpointer(cfg, store, prompts, reward, directory, keep_last)
+    promoter = Promoter(cfg, store, reward, heldout, announce)
+    return Trainer(cfg, prompts, reward, checkpointer, promoter, directory, reward_info)

@@ -1,73 +1,93 @@
-"""What serves: the gate's verdict on each checkpoint, announcing a version, and operator control.
+"""What serves: the gate's verdict on each checkpoint, announcing a version, promote and rollback.
 
-gate.py measures a version on held-out prompts and decides; this module acts on the verdict
-(record it, announce a passing version, restart from the serving weights after `gate_patience`
-failures in a row) and carries the control calls of the gRPC servicer (pause, resume, promote,
-rollback), whose FlywheelErrors say precisely why a call was refused.
-
-`PromotionMixin` is one part of `loop.Trainer`, whose `__init__` sets the attributes used here.
+gate.py measures a version on held-out prompts and decides; `Promoter` acts on the verdict
+(record it, announce a passing version, ask for a restart from the serving weights after
+`gate_patience` failures in a row) and carries the operator's Promote and Rollback, whose
+FlywheelErrors say precisely why a call was refused. The Trainer calls it between two steps
+(under its lock) and applies a requested restart before the next step.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import PreTrainedModel
 
 from flywheel.core import errors
-from flywheel.core.modelstore import Manifest
-from flywheel.trainer import gate, state
+from flywheel.core.modelstore import Manifest, ModelStore
+from flywheel.trainer import gate
+from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.metrics import GAUGES, PROMOTED, REJECTED, RESTARTS
+from flywheel.trainer.reward_source import RewardSource
+from flywheel.trainer.training_state import TrainingState, load_lm
 
 log = logging.getLogger(__name__)
 
+Announce = Callable[[Any], None]  # takes a flywheel.v1.ModelUpdate
 
-class PromotionMixin:
-    """The Trainer's gate verdicts, announcements and control (pause, resume, promote, rollback)."""
+
+class Promoter:
+    """Gate verdicts, announcements, Promote and Rollback for one trained model."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        store: ModelStore,
+        reward: RewardSource,
+        heldout: list[str],
+        announce: Announce | None = None,
+    ) -> None:
+        self.cfg, self.store, self.reward, self.announce = cfg, store, reward, announce
+        self.gate_prompts = [heldout[i % len(heldout)] for i in range(cfg.gate_prompts)]
+        self.restart_version: int | None = None  # set: train on from these weights before the next step
+        self._serving_eval: tuple[int, PreTrainedModel] | None = None  # (version, its model) cached
+        self._gate_failures = 0  # in a row, since the last pass or restart
 
     # ------------------------------------------------------------------ the gate and announcing
 
-    def _serving_report(self) -> gate.GateReport:
+    def _serving_report(self, st: TrainingState) -> gate.GateReport:
         """The serving version's held-out figures (recomputed each time: the reward model moves)."""
-        v = self.serving_version
+        v = st.serving_version
         if v == self.cfg.reference_version:
-            model = self.reference
+            model = st.reference
         elif self._serving_eval is not None and self._serving_eval[0] == v:
             model = self._serving_eval[1]
         else:
-            model = self._load_lm(v).eval()
+            model = load_lm(self.store, self.cfg, v).eval()
             self._serving_eval = (v, model)
-        return gate.evaluate(model, self.reference, self.tok, self.gate_prompts, self.reward, self.cfg)
+        return gate.evaluate(model, st.reference, st.tokenizer, self.gate_prompts, self.reward, self.cfg)
 
-    def run_gate(self, manifest: Manifest) -> Manifest:
+    def run_gate(self, manifest: Manifest, st: TrainingState) -> Manifest:
         """Gate `manifest` (the policy in memory): record the verdict; announce it if it passed."""
         t = time.perf_counter()
-        self.policy.eval()
+        st.policy.eval()
         try:
-            cand = gate.evaluate(self.policy, self.reference, self.tok, self.gate_prompts, self.reward, self.cfg)
-            serving = self._serving_report()
+            cand = gate.evaluate(st.policy, st.reference, st.tokenizer, self.gate_prompts, self.reward, self.cfg)
+            serving = self._serving_report(st)
         finally:
-            self.policy.train()
+            st.policy.train()
         passed, verdict = gate.decide(cand, serving, self.cfg)
         metrics = {**cand.metrics(), **serving.metrics("gate.serving."), "gate.seconds": time.perf_counter() - t}
         manifest = self.store.update(self.cfg.model, manifest.version, gate=verdict, metrics=metrics)
         log.info("gate v%d: %s", manifest.version, verdict)
         if passed:
             self._gate_failures = 0
-            return self._promote(manifest, "gate") if self.cfg.auto_promote else manifest
+            return self._promote(manifest, "gate", st) if self.cfg.auto_promote else manifest
         REJECTED.inc()
         self._gate_failures += 1
         if self.cfg.gate_patience and self._gate_failures >= self.cfg.gate_patience:
             # Early stopping with restarts: the held-out reward of the checkpoints has not beaten
             # the serving version's for `gate_patience` in a row, so the policy is drifting into what
             # the gate refuses (e.g. reward over-optimization). Start again from what serves.
-            log.info(
-                "%d gate failures in a row: training on from serving v%d", self._gate_failures, self.serving_version
-            )
-            self._reset_to, self._gate_failures = self.serving_version, 0
+            log.info("%d gate failures in a row: training on from serving v%d", self._gate_failures, st.serving_version)
+            self.restart_version, self._gate_failures = st.serving_version, 0
             RESTARTS.inc()
         return manifest
 
-    def _promote(self, manifest: Manifest, reason: str) -> Manifest:
+    def _promote(self, manifest: Manifest, reason: str, st: TrainingState) -> Manifest:
         gate_text = (
             manifest.gate if reason == "gate" else f"{reason}" + (f" ({manifest.gate})" if manifest.gate else "")
         )
@@ -76,74 +96,45 @@ class PromotionMixin:
         )
         if self.announce is not None:
             self.announce(self.store.to_update(manifest, reason))
-        self.serving_version = manifest.version
+        st.serving_version = manifest.version
         GAUGES["serving_version"].set(manifest.version)
         PROMOTED.labels(reason).inc()
         return manifest
 
-    # ------------------------------------------------------------------ control (gRPC servicer)
+    # ------------------------------------------------------------------ operator control
 
-    def _require_active(self, what: str) -> None:
-        if self.status in ("standby", "starting", "stopped"):
-            raise errors.FailedPrecondition(f"cannot {what}: this trainer is {self.status}, not the active one")
-
-    def pause(self, reason: str = "") -> None:
-        """Stop taking steps; returns once the step in progress (and any version it promotes) is done.
-
-        Persisted: a restarted trainer stays paused. The flag is set before the lock is taken, so
-        the loop starts no step after the current one while the caller waits.
-        """
-        self._require_active("pause")
-        self.paused = True
-        with self.lock:
-            state.save_control(self.dir, {"paused": True, "reason": reason})
-        log.warning("paused: %s", reason or "(no reason given)")
-
-    def resume(self) -> None:
-        self._require_active("resume")
-        self.paused = False
-        state.save_control(self.dir, {"paused": False})
-
-    def promote(self, version: int, reason: str = "") -> Manifest:
+    def promote(self, version: int, reason: str, st: TrainingState, paused: bool) -> Manifest:
         """Announce `version` bypassing the gate. Refused while paused (a pause freezes what serves,
         except Rollback, the incident tool), for the version already serving, and for an unknown version."""
-        with self.lock:
-            self._require_active("promote")
-            m = self.store.get(self.cfg.model, version)  # NotFound names the known versions
-            if self.paused:
-                raise errors.FailedPrecondition(
-                    f"cannot promote v{version} while the trainer is paused: Resume first (Rollback works while paused)"
-                )
-            if version == self.serving_version:
-                raise errors.FailedPrecondition(f"v{version} is already the serving version")
-            self.store.verify(self.cfg.model, version)
-            log.warning("manual promote of v%d (gate bypassed): %s", version, reason)
-            return self._promote(m, "manual_promote")
+        m = self.store.get(self.cfg.model, version)  # NotFound names the known versions
+        if paused:
+            raise errors.FailedPrecondition(
+                f"cannot promote v{version} while the trainer is paused: Resume first (Rollback works while paused)"
+            )
+        if version == st.serving_version:
+            raise errors.FailedPrecondition(f"v{version} is already the serving version")
+        self.store.verify(self.cfg.model, version)
+        log.warning("manual promote of v%d (gate bypassed): %s", version, reason)
+        return self._promote(m, "manual_promote", st)
 
-    def rollback(self, version: int, reason: str = "") -> Manifest:
+    def rollback(self, version: int, reason: str, st: TrainingState) -> Manifest:
         """Serve an earlier promoted version (or the starter) again; training restarts from its weights."""
-        with self.lock:
-            self._require_active("roll back")
-            m = self.store.get(self.cfg.model, version)
-            promoted = [x.version for x in self.store.list_versions(self.cfg.model) if x.promoted]
-            if not m.promoted and version != self.cfg.reference_version:
-                raise errors.FailedPrecondition(
-                    f"v{version} was never promoted; Rollback only returns to a promoted version "
-                    f"({', '.join(f'v{v}' for v in promoted) or 'none yet'}) or the starter v{self.cfg.reference_version}; "
-                    "use Promote to serve an unpromoted version on purpose"
-                )
-            if version == self.serving_version:
-                raise errors.FailedPrecondition(f"v{version} is already the serving version")
-            self.store.verify(self.cfg.model, version)
-            out = self._promote(m, "rollback")
-            self._reset_to = version
-            return out
+        m = self.store.get(self.cfg.model, version)
+        promoted = [x.version for x in self.store.list_versions(self.cfg.model) if x.promoted]
+        if not m.promoted and version != self.cfg.reference_version:
+            raise errors.FailedPrecondition(
+                f"v{version} was never promoted; Rollback only returns to a promoted version "
+                f"({', '.join(f'v{v}' for v in promoted) or 'none yet'}) or the starter v{self.cfg.reference_version}; "
+                "use Promote to serve an unpromoted version on purpose"
+            )
+        if version == st.serving_version:
+            raise errors.FailedPrecondition(f"v{version} is already the serving version")
+        self.store.verify(self.cfg.model, version)
+        out = self._promote(m, "rollback", st)
+        self.restart_version = version
+        return out
 
-    def _apply_reset(self) -> None:
-        """After a rollback (or gate_patience failures), train on from those weights with a fresh optimizer."""
-        if self._reset_to is None:
-            return
-        v, self._reset_to = self._reset_to, None
-        self.policy = self._load_lm(v)
-        self.version = v
-        self._new_optimizer()
+    def take_restart(self) -> int | None:
+        """The version to train on from, if a rollback or the gate asked for one (asked once)."""
+        v, self.restart_version = self.restart_version, None
+        return v

@@ -1,4 +1,5 @@
-"""Where the trainer's prompts come from: a fixed pool (with its held-out gate split) or Kafka.
+"""Where the trainer's prompts come from: the PromptSource protocol, a fixed pool (with its
+held-out gate split) or Kafka.
 
 A prompt source hands out prompts and keeps a consumed position that the trainer's checkpoint
 saves (`position`, `seek`) and then commits (`commit`), so a restart neither repeats nor skips
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from typing import Any
+from typing import Any, Protocol
 
 from flywheel.core import errors
 
@@ -27,6 +28,36 @@ FALLBACK_PROMPTS = [
     "hello, how are you today?",
     "what can you help me with?",
 ]
+
+
+class PromptSource(Protocol):
+    """Prompts to train on, with a consumed position the trainer's checkpoint saves and commits."""
+
+    def take(self, n: int) -> list[str]:
+        """The next `n` prompts (advances the position)."""
+        ...
+
+    def demonstrations(self) -> list[tuple[str, str]]:
+        """(prompt, answer) pairs users demonstrated, for PPO-ptx; empty when there are none."""
+        ...
+
+    def position(self) -> dict[str, int]:
+        """The consumed position now, to save in a checkpoint."""
+        ...
+
+    def seek(self, position: dict[str, int]) -> None:
+        """Continue from a saved position ({} for the beginning)."""
+        ...
+
+    def commit(self, position: dict[str, int]) -> None:
+        """Record a saved position as durable (Kafka: the consumer group's offsets)."""
+        ...
+
+    def lag(self) -> int:
+        """Prompts waiting upstream (-1 when unknown)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def default_pool() -> list[str]:

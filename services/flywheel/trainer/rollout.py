@@ -25,7 +25,7 @@ from flywheel.trainer.ppo import entropy_from_logits, logprobs_from_logits
 
 
 class ValueHead(nn.Module):
-    """hidden (B, T, H) -> value (B, T); zero-initialised (DESIGN.md training defaults)."""
+    """hidden (B, T, H) -> value (B, T); zero-initialised (docs/ARCHITECTURE.md, 'Training defaults worth knowing')."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class ValueHead(nn.Module):
 
 @dataclasses.dataclass
 class Rollout:
-    """One batch of experience (OpenRLHF's Experience): prompt-major, group samples adjacent."""
+    """One batch of sampled responses, prompt-major (group samples adjacent); train_step adds log-probs and values."""
 
     prompts: list[str]  # B strings (one per sequence, repeated within a group)
     responses: list[str]  # B decoded responses (special tokens removed)
@@ -48,9 +48,6 @@ class Rollout:
     response_ids: torch.Tensor  # (B, T) generated ids, pad after the first EOS
     response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
     has_eos: torch.Tensor  # (B,) bool, did the response end with EOS
-    logprobs: torch.Tensor | None = None  # (B, T) under the rollout policy
-    ref_logprobs: torch.Tensor | None = None  # (B, T) under the frozen reference
-    values: torch.Tensor | None = None  # (B, T) critic values (PPO only)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -58,11 +55,15 @@ class Rollout:
     def index(self, idx: torch.Tensor) -> Rollout:
         """The sub-batch of rows `idx` (a minibatch)."""
         pick = [int(i) for i in idx]
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = [v[i] for i in pick] if isinstance(v, list) else (None if v is None else v[idx])
-        return Rollout(**out)
+        return Rollout(
+            prompts=[self.prompts[i] for i in pick],
+            responses=[self.responses[i] for i in pick],
+            query_ids=self.query_ids[idx],
+            query_mask=self.query_mask[idx],
+            response_ids=self.response_ids[idx],
+            response_mask=self.response_mask[idx],
+            has_eos=self.has_eos[idx],
+        )
 
 
 def encode_prompts(
@@ -180,7 +181,10 @@ def generate(
                 eos_token_id=tok.eos_token_id,
                 bos_token_id=tok.bos_token_id,
             )
-            out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
+            # PreTrainedModel does not declare generate(); every causal LM gets it from GenerationMixin.
+            out = model.generate(  # type: ignore[operator]
+                input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg
+            )
             raw = out[:, query_ids.shape[1] :]
         else:
             raw = sample(model, query_ids, query_mask, max_new_tokens, temperature, tok.eos_token_id, tok.pad_token_id)

@@ -2,8 +2,8 @@
 
 Every RPC needs the admin token (auth.Authenticator.require_admin): without one the caller
 gets UNAUTHENTICATED, with a caller's API key PERMISSION_DENIED. Control semantics live in
-loop.Trainer (pause, resume, promote, rollback: promotion.py); their FlywheelErrors become
-FAILED_PRECONDITION / NOT_FOUND through the server's ErrorInterceptor.
+loop.Trainer (pause, resume) and promotion.Promoter (promote, rollback); their FlywheelErrors
+become FAILED_PRECONDITION / NOT_FOUND through the server's ErrorInterceptor.
 """
 
 from __future__ import annotations
@@ -77,5 +77,5 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def ListVersions(self, request: Any, context: grpc.aio.ServicerContext) -> trainer_pb2.ListVersionsResponse:
         self.auth.require_admin(context.invocation_metadata())
-        manifests = await run_blocking(self.trainer.store.list_versions, self.trainer.cfg.model)
+        manifests = await run_blocking(self.trainer.versions)
         return trainer_pb2.ListVersionsResponse(versions=[version_info(m) for m in manifests])

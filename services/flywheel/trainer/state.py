@@ -2,13 +2,14 @@
 
 The policy weights of a checkpoint are a model-store version (what the policy replicas
 load). Everything else the trainer needs to continue *exactly* lives next to it, in
-`<store>/<model>/.trainer/state.pt` (never listed as a version, never shipped to replicas):
+`<store>/<model>/.trainer/state.pt` (never listed as a version, never shipped to replicas),
+a `SavedState`:
 
   step, the policy version the weights are, the serving version, value head, optimizer,
   KL controller, reward-normalization moments, torch and Python RNG states, and the
   consumed offsets (Kafka partitions and the prompt-pool cursor).
 
-Order of a checkpoint (checkpoints.py): publish the version -> write state.pt atomically ->
+Order of a checkpoint (`Trainer.checkpoint`): publish the version -> write state.pt atomically ->
 commit the Kafka offsets -> gate. A crash between the first two leaves an "orphan" version
 that no state refers to: on restart it is marked as such and never gated or announced, and
 training resumes from the state (so no committed work is repeated or skipped: the records
@@ -21,6 +22,7 @@ SIGKILL), and a standby replica that polls for it then takes over.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -44,32 +46,99 @@ def trainer_dir(store_root: str | os.PathLike, model: str) -> Path:
     return d
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the loop draws from (torch CPU and CUDA, Python's random)."""
-    state: dict[str, Any] = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclasses.dataclass
+class RngState:
+    """Every RNG the loop draws from: torch CPU and CUDA, Python's random."""
+
+    cpu: torch.Tensor
+    python: tuple[Any, ...]
+    cuda: list[torch.Tensor] | None = None
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return cls(torch.random.get_rng_state(), random.getstate(), cuda)
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        random.setstate(self.python)
+        if self.cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"torch": self.cpu, "python": self.python}
+        if self.cuda is not None:
+            out["cuda"] = self.cuda
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RngState:
+        return cls(d["torch"], d["python"], d.get("cuda"))
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.random.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@dataclasses.dataclass
+class SavedState:
+    """The trainer's state.pt: everything besides the published weights needed to continue exactly.
+
+    On disk it is the plain dict of `to_dict` (torch.save), so files written before this class
+    existed load unchanged.
+    """
+
+    step: int
+    version: int  # the store version holding the policy weights of this state
+    serving_version: int
+    value_head: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # torch.optim state_dict
+    kl_ctl: dict[str, float]
+    moments: dict[str, float]
+    rng: RngState
+    offsets: dict[str, int]  # consumed positions of the prompt source
+    metrics: dict[str, float]  # of the last step
+    config: dict[str, Any]  # the TrainerConfig that wrote it, for the record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "version": self.version,
+            "serving_version": self.serving_version,
+            "value_head": self.value_head,
+            "optimizer": self.optimizer,
+            "kl_ctl": self.kl_ctl,
+            "moments": self.moments,
+            "rng": self.rng.to_dict(),
+            "offsets": self.offsets,
+            "metrics": self.metrics,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SavedState:
+        return cls(
+            step=int(d["step"]),
+            version=int(d["version"]),
+            serving_version=int(d["serving_version"]),
+            value_head=d["value_head"],
+            optimizer=d["optimizer"],
+            kl_ctl=d["kl_ctl"],
+            moments=d["moments"],
+            rng=RngState.from_dict(d["rng"]),
+            offsets={k: int(v) for k, v in d["offsets"].items()},
+            metrics=dict(d.get("metrics", {})),
+            config=dict(d.get("config", {})),
+        )
 
 
-def save_state(directory: Path, state: dict[str, Any]) -> None:
+def save_state(directory: Path, saved: SavedState) -> None:
     """Write state.pt atomically (temp file, fsync, rename): a crash leaves the old or the new one."""
-    write_atomic(directory / STATE_FILE, lambda f: torch.save(state, f))
+    write_atomic(directory / STATE_FILE, lambda f: torch.save(saved.to_dict(), f))
 
 
-def load_state(directory: Path) -> dict[str, Any] | None:
+def load_state(directory: Path) -> SavedState | None:
     """The last saved state, or None for a trainer that never checkpointed."""
     path = directory / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return SavedState.from_dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def save_control(directory: Path, control: dict[str, Any]) -> None:
