@@ -3,7 +3,8 @@
     python -m tools.configdoc           # rewrite docs/CONFIG.md
     python -m tools.configdoc --check   # exit 1 if docs/CONFIG.md is stale
 
-The dataclasses are the only source of settings, help text and environment variables; this
+The dataclasses are the only source of settings, help text and environment variables (named
+by `flywheel.core.config.env_name`), and `OTHER_VARIABLES` of the rest the code reads; this
 keeps the operator's reference from drifting away from them.
 """
 
@@ -15,6 +16,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from flywheel.core.config import OTHER_VARIABLES, ConfigSection, env_vars
 from tools.protogen import ROOT
 
 DOC = ROOT / "docs" / "CONFIG.md"
@@ -34,10 +36,20 @@ CLASSES: list[tuple[str, str]] = [
     ("Reward: online training", "flywheel.reward.config:TrainConfig"),
     ("Reward: scoring", "flywheel.reward.config:ScoreConfig"),
     ("Trainer (PPO)", "flywheel.trainer.config:TrainerConfig"),
+    ("Trainer: leader election", "flywheel.ops.lease:LeaseConfig"),
 ]
 
 
-def _default(f: dataclasses.Field) -> str:
+def config_classes() -> list[tuple[str, type[ConfigSection]]]:
+    """(title, class) of every documented config dataclass."""
+    out = []
+    for title, path in CLASSES:
+        module, name = path.split(":")
+        out.append((title, getattr(importlib.import_module(module), name)))
+    return out
+
+
+def _default(f: dataclasses.Field[object]) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
@@ -57,15 +69,36 @@ def render() -> str:
         "Generated from the config dataclasses by `python -m tools.configdoc`; a test fails when",
         "it is stale. Precedence: field default < YAML file (`FLYWHEEL_CONFIG`) < environment variable",
         "< command-line flag. A wrong value stops the service at start with the field and the fix.",
+        "",
+        "Each section below is a section of the YAML file, and every field's environment variable is",
+        "`FLYWHEEL_<SECTION>_<FIELD>` in upper case (`kafka.max_attempts`: `FLYWHEEL_KAFKA_MAX_ATTEMPTS`).",
+        "A variable named before this rule still works as a deprecated alias, read only when the new",
+        "one is unset (a warning says so); it is listed under the new name.",
     ]
-    for title, path in CLASSES:
-        module, name = path.split(":")
-        cls = getattr(importlib.import_module(module), name)
-        out += ["", f"## {title} (`{name}`)", "", "| field | env | default | meaning |", "|---|---|---|---|"]
+    for title, cls in config_classes():
+        vars_ = env_vars(cls)
+        out += [
+            "",
+            f"## {title} (`{cls.__name__}`, section `{cls.SECTION}`)",
+            "",
+            "| field | env | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for f in dataclasses.fields(cls):
-            env = f.metadata.get("env")
+            var = vars_[f.name]
+            env = f"`{var.name}`" + (f" (deprecated: `{var.deprecated_alias}`)" if var.deprecated_alias else "")
             help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
-            out.append(f"| `{f.name}` | {f'`{env}`' if env else ''} | {_default(f)} | {help_text} |")
+            out.append(f"| `{f.name}` | {env} | {_default(f)} | {help_text} |")
+    out += [
+        "",
+        "## Other variables",
+        "",
+        "Not settings of a section: read before the config, passed between processes, or for tools and tests.",
+        "",
+        "| variable | meaning |",
+        "|---|---|",
+    ]
+    out += [f"| `{name}` | {meaning} |" for name, meaning in OTHER_VARIABLES.items()]
     return "\n".join(out) + "\n"
 
 

@@ -161,7 +161,8 @@ def test_trainer_single_active_replica_lease() -> None:
     assert pod["automountServiceAccountToken"] is True
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["FLYWHEEL_TRAINER_LEASE_NAME"]["value"] == "flywheel-trainer"
-    assert env["FLYWHEEL_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["FLYWHEEL_TRAINER_LEASE_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["FLYWHEEL_TRAINER_REWARD_ADDR"]["value"] == "flywheel-reward:50053"
     role = by_kind(objs, "Role")["flywheel-trainer-lease"]
     verbs = {v for r in role["rules"] if r["resources"] == ["leases"] for v in r["verbs"]}
     assert {"get", "create", "update"} <= verbs
@@ -174,7 +175,7 @@ def test_config_secret_and_model_store() -> None:
     cm = by_kind(objs, "ConfigMap")["flywheel-config"]["data"]
     assert cm["FLYWHEEL_KAFKA_BOOTSTRAP"] == "kafka:9092"
     assert cm["FLYWHEEL_TRAINER_ADDR"] == "flywheel-trainer:50054"
-    assert cm["FLYWHEEL_TOPIC_POLICY_UPDATES"] == "flywheel.policy.updates"
+    assert cm["FLYWHEEL_TOPICS_POLICY_UPDATES"] == "flywheel.policy.updates"
     secret = by_kind(objs, "Secret")["flywheel-secrets"]
     assert set(secret["data"]) == {"hmac-key", "admin-token", "api-keys", "kafka-sasl-password"}
     assert secret["data"]["hmac-key"], "an HMAC key is generated when none is given"
@@ -183,13 +184,21 @@ def test_config_secret_and_model_store() -> None:
     for name in ("flywheel-policy", "flywheel-reward", "flywheel-trainer"):
         env = by_kind(objs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0]["env"]
         names = {e["name"] for e in env}
-        assert {"FLYWHEEL_MODEL_STORE", "FLYWHEEL_HMAC_KEY", "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_API_KEYS"} <= names
+        assert {
+            "FLYWHEEL_MODEL_STORE_ROOT",
+            "FLYWHEEL_AUTH_HMAC_KEY",
+            "FLYWHEEL_AUTH_ADMIN_TOKEN",
+            "FLYWHEEL_AUTH_API_KEYS",
+        } <= names
 
 
 def test_env_values_override_the_configmap_defaults() -> None:
     objs = render("values.yaml", "--set", "env.HF_HUB_OFFLINE=0", "--set", "env.FLYWHEEL_EXTRA=yes")
     cm = by_kind(objs, "ConfigMap")["flywheel-config"]["data"]
-    assert (cm["HF_HUB_OFFLINE"], cm["FLYWHEEL_EXTRA"], cm["FLYWHEEL_DRAIN_S"]) == ("0", "yes", "5")
+    assert (cm["HF_HUB_OFFLINE"], cm["FLYWHEEL_EXTRA"], cm["FLYWHEEL_SERVER_DRAIN_S"]) == ("0", "yes", "5")
+    # A setting's deprecated name in `env` still overrides the chart's default under the new name.
+    cm = by_kind(render("values.yaml", "--set", "env.FLYWHEEL_DRAIN_S=9"), "ConfigMap")["flywheel-config"]["data"]
+    assert cm["FLYWHEEL_DRAIN_S"] == "9" and "FLYWHEEL_SERVER_DRAIN_S" not in cm
 
 
 def test_gpu_values_strimzi_topics_tls_and_servicemonitor() -> None:
@@ -327,3 +336,24 @@ def test_dockerfile_is_multi_stage_non_root_with_the_flywheel_entrypoint() -> No
         pod = workloads(render("values.yaml"))[f"flywheel-{svc}"]["spec"]["template"]["spec"]
         assert pod["containers"][0]["args"][:2] == ["serve", svc]
         assert pod["securityContext"]["runAsUser"] == 10001
+
+
+def test_dockerfile_installs_the_package_alone_and_checks_it_outside_the_source_tree() -> None:
+    """The build stage copies the package (services/) and its metadata, never the development tree
+    (protos/: the generated code is committed; tools/, tests/, bench/), and checks the installed
+    package from `/` once /src is gone; the runtime stage checks the copied venv runs `flywheel`.
+    tests/deploy/test_wheel.py builds and runs the wheel from the same COPY lines."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    build, runtime = text.split("AS runtime", 1)
+    copied = [w for line in re.findall(r"^COPY (?!--from)(.+)$", build, re.M) for w in line.split()[:-1]]
+    assert sorted(copied) == ["README.md", "pyproject.toml", "services"]
+    for path in copied:
+        assert (ROOT / path).exists(), path
+    after_install = build.split("RUN pip install .", 1)[1]
+    assert re.search(r"rm -rf /src", after_install) and re.search(r"^WORKDIR /$", after_install, re.M)
+    check = re.search(r"^RUN (.*)$", after_install.split("WORKDIR /\n", 1)[1], re.M)
+    assert check and "import flywheel.cli, flywheel.v1.trainer_pb2" in check[1] and "flywheel --help" in check[1]
+    assert re.search(r"^RUN flywheel --help", runtime.split("COPY --from=build /opt/venv", 1)[1], re.M)
+    # BuildKit's per-Dockerfile ignore file keeps a checkout's build leftovers out of services/.
+    ignored = set((ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split())
+    assert {"**/__pycache__", "**/*.egg-info"} <= ignored

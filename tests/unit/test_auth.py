@@ -76,10 +76,10 @@ def test_separator_injection_does_not_collide(signer: TokenSigner) -> None:
 
 
 def test_config_without_key_uses_one_process_key(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
-    monkeypatch.setattr(auth, "_process_key", None)
+    monkeypatch.setattr(auth, "PROCESS_KEY", auth.ProcessKey())
     with caplog.at_level(logging.WARNING):
         a, b = AuthConfig().signer(), AuthConfig().signer()
-    assert "FLYWHEEL_HMAC_KEY is not set" in caplog.text
+    assert "FLYWHEEL_AUTH_HMAC_KEY is not set" in caplog.text
     token = a.issue("i", 1, "u")
     assert b.verify(token, "i", "u").policy_version == 1  # same process, same key
 
@@ -166,5 +166,5 @@ def test_require_admin() -> None:
 
 def test_admin_disabled_without_admin_token() -> None:
     a = Authenticator(AuthConfig())
-    with pytest.raises(errors.PermissionDenied, match="FLYWHEEL_ADMIN_TOKEN"):
+    with pytest.raises(errors.PermissionDenied, match="FLYWHEEL_AUTH_ADMIN_TOKEN"):
         a.require_admin(_md("anything"))

@@ -6,7 +6,7 @@ import pytest
 
 from flywheel.reward.config import JoinConfig
 from flywheel.reward.join import PreferenceJoin
-from flywheel.reward.store import PreferenceStore
+from flywheel.reward.store import JoinWrites, PreferenceStore
 from flywheel.v1 import events_pb2 as ev
 
 
@@ -221,7 +221,7 @@ def test_a_poll_is_one_transaction_and_one_publish(h: Harness) -> None:
     h.join.handle_batch(poll(*preferences(40)))
     assert [len(c) for c in calls] == [40]  # every pair of the poll in one publish call
     assert statements.count("COMMIT") == 2  # the poll's effects, then the pairs marked published
-    assert h.store.count_pairs() == 40 and h.store._q("SELECT COUNT(*) FROM pairs WHERE published = 0") == [(0,)]
+    assert h.store.count_pairs() == 40 and h.store.unpublished_pairs() == []
     h.join.handle_batch(poll(*preferences(40)))  # the poll redelivered: nothing new, nothing sent
     assert len(calls) == 1 and h.store.count_pairs() == 40
 
@@ -245,17 +245,17 @@ def test_a_poll_joins_like_the_same_records_one_at_a_time(tmp_path) -> None:
 
 
 def test_a_failing_record_rolls_back_its_whole_poll(h: Harness, monkeypatch) -> None:
-    real = h.join._join
+    real = JoinWrites.insert_feedback
 
-    def fails_on_f3(c, event):
+    def fails_on_f3(tx: JoinWrites, event: ev.FeedbackEvent) -> bool:
         if event.feedback_id == "f3":
             raise RuntimeError("boom")
-        return real(c, event)
+        return real(tx, event)
 
-    monkeypatch.setattr(h.join, "_join", fails_on_f3)
+    monkeypatch.setattr(JoinWrites, "insert_feedback", fails_on_f3)
     with pytest.raises(RuntimeError):
         h.join.handle_batch(poll(*preferences(5)))
-    assert h.store._q("SELECT COUNT(*) FROM interactions") == [(0,)] and h.pairs() == [] and h.published == []
+    assert h.store.count_interactions() == 0 and h.pairs() == [] and h.published == []
     monkeypatch.undo()
     h.join.handle_batch(poll(*preferences(5)))  # redone (record by record by the consumer, or as a poll)
     assert len(h.pairs()) == 5 and len(h.published) == 5

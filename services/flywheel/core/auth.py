@@ -2,7 +2,7 @@
 
 A feedback token proves that a caller really received an answer: the policy service signs
 (interaction_id, policy_version, user_id, issued, expiry) with HMAC-SHA256 and the feedback
-service checks it before it accepts a rating (DESIGN.md, 'Rules that hold everywhere').
+service checks it before it accepts a rating (docs/ARCHITECTURE.md, 'Feedback tokens').
 Callers identify themselves with `authorization: Bearer <token>` in gRPC metadata or the HTTP
 header of the same name; the token is an API key or the admin token.
 """
@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from flywheel.core import errors
 from flywheel.core.config import require, setting
@@ -32,52 +32,65 @@ _FP_LEN = 6  # bytes of keyed fingerprint per bound field, only to tell *which* 
 # version, policy_version, issued, expiry, fp(interaction), fp(user), full HMAC-SHA256
 _TOKEN_LAYOUT = struct.Struct(f">Bqqq{_FP_LEN}s{_FP_LEN}s32s")
 
-_process_key: bytes | None = None
-_process_key_lock = threading.Lock()
+
+class ProcessKey:
+    """A random key made on first use and shared by everything in this process; used when no
+    auth.hmac_key is set."""
+
+    def __init__(self) -> None:
+        self._key: bytes | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = secrets.token_bytes(32)
+                log.warning(
+                    "FLYWHEEL_AUTH_HMAC_KEY is not set: feedback tokens are signed with a random per-process key, "
+                    "so only this process can verify them and they die with it. Set FLYWHEEL_AUTH_HMAC_KEY "
+                    "(the same value on policy and feedback) for anything beyond a single-process dev run."
+                )
+            return self._key
+
+
+PROCESS_KEY = ProcessKey()
 
 
 def process_key() -> bytes:
-    """A random key shared by everything in this process; used when no FLYWHEEL_HMAC_KEY is set."""
-    global _process_key
-    with _process_key_lock:
-        if _process_key is None:
-            _process_key = secrets.token_bytes(32)
-            log.warning(
-                "FLYWHEEL_HMAC_KEY is not set: feedback tokens are signed with a random per-process key, "
-                "so only this process can verify them and they die with it. Set FLYWHEEL_HMAC_KEY "
-                "(the same value on policy and feedback) for anything beyond a single-process dev run."
-            )
-        return _process_key
+    """The process's random key (`PROCESS_KEY`)."""
+    return PROCESS_KEY.get()
 
 
 @dataclasses.dataclass
 class AuthConfig:
     """Keys for feedback tokens and for callers."""
 
+    SECTION: ClassVar[str] = "auth"
+
     hmac_key: str = setting(
         "",
         "Secret that signs feedback tokens (16+ bytes); policy and feedback need the same value. "
         "Empty: a random per-process key with a warning, fine only for a single-process dev run.",
-        env="FLYWHEEL_HMAC_KEY",
+        alias="FLYWHEEL_HMAC_KEY",
     )
     token_ttl_s: int = setting(
-        7 * 24 * 3600, "How long a feedback token stays valid, in seconds.", env="FLYWHEEL_TOKEN_TTL_S"
+        7 * 24 * 3600, "How long a feedback token stays valid, in seconds.", alias="FLYWHEEL_TOKEN_TTL_S"
     )
     api_keys: list[str] = setting(
         [],
         "Caller API keys, comma-separated, each `key` or `name:key`. Empty: callers need no key.",
-        env="FLYWHEEL_API_KEYS",
+        alias="FLYWHEEL_API_KEYS",
     )
     admin_token: str = setting(
         "",
         "Bearer token for admin calls (Promote, Rollback, Pause, ...). Empty: admin calls are refused.",
-        env="FLYWHEEL_ADMIN_TOKEN",
+        alias="FLYWHEEL_ADMIN_TOKEN",
     )
     require_api_key: bool = setting(
         True,
         "When api_keys is set, refuse callers without a key. False: anonymous callers are allowed too, "
         "and a key only names its caller (an unknown key is still refused).",
-        env="FLYWHEEL_REQUIRE_API_KEY",
+        alias="FLYWHEEL_REQUIRE_API_KEY",
     )
 
     def __post_init__(self) -> None:
@@ -286,12 +299,12 @@ class Authenticator:
         if token is None:
             if self.config.require_api_key:
                 raise errors.Unauthenticated(
-                    "an API key is required: send metadata `authorization: Bearer <key>` (one of FLYWHEEL_API_KEYS)"
+                    "an API key is required: send metadata `authorization: Bearer <key>` (one of FLYWHEEL_AUTH_API_KEYS)"
                 )
             return ANONYMOUS
         name = self._match_key(token)
         if name is None:
-            raise errors.Unauthenticated("unknown API key: use one of the keys in FLYWHEEL_API_KEYS")
+            raise errors.Unauthenticated("unknown API key: use one of the keys in FLYWHEEL_AUTH_API_KEYS")
         return Caller(name)
 
     def require_admin(self, metadata: Any) -> Caller:
@@ -304,7 +317,7 @@ class Authenticator:
         if self._is_admin(token):
             return Caller("admin", is_admin=True)
         if not self._admin:
-            raise errors.PermissionDenied("admin calls are disabled: set FLYWHEEL_ADMIN_TOKEN on this service")
+            raise errors.PermissionDenied("admin calls are disabled: set FLYWHEEL_AUTH_ADMIN_TOKEN on this service")
         name = self._match_key(token)
         if name is not None:
             raise errors.PermissionDenied(f"API key {name!r} may not make admin calls: use the admin token")

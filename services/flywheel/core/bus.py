@@ -1,6 +1,6 @@
 """The Kafka bus: protobuf events over kafka-python, at-least-once with idempotent effects.
 
-The rules (DESIGN.md, 'Rules that hold everywhere'):
+The rules (docs/ARCHITECTURE.md, 'Rules that hold everywhere'):
 - producers use acks=all and idempotence;
 - a consumer commits a record's offset only after its handler returned (the effect is
   durable); a handler that keeps failing is retried with exponential backoff, then the
@@ -219,9 +219,13 @@ class Producer:
     ) -> Any:
         """Send and wait for the broker's ack; errors.Unavailable when it does not come in time."""
         fut = self.send(topic, key, message, headers)
-        return self._wait(fut, topic, timeout_s)
+        return self.wait_ack(fut, topic, timeout_s)
 
-    def _wait(self, fut: Any, topic: str, timeout_s: float | None) -> Any:
+    def wait_ack(self, fut: Any, topic: str, timeout_s: float | None = None) -> Any:
+        """Wait for the broker's ack of a future from `send`; errors.Unavailable when it does not come in time.
+
+        timeout_s None: the Kafka request timeout.
+        """
         timeout_s = timeout_s if timeout_s is not None else self.kafka.request_timeout_ms / 1000
         try:
             return fut.get(timeout=timeout_s)
@@ -329,8 +333,14 @@ class Consumer:
             raise errors.Unavailable(f"cannot reach Kafka at {kafka.bootstrap!r} for group {group!r}: {e}") from e
         self.consumer.subscribe(list(self.decoders))
 
-    # --- one record -----------------------------------------------------------------
-    def _decode(self, msg: Any) -> Record:
+    # --- one record (public for subclasses such as reward's BatchConsumer) -------------
+    @property
+    def stopping(self) -> bool:
+        """stop() was called: finish the record in hand and start no other."""
+        return self._stop.is_set()
+
+    def decode(self, msg: Any) -> Record:
+        """The Record of a kafka-python message, its value parsed by the topic's decoder."""
         if msg.value is None:
             raise ValueError("record has no value (a tombstone); expected a protobuf message")
         value = self.decoders[msg.topic].FromString(msg.value)
@@ -338,10 +348,10 @@ class Consumer:
         headers = dict(msg.headers) if msg.headers else {}
         return Record(msg.topic, msg.partition, msg.offset, key, value, headers, msg.timestamp)
 
-    def _process(self, msg: Any) -> None:
+    def process(self, msg: Any) -> None:
         """Handle one record with retries; dead-letter it if every try fails."""
         try:
-            record = self._decode(msg)
+            record = self.decode(msg)
         except Exception as e:  # undecodable: no retry can help
             FAILED.labels(msg.topic, self.group).inc()
             self._dead_letter(msg, e, attempts=0)
@@ -402,8 +412,8 @@ class Consumer:
             }
         )
         # Wait for the ack: the offset is committed next, so the DLQ copy must be durable first.
-        self.producer._wait(
-            self.producer.send_raw(self.dlq_topic, msg.key, dl.SerializeToString(), headers), self.dlq_topic, None
+        self.producer.wait_ack(
+            self.producer.send_raw(self.dlq_topic, msg.key, dl.SerializeToString(), headers), self.dlq_topic
         )
         DEAD_LETTERED.labels(msg.topic, self.group).inc()
         log.error("dead-lettered %s[%d]@%d after %d tries: %r", msg.topic, msg.partition, msg.offset, attempts, exc)
@@ -428,7 +438,13 @@ class Consumer:
             return
         self._pending.clear()
 
-    def _update_lag(self, force: bool = False) -> None:
+    def mark_done(self, msg: Any) -> None:
+        """`msg` was handled (or dead-lettered): the next commit includes it."""
+        tp = TopicPartition(msg.topic, msg.partition)
+        self._pending[tp] = self._positions[tp] = msg.offset + 1
+
+    def update_lag(self, force: bool = False) -> None:
+        """Refresh the lag gauge (at most once a second unless forced)."""
         if not force and time.monotonic() - self._lag_at < 1.0:
             return
         self._lag_at = time.monotonic()
@@ -443,18 +459,17 @@ class Consumer:
         """Poll one batch, process it, commit; return how many records were processed."""
         batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms)
         done = 0
-        for tp, msgs in batches.items():
+        for msgs in batches.values():
             for msg in msgs:
                 if self._stop.is_set():
                     break
-                self._process(msg)
-                self._pending[tp] = msg.offset + 1
-                self._positions[tp] = msg.offset + 1
+                self.process(msg)
+                self.mark_done(msg)
                 done += 1
                 if time.monotonic() - self._last_commit >= self.commit_interval_s:
                     self.commit()
         self.commit()
-        self._update_lag()
+        self.update_lag()
         return done
 
     def run(self, max_records: int | None = None, timeout_s: float | None = None) -> int:
@@ -479,7 +494,7 @@ class Consumer:
                     backoff = min(max(backoff, 0.1) * 2, 30.0)
         finally:
             with contextlib.suppress(Exception):
-                self._update_lag(force=True)
+                self.update_lag(force=True)
             self.close()
         return total
 

@@ -1,6 +1,6 @@
 """Versioned, self-verifying checkpoints in a directory (the model store).
 
-Layout (DESIGN.md, 'Kafka carries pointers, not weights')::
+Layout (docs/ARCHITECTURE.md, 'Kafka carries pointers, not weights')::
 
     <root>/<model>/v000003/            save_pretrained safetensors, tokenizer, extra files
     <root>/<model>/v000003/manifest.json   version, parent, sha256 + size per file, metrics, ...
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 from urllib.parse import unquote, urlparse
 
 from flywheel.core import errors
@@ -57,20 +57,21 @@ def save_pretrained(model: Any, tokenizer: Any, out: str | os.PathLike) -> None:
 class ModelStoreConfig:
     """Where checkpoints live and how many are kept."""
 
+    SECTION: ClassVar[str] = "model_store"
+
     root: str = setting(
         "~/.cache/flywheel/models",
         "Model store directory (a local disk or a volume shared by trainer, policy and reward).",
-        env="FLYWHEEL_MODEL_STORE",
+        alias="FLYWHEEL_MODEL_STORE",
     )
     keep_last: int = setting(
         5,
         "Versions kept per model by retention, besides every promoted one and the starter (v0).",
-        env="FLYWHEEL_MODEL_STORE_KEEP_LAST",
     )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
-        require(bool(self.root.strip()), n, "root", self.root, "set FLYWHEEL_MODEL_STORE to a directory")
+        require(bool(self.root.strip()), n, "root", self.root, "set FLYWHEEL_MODEL_STORE_ROOT to a directory")
         require(self.keep_last >= 1, n, "keep_last", self.keep_last, "use 1 or more (the latest is always kept)")
 
     def store(self) -> ModelStore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from flywheel.core.config import require, setting
 
@@ -11,54 +12,44 @@ from flywheel.core.config import require, setting
 class FeedbackConfig:
     """What the feedback intake accepts and where it keeps its durable state."""
 
-    rating_scale: int = setting(3, "Ratings are integers 1..rating_scale.", env="FLYWHEEL_RATING_SCALE")
-    max_batch: int = setting(100, "Most items in one SubmitBatch.", env="FLYWHEEL_FEEDBACK_MAX_BATCH")
-    max_id_chars: int = setting(
-        128, "Longest feedback_id, interaction_id or pair_id.", env="FLYWHEEL_FEEDBACK_MAX_ID_CHARS"
-    )
-    max_user_id_chars: int = setting(256, "Longest user_id.", env="FLYWHEEL_FEEDBACK_MAX_USER_ID_CHARS")
-    max_comment_chars: int = setting(2000, "Longest comment.", env="FLYWHEEL_FEEDBACK_MAX_COMMENT_CHARS")
-    max_demonstration_chars: int = setting(
-        8000, "Longest demonstration (the answer the user wanted).", env="FLYWHEEL_FEEDBACK_MAX_DEMONSTRATION_CHARS"
-    )
+    SECTION: ClassVar[str] = "feedback"
+
+    rating_scale: int = setting(3, "Ratings are integers 1..rating_scale.", alias="FLYWHEEL_RATING_SCALE")
+    max_batch: int = setting(100, "Most items in one SubmitBatch.")
+    max_id_chars: int = setting(128, "Longest feedback_id, interaction_id or pair_id.")
+    max_user_id_chars: int = setting(256, "Longest user_id.")
+    max_comment_chars: int = setting(2000, "Longest comment.")
+    max_demonstration_chars: int = setting(8000, "Longest demonstration (the answer the user wanted).")
     per_user_rate: float = setting(
-        20.0, "Token bucket per user_id: events per second (0: no limit).", env="FLYWHEEL_FEEDBACK_USER_RATE"
+        20.0, "Token bucket per user_id: events per second (0: no limit).", alias="FLYWHEEL_FEEDBACK_USER_RATE"
     )
-    per_user_burst: int = setting(100, "Token bucket per user_id: burst size.", env="FLYWHEEL_FEEDBACK_USER_BURST")
+    per_user_burst: int = setting(100, "Token bucket per user_id: burst size.", alias="FLYWHEEL_FEEDBACK_USER_BURST")
     per_key_rate: float = setting(
         5000.0,
         "Token bucket per API key (all anonymous callers share one): events per second (0: no limit).",
-        env="FLYWHEEL_FEEDBACK_KEY_RATE",
+        alias="FLYWHEEL_FEEDBACK_KEY_RATE",
     )
     per_key_burst: int = setting(
-        20000, "Token bucket per API key: burst size (at least max_batch).", env="FLYWHEEL_FEEDBACK_KEY_BURST"
+        20000, "Token bucket per API key: burst size (at least max_batch).", alias="FLYWHEEL_FEEDBACK_KEY_BURST"
     )
     state_dir: str = setting(
         ".flywheel/feedback",
         "Directory of the spool and the seen-id store (a persistent volume in Kubernetes).",
-        env="FLYWHEEL_FEEDBACK_STATE_DIR",
     )
-    spool_path: str = setting(
-        "", "Spool database (empty: <state_dir>/spool.sqlite).", env="FLYWHEEL_FEEDBACK_SPOOL_PATH"
-    )
+    spool_path: str = setting("", "Spool database (empty: <state_dir>/spool.sqlite).")
     spool_max_records: int = setting(
         1_000_000,
         "Spool capacity in records; beyond it submissions get 429.",
-        env="FLYWHEEL_FEEDBACK_SPOOL_MAX_RECORDS",
     )
-    spool_max_mb: int = setting(1024, "Spool capacity in MiB of events.", env="FLYWHEEL_FEEDBACK_SPOOL_MAX_MB")
-    dedup_path: str = setting(
-        "", "Seen feedback_id store (empty: <state_dir>/seen.sqlite).", env="FLYWHEEL_FEEDBACK_DEDUP_PATH"
-    )
+    spool_max_mb: int = setting(1024, "Spool capacity in MiB of events.")
+    dedup_path: str = setting("", "Seen feedback_id store (empty: <state_dir>/seen.sqlite).")
     dedup_retention_s: int = setting(
         8 * 24 * 3600,
         "How long a feedback_id is remembered (longer than the feedback-token TTL, after which a retry is refused anyway).",
-        env="FLYWHEEL_FEEDBACK_DEDUP_RETENTION_S",
     )
     send_timeout_s: float = setting(
         5.0,
         "Wait this long for Kafka's ack (acks=all) before the event goes to the spool instead.",
-        env="FLYWHEEL_FEEDBACK_SEND_TIMEOUT_S",
     )
 
     def __post_init__(self) -> None:

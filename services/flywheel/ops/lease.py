@@ -18,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import os
+import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from flywheel.core.config import load_section, setting
 
 log = logging.getLogger("flywheel.lease")
 
@@ -93,17 +96,16 @@ class LeaseLock:
         if record != self._observed:
             self._observed, self._observed_at = record, self._monotonic()
 
-    def _body(self, lease: client.V1Lease) -> dict:
-        """The Lease as a JSON dict, its own timestamps in MicroTime form."""
-        body = self.api.api_client.sanitize_for_serialization(lease)
-        spec = body.setdefault("spec", {})
-        for key, value in (
-            ("acquireTime", lease.spec and lease.spec.acquire_time),
-            ("renewTime", lease.spec and lease.spec.renew_time),
-        ):
-            if value:
-                spec[key] = micro_time(value)
-        return body
+    @staticmethod
+    def _replacement(lease: client.V1Lease) -> tuple[client.V1Lease, client.V1LeaseSpec]:
+        """A copy of `lease` to PUT back, and its spec to change.
+
+        Its metadata.resourceVersion is still the one we read: a PUT after someone else's
+        write is refused with 409.
+        """
+        body = lease.model_copy(deep=True)
+        body.spec = body.spec or client.V1LeaseSpec()
+        return body, body.spec
 
     def get(self) -> client.V1Lease | None:
         """The Lease, or None when it does not exist."""
@@ -119,20 +121,20 @@ class LeaseLock:
         stamp = micro_time(self._now())
         lease = self.get()
         if lease is None:
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {
-                    "holderIdentity": self.identity,
-                    "leaseDurationSeconds": self.duration_s,
-                    "acquireTime": stamp,
-                    "renewTime": stamp,
-                    "leaseTransitions": 0,
-                },
-            }
+            new = client.V1Lease(
+                api_version="coordination.k8s.io/v1",
+                kind="Lease",
+                metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                spec=client.V1LeaseSpec(
+                    holder_identity=self.identity,
+                    lease_duration_seconds=self.duration_s,
+                    acquire_time=stamp,
+                    renew_time=stamp,
+                    lease_transitions=0,
+                ),
+            )
             try:
-                created = self.api.create_namespaced_lease(self.namespace, body, _request_timeout=10)
+                created = self.api.create_namespaced_lease(self.namespace, new, _request_timeout=10)
             except ApiException as e:
                 if e.status == 409:  # another candidate created it between our GET and POST
                     log.info("lease %s: created by another candidate first", self.name)
@@ -148,16 +150,12 @@ class LeaseLock:
         if record.holder and not mine and not expired:
             return False
 
-        body = self._body(lease)
-        body["spec"].update(
-            holderIdentity=self.identity,
-            leaseDurationSeconds=self.duration_s,
-            renewTime=stamp,
-            acquireTime=stamp if not mine else micro_time(record.acquire_time),
-            leaseTransitions=record.transitions + (0 if mine else 1),
-        )
-        # metadata.resourceVersion is still the one we read: a PUT after someone else's
-        # write is refused with 409.
+        body, spec = self._replacement(lease)
+        spec.holder_identity = self.identity
+        spec.lease_duration_seconds = self.duration_s
+        spec.renew_time = stamp
+        spec.acquire_time = stamp if not mine else micro_time(record.acquire_time)
+        spec.lease_transitions = record.transitions + (0 if mine else 1)
         try:
             updated = self.api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=10)
         except ApiException as e:
@@ -176,9 +174,10 @@ class LeaseLock:
         if lease is None or lease.spec is None or lease.spec.holder_identity != self.identity:
             return False
         stamp = micro_time(self._now())
-        body = self._body(lease)
-        body["spec"].pop("holderIdentity", None)
-        body["spec"].update(leaseDurationSeconds=1, acquireTime=stamp, renewTime=stamp)
+        body, spec = self._replacement(lease)
+        spec.holder_identity = None
+        spec.lease_duration_seconds = 1
+        spec.acquire_time = spec.renew_time = stamp
         try:
             self.api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=10)
         except ApiException as e:
@@ -186,6 +185,29 @@ class LeaseLock:
                 return False
             raise
         return True
+
+
+@dataclasses.dataclass
+class LeaseConfig:
+    """Leader election of trainer replicas on a Kubernetes Lease (the chart sets these)."""
+
+    SECTION: ClassVar[str] = "trainer_lease"
+
+    name: str = setting("", "Name of the Lease the trainer replicas compete for (empty: no election, always active).")
+    namespace: str = setting("default", "Namespace of the Lease (the pod's own).", alias="FLYWHEEL_POD_NAMESPACE")
+    identity: str = setting("", "This candidate's name in the Lease (empty: the host name).", alias="FLYWHEEL_POD_NAME")
+    duration_s: int = setting(15, "A holder that has not renewed for this long may be replaced.")
+    renew_deadline_s: float = setting(10.0, "A leader that could not renew for this long stops leading.")
+    retry_period_s: float = setting(2.0, "Time between two tries to acquire or renew.")
+
+    def election(self) -> ElectionConfig | None:
+        """The elector's settings, or None when no Lease is named."""
+        if not self.name:
+            return None
+        identity = self.identity or socket.gethostname()
+        return ElectionConfig(
+            self.name, self.namespace, identity, self.duration_s, self.renew_deadline_s, self.retry_period_s
+        )
 
 
 @dataclasses.dataclass
@@ -208,18 +230,8 @@ class ElectionConfig:
 
     @classmethod
     def from_env(cls) -> ElectionConfig | None:
-        """From the chart's FLYWHEEL_TRAINER_LEASE_* and FLYWHEEL_POD_* variables; None if unset."""
-        name = os.environ.get("FLYWHEEL_TRAINER_LEASE_NAME")
-        if not name:
-            return None
-        return cls(
-            lease_name=name,
-            namespace=os.environ.get("FLYWHEEL_POD_NAMESPACE", "default"),
-            identity=os.environ.get("FLYWHEEL_POD_NAME") or os.environ.get("HOSTNAME", ""),
-            duration_s=int(os.environ.get("FLYWHEEL_TRAINER_LEASE_DURATION_S", 15)),
-            renew_deadline_s=float(os.environ.get("FLYWHEEL_TRAINER_LEASE_RENEW_DEADLINE_S", 10)),
-            retry_period_s=float(os.environ.get("FLYWHEEL_TRAINER_LEASE_RETRY_PERIOD_S", 2)),
-        )
+        """From LeaseConfig (the chart's FLYWHEEL_TRAINER_LEASE_* variables); None if no Lease is named."""
+        return load_section(LeaseConfig).election()
 
 
 class LeaderElector:

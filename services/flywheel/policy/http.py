@@ -1,5 +1,6 @@
-"""HTTP front end of the policy: TGI-compatible routes on the service's aiohttp app, and the strict
-JSON helpers that the OpenAI-compatible routes (`flywheel.policy.openai_routes`) share.
+"""HTTP front end of the policy: TGI-compatible routes on the service's aiohttp app (the
+OpenAI-compatible ones are in openai_routes.py; both check bodies with http_validation.py and
+answer with http_answers.py).
 
 TGI (text-generation-inference's router): `POST /` (a list, or SSE when `stream`),
 `POST /generate`, `POST /generate_stream` (SSE, `data:{json}` events), `GET /info`, and
@@ -18,95 +19,21 @@ with the same user_id, the feedback token is bound to it.
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
-from flywheel.core import errors
 from flywheel.core.server import ServiceServer
+from flywheel.policy.http_answers import extras, id_headers, stream_sse, user_of
+from flywheel.policy.http_validation import bad, flag, number, read_json, stops, strict, unsupported
 from flywheel.policy.requests import GenerationRequest, TokenEvent
 from flywheel.policy.service import PolicyService, Served, new_id
 
-H_ID, H_VERSION, H_TOKEN, H_USER = (
-    "x-flywheel-interaction-id",
-    "x-flywheel-policy-version",
-    "x-flywheel-feedback-token",
-    "x-flywheel-user-id",
-)
 TGI_BODY = ("inputs", "parameters", "stream")
 TGI_PARAMS = (
     "adapter_id best_of decoder_input_details details do_sample frequency_penalty grammar max_new_tokens "
     "repetition_penalty return_full_text seed stop temperature top_k top_n_tokens top_p truncate typical_p watermark"
 ).split()
-bad = errors.InvalidArgument
-
-
-# ---------------------------------------------------------------------------- strict JSON helpers
-async def read_json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(f"the body is not valid JSON ({e}): send a JSON object") from None
-    if not isinstance(body, dict):
-        raise bad("the body must be a JSON object")
-    return body
-
-
-def strict(obj: dict[str, Any], known: tuple[str, ...] | list[str], where: str) -> None:
-    unknown = sorted(set(obj) - set(known))
-    if unknown:
-        raise bad(f"unknown field(s) {', '.join(map(repr, unknown))} in {where}: the fields are {', '.join(known)}")
-
-
-def number(obj: dict[str, Any], name: str, kind: type = float) -> Any:
-    v = obj.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not float(v).is_integer()):
-        raise bad(f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {json.dumps(v)[:40]}")
-    return kind(v)
-
-
-def flag(obj: dict[str, Any], name: str, default: bool = False) -> bool:
-    v = obj.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad(f"`{name}` must be true or false, got {json.dumps(v)[:40]}")
-    return v
-
-
-def stops(obj: dict[str, Any], name: str) -> list[str]:
-    v = obj.get(name)
-    if v is None:
-        return []
-    if isinstance(v, str):
-        return [v]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise bad(f"`{name}` must be a string or a list of strings")
-    return list(v)
-
-
-def unsupported(obj: dict[str, Any], name: str, ok: Callable[[Any], bool], fix: str) -> None:
-    v = obj.get(name)
-    if v is not None and not ok(v):
-        raise bad(f"`{name}` = {json.dumps(v)[:60]} is not supported by this server: {fix}")
-
-
-def user_of(service: PolicyService, request: web.Request, fallback: str | None = None) -> str:
-    caller = service.auth.caller(request.headers)
-    return request.headers.get(H_USER) or fallback or (caller.who if caller.who != "anonymous" else "anonymous")
-
-
-def id_headers(s: Served) -> dict[str, str]:
-    return {H_ID: s.interaction_id, H_VERSION: str(s.result.version), H_TOKEN: s.feedback_token}
-
-
-def extras(s: Served) -> dict[str, Any]:
-    return {"interaction_id": s.interaction_id, "policy_version": s.result.version, "feedback_token": s.feedback_token}
 
 
 # ---------------------------------------------------------------------------- TGI
@@ -173,7 +100,7 @@ def tgi_token(ev: TokenEvent) -> dict[str, Any]:
 
 def tgi_answer(req: GenerationRequest, s: Served, opts: dict[str, Any]) -> dict[str, Any]:
     r = s.result
-    out: dict[str, Any] = {"generated_text": (req.prompt if opts["full"] else "") + r.text}
+    out: dict[str, Any] = {"generated_text": ((req.prompt or "") if opts["full"] else "") + r.text}
     if opts["details"]:
         out["details"] = {
             "finish_reason": r.finish_reason,
@@ -185,43 +112,6 @@ def tgi_answer(req: GenerationRequest, s: Served, opts: dict[str, Any]) -> dict[
             "best_of_sequences": None,
         }
     return out | extras(s)
-
-
-def sse(obj: Any) -> bytes:
-    return b"data:" + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def stream_sse(
-    request: web.Request,
-    events: AsyncIterator[tuple[TokenEvent, Served | None]],
-    iid: str,
-    render: Callable[[int, TokenEvent, Served | None], list[Any]],
-    done: bytes | None = None,
-) -> web.StreamResponse:
-    """Send `events` as SSE. The first event is awaited before the headers, so a refused request
-    still gets its 422/429/503; later errors become a TGI error event. A client that goes away
-    closes the engine stream, which frees the slot."""
-    async with contextlib.aclosing(events):
-        first = await anext(events)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", H_ID: iid})
-        await resp.prepare(request)
-        i = 0
-        try:
-            item: tuple[TokenEvent, Served | None] | None = first
-            while item is not None:
-                for obj in render(i, *item):
-                    await resp.write(sse(obj))
-                i += 1
-                item = await anext(events, None)
-            if done is not None:
-                await resp.write(done)
-        except (ConnectionResetError, ConnectionError):
-            return resp  # the client went away; aclosing frees the slot
-        except errors.FlywheelError as e:
-            await resp.write(sse(e.http_body()))
-        with contextlib.suppress(ConnectionError):
-            await resp.write_eof()
-        return resp
 
 
 def add_tgi_routes(app: web.Application, service: PolicyService) -> None:
@@ -244,7 +134,7 @@ def add_tgi_routes(app: web.Application, service: PolicyService) -> None:
             out["generated_text"] = out["details"] = None
             if s is not None:
                 r = s.result
-                out["generated_text"] = (req.prompt if opts["full"] else "") + r.text
+                out["generated_text"] = ((req.prompt or "") if opts["full"] else "") + r.text
                 seed = r.seed if opts["sampling"] else None
                 out["details"] = {
                     "finish_reason": r.finish_reason,

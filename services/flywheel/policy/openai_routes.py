@@ -1,6 +1,6 @@
 """OpenAI-compatible routes of the policy: `POST /v1/completions`, `POST /v1/chat/completions` (both
 with `stream`, SSE chunks ending in `data: [DONE]`) and `GET /v1/models`, so the `openai` package
-works unchanged. Bodies are checked as strictly as the TGI routes' (`flywheel.policy.http`), with
+works unchanged. Bodies are checked as strictly as the TGI routes' (both use http_validation.py), with
 OpenAI's ranges; the interaction id, version and feedback token ride as extra fields and headers.
 """
 
@@ -11,19 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from flywheel.policy.http import (
-    bad,
-    extras,
-    flag,
-    id_headers,
-    number,
-    read_json,
-    stops,
-    stream_sse,
-    strict,
-    unsupported,
-    user_of,
-)
+from flywheel.policy.http_answers import extras, id_headers, stream_sse, user_of
+from flywheel.policy.http_validation import bad, flag, number, read_json, stops, strict, unsupported
 from flywheel.policy.requests import GenerationRequest, TokenEvent
 from flywheel.policy.service import PolicyService, Served, new_id
 
@@ -160,7 +149,7 @@ def add_openai_routes(app: web.Application, service: PolicyService) -> None:
             "model": opts["model"] or model_id(),
             "system_fingerprint": "flywheel",
         }
-        prefix = req.prompt if (opts["echo"] and not chat) else ""
+        prefix = (req.prompt or "") if (opts["echo"] and not chat) else ""
         if not opts["stream"]:
             s = await service.generate(req, user)
             r = s.result

@@ -18,9 +18,9 @@ import fcntl
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Authenticator
@@ -43,38 +43,29 @@ log = logging.getLogger(__name__)
 class PolicyConfig:
     """Service-level settings of the policy (the engine has its own EngineConfig)."""
 
-    model_name: str = setting(
-        "policy", "Model name in the model store and in Interaction.model.", env="FLYWHEEL_POLICY_MODEL_NAME"
-    )
+    SECTION: ClassVar[str] = "policy"
+
+    model_name: str = setting("policy", "Model name in the model store and in Interaction.model.")
     pair_candidate_version: int = setting(
         0,
         "GeneratePair answers side B with this model-store version (0: two samples of the serving version); "
         "a request's candidate_version overrides it.",
-        env="FLYWHEEL_POLICY_PAIR_CANDIDATE",
+        alias="FLYWHEEL_POLICY_PAIR_CANDIDATE",
     )
-    request_timeout_s: float = setting(
-        120.0, "Longest a request may take when the caller sets no deadline.", env="FLYWHEEL_POLICY_REQUEST_TIMEOUT_S"
-    )
-    max_prompt_chars: int = setting(
-        65_536, "Longest prompt in characters, checked before tokenizing.", env="FLYWHEEL_POLICY_MAX_PROMPT_CHARS"
-    )
-    state_dir: str = setting(
-        ".flywheel/policy", "Directory of the interactions spool.", env="FLYWHEEL_POLICY_STATE_DIR"
-    )
-    spool_max_records: int = setting(
-        100_000, "Interactions the spool keeps while Kafka is away.", env="FLYWHEEL_POLICY_SPOOL_MAX_RECORDS"
-    )
-    spool_max_mb: int = setting(256, "Spool capacity in MiB.", env="FLYWHEEL_POLICY_SPOOL_MAX_MB")
-    publish_queue: int = setting(
-        10_000, "Interactions waiting in memory for the publisher thread.", env="FLYWHEEL_POLICY_PUBLISH_QUEUE"
-    )
+    request_timeout_s: float = setting(120.0, "Longest a request may take when the caller sets no deadline.")
+    max_prompt_chars: int = setting(65_536, "Longest prompt in characters, checked before tokenizing.")
+    state_dir: str = setting(".flywheel/policy", "Directory of the interactions spool.")
+    spool_max_records: int = setting(100_000, "Interactions the spool keeps while Kafka is away.")
+    spool_max_mb: int = setting(256, "Spool capacity in MiB.")
+    publish_queue: int = setting(10_000, "Interactions waiting in memory for the publisher thread.")
     send_timeout_s: float = setting(
         5.0,
         "Wait this long for Kafka's ack before an interaction goes to the spool.",
-        env="FLYWHEEL_POLICY_SEND_TIMEOUT_S",
     )
     updates_group: str = setting(
-        "flywheel-policy", "Prefix of the update consumer's group (one group per replica).", env="FLYWHEEL_POLICY_GROUP"
+        "flywheel-policy",
+        "Prefix of the update consumer's group (one group per replica).",
+        alias="FLYWHEEL_POLICY_GROUP",
     )
     starter_steps: int = setting(STARTER_STEPS, "Training steps of the starter policy when it must be built.")
 
@@ -267,7 +258,7 @@ class PolicyService:
 
     async def stream(
         self, req: GenerationRequest, user_id: str, timeout_s: float | None = None, interaction_id: str | None = None
-    ) -> AsyncIterator[tuple[TokenEvent, Served | None]]:
+    ) -> AsyncGenerator[tuple[TokenEvent, Served | None], None]:
         """Token events as they come; the last one comes with its Served. Closing it frees the slot."""
         self.check(req)
         iid = interaction_id or new_id()

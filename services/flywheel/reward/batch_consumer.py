@@ -39,31 +39,31 @@ class BatchConsumer(bus.Consumer):
         msgs = [m for ms in batches.values() for m in ms]
         done = 0
         for at in range(0, len(msgs), self.batch_size):
-            if self._stop.is_set():
+            if self.stopping:
                 break
             done += self._batch(msgs[at : at + self.batch_size])
         self.commit()
-        self._update_lag()
+        self.update_lag()
         return done
 
     def _batch(self, msgs: list[Any]) -> int:
         records: dict[int, bus.Record] = {}
         for i, msg in enumerate(msgs):
             try:
-                records[i] = self._decode(msg)
+                records[i] = self.decode(msg)
             except Exception:
-                self._process(msg)  # undecodable: no retry can help; it goes to the dead-letter topic
+                self.process(msg)  # undecodable: no retry can help; it goes to the dead-letter topic
         if self._handle_together(list(records.values())):
             for msg in msgs:
-                self._done(msg)
+                self.mark_done(msg)
             return len(msgs)
         done = 0
         for i, msg in enumerate(msgs):  # one at a time, with bus.Consumer's retries and DLQ
-            if self._stop.is_set():
+            if self.stopping:
                 break
             if i in records:
-                self._process(msg)
-            self._done(msg)
+                self.process(msg)
+            self.mark_done(msg)
             done += 1
         return done
 
@@ -83,7 +83,3 @@ class BatchConsumer(bus.Consumer):
         for topic in {r.topic for r in records}:
             bus.CONSUMED.labels(topic, self.group).inc(sum(r.topic == topic for r in records))
         return True
-
-    def _done(self, msg: Any) -> None:
-        tp = bus.TopicPartition(msg.topic, msg.partition)
-        self._pending[tp] = self._positions[tp] = msg.offset + 1

