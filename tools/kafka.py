@@ -82,8 +82,10 @@ class ApacheKafka(BrokerProcess):
         jars_dir: str | os.PathLike | None = None,
     ) -> None:
         self.host, self.port, self.version, self.heap = host, port or free_port(host), version, heap
-        self._tmp = None if data_dir else tempfile.mkdtemp(prefix="flywheel-kafka-")
-        self.data_dir = Path(data_dir or self._tmp).resolve()
+        self._tmp: str | None = None  # a data dir of our own, removed on stop
+        if not data_dir:
+            data_dir = self._tmp = tempfile.mkdtemp(prefix="flywheel-kafka-")
+        self.data_dir = Path(data_dir).resolve()
         self.jars_dir = Path(jars_dir) if jars_dir else cache_dir() / f"kafka-{version}" / "libs"
         self.bootstrap = f"{host}:{self.port}"
 

@@ -1,17 +1,22 @@
-"""Tiny models for tests and benchmarks: config-built, random, deterministic from a seed, with
-no download, so the real training and serving code runs on a CPU in seconds.
+"""Helpers for tests and benchmarks.
 
+Tiny models, config-built, random, deterministic from a seed, with no download, so the real
+training and serving code runs on a CPU in seconds:
 - `tiny_policy`: a Llama with a word-level tokenizer (distinct pad/bos/eos).
 - `tiny_reward_model`: a BERT sequence classifier with the MiniLM tokenizer that ships with the
   starter reward model.
+
+Waits for a condition with a deadline (never a fixed sleep: too short is flaky on a busy
+machine, too long slows every run): `wait_for` (blocking) and `wait_until` (async).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 from flywheel.core.modelstore import save_pretrained
 
@@ -26,6 +31,7 @@ def tiny_policy(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: in
 
     For tests and the benchmark: tiny, deterministic from the seed, no download.
     """
+    import torch  # here, so that tests that only wait need not load it
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -66,6 +72,7 @@ def tiny_policy(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: in
 
 def tiny_reward_model(path: str | os.PathLike, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """A config-built BERT (hidden 32) with the MiniLM tokenizer, saved to `path`: fast tests."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from flywheel.reward.model import RewardModel
@@ -85,3 +92,21 @@ def tiny_reward_model(path: str | os.PathLike, hidden: int = 32, layers: int = 2
     model = BertForSequenceClassification(cfg)
     RewardModel(model, tok, 128).save(path)
     return Path(path)
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.01) -> None:
+    """Return once `condition()` is truthy; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+async def wait_until(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.01) -> None:
+    """`wait_for` for a coroutine: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(poll_s)

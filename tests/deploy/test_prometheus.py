@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from flywheel.testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -209,18 +210,21 @@ def query(port: int, promql: str) -> list[dict[str, Any]]:
     return body["data"]["result"]
 
 
-def wait_for(fn: Any, timeout: float = 45.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+def eventually(fn: Any, timeout: float = 45.0) -> Any:
+    """`fn()`'s first truthy result, polled every 0.5 s (Prometheus scrapes and evaluates every
+    1 s); an OSError (Prometheus not listening yet) counts as not yet."""
+    result = None
+
+    def ready() -> bool:
+        nonlocal result
         try:
             result = fn()
-            if result:
-                return result
         except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {fn.__doc__ or fn}")
-        time.sleep(0.5)
+            return False
+        return bool(result)
+
+    wait_for(ready, timeout, fn.__doc__ or repr(fn), poll_s=0.5)
+    return result
 
 
 def test_real_prometheus_scrapes_a_running_service(service: dict[str, int], tmp_path: Path) -> None:
@@ -265,7 +269,7 @@ def test_real_prometheus_scrapes_a_running_service(service: dict[str, int], tmp_
             """flywheel_grpc_requests_total{method="GetInfo"} in Prometheus"""
             return query(port, 'flywheel_grpc_requests_total{method="GetInfo"}')
 
-        (sample,) = wait_for(scraped)
+        (sample,) = eventually(scraped)
         assert sample["metric"]["job"] == "flywheel-policy" and sample["metric"]["code"] == "OK"
         assert sample["metric"]["service"] == "flywheel.v1.Policy"
         assert float(sample["value"][1]) == 3
@@ -289,7 +293,7 @@ def test_real_prometheus_scrapes_a_running_service(service: dict[str, int], tmp_
                 if name == "policy" and title == "gRPC requests by method and code":
                     panel_expr = expr
         # rate() needs two scrapes inside its window.
-        wait_for(lambda: [r for r in query(port, panel_expr) if r["metric"].get("method") == "GetInfo"])
+        eventually(lambda: [r for r in query(port, panel_expr) if r["metric"].get("method") == "GetInfo"])
     finally:
         proc.terminate()
         proc.wait(20)

@@ -113,13 +113,7 @@ def test_panel_client_uses_the_tokens_it_received() -> None:
     from flywheel.v1 import events_pb2
 
     strict = Persona("strict", {"polite": 1, "rude": -2, "concise": 1, "on_topic": 2, "closing": 0.5}, 0.0, 0.0)
-    client = PanelClient.__new__(PanelClient)
-    client.panel, client.cfg = Panel([strict]), PanelConfig(prompts=[PROMPT])
-    client.policy, client.feedback = _FakePolicy(), _FakeFeedback()
-    client.events, client.errors, client.by_kind = 0, [], {}
-    import threading
-
-    client._lock = threading.Lock()
+    client = PanelClient(Panel([strict]), PanelConfig(prompts=[PROMPT]), _FakePolicy(), _FakeFeedback())
     for kind in ("pair", "thumbs", "rating", "demonstration"):
         client.cfg.mix = {kind: 1.0}
         client.one(random.Random(0))

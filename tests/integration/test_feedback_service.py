@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, TopicPartition
 from flywheel.core import bus
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.testing import wait_for
 from flywheel.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
@@ -67,11 +68,11 @@ class Service:
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
         self.stub = feedback_pb2_grpc.FeedbackStub(self.channel)
-        deadline = time.monotonic() + 30
-        while self.http("GET", "/health")[0] != 200:
-            assert self.proc.poll() is None, f"service exited: {Path(self.log.name).read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "service did not become healthy"
-            time.sleep(0.1)
+        wait_for(self.healthy, 30, "the feedback service to become healthy", poll_s=0.1)
+
+    def healthy(self) -> bool:
+        assert self.proc.poll() is None, f"service exited: {Path(self.log.name).read_text()[-2000:]}"
+        return self.http("GET", "/health")[0] == 200
 
     def http(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)

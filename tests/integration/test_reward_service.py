@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from flywheel.core import bus
 from flywheel.core.config import KafkaConfig, TopicsConfig
@@ -29,7 +29,7 @@ from flywheel.core.server import ServerConfig
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
 from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
 from flywheel.reward.store import PreferenceStore
-from flywheel.testing import tiny_reward_model
+from flywheel.testing import tiny_reward_model, wait_for
 from flywheel.v1 import events_pb2 as ev
 from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
@@ -245,11 +245,26 @@ def wait_for_pairs(
     proc: subprocess.Popen, tmp_path: Path, at_least: int, what: str, timeout_s: float = 60.0, poll_s: float = 0.05
 ) -> None:
     """Until the child's join has stored `at_least` pairs; fails when the child exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while join_pair_count(tmp_path) < at_least:
+
+    def stored() -> bool:
         assert proc.poll() is None, f"reward service exited with {proc.returncode} ({what})"
-        assert time.monotonic() < deadline, f"timed out waiting for {at_least} pairs ({what})"
-        time.sleep(poll_s)
+        return join_pair_count(tmp_path) >= at_least
+
+    wait_for(stored, timeout_s, f"{at_least} pairs ({what})", poll_s=poll_s)
+
+
+def group_caught_up(kafka: KafkaConfig, group: str, topics: list[str]) -> bool:
+    """Whether `group` has committed every record of `topics`: it has handled them all."""
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    ends = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None)
+    try:
+        committed = admin.list_group_offsets({group: None}).get(group, {})
+        parts = [TopicPartition(t, p) for t in topics for p in ends.partitions_for_topic(t) or ()]
+        end = ends.end_offsets(parts)
+        return bool(parts) and all(tp in committed and committed[tp].offset >= end[tp] for tp in parts)
+    finally:
+        admin.close()
+        ends.close()
 
 
 def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
@@ -273,7 +288,13 @@ def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
     proc = subprocess.Popen(REWARD_CMD, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log2", "w"))
     try:
         wait_for_pairs(proc, tmp_path, n, "after the restart, see log2")
-        time.sleep(1.0)  # anything extra would show up now
+        inputs = [t.interactions, t.feedback, t.preferences]
+        wait_for(  # every input handled: the count is final, a duplicate would be in it now
+            lambda: group_caught_up(kafka, env["FLYWHEEL_REWARD_JOIN_GROUP"], inputs),
+            30,
+            "the join to commit every input record",
+            poll_s=0.2,
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

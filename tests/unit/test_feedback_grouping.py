@@ -13,6 +13,7 @@ from flywheel.core.auth import ANONYMOUS, AuthConfig
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.intake import MAX_FLUSHES_IN_FLIGHT, FeedbackIntake, InFlight
+from flywheel.testing import wait_until
 from flywheel.v1 import events_pb2, feedback_pb2
 
 KEY = "unit-test-hmac-key-0123456789"
@@ -59,15 +60,20 @@ def intake(tmp_path: Path) -> Any:
 
 
 def count_trips(intake: FeedbackIntake) -> list[int]:
-    """The size of every group the intake hands to its send thread, as it happens."""
+    """The size of every group the intake hands to its send thread, as it happens.
+
+    Each trip reserves the ids of its whole group in one call to the seen-id store.
+    """
     trips: list[int] = []
-    real = intake._reserve_and_send
+    seen = intake.seen
+    assert seen is not None
+    real = seen.reserve
 
-    def counted(items: list, direct: bool) -> Any:
-        trips.append(len(items))
-        return real(items, direct)
+    def counted(ids: list[str]) -> list[str]:
+        trips.append(len(ids))
+        return real(ids)
 
-    intake._reserve_and_send = counted  # type: ignore[method-assign]
+    seen.reserve = counted  # type: ignore[method-assign]
     return trips
 
 
@@ -77,10 +83,7 @@ def test_concurrent_submits_share_one_flush_and_wait_for_the_acks(intake: Feedba
     async def scenario() -> list[Any]:
         calls = [asyncio.ensure_future(intake.submit(signed(f"f{i}", f"i{i}"), ANONYMOUS)) for i in range(20)]
         calls.append(asyncio.ensure_future(intake.submit(signed("f3", "i3"), ANONYMOUS)))  # same id, concurrently
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            if len(intake.producer.sent) == 20:
-                break
+        await wait_until(lambda: len(intake.producer.sent) == 20, 5, "the 20 distinct events to be sent")
         assert not any(c.done() for c in calls[:20]), "acknowledged before Kafka acked"
         intake.producer.ack_all()
         return await asyncio.gather(*calls, return_exceptions=True)
@@ -107,11 +110,7 @@ def test_flushes_in_flight_are_bounded_so_groups_grow_under_load(intake: Feedbac
     trips = count_trips(intake)
 
     async def until_sent(n: int) -> None:
-        for _ in range(200):
-            if len(intake.producer.sent) >= n:
-                return
-            await asyncio.sleep(0.005)
-        raise AssertionError(f"{len(intake.producer.sent)} sent, expected {n}")
+        await wait_until(lambda: len(intake.producer.sent) >= n, 5, f"{n} events to be sent")
 
     async def wave(tag: str, n: int) -> list[asyncio.Future]:
         return [asyncio.ensure_future(intake.submit(signed(f"{tag}{i}", f"{tag}i{i}"), ANONYMOUS)) for i in range(n)]
@@ -123,7 +122,7 @@ def test_flushes_in_flight_are_bounded_so_groups_grow_under_load(intake: Feedbac
             await until_sent(3 * (k + 1))
         for k in range(3):  # arrive while every flush slot waits: nothing is sent for them yet
             calls += await wave(f"late{k}-", 2)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # spaced arrivals: a flush loop without the bound would send each wave alone
         assert len(intake.producer.sent) == 3 * MAX_FLUSHES_IN_FLIGHT
         intake.producer.ack_all()
         await until_sent(3 * MAX_FLUSHES_IN_FLIGHT + 6)

@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -57,12 +58,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             yield policy_pb2.GenerateStreamResponse(text=f"{i}:{word}")
 
 
-def run(coro_fn: Callable[[ServiceServer], Awaitable[None]], **cfg) -> None:
+def run(coro_fn: Callable[[ServiceServer], Awaitable[None]], reward: RewardServicer | None = None, **cfg: Any) -> None:
     """Start a server on free ports, run the test body against it, always stop it."""
 
     async def main() -> None:
         server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=5, **cfg), name="test")
-        server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer())
+        server.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, reward or RewardServicer())
         server.add_servicer(policy_pb2_grpc.add_PolicyServicer_to_server, PolicyServicer())
         await server.start(handle_signals=False)
         try:
@@ -241,9 +242,10 @@ def test_http_routes_and_error_middleware() -> None:
 
 
 def test_graceful_stop_finishes_inflight_rpc() -> None:
+    servicer = RewardServicer()
+
     async def body(server: ServiceServer) -> None:
         await server.set_serving(True)
-        servicer = server._servicers[0][1]
         async with channel(server) as ch:
             slow = asyncio.ensure_future(
                 reward_pb2_grpc.RewardStub(ch).Score(reward_pb2.ScoreRequest(prompt="slow", response="xy"))
@@ -253,7 +255,7 @@ def test_graceful_stop_finishes_inflight_rpc() -> None:
             watched = [(await watch.read()).status]
             started = time.monotonic()
             stopping = asyncio.ensure_future(server.stop(grace=5))
-            await asyncio.sleep(0.2)  # inside the drain window: still reachable, NOT_SERVING
+            watched.append((await watch.read()).status)  # the stop began: inside the drain window now
             r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
             assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert (await http_get(server, "/health"))[0] == 503
@@ -273,7 +275,7 @@ def test_graceful_stop_finishes_inflight_rpc() -> None:
                 await reward_pb2_grpc.RewardStub(ch).Score(reward_pb2.ScoreRequest(prompt="x"), timeout=2)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    run(body, drain_s=0.4)
+    run(body, servicer, drain_s=0.4)
 
 
 def test_run_blocking_runs_off_the_loop() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from flywheel.core import errors
 from flywheel.core.spool import DurableSpool, ProducerSender, SpoolRecord
+from flywheel.testing import wait_for
 
 
 class Recorder:
@@ -95,8 +95,8 @@ def test_failing_sender_keeps_records_and_drain_retries_in_order(tmp_path: Path)
         spool.drain_once(sender)
     assert spool.depth() == 30
     spool.start(sender)
-    time.sleep(0.3)
-    assert sender.calls >= 3 and spool.depth() == 30 and sender.sent == []  # retried, nothing lost
+    wait_for(lambda: sender.calls >= 3, 5, "the drain thread to retry")
+    assert spool.depth() == 30 and sender.sent == []  # retried, nothing lost
     spool.append("t", "k", b"30")
     sender.down = False
     assert spool.wait_empty(5)

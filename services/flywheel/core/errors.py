@@ -2,7 +2,7 @@
 
 Engines and stores raise these; the gRPC interceptor and the HTTP front ends turn them into
 `INVALID_ARGUMENT` / 422 and friends with the message unchanged, so every front end tells the
-caller the same precise thing (DESIGN.md, 'Bad input gets a precise error').
+caller the same precise thing.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ class FlywheelError(Exception):
     http_status: int = 500
     error_type: str = "internal"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        # The metrics label when it says more than the status code (rate_limited, spool_full).
+        self.reason = reason
 
     def http_body(self) -> dict[str, str]:
         """TGI's error body."""

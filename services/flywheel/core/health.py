@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import grpc
@@ -44,7 +45,10 @@ class HealthService(health_pb2_grpc.HealthServicer):
             if self._closed:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             async with self._changed:
-                await self._changed.wait_for(lambda seen=seen: self._version != seen or self._closed)
+                await self._changed.wait_for(functools.partial(self._changed_since, seen))
+
+    def _changed_since(self, version: int) -> bool:
+        return self._version != version or self._closed
 
     def status(self, service: str = "") -> int | None:
         return self._status.get(service)

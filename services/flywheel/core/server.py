@@ -1,4 +1,4 @@
-"""The gRPC + HTTP server every Flywheel service runs (DESIGN.md, 'Services').
+"""The gRPC + HTTP server every Flywheel service runs (docs/ARCHITECTURE.md, 'Services').
 
 One `ServiceServer` owns, in one asyncio event loop:
   * a grpc.aio server with the service's servicers, grpc.health.v1 (NOT_SERVING until the
@@ -34,7 +34,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 from aiohttp import web
@@ -55,34 +55,36 @@ T = TypeVar("T")
 class ServerConfig:
     """Where a service listens and how its gRPC server treats connections."""
 
-    host: str = setting("0.0.0.0", "Interface both servers bind to.", env="FLYWHEEL_HOST")
-    grpc_port: int = setting(50051, "gRPC port (0: pick a free one).", env="FLYWHEEL_GRPC_PORT")
+    SECTION: ClassVar[str] = "server"
+
+    host: str = setting("0.0.0.0", "Interface both servers bind to.", alias="FLYWHEEL_HOST")
+    grpc_port: int = setting(50051, "gRPC port (0: pick a free one).", alias="FLYWHEEL_GRPC_PORT")
     http_port: int = setting(
-        8080, "HTTP port for /metrics, /health and HTTP APIs (0: pick a free one).", env="FLYWHEEL_HTTP_PORT"
+        8080, "HTTP port for /metrics, /health and HTTP APIs (0: pick a free one).", alias="FLYWHEEL_HTTP_PORT"
     )
     max_message_mb: int = setting(
-        16, "Largest gRPC message sent or received, in MiB.", env="FLYWHEEL_GRPC_MAX_MESSAGE_MB"
+        16, "Largest gRPC message sent or received, in MiB.", alias="FLYWHEEL_GRPC_MAX_MESSAGE_MB"
     )
     keepalive_time_s: float = setting(
-        30.0, "Server pings an idle connection this often to detect dead peers.", env="FLYWHEEL_GRPC_KEEPALIVE_TIME_S"
+        30.0, "Server pings an idle connection this often to detect dead peers.", alias="FLYWHEEL_GRPC_KEEPALIVE_TIME_S"
     )
     keepalive_timeout_s: float = setting(
-        10.0, "A ping unanswered this long closes the connection.", env="FLYWHEEL_GRPC_KEEPALIVE_TIMEOUT_S"
+        10.0, "A ping unanswered this long closes the connection.", alias="FLYWHEEL_GRPC_KEEPALIVE_TIMEOUT_S"
     )
     grace_s: float = setting(
         10.0,
         "On shutdown, in-flight requests get this long to finish before they are cancelled.",
-        env="FLYWHEEL_GRACE_S",
+        alias="FLYWHEEL_GRACE_S",
     )
     drain_s: float = setting(
         0.0,
         "On shutdown, report NOT_SERVING this long before refusing new RPCs, so load balancers and readiness probes notice.",
-        env="FLYWHEEL_DRAIN_S",
+        alias="FLYWHEEL_DRAIN_S",
     )
     max_concurrent_rpcs: int | None = setting(
         None,
         "Refuse RPCs beyond this many at once with RESOURCE_EXHAUSTED (None: no limit).",
-        env="FLYWHEEL_MAX_CONCURRENT_RPCS",
+        alias="FLYWHEEL_MAX_CONCURRENT_RPCS",
     )
 
     def __post_init__(self) -> None:
@@ -479,10 +481,11 @@ class ServiceServer:
         setup_task = asyncio.ensure_future(setup(self))
         waiter = asyncio.ensure_future(self.wait())
         await asyncio.wait({setup_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if setup_task.done() and not setup_task.cancelled() and setup_task.exception() is not None:
+        failure = setup_task.exception() if setup_task.done() and not setup_task.cancelled() else None
+        if failure is not None:
             waiter.cancel()
             await self.stop(grace=0)
-            raise setup_task.exception()
+            raise failure
         if not setup_task.done():
             setup_task.cancel()
             await asyncio.gather(setup_task, return_exceptions=True)

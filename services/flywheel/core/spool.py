@@ -1,4 +1,4 @@
-"""A durable, ordered, bounded on-disk spool in front of Kafka (DESIGN.md, 'Feedback is never lost').
+"""A durable, ordered, bounded on-disk spool in front of Kafka (docs/ARCHITECTURE.md, 'Feedback is never lost').
 
 When Kafka is unreachable a service appends records here; `append` returns only once the
 record is on disk (sqlite3, WAL, synchronous=FULL), so the caller may acknowledge it. A drain
@@ -139,12 +139,7 @@ class DurableSpool:
                 )
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                seqs = [
-                    self._conn.execute(
-                        "INSERT INTO spool (topic, key, value, headers) VALUES (?, ?, ?, ?)", row
-                    ).lastrowid
-                    for row in rows
-                ]
+                seqs = [self._insert(row) for row in rows]
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -156,6 +151,12 @@ class DurableSpool:
         self._publish_depth()
         self._wake.set()
         return seqs
+
+    def _insert(self, row: tuple[str, bytes | None, bytes, bytes]) -> int:
+        seq = self._conn.execute("INSERT INTO spool (topic, key, value, headers) VALUES (?, ?, ?, ?)", row).lastrowid
+        if seq is None:  # sqlite3 sets it after every INSERT of one row
+            raise RuntimeError("sqlite3 did not report the rowid of a spool record")
+        return seq
 
     # ----------------------------------------------------------------- reading
     def depth(self) -> int:
@@ -280,7 +281,7 @@ class ProducerSender:
                 self._inflight[seq] = future
 
     def __call__(self, records: Sequence[SpoolRecord]) -> int:
-        futures = []
+        futures: list[tuple[int, Any]] = []
         for r in records:
             with self._lock:
                 fut = self._inflight.get(r.seq)

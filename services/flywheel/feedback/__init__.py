@@ -1,1 +1,1 @@
-"""The feedback service: validated, authorized, durable intake of user feedback (DESIGN.md)."""
+"""The feedback service: validated, authorized, durable intake of user feedback."""

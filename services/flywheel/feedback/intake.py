@@ -15,7 +15,7 @@ Idempotency and crashes. A feedback_id is recorded as seen only *after* its even
 crash between the two lose an event while a retry is answered DUPLICATE: an acknowledged
 loss. With our order a crash in that window can at worst put a second copy of the event on
 the topic when the client retries; both copies carry the same feedback_id and consumers apply
-each id once (DESIGN.md: at-least-once, idempotent effects), so nothing is double-counted.
+each id once (docs/ARCHITECTURE.md, 'At-least-once, idempotent effects'), so nothing is double-counted.
 The seen ids of a group are committed to sqlite (one transaction per group, WAL +
 synchronous=NORMAL: it survives a process crash, without an fsync per request, which would cap
 intake at a few hundred per second) before any caller of the group is answered, so a retry
@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -108,7 +109,7 @@ def _inc(counter: Counter, labels: tuple[str, ...], n: int = 1) -> None:
     inc(n)
 
 
-def _count(counter: Counter, label_sets: list[tuple[str, ...]]) -> None:
+def _count(counter: Counter, label_sets: Sequence[tuple[str, ...]]) -> None:
     """Increment `counter` once per distinct label set."""
     if not label_sets:
         return
@@ -268,8 +269,13 @@ class FeedbackIntake:
         return results
 
     def _check_open(self) -> None:
+        self._stores()
+
+    def _stores(self) -> tuple[DurableSpool, SeenFeedbackIds]:
+        """The spool and the seen ids, once `open()` made them."""
         if self.spool is None or self.seen is None:
             raise errors.Unavailable("the feedback service is still starting: retry in a moment", retry_after_s=1)
+        return self.spool, self.seen
 
     def _item(self, index: int, req: feedback_pb2.FeedbackRequest, now: Timestamp) -> _Item:
         """Steps 1-3 of the module doc for one request: its serialized event, or the FlywheelError that refuses it."""
@@ -320,7 +326,8 @@ class FeedbackIntake:
             batch, self._queue = self._queue, []
             items = [it for its, _ in batch for it in its]
             started = time.perf_counter()
-            direct = self.spool.depth() == 0
+            spool, _ = self._stores()
+            direct = spool.depth() == 0
             try:
                 marks, sent = await loop.run_in_executor(self._handoff_pool, self._reserve_and_send, items, direct)
             except BaseException as e:  # the sends' reservations were released there
@@ -345,21 +352,23 @@ class FeedbackIntake:
         """Wait for the flush's acks (or spool it), record the ids, and answer every request in it."""
         fresh = [n for n, m in enumerate(marks) if m == "new"]
         try:
+            _, seen = self._stores()
             if fresh:
                 try:
                     outcomes = await self._hand_off([items[n] for n in fresh], sent)
                 except BaseException:
-                    self.seen.release([items[n].feedback_id for n in fresh])
+                    seen.release([items[n].feedback_id for n in fresh])
                     raise
                 HANDOFF_SECONDS.observe(time.perf_counter() - started)
-                done, failed = [], []
+                done: list[str] = []
+                failed: list[str] = []
                 for n, outcome in zip(fresh, outcomes, strict=True):
                     marks[n] = outcome
                     (failed if isinstance(outcome, errors.FlywheelError) else done).append(items[n].feedback_id)
-                self.seen.commit(done)  # only now: every one of these is durable (see the module doc)
-                self.seen.release(failed)
+                seen.commit(done)  # only now: every one of these is durable (see the module doc)
+                seen.release(failed)
                 if done:  # on disk before anyone hears ACCEPTED, so a retry after a crash is DUPLICATE
-                    await run_blocking(self.seen.flush)
+                    await run_blocking(seen.flush)
         except BaseException as e:
             for _, w in batch:
                 if not w.done():
@@ -375,7 +384,8 @@ class FeedbackIntake:
 
     def _reserve_and_send(self, items: list[_Item], direct: bool) -> tuple[list[str], list[Any] | None]:
         """Blocking: reserve the ids; queue the new events on the producer when `direct`."""
-        marks = self.seen.reserve([it.feedback_id for it in items])
+        _, seen = self._stores()
+        marks = seen.reserve([it.feedback_id for it in items])
         if not direct:
             return marks, None
         fresh = [it for it, m in zip(items, marks, strict=True) if m == "new"]
@@ -390,7 +400,7 @@ class FeedbackIntake:
                     out.extend([e] * (len(fresh) - len(out)))
                     break
         except BaseException:
-            self.seen.release([it.feedback_id for it in fresh])
+            seen.release([it.feedback_id for it in fresh])
             raise
         return marks, out
 
@@ -425,11 +435,12 @@ class FeedbackIntake:
                         self.sender.adopt(seq, pending[i])
 
             try:
-                await run_blocking(self.spool.append_many, records, adopt)
+                spool, _ = self._stores()
+                await run_blocking(spool.append_many, records, adopt)
                 for i in to_spool:
                     outcomes[i] = SPOOLED_S
             except errors.FlywheelError as e:
-                e.reason = "spool_full" if isinstance(e, errors.ResourceExhausted) else None  # type: ignore[attr-defined]
+                e.reason = "spool_full" if isinstance(e, errors.ResourceExhausted) else None
                 for i in to_spool:
                     outcomes[i] = e
         return outcomes

@@ -30,13 +30,12 @@ class RateLimiter:
         if tokens < n:
             self._buckets[name] = (tokens, now)
             wait = (n - tokens) / self.rate
-            err = errors.ResourceExhausted(
+            raise errors.ResourceExhausted(
                 f"rate limit for {self.what} {name!r} reached ({self.rate:g} events/s, burst {self.burst}): "
                 f"retry in {wait:.2f} s",
                 retry_after_s=wait,
+                reason="rate_limited",
             )
-            err.reason = "rate_limited"  # type: ignore[attr-defined]
-            raise err
         self._buckets[name] = (tokens - n, now)
         if len(self._buckets) > self.max_names:
             self._buckets.popitem(last=False)

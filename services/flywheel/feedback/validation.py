@@ -98,4 +98,4 @@ def build_event(
 
 def reason(e: errors.FlywheelError) -> str:
     """The `reason` label of a refusal: rate_limited, spool_full, or the status code in lower case."""
-    return getattr(e, "reason", None) or e.code.name.lower()
+    return e.reason or e.code.name.lower()

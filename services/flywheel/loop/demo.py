@@ -74,12 +74,12 @@ DEMO_ENV = {
     "FLYWHEEL_TRAINER_PROMPT_SOURCE": "pool",
     # The reward model is the slow part on a CPU: fewer steps per new pair, larger steps,
     # versions published often so that scoring follows the feedback closely.
-    "FLYWHEEL_REWARD_LR": "1e-4",
-    "FLYWHEEL_REWARD_STEPS_PER_NEW_PAIR": "0.25",
-    "FLYWHEEL_REWARD_PUBLISH_EVERY": "20",
+    "FLYWHEEL_REWARD_TRAIN_LR": "1e-4",
+    "FLYWHEEL_REWARD_TRAIN_STEPS_PER_NEW_PAIR": "0.25",
+    "FLYWHEEL_REWARD_TRAIN_PUBLISH_EVERY_STEPS": "20",
     # The accuracy-drop guard compares accuracies on a held-out set that grows and shifts with
     # the policy; a strict guard froze the reward model while the policy exploited it.
-    "FLYWHEEL_REWARD_MAX_ACC_DROP": "0.2",
+    "FLYWHEEL_REWARD_TRAIN_MAX_ACCURACY_DROP": "0.2",
 }
 
 
@@ -237,7 +237,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
         bank = starter_bank(
             str(sup.store / "policy" / "v000000"), heldout, cfg.bank_per_prompt, pcfg.max_new_tokens, pcfg.temperature
         )
-        client = PanelClient(panel, pcfg, sup.children["policy"].address, sup.children["feedback"].address)
+        client = PanelClient.connect(panel, pcfg, sup.children["policy"].address, sup.children["feedback"].address)
         svc = Services(sup)
         t0 = time.monotonic()
         threads = client.start(panel_stop)

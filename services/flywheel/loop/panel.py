@@ -182,20 +182,30 @@ class PanelConfig:
 class PanelClient:
     """The panel talking to running services over gRPC; `run(stop)` gives feedback until stopped."""
 
-    def __init__(self, panel: Panel, cfg: PanelConfig, policy_addr: str, feedback_addr: str) -> None:
-        import grpc
-
-        from flywheel.v1 import feedback_pb2_grpc, policy_pb2_grpc
-
+    def __init__(
+        self, panel: Panel, cfg: PanelConfig, policy: Any, feedback: Any, channels: Sequence[Any] = ()
+    ) -> None:
+        """`policy` and `feedback`: the services' stubs (or anything with their methods);
+        `channels`: what `close()` closes."""
         self.panel, self.cfg = panel, cfg
-        self._channels = [grpc.insecure_channel(policy_addr), grpc.insecure_channel(feedback_addr)]
-        self.policy = policy_pb2_grpc.PolicyStub(self._channels[0])
-        self.feedback = feedback_pb2_grpc.FeedbackStub(self._channels[1])
+        self.policy, self.feedback = policy, feedback
+        self._channels = list(channels)
         self.events = 0
         self.errors: list[str] = []
         self.by_kind: dict[str, int] = {}
         self._lock = threading.Lock()
         self._next_at = time.monotonic()
+
+    @classmethod
+    def connect(cls, panel: Panel, cfg: PanelConfig, policy_addr: str, feedback_addr: str) -> PanelClient:
+        """A client of the running services at these gRPC addresses."""
+        import grpc
+
+        from flywheel.v1 import feedback_pb2_grpc, policy_pb2_grpc
+
+        channels = [grpc.insecure_channel(policy_addr), grpc.insecure_channel(feedback_addr)]
+        policy, feedback = policy_pb2_grpc.PolicyStub(channels[0]), feedback_pb2_grpc.FeedbackStub(channels[1])
+        return cls(panel, cfg, policy, feedback, channels)
 
     def request(self, prompt: str, user: str, seed: int | None = None) -> Any:
         from flywheel.v1 import common_pb2, policy_pb2

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -32,8 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from flywheel.core.auth import AuthConfig
 from flywheel.core.brokers import EmbeddedTansu, free_port
-from flywheel.core.config import DEFAULT_PORTS
+from flywheel.core.config import DEFAULT_PORTS, KafkaConfig, env_value
+from flywheel.core.modelstore import ModelStoreConfig
 
 SERVICES = tuple(DEFAULT_PORTS)
 
@@ -188,11 +191,11 @@ class Supervisor:
         self.cfg = config
         self.run_dir = Path(config.run_dir).resolve()
         self.broker: EmbeddedTansu | None = None
-        self.bootstrap = config.bootstrap or os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", "")
-        self.store = Path(config.store or os.environ.get("FLYWHEEL_MODEL_STORE") or self.run_dir / "models")
+        self.bootstrap = config.bootstrap or env_value(KafkaConfig, "bootstrap") or ""
+        self.store = Path(config.store or env_value(ModelStoreConfig, "root") or self.run_dir / "models")
         self.store = self.store.expanduser().resolve()
-        self.hmac_key = os.environ.get("FLYWHEEL_HMAC_KEY") or secrets.token_urlsafe(32)
-        self.admin_token = os.environ.get("FLYWHEEL_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+        self.hmac_key = env_value(AuthConfig, "hmac_key") or secrets.token_urlsafe(32)
+        self.admin_token = env_value(AuthConfig, "admin_token") or secrets.token_urlsafe(24)
         self.children: dict[str, Child] = {}
         self._stopped = False
         self._serving = False  # all SERVING once: from then on a service that exits is restarted
@@ -215,18 +218,21 @@ class Supervisor:
         env = dict(os.environ)
         env.update(
             FLYWHEEL_KAFKA_BOOTSTRAP=self.bootstrap,
-            FLYWHEEL_MODEL_STORE=str(self.store),
-            FLYWHEEL_HMAC_KEY=self.hmac_key,
-            FLYWHEEL_ADMIN_TOKEN=self.admin_token,
+            FLYWHEEL_MODEL_STORE_ROOT=str(self.store),
+            FLYWHEEL_AUTH_HMAC_KEY=self.hmac_key,
+            FLYWHEEL_AUTH_ADMIN_TOKEN=self.admin_token,
             FLYWHEEL_POLICY_STATE_DIR=str(self.run_dir / "state" / "policy"),
             FLYWHEEL_FEEDBACK_STATE_DIR=str(self.run_dir / "state" / "feedback"),
-            FLYWHEEL_REWARD_STATE_DIR=str(self.run_dir / "state" / "reward"),
+            FLYWHEEL_REWARD_JOIN_STATE_DIR=str(self.run_dir / "state" / "reward"),
             PYTHONUNBUFFERED="1",
             HF_HUB_OFFLINE="1",
             FLYWHEEL_PARENT_PID=str(os.getpid()),  # a service stops once this process is gone (even SIGKILLed)
             TOKENIZERS_PARALLELISM="false",
         )
-        env.setdefault("FLYWHEEL_HOST", "127.0.0.1")
+        from flywheel.core.server import ServerConfig  # grpc and aiohttp: not imported by `flywheel up` before
+
+        if env_value(ServerConfig, "host") is None:
+            env["FLYWHEEL_SERVER_HOST"] = "127.0.0.1"
         env.setdefault("OMP_NUM_THREADS", "1")  # four torch processes share the machine's cores
         env.setdefault("FLYWHEEL_TRAINER_TORCH_THREADS", "1")
         for name, child in self.children.items():
@@ -256,7 +262,7 @@ class Supervisor:
         from flywheel.core.bus import ensure_topics
         from flywheel.core.config import KafkaConfig, TopicsConfig, load
 
-        with _patched_env(self.cfg.env):  # topic names the children will use (FLYWHEEL_TOPIC_*)
+        with _patched_env(self.cfg.env):  # topic names the children will use (FLYWHEEL_TOPICS_*)
             topics = load(TopicsConfig)
         created = ensure_topics(load(KafkaConfig, bootstrap=self.bootstrap), topics, timeout_s=60)
         self._say(f"topics: {len(created)} created")
@@ -347,28 +353,49 @@ class Supervisor:
         self._say(f"{child.name} restarted (pid {child.proc.pid})")  # type: ignore[union-attr]
 
     def endpoints(self) -> str:
-        """Where each service listens and how to call it."""
+        """Where each service listens, then "Try it" commands that work when pasted, in order, into
+        one shell (tests/e2e/test_pasted_commands.py runs them): an answer, feedback on it with its
+        interaction_id and feedback_token for the same user_id, the HTTP routes, the trainer's status
+        with the admin token, the serving version. The first block (up to the blank line) is the table."""
         p = self.children
-        pol, fb = p["policy"], p["feedback"]
+        pol, fb, tr = p["policy"], p["feedback"], p["trainer"]
+        http = f"http://127.0.0.1:{pol.http_port}"
+        on_path = shutil.which("python")
+        same = on_path and Path(on_path).parent == Path(sys.executable).parent
+        py = "python" if same else shlex.quote(sys.executable)  # the one with text_generation
+        to_feedback = (  # the Generate answer (grpcurl prints proto field names) -> a thumbs-up FeedbackRequest
+            "import json, sys; a = json.load(sys.stdin); print(json.dumps({"
+            '"feedback_id": "f-" + a["interaction_id"], "interaction_id": a["interaction_id"], '
+            '"feedback_token": a["feedback_token"], "user_id": "alice", "thumbs": 1}))'
+        )
+        from flywheel.core.config import env_vars
+
+        var = env_vars(AuthConfig)["admin_token"]  # set by the user (new name or alias), else made up here
+        given = [v for v in (var.name, var.deprecated_alias) if v and os.environ.get(v) == self.admin_token]
+        token_var = given[0] if given else "FLYWHEEL_ADMIN_TOKEN"  # also `python -m flywheel.ops`' --token
+        if given:
+            admin = f"  # the admin token: ${token_var}, as you set it for `flywheel up`"
+        else:
+            admin = f"  export {token_var}={self.admin_token}  # this run's admin token (admin calls)"
         lines = [
             f"{'service':9s} {'gRPC':22s} HTTP",
             *(f"{c.name:9s} {c.address:22s} http://127.0.0.1:{c.http_port}" for c in p.values()),
             f"broker    {self.bootstrap}",
             f"model store {self.store}; logs {self.run_dir / 'logs'}",
             "",
-            "Try it:",
-            f'  grpcurl -plaintext -d \'{{"prompt": "how do I reset my password?"}}\' '
-            f"{pol.address} flywheel.v1.Policy/Generate",
-            f"  curl -s http://127.0.0.1:{pol.http_port}/generate -H 'content-type: application/json' "
+            "Try it (paste in order into one shell; grpcurl: scripts/grpcurl builds it; more in README.md):",
+            f'  answer=$(grpcurl -plaintext -d \'{{"prompt": "how do I reset my password?", "user_id": "alice"}}\' '
+            f'{pol.address} flywheel.v1.Policy/Generate); echo "$answer"',
+            "  # thumbs up for that answer: its interaction_id and feedback_token, from the same user_id",
+            f"  echo \"$answer\" | {py} -c '{to_feedback}' | grpcurl -plaintext -d @ {fb.address} flywheel.v1.Feedback/Submit",
+            f"  curl -s -w '\\n' {http}/generate -H 'content-type: application/json' "
             '-d \'{"inputs": "where is my order?", "parameters": {"max_new_tokens": 48}}\'',
-            f'  python -c "from text_generation import Client; '
-            f"print(Client('http://127.0.0.1:{pol.http_port}').generate('how do I bake bread?').generated_text)\"",
-            "  # then rate the answer with the interaction_id and feedback_token it came with:",
-            f'  grpcurl -plaintext -d \'{{"feedback_id": "f1", "interaction_id": "<id>", '
-            f'"feedback_token": "<token>", "thumbs": 1}}\' {fb.address} flywheel.v1.Feedback/Submit',
-            f"  grpcurl -plaintext -H 'authorization: Bearer $FLYWHEEL_ADMIN_TOKEN' {p['trainer'].address} "
-            "flywheel.v1.Trainer/GetStatus",
-            f"  metrics: curl -s http://127.0.0.1:{pol.http_port}/metrics",
+            f'  {py} -c "from text_generation import Client; '
+            f"print(Client('{http}').generate('how do I bake bread?').generated_text)\"",
+            admin,
+            f'  grpcurl -plaintext -H "authorization: Bearer ${token_var}" {tr.address} flywheel.v1.Trainer/GetStatus',
+            "  # the version being served: 0 is the starter; each promoted version is swapped in",
+            f"  curl -s {http}/metrics | grep serving_version",
         ]
         return "\n".join(lines)
 
@@ -423,7 +450,7 @@ def up_main(args: Any) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not os.environ.get("FLYWHEEL_MODEL_STORE") and not os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP"):
+    if not env_value(ModelStoreConfig, "root") and not env_value(KafkaConfig, "bootstrap"):
         shutil.rmtree(Path(cfg.run_dir) / "state", ignore_errors=True)  # the embedded broker starts empty
         shutil.rmtree(Path(cfg.run_dir) / "models", ignore_errors=True)
     sup = Supervisor(cfg)

@@ -112,7 +112,9 @@ def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         lease = k8s.coordination(api).read_namespaced_lease(
             f"{fullname(args.release)}-trainer", args.namespace, _request_timeout=10
         )
-        out["lease"] = {"holder": lease.spec.holder_identity, "renew_time": str(lease.spec.renew_time)}
+        spec = lease.spec
+        holder, renewed = (spec.holder_identity, spec.renew_time) if spec else (None, None)
+        out["lease"] = {"holder": holder, "renew_time": str(renewed)}
     except Exception as e:  # no cluster access: still report what the trainer says
         status = getattr(e, "status", None)
         if status == 404 and out["pods"]:

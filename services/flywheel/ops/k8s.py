@@ -44,36 +44,37 @@ class PodInfo:
     grpc_port: int | None
 
 
-def _grpc_port(pod: client.V1Pod) -> int | None:
-    for container in pod.spec.containers or []:
+def _grpc_port(spec: client.V1PodSpec | None) -> int | None:
+    for container in spec.containers if spec else []:
         for port in container.ports or []:
             if port.name == "grpc":
                 return port.container_port
     return None
 
 
+def _pod_info(pod: client.V1Pod) -> PodInfo:
+    # The API server fills these in for every listed pod; the client's models type them optional.
+    meta = pod.metadata or client.V1ObjectMeta()
+    status = pod.status or client.V1PodStatus()
+    labels = meta.labels or {}
+    conditions = {c.type: c.status for c in status.conditions or []}
+    return PodInfo(
+        name=meta.name or "?",
+        component=labels.get("app.kubernetes.io/component", "?"),
+        phase=status.phase or "Unknown",
+        ready=conditions.get("Ready") == "True",
+        restarts=sum(s.restart_count or 0 for s in status.container_statuses or []),
+        ip=status.pod_ip,
+        node=pod.spec.node_name if pod.spec else None,
+        grpc_port=_grpc_port(pod.spec),
+    )
+
+
 def list_pods(api: client.ApiClient, namespace: str, release: str, name: str = "flywheel") -> list[PodInfo]:
     """Pods of a Helm release (the chart's selector labels), sorted by component and name."""
     selector = f"app.kubernetes.io/name={name},app.kubernetes.io/instance={release}"
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector, _request_timeout=10)
-    out = []
-    for pod in pods.items:
-        labels = pod.metadata.labels or {}
-        statuses = pod.status.container_statuses or []
-        conditions = {c.type: c.status for c in pod.status.conditions or []}
-        out.append(
-            PodInfo(
-                name=pod.metadata.name,
-                component=labels.get("app.kubernetes.io/component", "?"),
-                phase=pod.status.phase or "Unknown",
-                ready=conditions.get("Ready") == "True",
-                restarts=sum(s.restart_count or 0 for s in statuses),
-                ip=pod.status.pod_ip,
-                node=pod.spec.node_name,
-                grpc_port=_grpc_port(pod),
-            )
-        )
-    return sorted(out, key=lambda p: (p.component, p.name))
+    return sorted((_pod_info(pod) for pod in pods.items), key=lambda p: (p.component, p.name))
 
 
 def coordination(api: client.ApiClient) -> client.CoordinationV1Api:

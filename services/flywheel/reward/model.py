@@ -103,7 +103,9 @@ class RewardModel:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which mypy reads as
+        # a function whose first argument is the model: the library's annotation is wrong, not the call.
+        self.model: PreTrainedModel = model.to(self.device)  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
 

@@ -12,6 +12,7 @@ trainer per deployment (`TrainConfig.enabled` on one replica): every replica sco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -128,7 +129,7 @@ class RewardService:
         futures = [self.producer.send(topic, p.pair_id, p) for p in pairs]
         self.producer.flush(timeout_s)
         for f in futures:
-            self.producer._wait(f, topic, max(0.0, deadline - time.monotonic()))
+            self.producer.wait_ack(f, topic, max(0.0, deadline - time.monotonic()))
 
     def _announce(self, update: events_pb2.ModelUpdate) -> None:
         self.producer.send_sync(self.config.topics.reward_updates, update.model, update)
@@ -194,9 +195,9 @@ class RewardService:
         """ServiceServer.run_forever's setup: start everything, then report SERVING."""
         await run_blocking(self.start)
         for c in self._consumers:
-            server.watch(f"the consumer loop of group {c.group}", lambda c=c: c.error)
+            server.watch(f"the consumer loop of group {c.group}", functools.partial(_error_of, c))
         if self.trainer is not None:
-            server.watch("the reward trainer", lambda: self.trainer.error)
+            server.watch("the reward trainer", functools.partial(_error_of, self.trainer))
         await server.set_serving(True)
 
     def stop(self) -> None:
@@ -207,6 +208,11 @@ class RewardService:
             c.stop()
         self.producer.close()
         self.dataset.close()
+
+
+def _error_of(part: bus.Consumer | OnlineTrainer) -> BaseException | None:
+    """What stopped a background part (for ServiceServer.watch), or None while it runs."""
+    return part.error
 
 
 def build_server(service: RewardService, server_config: Any) -> ServiceServer:
