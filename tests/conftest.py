@@ -5,6 +5,10 @@
   this session starts in a temp dir and stops at the end.
 - `tansu_bootstrap`: the embedded Tansu broker on a free port, for the session.
 - `topics_config`: topic names with a unique prefix, so tests never share a topic.
+
+Tests wait for conditions, never for a fixed time: `flywheel.testing.wait_for(condition,
+timeout_s, what)` (and `wait_until` in a coroutine) polls until it holds and fails naming `what`.
+A sleep stays only where time passing is the point (pacing a load, letting a deadline expire).
 """
 
 from __future__ import annotations
