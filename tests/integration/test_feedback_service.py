@@ -6,6 +6,7 @@ content and count, so none can pass by nothing happening.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -225,7 +226,7 @@ def test_bad_tokens_and_bad_input_are_refused_precisely(service: Service) -> Non
     assert (status, err["error_type"]) == (403, "permission_denied") and "another user" in err["error"]
     status, err, _ = service.http("POST", "/feedback", {**body, "feedback_token": "x", "stars": 5})
     assert (status, err["error_type"]) == (422, "validation") and "unknown field(s) 'stars'" in err["error"]
-    assert service.http("POST", "/feedback", raw=b"{not json")[0] == 422
+    assert service.http("POST", "/feedback", raw=b"{not json")[0] == 400
     status, err, _ = service.http("POST", "/feedback", {**body, "feedback_token": token("i-9", "mallory"), "thumbs": 0})
     assert (status, err["error"]) == (422, "thumbs must be +1 (up) or -1 (down), got 0")
     with pytest.raises(grpc.RpcError) as e:
@@ -274,3 +275,39 @@ def test_kafka_down_spools_and_drains_in_order_after_a_kill(kafka_bootstrap: str
     finally:
         assert up.stop() == 0
     assert [e.feedback_id for _, e, _ in read_topic(kafka_bootstrap, topic, n=6, settle_s=0.5)][-1] == "s5"
+
+
+def test_an_event_kafka_refuses_for_good_is_an_error_for_that_item_only(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A feedback topic whose max.message.bytes refuses an event that passed validation: that
+    item is INVALID_ARGUMENT (never ACCEPTED or SPOOLED), the items around it are accepted, and
+    the service keeps accepting (its producer is not poisoned)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    topic = f"t{uuid.uuid4().hex[:10]}.flywheel.feedback"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "1200"})])
+    finally:
+        admin.close()
+    svc = Service(kafka_bootstrap, topic, tmp_path)
+    try:
+        long = base64.b64encode(os.urandom(1500)).decode()  # 2000 chars that gzip cannot shrink below the limit
+        with pytest.raises(grpc.RpcError) as e:
+            svc.stub.Submit(fb("big", "ann", "bi-0", comment=long))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than Kafka accepts" in e.value.details()
+        batch = [fb("n0", "bob", "bi-1"), fb("big2", "bob", "bi-2", comment=long), fb("n1", "bob", "bi-3")]
+        results = svc.stub.SubmitBatch(S.SubmitBatchRequest(items=batch)).results
+        assert [(r.response.status, r.error_code) for r in results] == [
+            (S.SUBMIT_STATUS_ACCEPTED, ""),
+            (S.SUBMIT_STATUS_UNSPECIFIED, "INVALID_ARGUMENT"),
+            (S.SUBMIT_STATUS_ACCEPTED, ""),
+        ]
+        assert svc.stub.Submit(fb("n2", "cid", "bi-4")).status == S.SUBMIT_STATUS_ACCEPTED
+        with pytest.raises(grpc.RpcError) as e:  # not recorded as seen: a retry is refused again, not DUPLICATE
+            svc.stub.Submit(fb("big", "ann", "bi-0", comment=long))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        got = read_topic(kafka_bootstrap, topic, n=3, settle_s=0.5)
+        assert [ev.feedback_id for _, ev, _ in got] == ["n0", "n1", "n2"]
+    finally:
+        assert svc.stop() == 0

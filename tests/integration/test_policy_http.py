@@ -137,6 +137,8 @@ def test_tgi_validation_and_errors(web: Running) -> None:
         ({"inputs": "hi", "bogus": True}, "unknown field(s) 'bogus' in the request"),
         ({"inputs": "hi", "parameters": {"temprature": 1}}, "unknown field(s) 'temprature' in parameters"),
         (["hi"], "must be a JSON object"),
+        ({"inputs": "hi", "parameters": 0}, "`parameters` must be a JSON object"),  # not silently {}
+        ({"inputs": "hi", "parameters": {"top_k": 10**30}}, "top_k"),  # not an OverflowError (500)
     ]
     for body, why in cases:
         for path in ("/generate", "/generate_stream", "/"):

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import torch
@@ -31,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from flywheel.core import bus
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.core.limits import LimitsConfig
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServerConfig
 from flywheel.policy.config import EngineConfig
@@ -116,11 +118,12 @@ def make_config(
     limits |= {"default_max_new_tokens": 16, "max_new_tokens_cap": 64} | engine
     return PolicyServiceConfig(
         engine=EngineConfig(device="cpu", **limits),
-        policy=PolicyConfig(state_dir=str(state), max_prompt_chars=2000, request_timeout_s=60),
+        policy=PolicyConfig(state_dir=str(state), request_timeout_s=60),
         kafka=KafkaConfig(bootstrap=kafka_bootstrap, session_timeout_ms=3000, request_timeout_ms=10_000),
         topics=topics,
         store=ModelStoreConfig(root=str(store_root)),
         auth=AuthConfig(hmac_key=HMAC_KEY),
+        limits=LimitsConfig(max_prompt_chars=2000),
     )
 
 
@@ -286,6 +289,15 @@ def test_bad_inputs_answer_invalid_argument(policy: Running) -> None:
             "not both",
         ),
         (policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="robot", content="x")]), "role"),
+        (policy_pb2.GenerateRequest(prompt="hi", user_id="u" * 257), "user_id has 257 characters: use at most 256"),
+        (gen("hi", temperature=1e-40, do_sample=True), "use 0 (greedy) or a value from 0.01 to 100"),
+        (gen("hi", repetition_penalty=1e-45), "use a value from 0.01 to 100 (1 = off)"),
+        (gen("hi", top_k=2**31 - 1), "top_k = 2147483647: use a value from 0 (off) to 1000000"),
+        (gen("hi", stop=["s"] * 17), "17 stop sequences: send at most 16"),
+        (
+            policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="user", content="x")] * 257),
+            "the chat has 257 messages, over the limit of 256",
+        ),
     ]
     for req, why in cases:
         for call in (policy.stub.Generate, lambda r: list(policy.stub.GenerateStream(r))):
@@ -296,6 +308,45 @@ def test_bad_inputs_answer_invalid_argument(policy: Running) -> None:
     with pytest.raises(grpc.RpcError) as e:
         policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen("hi"), candidate_version=-1))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "candidate_version" in e.value.details()
+    for pair_req, why in [
+        (
+            policy_pb2.GeneratePairRequest(request=gen("hi"), candidate_version=2**40),
+            "candidate_version = 1099511627776",
+        ),
+        (policy_pb2.GeneratePairRequest(request=policy_pb2.GenerateRequest(prompt="hi", user_id="u" * 300)), "user_id"),
+        (policy_pb2.GeneratePairRequest(request=gen("hi", temperature=1e-40)), "temperature"),
+    ]:
+        with pytest.raises(grpc.RpcError) as e:
+            policy.stub.GeneratePair(pair_req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details(), e.value.details()
+
+
+def test_every_http_route_checks_the_same_bounds(policy: Running) -> None:
+    """The TGI and OpenAI routes reach the one validation: unusable values are 422 naming the field."""
+
+    async def post(path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(policy.http + path, json=body, headers=headers or {}) as resp:
+                return resp.status, await resp.json()
+
+    tgi = {"inputs": "hi", "parameters": {"max_new_tokens": 4}}
+    chat = {"model": "policy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ("/generate", tgi | {"parameters": {"top_k": 2**63}}, None, "top_k = 9223372036854775808"),
+        ("/generate", tgi | {"parameters": {"temperature": 1e-40}}, None, "temperature = 1e-40"),
+        ("/generate", tgi | {"parameters": {"repetition_penalty": 1e-45}}, None, "repetition_penalty = 1e-45"),
+        ("/generate_stream", tgi | {"parameters": {"top_k": 2**63}}, None, "top_k"),
+        ("/generate", tgi, {"x-flywheel-user-id": "u" * 300}, "user_id has 300 characters: use at most 256"),
+        ("/v1/chat/completions", chat | {"user": "u" * 300}, None, "user_id has 300 characters"),
+        ("/v1/chat/completions", chat | {"top_k": 2**63}, None, "top_k"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 1e-40}, None, "temperature = 1e-40"),
+        ("/v1/chat/completions", chat | {"messages": [{"role": "user", "content": "x"}] * 257}, None, "257 messages"),
+    ]
+    for path, body, headers, why in cases:
+        status, answer = asyncio.run(post(path, body, headers))
+        assert status == 422 and why in answer["error"], (path, status, answer)
+    status, answer = asyncio.run(post("/generate", tgi))
+    assert status == 200 and answer["generated_text"] is not None
 
 
 def test_queue_full_deadline_and_cancelled_stream(limited: Running) -> None:

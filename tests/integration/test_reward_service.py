@@ -30,6 +30,7 @@ from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, T
 from flywheel.reward.server import RewardService, RewardServiceConfig, build_server
 from flywheel.reward.store import PreferenceStore
 from flywheel.testing import tiny_reward_model, wait_for
+from flywheel.testing import wait_until as wait_until_async
 from flywheel.v1 import events_pb2 as ev
 from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
@@ -307,3 +308,82 @@ def test_sigkilled_reward_service_loses_and_duplicates_no_pair(
     first = {}
     for p in pairs:
         assert first.setdefault(p.pair_id, p.SerializeToString()) == p.SerializeToString()
+
+
+def test_scoring_limits_refuse_only_the_call_past_them(
+    kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
+) -> None:
+    """Items per call and characters per text are INVALID_ARGUMENT past their limits; calls past
+    `max_concurrent` are RESOURCE_EXHAUSTED with a retry hint while the admitted ones, GetInfo and
+    health still answer."""
+    kafka = KafkaConfig(bootstrap=kafka_bootstrap, session_timeout_ms=3000, request_timeout_ms=10_000)
+    cfg = RewardServiceConfig(
+        join=JoinConfig(state_dir=str(tmp_path / "state"), group=f"rw-{uuid.uuid4().hex[:6]}"),
+        model=RewardModelConfig(base_model=str(tiny_reward_model(tmp_path / "tiny")), max_length=32, device="cpu"),
+        train=TrainConfig(enabled=False),
+        score=ScoreConfig(max_batch_items=8, max_text_chars=200, max_concurrent=2, retry_after_s=3),
+        kafka=kafka,
+        topics=topics_config,
+        store=ModelStoreConfig(root=str(tmp_path / "store")),
+    )
+    item = reward_pb2.ScoreRequest(prompt="tell me about river stone", response="green table please")
+    refusal = (
+        "the reward service is scoring its limit of 2 calls at once (reward_score.max_concurrent): "
+        "retry in 3 s, or on another replica"
+    )
+
+    async def main() -> None:
+        service = RewardService(cfg)
+        server = build_server(service, ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, grace_s=1))
+        await server.start(handle_signals=False)
+        try:
+            await service.setup(server)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+                stub = reward_pb2_grpc.RewardStub(ch)
+                for items, why in (
+                    ([item] * 9, "ScoreBatch has 9 items; at most 8 per call (reward_score.max_batch_items): split it"),
+                    (
+                        [item, reward_pb2.ScoreRequest(prompt="p", response="x" * 201)],
+                        "item 1: response has 201 characters; at most 200 (reward_score.max_text_chars): shorten it",
+                    ),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.ScoreBatch(reward_pb2.ScoreBatchRequest(items=items))
+                    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, why)
+
+                # A scoring call that runs long (its model is busy) holds one place, one waits its turn.
+                busy = service.scorer._current.lock  # the lock a running batch holds on its model
+                busy.acquire()
+                try:
+                    batch = reward_pb2.ScoreBatchRequest(items=[item] * 8)
+                    first = stub.ScoreBatch(batch)
+                    await wait_until_async(lambda: service.scoring == 1, 10, "the first call on the model")
+                    waiting = stub.ScoreBatch(batch)
+                    await wait_until_async(lambda: service.scoring == 2, 10, "a second call waiting its turn")
+                    for call in (
+                        stub.Score(item, timeout=5),
+                        stub.ScoreBatch(reward_pb2.ScoreBatchRequest(items=[item]), timeout=5),
+                    ):
+                        with pytest.raises(grpc.aio.AioRpcError) as e:
+                            await call
+                        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                        assert ("retry-after", "3") in tuple(e.value.trailing_metadata())
+                    info = await stub.GetInfo(reward_pb2.RewardInfoRequest(), timeout=5)  # other calls still answer
+                    assert info.reward_version == 0
+                    health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    assert health.status == health_pb2.HealthCheckResponse.SERVING
+                    waiting.cancel()  # a caller that goes away while it waits gives its place back at once
+                    await wait_until_async(lambda: service.scoring == 1, 10, "the cancelled call's place")
+                    last = stub.Score(item)
+                    await wait_until_async(lambda: service.scoring == 2, 10, "a new call taken")
+                finally:
+                    busy.release()
+                out, single = await first, await last
+                assert len(out.scores) == 8 and out.scores[0] == pytest.approx(out.scores[7])
+                assert single.score == pytest.approx(out.scores[0], abs=1e-4)
+                assert service.scoring == 0
+        finally:
+            await server.stop(grace=0)
+            service.stop()
+
+    asyncio.run(main())

@@ -10,13 +10,16 @@ import threading
 import time
 import weakref
 
+import grpc
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
+from flywheel.core.limits import LimitsConfig
 from flywheel.policy import hotswap as hotswap_module
 from flywheel.policy import reload as reload_module
+from flywheel.policy.answers import AnswerFailed
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.engine import Engine, GenerationRequest
 from flywheel.policy.kvbatch import LoadedModel
@@ -258,14 +261,14 @@ def test_logprobs_match_the_model_and_have_one_per_token(v0):
         (GenerationRequest(prompt="hi", messages=[{"role": "user", "content": "x"}]), "either prompt or messages"),
         (GenerationRequest(prompt="hi " * 40), "over the limit of 32 input tokens: shorten it"),
         (GenerationRequest(prompt="hi " * 12, max_new_tokens=245), "over the model's context of 256 tokens"),
-        (GenerationRequest(prompt="hi", temperature=-0.5), "temperature = -0.5: use a value >= 0"),
+        (GenerationRequest(prompt="hi", temperature=-0.5), "temperature = -0.5: use 0 (greedy) or a value from 0.01"),
         (GenerationRequest(prompt="hi", top_p=0.0), "top_p = 0.0: use a value in (0, 1]"),
         (GenerationRequest(prompt="hi", top_p=1.5), "top_p = 1.5: use a value in (0, 1]"),
-        (GenerationRequest(prompt="hi", top_k=-1), "top_k = -1: use a value >= 0"),
-        (GenerationRequest(prompt="hi", repetition_penalty=0.0), "repetition_penalty = 0.0: use a value > 0"),
+        (GenerationRequest(prompt="hi", top_k=-1), "top_k = -1: use a value from 0 (off) to 1000000"),
+        (GenerationRequest(prompt="hi", repetition_penalty=0.0), "repetition_penalty = 0.0: use a value from 0.01"),
         (GenerationRequest(prompt="hi", max_new_tokens=300), "max_new_tokens = 300 is over the limit of 250"),
         (GenerationRequest(prompt="hi", max_new_tokens=0), "ask for at least 1 token"),
-        (GenerationRequest(prompt="hi", stop=[""]), "stop sequence ''"),
+        (GenerationRequest(prompt="hi", stop=[""]), "stop[0] is '': each stop sequence must be a non-empty string"),
         (GenerationRequest(prompt="hi", seed=-1), "seed = -1"),
     ],
 )
@@ -418,6 +421,112 @@ def test_bad_checkpoint_is_refused_and_the_old_version_keeps_serving(v0, tmp_pat
             assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).version == 0
 
 
+VICTIM = "tell me a long story about " + "bread and coffee and music " * 12  # 72 tokens: longer than any other row
+
+
+def others() -> list[GenerationRequest]:
+    """Answers that share a batch with a victim: greedy ones and a seeded sampled one (both paths)."""
+    reqs = [greedy(p, 30) for p in PROMPTS[:3]]
+    return reqs + [GenerationRequest(prompt=PROMPTS[3], temperature=0.9, top_k=20, seed=5, max_new_tokens=30)]
+
+
+def poison_rows_past(monkeypatch, position: int) -> None:
+    """Every forward sets the logits of the rows whose newest token is at `position` or later to NaN:
+    a model that breaks down on one answer (only the victim's row gets that far)."""
+    fwd = LoadedModel.forward
+
+    def poisoned(self, input_ids, attention_mask, position_ids, cache):
+        out = fwd(self, input_ids, attention_mask, position_ids, cache)
+        bad = position_ids[:, -1] >= position
+        if bool(bad.any()):
+            with torch.inference_mode():
+                out.logits[bad] = float("nan")
+        return out
+
+    monkeypatch.setattr(LoadedModel, "forward", poisoned)
+
+
+@pytest.mark.parametrize("victim_samples", [False, True], ids=["greedy_victim", "sampled_victim"])
+def test_a_row_with_non_finite_logits_fails_alone_and_the_others_finish_normally(v0, slow, monkeypatch, victim_samples):
+    with engine(v0, max_concurrent_sequences=8) as e:
+        alone = [asyncio.run(e.generate(r)) for r in others()]
+        victim_len = len(e.serving_model.encode(VICTIM))
+        assert victim_len > max(r.prompt_tokens + r.generated_tokens for r in alone)
+        poison_rows_past(monkeypatch, victim_len + 2)  # the forward that feeds its 3rd token: in the running batch
+        victim = GenerationRequest(prompt=VICTIM, max_new_tokens=30, ignore_eos=True, temperature=0.0)
+        if victim_samples:
+            victim = GenerationRequest(prompt=VICTIM, max_new_tokens=30, temperature=1.0, seed=3, logprobs=True)
+
+        async def scenario():
+            running = [asyncio.create_task(e.generate(r)) for r in others()]
+            await until(lambda: e.info().running == len(running), "the others running")
+            tokens: list[str] = []
+            with pytest.raises(AnswerFailed) as info:
+                async for ev in e.stream(victim):
+                    tokens.append(ev.text)
+            return info.value, len(tokens), await asyncio.gather(*running)
+
+        err, streamed, results = asyncio.run(scenario())
+        assert err.code == grpc.StatusCode.INTERNAL and err.reason == "non_finite_logits"
+        assert "non-finite logits for this answer at token 4; it was stopped" in err.message
+        assert not err.internal  # fixed text, shown to the caller as it is
+        assert streamed == 3  # its first three tokens reached the caller, then the failure
+        for got, want in zip(results, alone, strict=True):
+            assert (ids(got), got.text, got.finish_reason) == (ids(want), want.text, want.finish_reason)
+        monkeypatch.undo()
+        info_ = e.info()
+        assert (info_.running, info_.waiting, info_.ready) == (0, 0, True)
+        assert asyncio.run(e.generate(greedy(VICTIM, 5))).generated_tokens == 5  # the engine goes on
+
+
+UNUSABLE = [
+    ({"temperature": 1e-40, "do_sample": True}, "temperature = 1e-40: use 0 (greedy) or a value from 0.01 to 100"),
+    ({"repetition_penalty": 1e-45}, "repetition_penalty = 1e-45: use a value from 0.01 to 100"),
+    ({"top_k": 2**63, "temperature": 1.0}, "top_k = 9223372036854775808: use a value from 0 (off) to 1000000"),
+    ({"temperature": float("inf")}, "temperature = inf: use a finite number"),
+    ({"seed": 2**63}, "seed = 9223372036854775808: use an integer from 0 to 2^63-1"),
+]
+
+
+def test_unusable_sampling_values_are_refused_and_the_answers_in_flight_are_untouched(v0, slow):
+    with engine(v0, max_concurrent_sequences=8) as e:
+        alone = [asyncio.run(e.generate(r)) for r in others()]
+
+        async def scenario():
+            running = [asyncio.create_task(e.generate(r)) for r in others()]
+            await until(lambda: e.info().running == len(running), "the others running")
+            for bad, why in UNUSABLE:
+                with pytest.raises(errors.InvalidArgument) as info:
+                    await e.generate(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=20, **bad))
+                assert why in info.value.message
+            assert e.info().running == len(running)  # refused before admission, the others still run
+            return await asyncio.gather(*running)
+
+        for got, want in zip(asyncio.run(scenario()), alone, strict=True):
+            assert (ids(got), got.text) == (ids(want), want.text)
+
+
+def test_limits_come_from_the_limits_config(v0):
+    limits = LimitsConfig(max_prompt_chars=10, max_chat_messages=2, max_stop_sequences=1, max_top_k=5)
+    e = Engine(EngineConfig(device="cpu"), limits=limits)
+    e.start()
+    e.load_version(v0, 0)
+    try:
+        chat = [{"role": "user", "content": "hi"}] * 3
+        for req, why in [
+            (GenerationRequest(prompt="x" * 11), "the prompt has 11 characters, over the limit of 10"),
+            (GenerationRequest(messages=chat), "the chat has 3 messages, over the limit of 2"),
+            (GenerationRequest(prompt="hi", stop=["a", "b"]), "2 stop sequences: send at most 1"),
+            (GenerationRequest(prompt="hi", top_k=6), "top_k = 6: use a value from 0 (off) to 5"),
+        ]:
+            with pytest.raises(errors.InvalidArgument) as info:
+                asyncio.run(e.generate(req))
+            assert why in info.value.message
+        assert asyncio.run(e.generate(greedy("x" * 10, 3))).generated_tokens == 3
+    finally:
+        e.stop()
+
+
 def test_a_failing_step_fails_its_sequences_and_the_engine_keeps_serving(v0, monkeypatch):
     with engine(v0) as e:
         fwd = LoadedModel.forward
@@ -427,8 +536,9 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_keeps_serving(v0, mon
             raise RuntimeError("CUDA out of memory (simulated)")
 
         monkeypatch.setattr(LoadedModel, "forward", broken)
-        with pytest.raises(errors.FlywheelError, match="out of memory"):
+        with pytest.raises(errors.ResourceExhausted, match="ran out of memory on a step") as info:
             asyncio.run(e.generate(greedy(PROMPTS[0], 5)))
+        assert "simulated" not in info.value.message  # no exception text reaches the caller
         assert asyncio.run(e.generate(greedy(PROMPTS[0], 5))).generated_tokens == 5
         info = e.info()
         assert (info.version, info.running, info.waiting, info.ready) == (0, 0, 0, True)

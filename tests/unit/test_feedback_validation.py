@@ -71,6 +71,19 @@ def test_every_validation_message(request_: feedback_pb2.FeedbackRequest, messag
     assert e.value.http_status == 422
 
 
+@pytest.mark.parametrize("number", [4, 7, 99, -1, 2**31 - 1, -(2**31)])
+def test_unknown_preference_number_is_invalid_argument(number: int) -> None:
+    """preference is an open enum: any int32 arrives over gRPC. One it does not define is refused
+    naming the value and the allowed ones (it used to raise ValueError: INTERNAL for the whole batch)."""
+    r = req(interaction_id=None, pair_id="p1", thumbs=None, preference=number)
+    with pytest.raises(errors.InvalidArgument) as e:
+        validate(r, CFG)
+    assert e.value.message == (
+        f"preference must be A, B or TIE, got {number}, which is not a Preference value: "
+        "send PREFERENCE_A (1), PREFERENCE_B (2) or PREFERENCE_TIE (3)"
+    )
+
+
 def test_valid_kinds_and_scale() -> None:
     assert validate(req(), CFG) == "thumbs"
     assert validate(req(thumbs=None, rating=3), CFG) == "rating"
@@ -237,6 +250,20 @@ def test_duplicates_rate_limits_batches_and_spool(intake: FeedbackIntake, tmp_pa
         "InvalidArgument",
         S.SUBMIT_STATUS_ACCEPTED,
     ]
+    # an unknown enum number fails its own item only
+    pairs = [
+        req(feedback_id=f"p{i}", user_id="u5", interaction_id=None, pair_id=f"pp{i}", thumbs=None, preference=pref)
+        for i, pref in enumerate([events_pb2.PREFERENCE_A, 7, events_pb2.PREFERENCE_TIE])
+    ]
+    for i, r in enumerate(pairs):
+        r.feedback_token = SIGNER.issue(f"pp{i}", 7, "u5")
+    out = run(intake.submit_batch(pairs, Caller("app")))
+    assert [getattr(r, "status", type(r).__name__) for r in out] == [
+        S.SUBMIT_STATUS_ACCEPTED,
+        "InvalidArgument",
+        S.SUBMIT_STATUS_ACCEPTED,
+    ]
+    assert "got 7, which is not a Preference value" in out[1].message
     with pytest.raises(errors.InvalidArgument, match="a batch holds 1..100 items, got 101"):
         run(intake.submit_batch([signed(str(i)) for i in range(101)], ANONYMOUS))
     # an id in flight elsewhere is refused with ABORTED, not silently called a duplicate

@@ -121,6 +121,16 @@ def test_invalid_feedback_is_dropped_not_joined(h: Harness) -> None:
     assert h.store.feedback_status("f1") == h.store.feedback_status("f2") == "invalid"
 
 
+def test_a_preference_outside_the_enum_is_invalid_not_a_vote_for_b(h: Harness) -> None:
+    h.apply(
+        interaction("a", pair="P", side="A"),
+        interaction("b", pair="P", side="B"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=7),  # a forged record: open enums take any number
+    )
+    assert h.pairs() == []
+    assert h.store.feedback_status("f1") == "invalid"
+
+
 def test_duplicates_change_nothing(h: Harness) -> None:
     msgs = [
         interaction("a", pair="P", side="A"),

@@ -2,12 +2,15 @@
 
 import math
 
+import pytest
 import torch
 
 from flywheel.policy.sampling import (
+    FAILED,
     SamplingParams,
     apply_repetition_penalty,
     apply_temperature,
+    select_each,
     select_next,
     token_logprobs,
     top_k_filter,
@@ -81,3 +84,47 @@ def test_do_sample_at_temperature_zero_samples_at_temperature_one():
     p = SamplingParams(temperature=0.0, do_sample=True)
     assert not p.greedy and p.effective_temperature == 1.0
     assert SamplingParams(temperature=0.0).greedy
+
+
+def test_a_non_finite_row_gets_failed_and_the_other_rows_their_own_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    bad = logits.clone()
+    bad[1, 7] = float("nan")
+    bad[2, 3] = INF
+    seen = [torch.tensor([], dtype=torch.long)] * 4
+    for params in (
+        [SamplingParams(temperature=0.0)] * 4,  # the all-greedy fast path
+        [SamplingParams(temperature=0.0), SamplingParams(1.0), SamplingParams(0.7, top_k=5), SamplingParams(1.0)],
+    ):
+        for want_logprobs in (False, True):
+            gens = [torch.Generator().manual_seed(b) for b in range(4)]
+            tokens, lps = select_next(bad, params, seen, gens, want_logprobs)
+            assert tokens[1] == tokens[2] == FAILED
+            gens = [torch.Generator().manual_seed(b) for b in range(4)]
+            clean, _ = select_next(logits, params, seen, gens, want_logprobs)
+            assert (tokens[0], tokens[3]) == (clean[0], clean[3])  # rows 0 and 3 as if the others were fine
+            if lps is not None:
+                assert torch.isfinite(lps[[0, 3]]).all()
+
+
+def test_a_temperature_that_overflows_fails_only_its_row():
+    logits = torch.tensor([[3e38, 0.0, 1.0], [0.0, 2.0, 1.0]])  # finite, but / 0.5 is inf
+    params = [SamplingParams(temperature=0.5), SamplingParams(temperature=0.5)]
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    tokens, _ = select_next(logits, params, [torch.tensor([], dtype=torch.long)] * 2, gens, False)
+    assert tokens[0] == FAILED and 0 <= tokens[1] < 3
+
+
+def test_select_each_confines_a_row_whose_sampling_raises():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.2)] * 3
+    seen = [torch.tensor([1]), torch.tensor([999]), torch.tensor([2])]  # row 1: a token id past the vocabulary
+    gens = [None] * 3
+    with pytest.raises(RuntimeError):
+        select_next(logits, params, seen, gens)
+    tokens, lps = select_each(logits, params, seen, gens)
+    assert tokens[1] == FAILED
+    alone = [select_next(logits[b : b + 1], params[b : b + 1], seen[b : b + 1], gens[b : b + 1])[0][0] for b in (0, 2)]
+    assert [tokens[0], tokens[2]] == alone and lps is not None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,21 @@ from flywheel.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]
+# What an exception that escapes a handler may hold, and what must never reach a caller.
+SECRET = "token sk-live-0123456789 in /etc/flywheel/secrets.yaml"
+INTERNAL = re.compile(r"internal error \(reference ([0-9a-f]{12})\): the service log has the details")
+
+
+def assert_internal(details: str, caplog: pytest.LogCaptureFixture, cause: str) -> None:
+    """`details` is the fixed internal-error text, without `SECRET`; the log has its reference,
+    the cause and the traceback."""
+    assert "sk-live" not in details and "/etc/" not in details and ".py" not in details, details
+    m = INTERNAL.fullmatch(details)
+    assert m, details
+    logged = [r for r in caplog.records if m.group(1) in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    assert cause in logged[0].getMessage() and logged[0].levelno == logging.ERROR
+    assert logged[0].exc_info is not None and "Traceback" in caplog.text
 
 
 class RewardServicer(reward_pb2_grpc.RewardServicer):
@@ -39,7 +56,11 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         if request.prompt == "busy":
             raise errors.ResourceExhausted("queue full: retry later", retry_after_s=1.5)
         if request.prompt == "bug":
-            raise RuntimeError("boom")
+            raise RuntimeError(SECRET)
+        if request.prompt == "corrupt":  # a FlywheelError whose status is internal: its text may hold paths
+            raise errors.IntegrityError(
+                "checkpoint /var/lib/flywheel/store/reward/v3: file 'model.safetensors' is missing"
+            )
         if request.prompt == "abort":
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
         if request.prompt == "slow":
@@ -54,7 +75,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             if word == "fail":
                 raise errors.Unavailable("engine restarting: retry", retry_after_s=2)
             if word == "crash":
-                raise KeyError("oops")
+                raise KeyError(SECRET)
             yield policy_pb2.GenerateStreamResponse(text=f"{i}:{word}")
 
 
@@ -90,15 +111,23 @@ def test_config_validation() -> None:
         ServerConfig(grpc_port=9000, http_port=9000)
     with pytest.raises(ConfigError, match=r"ServerConfig.max_concurrent_rpcs = 0"):
         ServerConfig(max_concurrent_rpcs=0)
+    with pytest.raises(ConfigError, match=r"ServerConfig.max_concurrent_http = 0: use 1..100000"):
+        ServerConfig(max_concurrent_http=0)
+    with pytest.raises(ConfigError, match=r"ServerConfig.overload_retry_after_s = nan"):
+        ServerConfig(overload_retry_after_s=float("nan"))
+    with pytest.raises(ConfigError, match=r"ServerConfig.max_http_body_mb = 0"):
+        ServerConfig(max_http_body_mb=0)
     with pytest.raises(ConfigError, match=r"ServerConfig.grace_s = -1"):
         ServerConfig(grace_s=-1)
+    bounded = ServerConfig()  # every service is bounded by default
+    assert bounded.max_concurrent_rpcs >= 1 and bounded.max_concurrent_http >= 1
     assert ServerConfig(grpc_port=0, http_port=0).grpc_port == 0
     cfg = server_config("reward")
     assert (cfg.grpc_port, cfg.http_port) == (50053, 8083)
     assert server_config("reward", grpc_port=1234).grpc_port == 1234
 
 
-def test_unary_error_mapping_and_metrics() -> None:
+def test_unary_error_mapping_and_metrics(caplog: pytest.LogCaptureFixture) -> None:
     async def body(server: ServiceServer) -> None:
         assert server.grpc_port and server.http_port and server.grpc_port != server.http_port
         async with channel(server) as ch:
@@ -120,7 +149,12 @@ def test_unary_error_mapping_and_metrics() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await score(reward_pb2.ScoreRequest(prompt="bug"))
             assert e.value.code() == grpc.StatusCode.INTERNAL
-            assert e.value.details() == "internal error: RuntimeError: boom"
+            assert_internal(e.value.details(), caplog, f"RuntimeError: {SECRET}")
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await score(reward_pb2.ScoreRequest(prompt="corrupt"))
+            assert e.value.code() == grpc.StatusCode.DATA_LOSS
+            assert_internal(e.value.details(), caplog, "/var/lib/flywheel/store/reward/v3")
 
             with pytest.raises(grpc.aio.AioRpcError) as e:  # the handler's own abort passes through
                 await score(reward_pb2.ScoreRequest(prompt="abort"))
@@ -138,7 +172,23 @@ def test_unary_error_mapping_and_metrics() -> None:
     run(body)
 
 
-def test_server_streaming_errors() -> None:
+def test_bytes_that_are_not_a_message_are_invalid_argument_without_the_parsers_text() -> None:
+    async def body(server: ServiceServer) -> None:
+        async with channel(server) as ch:
+            raw = ch.unary_unary("/flywheel.v1.Reward/Score")  # no serializer: the bytes go as they are
+            # Field 1 (prompt, a string) holding two bytes that are not UTF-8.
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await raw(b"\x0a\x02\xff\xfe")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith("the request is not a valid flywheel.v1.ScoreRequest message")
+            assert "Error parsing" not in e.value.details()
+            ok = await reward_pb2_grpc.RewardStub(ch).Score(reward_pb2.ScoreRequest(prompt="hi", response="ab"))
+            assert ok.score == 2
+
+    run(body)
+
+
+def test_server_streaming_errors(caplog: pytest.LogCaptureFixture) -> None:
     async def body(server: ServiceServer) -> None:
         async with channel(server) as ch:
             stream = policy_pb2_grpc.PolicyStub(ch).GenerateStream
@@ -158,7 +208,7 @@ def test_server_streaming_errors() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 _ = [m async for m in stream(policy_pb2.GenerateRequest(prompt="x crash"))]
             assert e.value.code() == grpc.StatusCode.INTERNAL
-            assert e.value.details() == "internal error: KeyError: 'oops'"
+            assert_internal(e.value.details(), caplog, SECRET)
 
             with pytest.raises(grpc.aio.AioRpcError) as e:  # not implemented by the test servicer
                 await policy_pb2_grpc.PolicyStub(ch).Generate(policy_pb2.GenerateRequest(prompt="x"))
@@ -189,6 +239,12 @@ def test_health_and_reflection() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await check(health_pb2.HealthCheckRequest(service="nope"))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert e.value.details() == (
+                "unknown service 'nope': the services are '', 'flywheel.v1.Policy', 'flywheel.v1.Reward'"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # a huge name is not echoed back whole
+                await check(health_pb2.HealthCheckRequest(service="x" * 1_000_000))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 300
 
             info = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
             responses = [r async for r in info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
@@ -199,7 +255,7 @@ def test_health_and_reflection() -> None:
     run(body)
 
 
-def test_http_routes_and_error_middleware() -> None:
+def test_http_routes_and_error_middleware(caplog: pytest.LogCaptureFixture) -> None:
     from aiohttp import web
 
     async def boom(request: web.Request) -> web.Response:
@@ -208,7 +264,9 @@ def test_http_routes_and_error_middleware() -> None:
             raise errors.ResourceExhausted("too many requests", retry_after_s=3)
         if kind == "bad":
             raise errors.InvalidArgument("`inputs` must not be empty")
-        raise ValueError("unexpected")
+        if kind == "engine":  # as the policy engine fails the answers of a step that raised
+            raise errors.FlywheelError(f"generation failed: OSError: {SECRET}")
+        raise ValueError(SECRET)
 
     async def main() -> None:
         server = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0), name="http")
@@ -223,12 +281,12 @@ def test_http_routes_and_error_middleware() -> None:
                 async with s.get(f"{base}/boom/bad") as r:
                     assert r.status == 422
                     assert await r.json() == {"error": "`inputs` must not be empty", "error_type": "validation"}
-                async with s.get(f"{base}/boom/other") as r:
-                    assert r.status == 500
-                    assert await r.json() == {
-                        "error": "internal error: ValueError: unexpected",
-                        "error_type": "internal",
-                    }
+                for kind, cause in (("other", SECRET), ("engine", "generation failed")):
+                    async with s.get(f"{base}/boom/{kind}") as r:
+                        assert r.status == 500
+                        body = await r.json()
+                        assert body["error_type"] == "internal" and set(body) == {"error", "error_type"}
+                        assert_internal(body["error"], caplog, cause)
                 async with s.get(f"{base}/nope") as r:
                     assert r.status == 404
                 async with s.get(f"{base}/metrics") as r:

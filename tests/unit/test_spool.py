@@ -176,3 +176,36 @@ def test_producer_sender_never_queues_a_second_copy_of_an_inflight_record(tmp_pa
     threading.Timer(0.01, lambda: producer.sent[0][1].resolve()).start()
     assert spool.drain_once(sender) == 1 and [v for v, _ in producer.sent] == [7]
     spool.close()
+
+
+def test_produce_errors_are_classified_once_permanent_or_transient() -> None:
+    from kafka import errors as kerrors
+
+    from flywheel.core import bus
+
+    permanent: list[tuple[BaseException, str]] = [
+        (kerrors.MessageSizeTooLargeError("client side: larger than max_request_size"), "too_large"),
+        (kerrors.MessageSizeTooLargeError(), "too_large"),  # MESSAGE_TOO_LARGE from the broker
+        (kerrors.RecordListTooLargeError(), "too_large"),
+        (kerrors.InvalidRecordError(), "invalid_record"),
+        (kerrors.CorruptRecordError(), "invalid_record"),
+        (TypeError("All headers items must be (str, bytes) tuples"), "serialization"),
+    ]
+    for exc, reason in permanent:
+        assert bus.produce_refusal(exc) == reason, exc
+    refused = bus.RecordRefused("t", b"k", "too_large", kerrors.MessageSizeTooLargeError(), 5000)
+    assert bus.produce_refusal(refused) == "too_large" and "5000 bytes" in refused.message
+    assert refused.code.name == "INVALID_ARGUMENT"
+    transient = [
+        kerrors.KafkaTimeoutError(),
+        kerrors.NotEnoughReplicasError(),
+        kerrors.NotEnoughReplicasAfterAppendError(),
+        kerrors.NotLeaderForPartitionError(),
+        kerrors.KafkaConnectionError(),
+        kerrors.RequestTimedOutError(),
+        kerrors.TopicAuthorizationFailedError(),
+        kerrors.KafkaError("part of a batch which had invalid records"),  # a batch-mate, not the culprit
+        errors.Unavailable("Kafka away"),
+        None,
+    ]
+    assert [bus.produce_refusal(e) for e in transient] == [None] * len(transient)

@@ -78,7 +78,97 @@ H_PARTITION, H_OFFSET, H_GROUP, H_ATTEMPTS = (
     "flywheel-attempts",
 )
 
+# Headers of a record a producer could never deliver (dead-lettered by `Producer.dead_letter`).
+H_REASON, H_TRUNCATED = "flywheel-refusal-reason", "flywheel-value-truncated"
+
 Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]] | None
+
+RECORDS_DEAD_LETTERED = Counter(
+    "flywheel_bus_records_dead_lettered",
+    "Records Kafka refused for good when produced (too large, invalid), written to the dead-letter topic "
+    "instead, by original topic and reason.",
+    ["topic", "reason"],
+)
+RECORDS_DROPPED = Counter(
+    "flywheel_bus_records_dropped",
+    "Records Kafka refused for good that not even the dead-letter topic took (logged with their key), "
+    "by original topic and reason.",
+    ["topic", "reason"],
+)
+
+# Produce errors that no retry can fix for this record (docs/ARCHITECTURE.md, 'Delivery
+# guarantees'), by the reason label they count under. Everything else (no broker, timeouts,
+# not enough replicas, a leader that moved, authorization) is transient: keep the record.
+_PERMANENT_PRODUCE_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (kerrors.MessageSizeTooLargeError, "too_large"),  # client side (max_request_size) or MESSAGE_TOO_LARGE
+    (kerrors.RecordListTooLargeError, "too_large"),
+    (kerrors.InvalidRecordError, "invalid_record"),
+    (kerrors.CorruptRecordError, "invalid_record"),
+    (kerrors.InvalidTimestampError, "invalid_record"),
+    (TypeError, "serialization"),  # kafka-python's checks of key, value and headers
+    (ValueError, "serialization"),
+)
+# The longest error text a DeadLetter carries; on its last, short try: the error, key and value kept.
+_DLQ_MAX_ERROR_CHARS = 1000
+_DLQ_SHORT_ERROR_CHARS, _DLQ_SHORT_KEY_BYTES, _DLQ_SHORT_VALUE = 300, 256, 1024
+# The value a DeadLetter keeps on its first try (the broker's default limit is 1 MiB).
+_DLQ_MAX_VALUE = 512 << 10
+# Room left in a producer request for the DeadLetter's other fields and headers.
+_DLQ_ROOM = 16 << 10
+
+
+def produce_refusal(exc: BaseException | None) -> str | None:
+    """Why Kafka refused a record for good ("too_large", "invalid_record", "serialization"), or
+    None when the error is transient and sending the record again can succeed.
+
+    The one classification of produce errors: the spool drain, the policy's interactions
+    publisher, the feedback hand-off and `Producer` all use it. A `RecordRefused` carries its
+    reason; an `errors.Unavailable` is transient by definition.
+    """
+    if isinstance(exc, RecordRefused):
+        return exc.refusal
+    if exc is None or isinstance(exc, errors.FlywheelError):
+        return None
+    for cls, reason in _PERMANENT_PRODUCE_ERRORS:
+        if isinstance(exc, cls):
+            return reason
+    return None
+
+
+class RecordRefused(errors.InvalidArgument):
+    """Kafka refused this record for a reason no retry can fix (`produce_refusal`).
+
+    The records behind it must flow on: a spool dead-letters it (`Producer.dead_letter`), a
+    caller waiting on it is told this error instead of an acknowledgement.
+    """
+
+    def __init__(self, topic: str, key: bytes | None, refusal: str, cause: BaseException, size: int) -> None:
+        what = {
+            "too_large": f"is {size} bytes, more than Kafka accepts for topic {topic!r} (its max.message.bytes, "
+            "or the producer's max_request_size): send less",
+            "invalid_record": f"was refused by Kafka as invalid for topic {topic!r}",
+            "serialization": "could not be serialized",
+        }.get(refusal, f"was refused by Kafka for topic {topic!r}")
+        super().__init__(f"the record {what} ({type(cause).__name__}: {cause})", reason=f"refused_{refusal}")
+        self.topic, self.key, self.refusal, self.cause, self.size = topic, key, refusal, cause, size
+
+
+def _is_fatal(client: Any) -> bool:
+    """An idempotent kafka-python producer that failed a record with a non-retriable error
+    (MESSAGE_TOO_LARGE from the broker, INVALID_RECORD) is in a fatal state: it fails every
+    later record with that same error. It must be replaced, never reused."""
+    tm = getattr(client, "_transaction_manager", None)
+    return bool(tm is not None and tm.has_fatal_error())
+
+
+def _retire(client: Any) -> None:
+    """Close a producer off the caller's thread (it may be the producer's own I/O thread)."""
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            client.close(timeout=5)
+
+    threading.Thread(target=close, name="kafka-producer-retire", daemon=True).start()
 
 
 Sample = tuple[str, dict[str, str], float]  # (sample name, labels, value)
@@ -166,10 +256,18 @@ def ensure_topics(kafka: KafkaConfig, topics: TopicsConfig, timeout_s: float = 3
 
 
 class Producer:
-    """Publishes protobuf events with acks=all and idempotence; the client connects on first use."""
+    """Publishes protobuf events with acks=all and idempotence; the client connects on first use.
 
-    def __init__(self, kafka: KafkaConfig, **overrides: Any) -> None:
-        self.kafka = kafka
+    A record Kafka refuses for good (`produce_refusal`) never blocks the producer: `send_raw`
+    raises `RecordRefused` at once for what the client itself refuses (larger than
+    max_request_size, not serializable); a refusal by the broker fails that record's future,
+    and the idempotent client it poisoned (it then fails every later record) is replaced on the
+    next send. `deliver_alone` tells a real refusal from such collateral failures, and
+    `dead_letter` writes a refused record to the dead-letter topic, so callers move on.
+    """
+
+    def __init__(self, kafka: KafkaConfig, *, dlq_topic: str = "flywheel.dlq", **overrides: Any) -> None:
+        self.kafka, self.dlq_topic = kafka, dlq_topic
         self._opts = {
             **kafka.client_options(),
             "acks": "all",
@@ -180,26 +278,54 @@ class Producer:
             **overrides,
         }
         self._producer: KafkaProducer | None = None
+        self._alone: KafkaProducer | None = None  # one record at a time: deliver_alone, dead_letter
         self._lock = threading.Lock()
+        self._alone_lock = threading.Lock()
         self._metrics: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}  # label lookups cost per record
 
     @property
+    def max_request_size(self) -> int:
+        return int(self._opts.get("max_request_size", 1048576))
+
+    def _connect(self, **extra: Any) -> KafkaProducer:
+        try:
+            return KafkaProducer(**{**self._opts, **extra})
+        except kerrors.KafkaError as e:
+            raise errors.Unavailable(f"cannot reach Kafka at {self.kafka.bootstrap!r}: {e}") from e
+
+    @property
     def client(self) -> KafkaProducer:
-        if self._producer is None:
+        p = self._producer
+        if p is None or _is_fatal(p):
             with self._lock:
+                if self._producer is not None and _is_fatal(self._producer):
+                    log.warning("the Kafka producer was poisoned by a refused record: replacing it")
+                    _retire(self._producer)
+                    self._producer = None
                 if self._producer is None:
-                    try:
-                        self._producer = KafkaProducer(**self._opts)
-                    except kerrors.KafkaError as e:
-                        raise errors.Unavailable(f"cannot reach Kafka at {self.kafka.bootstrap!r}: {e}") from e
-        return self._producer
+                    self._producer = self._connect()
+                p = self._producer
+        return p
+
+    def _refused(self, topic: str, key: bytes | None, value: bytes | None, exc: BaseException) -> RecordRefused | None:
+        reason = produce_refusal(exc)
+        if reason is None:
+            return None
+        return RecordRefused(topic, key, reason, exc, len(key or b"") + len(value or b""))
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = None) -> Any:
-        """Send bytes as they are (the dead-letter path); returns kafka-python's future."""
+        """Send bytes as they are; returns kafka-python's future.
+
+        RecordRefused when the client refuses this record for good (nothing was queued);
+        errors.Unavailable when Kafka cannot take records now.
+        """
         try:
             fut = self.client.send(topic, value=value, key=key, headers=_headers(headers) if headers else None)
-        except kerrors.KafkaError as e:
+        except (kerrors.KafkaError, TypeError, ValueError) as e:
             PRODUCE_ERRORS.labels(topic).inc()
+            refused = self._refused(topic, key, value, e)
+            if refused is not None:
+                raise refused from e
             raise errors.Unavailable(
                 f"Kafka at {self.kafka.bootstrap!r} did not take a record for {topic!r}: {e}"
             ) from e
@@ -217,14 +343,24 @@ class Producer:
     def send_sync(
         self, topic: str, key: str | None, message: Message, headers: Headers = None, timeout_s: float | None = None
     ) -> Any:
-        """Send and wait for the broker's ack; errors.Unavailable when it does not come in time."""
-        fut = self.send(topic, key, message, headers)
-        return self.wait_ack(fut, topic, timeout_s)
+        """Send and wait for the broker's ack; errors.Unavailable when it does not come in time,
+        RecordRefused when Kafka refused this record for good."""
+        key_b = key.encode() if key is not None else None
+        value = message.SerializeToString()
+        fut = self.send_raw(topic, key_b, value, headers)
+        try:
+            return self.wait_ack(fut, topic, timeout_s)
+        except errors.Unavailable as e:
+            if produce_refusal(e.__cause__) is None:
+                raise
+            return self.deliver_alone(topic, key_b, value, headers, timeout_s)  # refused for good, or collateral?
 
     def wait_ack(self, fut: Any, topic: str, timeout_s: float | None = None) -> Any:
-        """Wait for the broker's ack of a future from `send`; errors.Unavailable when it does not come in time.
+        """Wait for the broker's ack of a future from `send`; errors.Unavailable when it does not come.
 
-        timeout_s None: the Kafka request timeout.
+        timeout_s None: the Kafka request timeout. A refusal comes back as errors.Unavailable too
+        (its __cause__ the Kafka error): a failure caused by another record that poisoned the
+        client looks the same, so only `deliver_alone` can say the record itself is refused.
         """
         timeout_s = timeout_s if timeout_s is not None else self.kafka.request_timeout_ms / 1000
         try:
@@ -234,6 +370,126 @@ class Producer:
                 f"Kafka at {self.kafka.bootstrap!r} did not acknowledge a record for {topic!r} within {timeout_s:g}s: {e}"
             ) from e
 
+    def deliver_alone(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Send one record on a client of its own and wait for the ack: its RecordMetadata.
+
+        For a record whose future failed with a permanent-looking error: alone, a refusal is
+        this record's own (RecordRefused), not the collateral of another record that poisoned
+        the shared client; and a record that was only collateral is delivered here.
+        errors.Unavailable when Kafka is away.
+        """
+        timeout_s = timeout_s if timeout_s is not None else self.kafka.request_timeout_ms / 1000
+        with self._alone_lock:
+            if self._alone is not None and _is_fatal(self._alone):
+                _retire(self._alone)
+                self._alone = None
+            if self._alone is None:
+                self._alone = self._connect(linger_ms=0)
+            client = self._alone
+            try:
+                fut = client.send(topic, value=value, key=key, headers=_headers(headers) if headers else None)
+                return fut.get(timeout=timeout_s)
+            except (kerrors.KafkaError, TypeError, ValueError) as e:
+                refused = self._refused(topic, key, value, e)
+                if refused is not None:
+                    raise refused from e
+                raise errors.Unavailable(
+                    f"Kafka at {self.kafka.bootstrap!r} did not acknowledge a record for {topic!r} "
+                    f"within {timeout_s:g}s: {e}"
+                ) from e
+
+    def dead_letter(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers,
+        refused: RecordRefused,
+        source: str,
+        timeout_s: float | None = None,
+    ) -> bool:
+        """Write a record Kafka refused for good to the dead-letter topic; True once acknowledged.
+
+        The `DeadLetter` carries the original topic, key and value (partition and offset -1: it
+        never was on a topic), the error and, as `consumer_group`, the `source` that produced it.
+        A value too large for the dead-letter topic is cut (header flywheel-value-truncated: the
+        original size; the error text says so too); if even a short copy is refused, the record
+        is counted in flywheel_bus_records_dropped_total, logged with its key, and False comes
+        back. errors.Unavailable when Kafka is away (the caller keeps the record and retries).
+        """
+        key = key or b""
+        short_key = key[:_DLQ_SHORT_KEY_BYTES]
+        first = min(len(value), _DLQ_MAX_VALUE, max(0, self.max_request_size - len(key) - _DLQ_ROOM))
+        tries = [(key, first), (short_key, min(len(value), _DLQ_SHORT_VALUE))]
+        last: RecordRefused = refused
+        for attempt, (k, keep) in enumerate(tries, start=1):
+            if attempt > 1 and keep == len(value) and k == key:
+                break  # a shorter copy would be the same record
+            cut = keep < len(value)
+            error = str(refused)[: _DLQ_MAX_ERROR_CHARS if attempt == 1 else _DLQ_SHORT_ERROR_CHARS]
+            if cut:
+                error += f" (value truncated from {len(value)} to {keep} bytes)"
+            now = Timestamp()
+            now.GetCurrentTime()
+            dl = events_pb2.DeadLetter(
+                topic=topic,
+                partition=-1,
+                offset=-1,
+                key=k,
+                value=value[:keep],
+                consumer_group=source,
+                error_type=type(refused.cause).__name__,
+                error=error,
+                attempts=1,
+                failed_at=now,
+            )
+            meta = {
+                H_ERROR: error,
+                H_ERROR_TYPE: type(refused.cause).__name__,
+                H_REASON: refused.refusal,
+                H_TOPIC: topic,
+                H_PARTITION: "-1",
+                H_OFFSET: "-1",
+                H_GROUP: source,
+                H_ATTEMPTS: "1",
+            }
+            if cut:
+                meta[H_TRUNCATED] = str(len(value))
+            extra = [] if cut or attempt > 1 else _headers(headers)
+            try:
+                self.deliver_alone(self.dlq_topic, k or None, dl.SerializeToString(), extra + _headers(meta), timeout_s)
+            except RecordRefused as e:
+                last = e
+                continue
+            RECORDS_DEAD_LETTERED.labels(topic, refused.refusal).inc()
+            log.error(
+                "dead-lettered a record for %s (key %r, %d bytes) to %s: %s",
+                topic,
+                key[:200],
+                len(value),
+                self.dlq_topic,
+                refused,
+            )
+            return True
+        RECORDS_DROPPED.labels(topic, refused.refusal).inc()
+        log.error(
+            "dropped a record for %s (key %r, %d bytes): %s; the dead-letter topic %s refused it too: %s",
+            topic,
+            key[:200],
+            len(value),
+            refused,
+            self.dlq_topic,
+            last,
+        )
+        return False
+
     def flush(self, timeout_s: float | None = None) -> None:
         if self._producer is not None:
             try:
@@ -242,6 +498,11 @@ class Producer:
                 raise errors.Unavailable(f"Kafka at {self.kafka.bootstrap!r}: flush did not finish: {e}") from e
 
     def close(self, timeout_s: float = 10.0) -> None:
+        with self._alone_lock:
+            if self._alone is not None:
+                with contextlib.suppress(Exception):
+                    self._alone.close(timeout=timeout_s)
+                self._alone = None
         if self._producer is not None:
             self._producer.close(timeout=timeout_s)
             self._producer = None
@@ -412,11 +673,58 @@ class Consumer:
             }
         )
         # Wait for the ack: the offset is committed next, so the DLQ copy must be durable first.
-        self.producer.wait_ack(
-            self.producer.send_raw(self.dlq_topic, msg.key, dl.SerializeToString(), headers), self.dlq_topic
-        )
+        try:
+            self.producer.wait_ack(
+                self.producer.send_raw(self.dlq_topic, msg.key, dl.SerializeToString(), headers), self.dlq_topic
+            )
+        except errors.FlywheelError as e:
+            if produce_refusal(e) is None and produce_refusal(e.__cause__) is None:
+                raise  # Kafka away: the record stays uncommitted and comes back
+            if not self._dead_letter_cut(msg, dl, headers):
+                return
         DEAD_LETTERED.labels(msg.topic, self.group).inc()
         log.error("dead-lettered %s[%d]@%d after %d tries: %r", msg.topic, msg.partition, msg.offset, attempts, exc)
+
+    def _dead_letter_cut(self, msg: Any, dl: Any, headers: list[tuple[str, bytes]]) -> bool:
+        """The DLQ refused a DeadLetter (or its send failed with a permanent-looking error): send
+        it alone, then a short copy (value cut, says so); True once one is acknowledged, False
+        when even that is refused (counted in flywheel_bus_records_dropped_total, logged with
+        the key). errors.Unavailable when Kafka is away."""
+        assert self.producer is not None and self.dlq_topic is not None
+        try:
+            self.producer.deliver_alone(self.dlq_topic, msg.key, dl.SerializeToString(), headers)
+            return True
+        except RecordRefused as e:
+            refused = e
+        value, key = msg.value or b"", (msg.key or b"")[:_DLQ_SHORT_KEY_BYTES]
+        keep = min(len(value), _DLQ_SHORT_VALUE)
+        dl.key, dl.value = key, value[:keep]
+        dl.error = dl.error[:_DLQ_SHORT_ERROR_CHARS] + f" (value truncated from {len(value)} to {keep} bytes)"
+        short = {
+            H_ERROR: dl.error,
+            H_ERROR_TYPE: dl.error_type,
+            H_TOPIC: msg.topic,
+            H_PARTITION: str(msg.partition),
+            H_OFFSET: str(msg.offset),
+            H_GROUP: self.group,
+            H_TRUNCATED: str(len(value)),
+        }
+        try:
+            self.producer.deliver_alone(self.dlq_topic, key or None, dl.SerializeToString(), short)
+            return True
+        except RecordRefused as e:
+            refused = e
+        RECORDS_DROPPED.labels(msg.topic, refused.refusal).inc()
+        log.error(
+            "dropped %s[%d]@%d (key %r): the dead-letter topic %s refused even a short copy: %s",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            (msg.key or b"")[:200],
+            self.dlq_topic,
+            refused,
+        )
+        return False
 
     # --- the loop -------------------------------------------------------------------
     def commit(self) -> None:

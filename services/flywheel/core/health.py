@@ -19,9 +19,15 @@ class HealthService(health_pb2_grpc.HealthServicer):
     grpc_health's aio servicer keeps every Watch open until the server cancels it, so each
     watcher (gRPC client-side health checking uses Watch) would hold a graceful stop for
     the whole grace period. Everything starts NOT_SERVING.
+
+    Health is outside the server's limit on RPCs in flight (a loaded service still answers its
+    probes), so open Watch streams have a bound of their own, `max_watches`: one more is
+    RESOURCE_EXHAUSTED with a retry hint. Check is never refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_watches: int = 100) -> None:
+        self.max_watches = max_watches
+        self.watching = 0
         self._status: dict[str, int] = {"": _NOT_SERVING}
         self._version = 0  # bumped on every change, so a watcher never misses one
         self._changed = asyncio.Condition()
@@ -31,10 +37,26 @@ class HealthService(health_pb2_grpc.HealthServicer):
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            name = request.service if len(request.service) <= 100 else request.service[:100] + "..."
+            known = ", ".join(repr(n) for n in sorted(self._status))
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {name!r}: the services are {known}")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if self.watching >= self.max_watches:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watches} health Watch streams are open already (server.max_health_watches): "
+                "use Check, or retry in 5 s",
+                trailing_metadata=(("retry-after", "5"),),
+            )
+        self.watching += 1
+        try:
+            await self._watch(request, context)
+        finally:
+            self.watching -= 1
+
+    async def _watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
         last = None
         while True:
             seen = self._version

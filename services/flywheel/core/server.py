@@ -5,8 +5,20 @@ One `ServiceServer` owns, in one asyncio event loop:
     service calls `set_serving(True)` and again during shutdown) and server reflection;
   * an interceptor that turns `errors.FlywheelError` into its status code with the message
     unchanged, any other exception into INTERNAL (logged, never a crash), and counts RPCs;
+    an INTERNAL / DATA_LOSS answer carries a fixed text and a reference that the log line with
+    the traceback also carries, never exception text or a path (`errors.public_message`);
   * an aiohttp app with `/metrics`, `/health` (TGI: 200 with an empty body when serving,
     503 otherwise), `/live`, and whatever routes the service adds before `start()`.
+
+Overload: at most `max_concurrent_rpcs` RPCs (a stream counts until it ends) and
+`max_concurrent_http` HTTP requests (a streamed answer counts until it ends) are handled at
+once; one more is refused at once with RESOURCE_EXHAUSTED / 429, a message that names the limit
+and a retry-after hint (trailing metadata `retry-after`, header `Retry-After`). Health checks,
+reflection, `/health`, `/live` and `/metrics` are outside both limits, so a loaded service still
+answers its probes (open health Watch streams have their own bound, `max_health_watches`).
+gRPC itself refuses anything beyond twice the limit plus the Watch bound plus 64, which also
+bounds requests that are still arriving, and an HTTP body is at most `max_http_body_mb`:
+memory stays bounded by the configuration.
 
 Blocking model work must never run on this loop: an engine runs it in its own thread or
 process (vLLM's EngineClient idea) and hands results back with `loop.call_soon_threadsafe`
@@ -30,6 +42,7 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import os
 import signal
 import time
@@ -41,14 +54,22 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flywheel.core import metrics
+from flywheel.core import errors, metrics
 from flywheel.core.config import DEFAULT_PORTS, require, setting
-from flywheel.core.errors import FlywheelError, retry_after_header
+from flywheel.core.errors import (
+    INTERNAL_CODES,
+    FlywheelError,
+    ResourceExhausted,
+    internal_error_message,
+    log_internal,
+    retry_after_header,
+)
 from flywheel.core.health import HEALTH_SERVICE, HealthService
 from flywheel.core.http import error_body, error_middleware
 
 log = logging.getLogger("flywheel.server")
 T = TypeVar("T")
+MAX_CONCURRENT = 100_000  # the largest max_concurrent_rpcs / max_concurrent_http accepted
 
 
 @dataclasses.dataclass
@@ -81,10 +102,32 @@ class ServerConfig:
         "On shutdown, report NOT_SERVING this long before refusing new RPCs, so load balancers and readiness probes notice.",
         alias="FLYWHEEL_DRAIN_S",
     )
-    max_concurrent_rpcs: int | None = setting(
-        None,
-        "Refuse RPCs beyond this many at once with RESOURCE_EXHAUSTED (None: no limit).",
+    max_concurrent_rpcs: int = setting(
+        256,
+        "Most RPCs handled at once (a stream counts until it ends; health checks and reflection are outside the "
+        "limit); one more is refused at once with RESOURCE_EXHAUSTED and a retry-after hint. gRPC itself refuses "
+        "RPCs beyond twice this plus max_health_watches plus 64, so requests in memory stay under about that many "
+        "times max_message_mb.",
         alias="FLYWHEEL_MAX_CONCURRENT_RPCS",
+    )
+    max_concurrent_http: int = setting(
+        256,
+        "Most HTTP requests handled at once (a streamed answer counts until it ends; /health, /live and /metrics "
+        "are outside the limit); one more is refused at once with 429 and Retry-After.",
+    )
+    overload_retry_after_s: float = setting(
+        1.0,
+        "The retry hint (gRPC trailing metadata retry-after, HTTP Retry-After; whole seconds, rounded up) sent "
+        "with a refusal for being over max_concurrent_rpcs or max_concurrent_http.",
+    )
+    max_health_watches: int = setting(
+        100,
+        "Most grpc.health.v1 Watch streams open at once (health is outside max_concurrent_rpcs); one more is "
+        "RESOURCE_EXHAUSTED. Check is never refused.",
+    )
+    max_http_body_mb: int = setting(
+        4,
+        "Largest HTTP request body, in MiB (aiohttp's client_max_size); a larger one is refused with 413.",
     )
 
     def __post_init__(self) -> None:
@@ -119,13 +162,29 @@ class ServerConfig:
         )
         require(self.grace_s >= 0, n, "grace_s", self.grace_s, "use 0 or more seconds")
         require(self.drain_s >= 0, n, "drain_s", self.drain_s, "use 0 or more seconds")
+        for name in ("max_concurrent_rpcs", "max_concurrent_http", "max_health_watches"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and 1 <= value <= MAX_CONCURRENT,
+                n,
+                name,
+                value,
+                f"use 1..{MAX_CONCURRENT} (every service has a bound: memory grows with it)",
+            )
         require(
-            self.max_concurrent_rpcs is None or self.max_concurrent_rpcs >= 1,
+            math.isfinite(self.overload_retry_after_s) and 0 < self.overload_retry_after_s <= 3600,
             n,
-            "max_concurrent_rpcs",
-            self.max_concurrent_rpcs,
-            "use 1 or more, or leave unset for no limit",
+            "overload_retry_after_s",
+            self.overload_retry_after_s,
+            "use a number of seconds in (0, 3600]",
         )
+        require(1 <= self.max_http_body_mb <= 1024, n, "max_http_body_mb", self.max_http_body_mb, "use 1..1024 MiB")
+
+    @property
+    def grpc_hard_limit(self) -> int:
+        """grpc's own maximum_concurrent_rpcs, a backstop: room past our limit for refusals in
+        progress, health Watch streams and probes."""
+        return 2 * self.max_concurrent_rpcs + self.max_health_watches + 64
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Channel arguments for grpc.aio.server."""
@@ -176,17 +235,16 @@ def _status_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) 
         trailing: tuple[tuple[str, str], ...] = ()
         if exc.retry_after_s is not None:
             trailing = (("retry-after", retry_after_header(exc.retry_after_s)),)
-        if exc.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
-            log.error("%s failed: %s", method, exc.message, exc_info=exc)
-        else:
+        if not exc.internal:
             log.debug("%s: %s %s", method, exc.code.name, exc.message)
-        return exc.code, exc.message, trailing
+        return exc.code, exc.public_message(method), trailing  # an internal one: logged with its reference
     code = _final_code(context)
-    if code != grpc.StatusCode.OK:  # set_code() then raise, as generated base servicers do
+    details = context.details()
+    if code != grpc.StatusCode.OK and (details or code not in INTERNAL_CODES):
+        # set_code() / set_details() then raise, as generated base servicers do: the handler's own words
         log.debug("%s: %s after set_code(%s)", method, type(exc).__name__, code.name)
-        return code, context.details() or str(exc), ()
-    log.error("%s raised an unexpected error", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", ()
+        return code, details or code.name, ()
+    return grpc.StatusCode.INTERNAL, internal_error_message(log_internal(exc, method)), ()
 
 
 def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -198,8 +256,90 @@ def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+class InFlightLimit:
+    """A bound on work in flight, counted on the event loop: `enter()` or a refusal, then `leave()`.
+
+    Refusals are immediate (no queue: a queue would hold memory and time for work the service
+    cannot start), with a message that names the limit and its setting, and a retry hint.
+    """
+
+    def __init__(self, limit: int, service: str, what: str, setting_name: str, retry_after_s: float) -> None:
+        self.limit, self.service, self.what, self.setting_name = limit, service, what, setting_name
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.limit
+
+    def enter(self) -> None:
+        """Count one more in flight, or raise ResourceExhausted when the limit is reached."""
+        if self.full:
+            raise self.refusal()
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def refusal(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the {self.service} service is handling its limit of {self.limit} {self.what} at once "
+            f"(server.{self.setting_name}): retry in {retry_after_header(self.retry_after_s)} s, "
+            "on another replica, or raise the limit",
+            retry_after_s=self.retry_after_s,
+            reason="overloaded",
+        )
+
+
+# RPCs outside the limit: a loaded service must still answer its probes and describe itself.
+UNLIMITED_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _refuse_behavior(error: FlywheelError) -> Callable[..., Any]:
+    def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise error
+
+    return refuse
+
+
+@dataclasses.dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message (e.g. invalid UTF-8 in a string
+    field), so the handler's wrapper answers INVALID_ARGUMENT instead of grpc's UNKNOWN with the
+    parser's text."""
+
+    type_name: str
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = type_name.full_name if type_name is not None else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the caller's bytes, answered precisely
+            return Undecodable(name)
+
+    return parse
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise errors.InvalidArgument(
+            f"the request is not a valid {request.type_name} message (malformed protobuf, or a string "
+            "field that is not UTF-8): send a message encoded by a protobuf library from the published protos"
+        )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to status codes and records request metrics, for every RPC kind."""
+    """Maps exceptions to status codes, records request metrics and, with a `limit`, bounds the
+    RPCs in flight (health and reflection excepted), for every RPC kind."""
+
+    def __init__(self, limit: InFlightLimit | None = None) -> None:
+        self.limit = limit
 
     async def intercept_service(
         self,
@@ -211,17 +351,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
         service, name = metrics.split_method(method)
+        limit = None if method.startswith(UNLIMITED_GRPC_PREFIXES) else self.limit
 
         def observe(code: grpc.StatusCode, started: float) -> None:
             metrics.GRPC_IN_FLIGHT.labels(service, name).dec()
             metrics.GRPC_REQUESTS.labels(service, name, code.name).inc()
             metrics.GRPC_LATENCY.labels(service, name).observe(time.perf_counter() - started)
 
-        def unary_response(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        def unary_response(behavior: Callable[..., Any], limit: InFlightLimit | None) -> Callable[..., Awaitable[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, code = time.perf_counter(), grpc.StatusCode.OK
+                started, code, entered = time.perf_counter(), grpc.StatusCode.OK, None
                 metrics.GRPC_IN_FLIGHT.labels(service, name).inc()
                 try:
+                    if limit is not None:
+                        limit.enter()
+                        entered = limit
+                    _refuse_undecodable(request)
                     result = behavior(request, context)
                     if inspect.isawaitable(result):
                         result = await result
@@ -237,15 +382,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     code, details, trailing = _status_for(exc, context, method)
                     await context.abort(code, details, trailing_metadata=trailing)
                 finally:
+                    if entered is not None:
+                        entered.leave()
                     observe(code, started)
 
             return wrapper
 
-        def stream_response(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        def stream_response(
+            behavior: Callable[..., Any], limit: InFlightLimit | None
+        ) -> Callable[..., AsyncIterator[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started, code = time.perf_counter(), grpc.StatusCode.OK
+                started, code, entered = time.perf_counter(), grpc.StatusCode.OK, None
                 metrics.GRPC_IN_FLIGHT.labels(service, name).inc()
                 try:
+                    if limit is not None:
+                        limit.enter()
+                        entered = limit
+                    _refuse_undecodable(request)
                     result = behavior(request, context)
                     if hasattr(result, "__aiter__"):
                         async for item in result:
@@ -266,18 +419,39 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     code, details, trailing = _status_for(exc, context, method)
                     await context.abort(code, details, trailing_metadata=trailing)
                 finally:
+                    if entered is not None:
+                        entered.leave()
                     observe(code, started)
 
             return wrapper
 
-        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        unary_request = bool(handler.unary_unary or handler.unary_stream)
+        kw: dict[str, Any] = {
+            "request_deserializer": _lenient(handler.request_deserializer)
+            if unary_request
+            else handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if limit is not None and limit.full:
+            # Refused before the request is parsed: its bytes are not turned into a message.
+            refuse = _refuse_behavior(limit.refusal())
+            kw["request_deserializer"] = None
+            limit = None
+            behaviors = dict.fromkeys(("unary_unary", "unary_stream", "stream_unary", "stream_stream"), refuse)
+        else:
+            behaviors = {
+                "unary_unary": handler.unary_unary,
+                "unary_stream": handler.unary_stream,
+                "stream_unary": handler.stream_unary,
+                "stream_stream": handler.stream_stream,
+            }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kw)
+            return grpc.unary_unary_rpc_method_handler(unary_response(behaviors["unary_unary"], limit), **kw)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kw)
+            return grpc.unary_stream_rpc_method_handler(stream_response(behaviors["unary_stream"], limit), **kw)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kw)
-        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kw)
+            return grpc.stream_unary_rpc_method_handler(unary_response(behaviors["stream_unary"], limit), **kw)
+        return grpc.stream_stream_rpc_method_handler(stream_response(behaviors["stream_stream"], limit), **kw)
 
 
 SERVER_KEY: web.AppKey[ServiceServer] = web.AppKey("flywheel.server")
@@ -297,6 +471,29 @@ async def _live_route(request: web.Request) -> web.Response:
 async def _metrics_route(request: web.Request) -> web.Response:
     body, content_type = metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+# HTTP routes outside the limit: probes and scrapes must get through a loaded service.
+UNLIMITED_HTTP_PATHS = frozenset({"/health", "/live", "/metrics"})
+
+
+def _limit_middleware(limit: InFlightLimit) -> Any:
+    """Refuse a request past `limit` with ResourceExhausted (error_middleware, outside it, makes it
+    a 429 with Retry-After and TGI's body) before its body is read."""
+
+    @web.middleware
+    async def limit_in_flight(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in UNLIMITED_HTTP_PATHS:
+            return await handler(request)
+        limit.enter()
+        try:
+            return await handler(request)  # a streamed answer is written before the handler returns
+        finally:
+            limit.leave()
+
+    return limit_in_flight
 
 
 # ---------------------------------------------------------------- the server
@@ -325,8 +522,16 @@ class ServiceServer:
     def __init__(self, config: ServerConfig, name: str = "flywheel") -> None:
         self.config = config
         self.name = name
-        self.health = HealthService()
-        self.http_app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message_mb * 1024**2)
+        self.health = HealthService(config.max_health_watches)
+        retry_after = config.overload_retry_after_s
+        self.rpc_limit = InFlightLimit(config.max_concurrent_rpcs, name, "RPCs", "max_concurrent_rpcs", retry_after)
+        self.http_limit = InFlightLimit(
+            config.max_concurrent_http, name, "HTTP requests", "max_concurrent_http", retry_after
+        )
+        self.http_app = web.Application(
+            middlewares=[error_middleware, _limit_middleware(self.http_limit)],
+            client_max_size=config.max_http_body_mb * 1024**2,
+        )
         self.http_app[SERVER_KEY] = self
         self.http_app.router.add_get("/health", _health_route)
         self.http_app.router.add_get("/live", _live_route)
@@ -379,9 +584,9 @@ class ServiceServer:
             raise RuntimeError("start() called twice")
         cfg = self.config
         self._grpc = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(self.rpc_limit)],
             options=cfg.grpc_options(),
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=cfg.grpc_hard_limit,  # a backstop; the interceptor's limit answers first
         )
         for add_fn, servicer, _ in self._servicers:
             add_fn(servicer, self._grpc)
@@ -570,6 +775,7 @@ def end_process(code: int) -> int:
 __all__ = [
     "DEFAULT_PORTS",
     "ErrorInterceptor",
+    "InFlightLimit",
     "ServerConfig",
     "ServiceServer",
     "error_body",

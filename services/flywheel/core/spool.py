@@ -5,6 +5,8 @@ record is on disk (sqlite3, WAL, synchronous=FULL), so the caller may acknowledg
 thread sends the oldest records, in order, and deletes each only after Kafka acknowledged it
 (acks=all); while Kafka stays away it backs off exponentially. The spool survives a restart
 of the process: whatever was not acknowledged is still on disk and drains on the next start.
+A record Kafka refuses for good (too large, invalid: `bus.produce_refusal`) does not hold the
+spool's head: `ProducerSender` dead-letters it and the records behind it flow on.
 
 Delivery is at-least-once: a crash between Kafka's ack and the delete sends a record twice,
 so consumers dedup by the event's own id (as everywhere on the bus). `ProducerSender` keeps
@@ -26,13 +28,18 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from flywheel.core import errors
+from flywheel.core import bus, errors
 
 log = logging.getLogger(__name__)
 
 SPOOL_DEPTH = Gauge("flywheel_spool_depth", "Records waiting in a durable spool for Kafka.", ["spool"])
 SPOOL_BYTES = Gauge("flywheel_spool_bytes", "Bytes of record values waiting in a durable spool.", ["spool"])
-SPOOL_DRAINED = Counter("flywheel_spool_drained", "Records sent from a spool and acknowledged by Kafka.", ["spool"])
+SPOOL_DRAINED = Counter(
+    "flywheel_spool_drained",
+    "Records that left a spool: acknowledged by Kafka, or refused by it for good and then dead-lettered "
+    "(flywheel_bus_records_dead_lettered_total) or dropped (flywheel_bus_records_dropped_total).",
+    ["spool"],
+)
 SPOOL_SEND_FAILURES = Counter("flywheel_spool_send_failures", "Drain attempts that Kafka did not ack.", ["spool"])
 
 Headers = list[tuple[str, bytes]]
@@ -267,10 +274,18 @@ class ProducerSender:
     still pending, a retry waits on it instead of queueing a second copy (kafka-python keeps
     retrying a record until delivery_timeout_ms). `adopt` does the same for a direct send that
     timed out and was spooled, so a slow ack is not turned into a duplicate.
+
+    A record Kafka refuses for good (`bus.produce_refusal`: too large, invalid) never blocks
+    the spool: once every record before it was acknowledged, it is sent once more on a client
+    of its own (`Producer.deliver_alone`, so that a record failed only because another one
+    poisoned the shared client is delivered, not dead-lettered), then written to the
+    dead-letter topic with the reason (`Producer.dead_letter`; counted and logged with its key
+    when even that topic refuses it) and counted as done, so that the spool deletes it and the
+    records behind it flow on.
     """
 
-    def __init__(self, producer: Any, timeout_s: float = 10.0) -> None:
-        self.producer, self.timeout_s = producer, timeout_s
+    def __init__(self, producer: Any, timeout_s: float = 10.0, source: str = "spool") -> None:
+        self.producer, self.timeout_s, self.source = producer, timeout_s, source
         self._inflight: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -282,13 +297,17 @@ class ProducerSender:
 
     def __call__(self, records: Sequence[SpoolRecord]) -> int:
         futures: list[tuple[int, Any]] = []
+        refused: errors.FlywheelError | None = None  # the client refused records[len(futures)] outright
         for r in records:
             with self._lock:
                 fut = self._inflight.get(r.seq)
             if fut is None or fut.failed():
                 try:
                     fut = self.producer.send_raw(r.topic, r.key, r.value, r.headers)
-                except errors.FlywheelError:
+                except errors.FlywheelError as e:
+                    if bus.produce_refusal(e) is not None:
+                        refused = e
+                        break  # the records before it first, in order
                     if not futures:
                         raise
                     break  # send what was queued so far
@@ -296,13 +315,12 @@ class ProducerSender:
                     self._inflight[r.seq] = fut
             futures.append((r.seq, fut))
         deadline = time.monotonic() + self.timeout_s
-        acked = 0
-        for seq, fut in futures:
+        acked, failure = 0, None
+        for _seq, fut in futures:
             try:
                 fut.get(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as e:
-                if acked == 0:
-                    raise errors.Unavailable(f"Kafka did not acknowledge spooled record {seq}: {e}") from e
+                failure = e
                 break
             acked += 1
         with self._lock:
@@ -310,4 +328,32 @@ class ProducerSender:
                 self._inflight.pop(seq, None)
             for seq in [s for s, f in self._inflight.items() if f.failed()]:
                 del self._inflight[seq]
+        if failure is not None:
+            if bus.produce_refusal(failure) is not None:  # this record's own refusal, or collateral: settle it
+                return acked + self._settle(records[acked], failure)
+            if acked == 0:
+                seq = futures[0][0]
+                raise errors.Unavailable(f"Kafka did not acknowledge spooled record {seq}: {failure}") from failure
+            return acked
+        if refused is not None:  # every record before the refused one was acknowledged
+            acked += self._settle(records[acked], refused)
         return acked
+
+    def _settle(self, r: SpoolRecord, error: BaseException) -> int:
+        """The head record failed with a permanent-looking error: 1 once it is delivered alone or
+        dead-lettered (or dropped, counted), so the spool deletes it; 0 when Kafka is away (it
+        stays at the head, and the drain backs off)."""
+        refused = error if isinstance(error, bus.RecordRefused) else None
+        try:
+            if refused is None:
+                try:
+                    self.producer.deliver_alone(r.topic, r.key, r.value, r.headers, self.timeout_s)
+                    return 1  # it was collateral of another record: delivered now
+                except bus.RecordRefused as e:
+                    refused = e
+            log.error("spool %s: Kafka refused record %d for good: %s", self.source, r.seq, refused)
+            self.producer.dead_letter(r.topic, r.key, r.value, r.headers, refused, self.source, self.timeout_s)
+        except errors.Unavailable as e:
+            log.warning("spool %s: record %d waits (Kafka away while settling it): %s", self.source, r.seq, e)
+            return 0
+        return 1

@@ -1,6 +1,6 @@
 """`python -m flywheel.feedback` (and `flywheel serve feedback`): run the feedback service.
 
-Configuration: the `feedback`, `server`, `kafka`, `topics` and `auth` sections of the YAML
+Configuration: the `feedback`, `server`, `kafka`, `topics`, `auth` and `limits` sections of the YAML
 file in FLYWHEEL_CONFIG, then FLYWHEEL_* environment variables, then these flags. SIGTERM or
 SIGINT stops it gracefully: NOT_SERVING, in-flight requests finish, the spool gets a few
 seconds to drain, and whatever is left stays on disk for the next start.
@@ -14,6 +14,7 @@ import logging
 
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import ConfigError, KafkaConfig, TopicsConfig, load_section, read_yaml
+from flywheel.core.limits import LimitsConfig
 from flywheel.core.server import end_process, run_blocking, server_config
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.server import build_server, open_and_serve
@@ -41,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         kafka = load_section(KafkaConfig, "kafka")
         topics = load_section(TopicsConfig, "topics")
         auth = load_section(AuthConfig, "auth")
+        limits = load_section(LimitsConfig, "limits")
         if not kafka.bootstrap:
             raise ConfigError(
                 "KafkaConfig.bootstrap is empty: set FLYWHEEL_KAFKA_BOOTSTRAP (host:port); `flywheel up` sets it"
             )
     except ConfigError as e:
         parser.error(str(e))
-    server, intake = build_server(server_cfg, config, kafka, topics, auth)
+    server, intake = build_server(server_cfg, config, kafka, topics, auth, limits)
 
     async def run() -> None:
         try:

@@ -1,4 +1,7 @@
-"""Configuration of the feedback service: limits, rate limits, local stores, Kafka hand-off."""
+"""Configuration of the feedback service: limits, rate limits, local stores, Kafka hand-off.
+
+The longest user_id is not here: the policy and the feedback service share one limit
+(`flywheel.core.limits.LimitsConfig.max_user_id_chars`, the `limits` section)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ class FeedbackConfig:
     rating_scale: int = setting(3, "Ratings are integers 1..rating_scale.", alias="FLYWHEEL_RATING_SCALE")
     max_batch: int = setting(100, "Most items in one SubmitBatch.")
     max_id_chars: int = setting(128, "Longest feedback_id, interaction_id or pair_id.")
-    max_user_id_chars: int = setting(256, "Longest user_id.")
     max_comment_chars: int = setting(2000, "Longest comment.")
     max_demonstration_chars: int = setting(8000, "Longest demonstration (the answer the user wanted).")
     per_user_rate: float = setting(
@@ -56,7 +58,7 @@ class FeedbackConfig:
         n = type(self).__name__
         require(2 <= self.rating_scale <= 100, n, "rating_scale", self.rating_scale, "use 2..100 (3 by default)")
         require(1 <= self.max_batch <= 10_000, n, "max_batch", self.max_batch, "use 1..10000")
-        for name in ("max_id_chars", "max_user_id_chars", "max_comment_chars", "max_demonstration_chars"):
+        for name in ("max_id_chars", "max_comment_chars", "max_demonstration_chars"):
             require(getattr(self, name) >= 1, n, name, getattr(self, name), "use 1 or more characters")
         for name in ("per_user_rate", "per_key_rate"):
             require(getattr(self, name) >= 0, n, name, getattr(self, name), "use events per second, or 0 for no limit")

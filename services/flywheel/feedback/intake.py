@@ -9,6 +9,10 @@ Per item, in this order:
   4. the feedback_id: seen before -> DUPLICATE, nothing new is recorded;
   5. hand-off: Kafka with acks=all -> ACCEPTED; unreachable or too slow -> the durable spool
      -> SPOOLED; spool full -> RESOURCE_EXHAUSTED. Nothing is acknowledged before it is durable.
+     An event Kafka refuses for good (`bus.produce_refusal`: larger than the topic accepts,
+     invalid) is INVALID_ARGUMENT for that item alone (`bus.RecordRefused`), never ACCEPTED; the
+     events around it flow on. (Only an event that went to the spool without a try, behind a
+     backlog while Kafka was away, is SPOOLED and then dead-lettered by the spool's drain.)
 
 Idempotency and crashes. A feedback_id is recorded as seen only *after* its event is durable
 (acked by Kafka, or committed to the spool). The other order (record, then send) would let a
@@ -54,6 +58,7 @@ from prometheus_client import Counter, Histogram
 from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.core.limits import LimitsConfig
 from flywheel.core.metrics import LATENCY_BUCKETS
 from flywheel.core.server import run_blocking
 from flywheel.core.spool import DurableSpool, ProducerSender
@@ -90,6 +95,9 @@ MAX_FLUSHES_IN_FLIGHT = 2
 # the crc32c package was a dependency; not re-measured since), none more per Submit, and less
 # for the broker's disk and every consumer. Apache Kafka and Tansu both take gzip batches.
 COMPRESSION = "gzip"
+# Events of one flush whose futures failed with a permanent-looking error that are sent once
+# more alone to tell their own refusal from collateral (each costs a round trip); the rest spool.
+MAX_SETTLE_ALONE = 16
 
 
 class InFlight(errors.FlywheelError):
@@ -148,8 +156,10 @@ class FeedbackIntake:
         topics: TopicsConfig,
         auth: AuthConfig,
         producer: bus.Producer | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.config, self.kafka, self.topics = config, kafka, topics
+        self.limits = limits or LimitsConfig()  # bounds shared with the policy (user_id)
         self.signer = auth.signer()
         self.user_limits = RateLimiter(config.per_user_rate, config.per_user_burst, "user")
         self.key_limits = RateLimiter(config.per_key_rate, config.per_key_burst, "caller")
@@ -162,10 +172,11 @@ class FeedbackIntake:
             batch_size=BATCH_BYTES,
             metrics_enabled=False,  # kafka-python's own sensors (we export Prometheus): ~10% of its send thread
             compression_type=COMPRESSION,
+            dlq_topic=topics.dlq,
         )
         self.spool: DurableSpool | None = None
         self.seen: SeenFeedbackIds | None = None
-        self.sender = ProducerSender(self.producer, timeout_s=config.send_timeout_s)
+        self.sender = ProducerSender(self.producer, timeout_s=config.send_timeout_s, source="feedback")
         # Group hand-off (module doc): requests waiting for the next flush, the task running
         # flushes, the flushes waiting for acks, and the one thread that makes the trips.
         self._queue: list[tuple[list[_Item], asyncio.Future[list[Any]]]] = []
@@ -244,6 +255,11 @@ class FeedbackIntake:
             except errors.FlywheelError as e:
                 results[i] = e
                 continue
+            except Exception as e:  # noqa: BLE001 - one item's unexpected failure must not fail its batch
+                failed = errors.FlywheelError(f"checking item {i} failed: {type(e).__name__}: {e}")
+                failed.__cause__ = e  # logged with its traceback under the reference the caller sees
+                results[i] = failed
+                continue
             if item.feedback_id in first:
                 follows.append((i, first[item.feedback_id]))
                 continue
@@ -279,7 +295,7 @@ class FeedbackIntake:
 
     def _item(self, index: int, req: feedback_pb2.FeedbackRequest, now: Timestamp) -> _Item:
         """Steps 1-3 of the module doc for one request: its serialized event, or the FlywheelError that refuses it."""
-        kind = validate(req, self.config)
+        kind = validate(req, self.config, self.limits)
         if not req.feedback_token:
             raise errors.PermissionDenied(
                 "feedback_token is missing: pass the feedback_token that came with the answer "
@@ -396,6 +412,8 @@ class FeedbackIntake:
             for it in fresh:
                 try:
                     out.append(send(topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)]))
+                except bus.RecordRefused as e:  # this event alone: the others go on
+                    out.append(e)
                 except errors.FlywheelError as e:  # no connection, or no metadata within send_timeout_s
                     out.extend([e] * (len(fresh) - len(out)))
                     break
@@ -403,6 +421,29 @@ class FeedbackIntake:
             seen.release([it.feedback_id for it in fresh])
             raise
         return marks, out
+
+    def _settle(self, items: list[_Item]) -> list[int | errors.FlywheelError | None]:
+        """Blocking: send each event whose future failed with a permanent-looking error once more,
+        alone (`Producer.deliver_alone`): ACCEPTED when it was only collateral of another record,
+        its RecordRefused when the refusal is its own, None (spool it) when Kafka is away or past
+        MAX_SETTLE_ALONE events or send_timeout_s (the spool's drain settles those, in order)."""
+        out: list[int | errors.FlywheelError | None] = []
+        topic = self.topics.feedback
+        deadline = time.monotonic() + self.config.send_timeout_s
+        for n, it in enumerate(items):
+            if n >= MAX_SETTLE_ALONE or time.monotonic() >= deadline:
+                out.append(None)
+                continue
+            try:
+                self.producer.deliver_alone(
+                    topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)], self.config.send_timeout_s
+                )
+                out.append(ACCEPTED_S)
+            except bus.RecordRefused as e:
+                out.append(e)
+            except errors.FlywheelError:
+                out.append(None)
+        return out
 
     async def _hand_off(self, items: list[_Item], sent: list[Any] | None) -> list[int | errors.FlywheelError]:
         """ACCEPTED once Kafka acked (acks=all); otherwise SPOOLED once on disk; or the spool's error.
@@ -417,14 +458,28 @@ class FeedbackIntake:
             futures = [f for f in sent if not isinstance(f, errors.FlywheelError)]
             if futures:
                 await _all_done(futures, self.config.send_timeout_s)
-            to_spool = []
+            to_spool, doubtful = [], []
             for i, f in enumerate(sent):
+                if isinstance(f, bus.RecordRefused):
+                    outcomes[i] = f
+                    continue
                 if not isinstance(f, errors.FlywheelError) and f.succeeded():
                     outcomes[i] = ACCEPTED_S
+                    continue
+                if not isinstance(f, errors.FlywheelError) and f.failed() and bus.produce_refusal(f.exception):
+                    doubtful.append(i)  # its own refusal, or collateral of another event's: settled alone
                     continue
                 to_spool.append(i)
                 if not isinstance(f, errors.FlywheelError) and not f.is_done:
                     pending[i] = f
+            if doubtful:
+                settled = await run_blocking(self._settle, [items[i] for i in doubtful])
+                for i, outcome in zip(doubtful, settled, strict=True):
+                    if outcome is None:
+                        to_spool.append(i)
+                    else:
+                        outcomes[i] = outcome
+                to_spool.sort()
         if to_spool:
             topic = self.topics.feedback
             records = [(topic, items[i].key, items[i].value, [(H_EVENT_ID, items[i].feedback_id)]) for i in to_spool]

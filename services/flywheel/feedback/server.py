@@ -4,7 +4,8 @@ Both only convert between the wire and `FeedbackRequest`, identify the caller, a
 FeedbackIntake engine; every rule lives in intake.py and the modules it uses (validation.py,
 ratelimit.py, dedup.py), so both front ends answer alike.
 Errors travel as FlywheelError: the server's interceptor and error middleware turn them into
-gRPC codes and TGI-shaped HTTP bodies (403 / 409 / 422 / 429 / 503, Retry-After when known).
+gRPC codes and TGI-shaped HTTP bodies (403 / 409 / 422 / 429 / 503, Retry-After when known;
+a body that is not UTF-8 JSON is 400 / 413 / 415, see core.http.read_json_object).
 
 Health: SERVING as soon as the spool and the seen-id store are open, even when Kafka is down.
 That is the point of the spool: feedback is accepted (SUBMIT_STATUS_SPOOLED) and drains when
@@ -14,7 +15,6 @@ Kafka returns; flywheel_spool_depth tells operators that Kafka is away.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -24,6 +24,8 @@ from aiohttp import web
 from flywheel.core import errors
 from flywheel.core.auth import AuthConfig, Authenticator
 from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.core.http import read_json_object, shown
+from flywheel.core.limits import LimitsConfig
 from flywheel.core.server import ServerConfig, ServiceServer, run_blocking
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.intake import REJECTED, FeedbackIntake
@@ -73,7 +75,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                 out.results.add(
                     response=feedback_pb2.FeedbackResponse(feedback_id=item.feedback_id),
                     error_code=r.code.name,
-                    error=r.message,
+                    error=r.public_message("a SubmitBatch item"),
                 )
             else:
                 out.results.add(response=r)
@@ -81,14 +83,16 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
 
 
 def request_from_json(body: Any, rating_scale: int = 3) -> feedback_pb2.FeedbackRequest:
-    """A FeedbackRequest from the JSON body of POST /feedback; errors.InvalidArgument (422) otherwise."""
+    """A FeedbackRequest from the JSON body of POST /feedback (as core.http.read_json_object parsed it);
+    errors.InvalidArgument (422) otherwise. Never raises anything else, whatever `body` holds."""
     if not isinstance(body, dict):
         raise errors.InvalidArgument(f"the body must be a JSON object with the fields {', '.join(JSON_FIELDS)}")
     unknown = sorted(set(body) - set(JSON_FIELDS))
     if unknown:
-        raise errors.InvalidArgument(
-            f"unknown field(s) {', '.join(map(repr, unknown))}: the fields are {', '.join(JSON_FIELDS)}"
+        names = ", ".join(repr(u[:40]) for u in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         )
+        raise errors.InvalidArgument(f"unknown field(s) {names}: the fields are {', '.join(JSON_FIELDS)}")
     given = [k for k in VALUE_FIELDS if body.get(k) is not None]
     if len(given) > 1:
         raise errors.InvalidArgument(
@@ -100,7 +104,7 @@ def request_from_json(body: Any, rating_scale: int = 3) -> feedback_pb2.Feedback
         if value is None:
             continue
         if not isinstance(value, str):
-            raise errors.InvalidArgument(f"{name} must be a string, got {json.dumps(value)[:60]}")
+            raise errors.InvalidArgument(f"{name} must be a string, got {shown(value)}")
         setattr(req, name, value)
     expected = {"thumbs": "+1 (up) or -1 (down)", "rating": f"an integer in 1..{rating_scale}"}
     for name, what in expected.items():
@@ -108,12 +112,12 @@ def request_from_json(body: Any, rating_scale: int = 3) -> feedback_pb2.Feedback
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
-            raise errors.InvalidArgument(f"{name} must be {what}, got {json.dumps(value)[:60]}")
+            raise errors.InvalidArgument(f"{name} must be {what}, got {shown(value)}")
         setattr(req, name, value)
     pref = body.get("preference")
     if pref is not None:
         if not isinstance(pref, str) or pref.upper() not in PREFERENCES:
-            raise errors.InvalidArgument(f'preference must be "A", "B" or "TIE", got {json.dumps(pref)[:60]}')
+            raise errors.InvalidArgument(f'preference must be "A", "B" or "TIE", got {shown(pref)}')
         req.preference = PREFERENCES[pref.upper()]
     return req
 
@@ -124,12 +128,7 @@ def feedback_route(intake: FeedbackIntake, auth: Authenticator) -> Any:
     async def handle(request: web.Request) -> web.Response:
         caller = _caller(auth, request.headers)
         try:
-            body = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            REJECTED.labels("invalid_argument").inc()
-            raise errors.InvalidArgument(f"the body is not valid JSON ({e}): send a JSON object") from None
-        try:
-            req = request_from_json(body, intake.config.rating_scale)
+            req = request_from_json(await read_json_object(request), intake.config.rating_scale)
         except errors.FlywheelError:
             REJECTED.labels("invalid_argument").inc()
             raise
@@ -145,9 +144,10 @@ def build_server(
     kafka: KafkaConfig,
     topics: TopicsConfig,
     auth: AuthConfig,
+    limits: LimitsConfig | None = None,
 ) -> tuple[ServiceServer, FeedbackIntake]:
     """The feedback ServiceServer (gRPC + HTTP routes registered) and its engine, not started yet."""
-    intake = FeedbackIntake(config, kafka, topics, auth)
+    intake = FeedbackIntake(config, kafka, topics, auth, limits=limits)
     authenticator = Authenticator(auth)
     server = ServiceServer(server_cfg, name="feedback")
     server.add_servicer(feedback_pb2_grpc.add_FeedbackServicer_to_server, FeedbackServicer(intake, authenticator))

@@ -7,10 +7,13 @@ the rejection metric the same way for every front end.
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel.core import errors
 from flywheel.core.auth import TokenClaims
+from flywheel.core.limits import LimitsConfig, check_user_id
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.v1 import events_pb2, feedback_pb2
 
@@ -21,9 +24,21 @@ KINDS = {
     "demonstration": events_pb2.FEEDBACK_KIND_DEMONSTRATION,
 }
 
+PREFERENCES = (events_pb2.PREFERENCE_A, events_pb2.PREFERENCE_B, events_pb2.PREFERENCE_TIE)
+ALLOWED = "send PREFERENCE_A (1), PREFERENCE_B (2) or PREFERENCE_TIE (3)"
 
-def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
-    """The kind of a well-formed request ("thumbs", ...), or errors.InvalidArgument saying what to fix."""
+
+def enum_name(enum: Any, number: int) -> str:
+    """The name of `number` in a protobuf enum; an open enum also carries numbers it does not
+    define (a newer or hostile client's), which are named as such instead of raising ValueError."""
+    if number in enum.values():
+        return str(enum.Name(number))
+    return f"{number}, which is not a {enum.DESCRIPTOR.name} value"
+
+
+def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig, limits: LimitsConfig | None = None) -> str:
+    """The kind of a well-formed request ("thumbs", ...), or errors.InvalidArgument saying what to fix.
+    `limits`: the bounds shared with the policy (the user_id's length)."""
 
     def bad(msg: str) -> errors.InvalidArgument:
         return errors.InvalidArgument(msg)
@@ -34,8 +49,7 @@ def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
         raise bad(f"feedback_id has {len(req.feedback_id)} characters: use at most {cfg.max_id_chars}")
     if not req.user_id:
         raise bad("user_id is required: send the id of the end user the answer was served to")
-    if len(req.user_id) > cfg.max_user_id_chars:
-        raise bad(f"user_id has {len(req.user_id)} characters: use at most {cfg.max_user_id_chars}")
+    check_user_id(req.user_id, limits or LimitsConfig())
     kind = req.WhichOneof("value")
     if kind is None:
         raise bad(
@@ -51,8 +65,10 @@ def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig) -> str:
     if kind == "preference":
         if not req.pair_id:
             raise bad("preference feedback is about a pair: send the pair_id (and token) that GeneratePair returned")
-        if req.preference not in (events_pb2.PREFERENCE_A, events_pb2.PREFERENCE_B, events_pb2.PREFERENCE_TIE):
-            raise bad(f"preference must be A, B or TIE, got {events_pb2.Preference.Name(req.preference)}")
+        if req.preference not in PREFERENCES:
+            raise bad(
+                f"preference must be A, B or TIE, got {enum_name(events_pb2.Preference, req.preference)}: {ALLOWED}"
+            )
     else:
         if not req.interaction_id:
             hint = " (for one side of a pair, its own interaction_id and token)" if req.pair_id else ""

@@ -1,34 +1,78 @@
-"""How a step's logits become each answer's next token, its text, and the events its caller gets."""
+"""How a step's logits become each answer's next token, its text, and the events its caller gets.
+
+A failure here is confined to the answer it belongs to: a row the model gave non-finite logits
+(or whose sampling or text raised) fails that answer alone, with a message that carries no
+exception text, and every other row of the batch goes on.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
+import grpc
 import torch
 
+from flywheel.core import errors
 from flywheel.policy.kvbatch import Batch, LoadedModel
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.requests import Result, Token, TokenEvent
-from flywheel.policy.sampling import select_next
+from flywheel.policy.sampling import FAILED, select_each, select_next
 from flywheel.policy.sequence import Outbox, Sequence, detokenize, find_stop, safe_end
+
+log = logging.getLogger(__name__)
+
+
+class AnswerFailed(errors.FlywheelError):
+    """One answer failed inside a decode step (INTERNAL / 500); the others in its batch went on.
+
+    Its message is fixed text, never an exception's, so it may be shown as it is."""
+
+    code, http_status, error_type = grpc.StatusCode.INTERNAL, 500, "generation_failed"
+
+    @property
+    def internal(self) -> bool:  # the message carries no internals: callers see it unchanged
+        return False
+
+
+def non_finite(seq: Sequence) -> AnswerFailed:
+    return AnswerFailed(
+        f"the model produced non-finite logits for this answer at token {len(seq.generated) + 1}; it was stopped "
+        "(the other answers were not affected): retry, perhaps with other sampling settings or another seed",
+        reason="non_finite_logits",
+    )
+
+
+def answer_failed(seq: Sequence) -> AnswerFailed:
+    return AnswerFailed(
+        f"this answer failed at token {len(seq.generated) + 1} and was stopped (the other answers were not "
+        "affected; the cause is in the service log): retry",
+        reason="answer_failed",
+    )
 
 
 def sample_and_emit(batch: Batch, logits: torch.Tensor, outbox: Outbox) -> int:
     """Sample one token per row of `batch` from logits (B, V) and put the callers' events in
-    `outbox`. Returns how many answers finished."""
+    `outbox`. Returns how many answers finished (or failed)."""
     seqs = batch.seqs
     want_logprobs = any(s.req.logprobs for s in seqs)
-    tokens, logprobs = select_next(
-        logits, [s.params for s in seqs], [s.seen for s in seqs], [s.generator for s in seqs], want_logprobs
-    )
-    batch.next_ids = tokens
+    args = (logits, [s.params for s in seqs], [s.seen for s in seqs], [s.generator for s in seqs], want_logprobs)
+    try:
+        tokens, logprobs = select_next(*args)
+    except Exception:  # noqa: BLE001 - find the row(s) that raise; only they fail
+        log.warning("sampling a batch of %d failed; sampling its rows one by one", len(seqs), exc_info=True)
+        tokens, logprobs = select_each(*args)
     now = time.perf_counter()
     ids = tokens.tolist()
+    batch.next_ids = tokens.clamp(min=0) if FAILED in ids else tokens  # a failed row leaves before the next step
     lps = logprobs.tolist() if logprobs is not None else [None] * len(ids)
     METRICS.tokens.inc(len(ids))
     finished = 0
     for seq, tok, lp in zip(seqs, ids, lps, strict=True):
         if seq.done:
+            continue
+        if tok == FAILED:
+            finished += fail(seq, non_finite(seq), outbox)
             continue
         if seq.t_first == 0.0:
             seq.t_first = now
@@ -38,8 +82,20 @@ def sample_and_emit(batch: Batch, logits: torch.Tensor, outbox: Outbox) -> int:
         seq.t_last = now
         model = seq.model
         assert model is not None  # admitted
-        finished += append_token(seq, model, tok, lp, outbox)
+        try:
+            finished += append_token(seq, model, tok, lp, outbox)
+        except Exception:  # noqa: BLE001 - its text or its event failed: this answer alone
+            log.exception("answer failed at token %d", len(seq.generated))
+            finished += fail(seq, answer_failed(seq), outbox)
     return finished
+
+
+def fail(seq: Sequence, err: errors.FlywheelError, outbox: Outbox) -> bool:
+    """End `seq` with `err` (it leaves its batch before the next step); True."""
+    seq.done = True
+    outbox.put(seq, err)
+    METRICS.requests.labels("error").inc()
+    return True
 
 
 def append_token(seq: Sequence, m: LoadedModel, tok: int, lp: float | None, outbox: Outbox) -> bool:

@@ -119,7 +119,13 @@ class EngineConfig:
             f"every running sequence needs one token of the step budget: lower it to at most "
             f"max_tokens_per_step ({self.max_tokens_per_step})",
         )
-        require(self.max_new_tokens_cap >= 1, n, "max_new_tokens_cap", self.max_new_tokens_cap, "use 1 or more")
+        require(
+            1 <= self.max_new_tokens_cap <= 1 << 20,
+            n,
+            "max_new_tokens_cap",
+            self.max_new_tokens_cap,
+            "use 1 to 1048576 (the model's context bounds it further)",
+        )
         require(
             1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
             n,

@@ -4,7 +4,9 @@ One scheduler thread owns the model. At every step it (1) switches to a version 
 meanwhile (`flywheel.policy.hotswap`), (2) drops cancelled sequences, (3) asks the scheduler
 (`flywheel.policy.scheduler`) which waiting requests to admit within the token budget and the
 concurrent-sequence cap and prefills them in one left-padded forward, (4) decodes one token for
-every running sequence (`flywheel.policy.answers`), (5) lets finished sequences leave. This is
+every running sequence (`flywheel.policy.answers`: a row whose logits are not finite, or whose
+token raises, fails its own answer only), (5) lets finished sequences leave. A request is checked
+against `flywheel.core.limits.LimitsConfig` before it is queued (`requests.validate_request`). This is
 Orca's iteration-level scheduling (Yu et al., OSDI 2022) as vLLM and TGI run it; the KV cache
 is kept per running batch and re-shaped only when the batch changes (`flywheel.policy.kvbatch`,
 `flywheel.policy.running`).
@@ -22,7 +24,10 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 
+import torch
+
 from flywheel.core import errors
+from flywheel.core.limits import LimitsConfig
 from flywheel.policy.answers import sample_and_emit
 from flywheel.policy.chores import BetweenSteps
 from flywheel.policy.config import EngineConfig
@@ -37,7 +42,7 @@ from flywheel.policy.requests import (
     Result,
     TokenEvent,
     deadline_exceeded,
-    validate_sampling,
+    validate_request,
 )
 from flywheel.policy.running import BatchSnapshot, RunningBatches
 from flywheel.policy.scheduler import FcfsScheduler, Scheduler
@@ -59,11 +64,29 @@ class EngineSnapshot:
     draining: bool  # answers of a previous version still run
 
 
+def step_failure(e: Exception) -> errors.FlywheelError:
+    """What the answers of a step that raised are told (the last resort: a row's own failure is
+    confined to its answer in `answers.sample_and_emit`). No exception text: it is logged."""
+    ref = f" (error id {errors.log_internal(e, 'a policy engine step')})"
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e):
+        return errors.ResourceExhausted(
+            f"the policy ran out of memory on a step{ref}; its answers were stopped: retry, or ask for fewer tokens",
+            retry_after_s=1.0,
+        )
+    return errors.Unavailable(
+        f"a generation step failed{ref}; its answers were stopped and the cause is in the service log: retry",
+        retry_after_s=1.0,
+    )
+
+
 class Engine:
     """The policy engine. Thread-safe; `generate`/`stream` are coroutines for the event loop."""
 
-    def __init__(self, config: EngineConfig | None = None, scheduler: Scheduler | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, scheduler: Scheduler | None = None, limits: LimitsConfig | None = None
+    ) -> None:
         self.config = config or EngineConfig()
+        self.limits = limits or LimitsConfig()  # what a request may carry, checked before it is queued
         self._cv = threading.Condition()  # the scheduler thread waits on it for work
         self._scheduler = scheduler or FcfsScheduler(self.config)  # guarded by _cv
         self._batches = RunningBatches()  # scheduler-owned
@@ -200,7 +223,8 @@ class Engine:
                 raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
             if not self.ready:
                 raise errors.Unavailable("the policy engine is not running: retry on another replica")
-            max_new = validate_sampling(req, self.config.default_max_new_tokens, self.config.max_new_tokens_cap)
+            c = self.config
+            max_new = validate_request(req, self.limits, c.default_max_new_tokens, c.max_new_tokens_cap)
             ids = prompt_ids(req, loaded)
             check_length(len(ids), max_new, self.config.max_input_tokens, loaded)
             seq = Sequence(req, ids, loaded, max_new, stream)
@@ -246,8 +270,7 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - the thread must survive anything a batch does
-                log.exception("engine step failed; failing the running sequences")
-                self._fail(errors.FlywheelError(f"generation failed: {type(e).__name__}: {e}"), waiting=False)
+                self._fail(step_failure(e), waiting=False)
             self._outbox.flush()
         self._fail(errors.Unavailable("the policy engine is shutting down: retry on another replica"), waiting=True)
 

@@ -45,7 +45,8 @@ def tgi_request(body: dict[str, Any]) -> tuple[GenerationRequest, dict[str, Any]
         raise bad("`inputs` must be a string: the prompt")
     if not inputs.strip():
         raise bad("`inputs` cannot be empty: send some text")
-    p = body.get("parameters") or {}
+    p = body.get("parameters")
+    p = {} if p is None else p
     if not isinstance(p, dict):
         raise bad("`parameters` must be a JSON object")
     strict(p, TGI_PARAMS, "parameters")
@@ -73,10 +74,10 @@ def tgi_request(body: dict[str, Any]) -> tuple[GenerationRequest, dict[str, Any]
     req = GenerationRequest(
         prompt=inputs,
         max_new_tokens=max_new,
-        temperature=(t or 1.0) if sampling else 0.0,
-        top_p=top_p or 1.0,
-        top_k=top_k or 0,
-        repetition_penalty=rep or 1.0,
+        temperature=(1.0 if t is None else t) if sampling else 0.0,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=0 if top_k is None else top_k,
+        repetition_penalty=1.0 if rep is None else rep,
         seed=seed,
         stop=stops(p, "stop"),
         do_sample=sampling,

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flywheel.core import errors
+from flywheel.core.http import error_body
 from flywheel.policy.requests import TokenEvent
 from flywheel.policy.service import PolicyService, Served
 
@@ -51,7 +51,7 @@ async def stream_sse(
     done: bytes | None = None,
 ) -> web.StreamResponse:
     """Send `events` as SSE. The first event is awaited before the headers, so a refused request
-    still gets its 422/429/503; later errors become a TGI error event. A client that goes away
+    still gets its 422/429/503; later errors become a TGI error event (a 500's without its text, see core.http.error_body). A client that goes away
     closes the engine stream, which frees the slot."""
     async with contextlib.aclosing(events):
         first = await anext(events)
@@ -69,8 +69,9 @@ async def stream_sse(
                 await resp.write(done)
         except (ConnectionResetError, ConnectionError):
             return resp  # the client went away; aclosing frees the slot
-        except errors.FlywheelError as e:
-            await resp.write(sse(e.http_body()))
+        except Exception as e:  # noqa: BLE001 - the headers are gone: the error becomes the last event
+            with contextlib.suppress(ConnectionError):
+                await resp.write(sse(error_body(e, f"the stream of {iid}")[0]))
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return resp

@@ -6,6 +6,10 @@ path; whatever Kafka does not acknowledge within `send_timeout_s` (or cannot tak
 goes to a bounded DurableSpool, which drains in order when Kafka returns. While the spool
 holds anything, new interactions go behind it, so they reach Kafka in the order served.
 
+An interaction Kafka refuses for good (larger than the topic accepts, invalid) goes to the
+dead-letter topic with the reason (`spool.ProducerSender`, `bus.Producer.dead_letter`) and the
+interactions behind it flow on; it never holds the spool's head.
+
 Bounded everywhere: a full in-memory queue or a full spool drops the interaction (counted in
 flywheel_policy_interactions_total{outcome="dropped"}, logged) rather than slowing answers.
 Consumers dedup by interaction_id (the record key), so a rare duplicate after a slow ack is
@@ -52,13 +56,15 @@ class InteractionPublisher:
         spool_max_bytes: int = 256 << 20,
         send_timeout_s: float = 5.0,
         batch: int = 256,
+        dlq_topic: str = "flywheel.dlq",
+        **producer_options: Any,
     ) -> None:
         self.topic, self.send_timeout_s, self.batch = topic, send_timeout_s, batch
-        self.producer = Producer(kafka)
+        self.producer = Producer(kafka, dlq_topic=dlq_topic, **producer_options)
         self.spool = DurableSpool(
             spool_path, name="policy-interactions", max_records=spool_max_records, max_bytes=spool_max_bytes
         )
-        self.sender = ProducerSender(self.producer, timeout_s=send_timeout_s)
+        self.sender = ProducerSender(self.producer, timeout_s=send_timeout_s, source="policy-interactions")
         self._queue: queue.Queue[events_pb2.Interaction] = queue.Queue(max_queue)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,8 +134,8 @@ class InteractionPublisher:
         try:
             for _, key, value, _ in records:
                 futures.append(self.producer.send_raw(self.topic, key.encode(), value))
-        except errors.FlywheelError as e:
-            log.warning("Kafka unreachable (%s): spooling %d interactions", e, len(records) - len(futures))
+        except errors.FlywheelError as e:  # unreachable, or refused for good: the spool's drain settles it
+            log.warning("Kafka did not take an interaction (%s): spooling %d", e, len(records) - len(futures))
         deadline = time.monotonic() + self.send_timeout_s
         acked = 0
         for fut in futures:

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from flywheel.core.http import shown
 from flywheel.policy.http_answers import extras, id_headers, stream_sse, user_of
 from flywheel.policy.http_validation import bad, flag, number, read_json, stops, strict, unsupported
 from flywheel.policy.requests import GenerationRequest, TokenEvent
@@ -51,10 +52,12 @@ def openai_request(body: dict[str, Any], chat: bool) -> tuple[GenerationRequest,
     unsupported(body, "tool_choice", lambda v: v == "none", "this model has no tool calling")
     unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "use text")
     unsupported(body, "top_logprobs", lambda v: v == 0, "only the chosen token's logprob is returned")
-    so = body.get("stream_options") or {}
+    so = body.get("stream_options")
+    so = {} if so is None else so
     if not isinstance(so, dict):
         raise bad('`stream_options` must be an object such as {"include_usage": true}')
     strict(so, ("include_usage",), "stream_options")
+    rep = number(body, "repetition_penalty")
     want_logprobs = body.get("logprobs")
     if chat:
         messages = chat_messages(body.get("messages"))
@@ -63,7 +66,7 @@ def openai_request(body: dict[str, Any], chat: bool) -> tuple[GenerationRequest,
     else:
         messages, prompt = None, completion_prompt(body.get("prompt"))
         if want_logprobs is not None and want_logprobs != 0:
-            raise bad(f"`logprobs` = {want_logprobs} is not supported: leave it unset or 0")
+            raise bad(f"`logprobs` = {shown(want_logprobs)} is not supported: leave it unset or 0")
         logprobs = False
     user = body.get("user")
     if user is not None and not isinstance(user, str):
@@ -73,9 +76,9 @@ def openai_request(body: dict[str, Any], chat: bool) -> tuple[GenerationRequest,
         messages=messages,
         max_new_tokens=16 if (max_tokens is None and not chat) else max_tokens,
         temperature=t,
-        top_p=top_p or 1.0,
-        top_k=top_k or 0,
-        repetition_penalty=number(body, "repetition_penalty") or 1.0,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=0 if top_k is None else top_k,
+        repetition_penalty=1.0 if rep is None else rep,
         seed=seed,
         stop=stops(body, "stop"),
         do_sample=t > 0,
@@ -106,8 +109,11 @@ def chat_messages(v: Any) -> list[dict[str, str]]:
         raise bad("`messages` must be a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise bad(f"messages[{i}]: role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m, dict):
+            raise bad(f'messages[{i}] must be an object such as {{"role": "user", "content": "..."}}')
+        role = m.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise bad(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {shown(role)}")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text
             if not all(
@@ -117,7 +123,7 @@ def chat_messages(v: Any) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string")
-        out.append({"role": CHAT_ROLES[m["role"]], "content": content})
+        out.append({"role": CHAT_ROLES[role], "content": content})
     return out
 
 

@@ -6,30 +6,25 @@ meanwhile; every error is an InvalidArgument that says what to change.
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from flywheel.core import errors
 from flywheel.policy.kvbatch import LoadedModel
-from flywheel.policy.requests import ROLES, GenerationRequest
+from flywheel.policy.requests import GenerationRequest
 
 
 def prompt_ids(req: GenerationRequest, loaded: LoadedModel) -> list[int]:
-    """The prompt, or the chat through the model's template, as `loaded`'s token ids."""
+    """The prompt, or the chat through the model's template, as `loaded`'s token ids. `req` passed
+    `requests.validate_request` (shape, roles, size)."""
     bad = errors.InvalidArgument
-    if req.prompt is not None and req.messages:
-        raise bad("set either prompt or messages, not both")
     if req.messages is not None:
-        if not req.messages:
-            raise bad("messages is empty: send at least one message")
-        for i, m in enumerate(req.messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise bad(f"messages[{i}] must have a role ({', '.join(ROLES)}) and a string content")
-        if not any(m["content"].strip() for m in req.messages):
-            raise bad("every message is empty: send some text")
         if not loaded.tokenizer.chat_template:
             raise bad(f"model {loaded.source!r} has no chat template: send a prompt instead of messages")
         try:
             return list(loaded.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True))
         except Exception as e:  # noqa: BLE001 - a template can reject a conversation shape
-            raise bad(f"the chat template rejected these messages: {e}") from e
+            reason = str(e)[:200] if isinstance(e, TemplateError) else type(e).__name__
+            raise bad(f"the chat template rejected these messages ({reason}): change the roles or their order") from e
     if req.prompt is None or not req.prompt.strip():
         raise bad("prompt is empty: send some text (or messages)")
     return loaded.encode(req.prompt)

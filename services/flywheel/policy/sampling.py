@@ -9,11 +9,15 @@ same distribution here as there.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import torch
 
 NEG_INF = float("-inf")
+FAILED = -1  # the token of a row that could not be sampled (select_next)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +108,20 @@ def select_next(
     """Pick one token per row. Returns (tokens (B,) long, logprobs (B,) float32, or None when
     `logprobs` is False).
 
+    A row that cannot be sampled (its logits, or its sampling distribution, are not finite)
+    gets the token FAILED (-1) and takes no part in the batch's tensor work (so no kernel
+    sees a NaN); every other row is picked as if it were alone. One vectorized isfinite over
+    the batch per step, no Python per row.
+
     Each sampled row draws from its own torch.Generator, and only sampled rows draw, so a
     seeded sequence gets the same tokens whatever else shares its batch. An all-greedy batch
     without penalties (the common case) is one argmax over the batch.
     """
     batch = logits.shape[0]
     device = logits.device
+    ok = torch.isfinite(logits).all(dim=-1)  # (B,) a row the model gave a NaN or an infinity fails
     if not logprobs and all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-        return logits.argmax(dim=-1), None
+        return logits.argmax(dim=-1).masked_fill(~ok, FAILED), None
     raw = logits = logits.float()
     temperature = torch.tensor([p.effective_temperature for p in params], device=device)
     if any(p.repetition_penalty != 1.0 for p in params):
@@ -120,6 +130,8 @@ def select_next(
     sampled = [b for b in range(batch) if not params[b].greedy]
     if sampled:
         warped = apply_temperature(logits, temperature)
+        ok &= torch.isfinite(warped).all(dim=-1)  # a penalty or temperature that overflowed
+        warped = warped.masked_fill(~ok[:, None], 0.0)  # a failed row draws from a harmless uniform
         if any(params[b].top_k > 0 for b in sampled):
             warped = top_k_filter(warped, torch.tensor([p.top_k for p in params], device=device))
         if any(params[b].top_p < 1.0 for b in sampled):
@@ -127,4 +139,29 @@ def select_next(
         probs = warped.softmax(dim=-1)
         for b in sampled:
             tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
-    return tokens, token_logprobs(raw, temperature, tokens) if logprobs else None
+    lps = token_logprobs(raw.masked_fill(~ok[:, None], 0.0), temperature, tokens) if logprobs else None
+    return tokens.masked_fill(~ok, FAILED), lps
+
+
+def select_each(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: Sequence[torch.Tensor],
+    generators: Sequence[torch.Generator | None],
+    logprobs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`select_next` one row at a time: the way out when it raised for the whole batch. A row
+    whose own selection raises gets FAILED; the others get their tokens."""
+    tokens: list[int] = []
+    lps: list[float] = []
+    for b in range(logits.shape[0]):
+        try:
+            t, lp = select_next(logits[b : b + 1], params[b : b + 1], seen[b : b + 1], generators[b : b + 1], logprobs)
+            tokens.append(int(t[0]))
+            lps.append(float(lp[0]) if lp is not None else 0.0)
+        except Exception:  # noqa: BLE001 - this row alone fails
+            log.warning("sampling failed for row %d of %d; that answer fails", b, logits.shape[0], exc_info=True)
+            tokens.append(FAILED)
+            lps.append(0.0)
+    out = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+    return out, torch.tensor(lps, dtype=torch.float32, device=logits.device) if logprobs else None

@@ -90,10 +90,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             yield out
 
     async def GeneratePair(self, request: policy_pb2.GeneratePairRequest, context: grpc.aio.ServicerContext) -> Any:
-        if request.candidate_version < 0:
-            raise errors.InvalidArgument(
-                f"candidate_version = {request.candidate_version}: use a model-store version, or 0 for the serving one"
-            )
         user = self._user(request.request, context)
         req = request_from_proto(request.request)
         pair = await self.service.pair(req, user, request.candidate_version, _deadline(context))

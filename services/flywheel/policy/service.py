@@ -25,18 +25,21 @@ from typing import Any, ClassVar
 from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Authenticator
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, require, section, setting
+from flywheel.core.limits import LimitsConfig, check_user_id
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.engine import Engine
 from flywheel.policy.interactions import InteractionPublisher
 from flywheel.policy.metrics import METRICS
-from flywheel.policy.requests import GenerationRequest, Result, TokenEvent
+from flywheel.policy.requests import SEED_MAX, GenerationRequest, Result, TokenEvent, validate_request
 from flywheel.policy.starter import STEPS as STARTER_STEPS
 from flywheel.policy.swap import Swapper
 from flywheel.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
+
+MAX_VERSION = 2**31 - 1  # model-store versions a GeneratePair may name
 
 
 @dataclasses.dataclass
@@ -53,7 +56,6 @@ class PolicyConfig:
         alias="FLYWHEEL_POLICY_PAIR_CANDIDATE",
     )
     request_timeout_s: float = setting(120.0, "Longest a request may take when the caller sets no deadline.")
-    max_prompt_chars: int = setting(65_536, "Longest prompt in characters, checked before tokenizing.")
     state_dir: str = setting(".flywheel/policy", "Directory of the interactions spool.")
     spool_max_records: int = setting(100_000, "Interactions the spool keeps while Kafka is away.")
     spool_max_mb: int = setting(256, "Spool capacity in MiB.")
@@ -73,7 +75,7 @@ class PolicyConfig:
         n = type(self).__name__
         require(self.pair_candidate_version >= 0, n, "pair_candidate_version", self.pair_candidate_version, "use >= 0")
         require(self.request_timeout_s > 0, n, "request_timeout_s", self.request_timeout_s, "use a positive time")
-        for name in ("max_prompt_chars", "spool_max_records", "spool_max_mb", "publish_queue", "starter_steps"):
+        for name in ("spool_max_records", "spool_max_mb", "publish_queue", "starter_steps"):
             require(getattr(self, name) >= 1, n, name, getattr(self, name), "use 1 or more")
 
 
@@ -87,10 +89,11 @@ class PolicyServiceConfig:
     topics: TopicsConfig = section(TopicsConfig, "topics")
     store: ModelStoreConfig = section(ModelStoreConfig, "model_store")
     auth: AuthConfig = section(AuthConfig, "auth")
+    limits: LimitsConfig = section(LimitsConfig, "limits")
 
     @classmethod
     def from_env(cls, path: str | None = None) -> PolicyServiceConfig:
-        """Defaults < YAML sections (policy_engine, policy, kafka, topics, model_store, auth) < env."""
+        """Defaults < YAML sections (policy_engine, policy, kafka, topics, model_store, auth, limits) < env."""
         return load_bundle(cls, path)
 
 
@@ -154,7 +157,7 @@ class PolicyService:
 
     def __init__(self, config: PolicyServiceConfig) -> None:
         self.config = config
-        self.engine = Engine(config.engine)
+        self.engine = Engine(config.engine, limits=config.limits)
         self.store = config.store.store()
         self.signer = config.auth.signer()
         self.auth = Authenticator(config.auth)
@@ -167,6 +170,7 @@ class PolicyService:
             spool_max_records=p.spool_max_records,
             spool_max_bytes=p.spool_max_mb << 20,
             send_timeout_s=p.send_timeout_s,
+            dlq_topic=config.topics.dlq,
         )
         self.swapper = Swapper(
             self.engine, self.store, config.kafka, config.topics.policy_updates, p.model_name, p.updates_group
@@ -238,13 +242,12 @@ class PolicyService:
         return info
 
     # ------------------------------------------------------------------ requests
-    def check(self, req: GenerationRequest) -> None:
-        """Cheap checks before anything is tokenized (a huge prompt must not reach the tokenizer)."""
-        limit = self.config.policy.max_prompt_chars
-        texts = [req.prompt or ""] + [str(m.get("content", "")) for m in req.messages or [] if isinstance(m, dict)]
-        size = sum(len(t) for t in texts)
-        if size > limit:
-            raise errors.InvalidArgument(f"the prompt has {size} characters, over the limit of {limit}: shorten it")
+    def check(self, req: GenerationRequest, user_id: str) -> None:
+        """Every field of a request against the limits, before anything is tokenized, queued or loaded
+        (the engine checks the request again, for its direct callers)."""
+        check_user_id(user_id, self.config.limits)
+        e = self.config.engine
+        validate_request(req, self.config.limits, e.default_max_new_tokens, e.max_new_tokens_cap)
 
     def timeout(self, caller_s: float | None) -> float:
         cap = self.config.policy.request_timeout_s
@@ -252,7 +255,7 @@ class PolicyService:
 
     async def generate(self, req: GenerationRequest, user_id: str, timeout_s: float | None = None) -> Served:
         """One whole answer within the deadline (the caller's, capped by request_timeout_s)."""
-        self.check(req)
+        self.check(req, user_id)
         result = await self.engine.generate(req, self.timeout(timeout_s))
         return self._finish(req, result, new_id(), user_id)
 
@@ -260,7 +263,7 @@ class PolicyService:
         self, req: GenerationRequest, user_id: str, timeout_s: float | None = None, interaction_id: str | None = None
     ) -> AsyncGenerator[tuple[TokenEvent, Served | None], None]:
         """Token events as they come; the last one comes with its Served. Closing it frees the slot."""
-        self.check(req)
+        self.check(req, user_id)
         iid = interaction_id or new_id()
         events = self.engine.stream(req, self.timeout(timeout_s))
         async with contextlib.aclosing(events):
@@ -274,7 +277,12 @@ class PolicyService:
         self, req: GenerationRequest, user_id: str, candidate_version: int = 0, timeout_s: float | None = None
     ) -> ServedPair:
         """Two answers to one prompt: two samples of the serving version, or serving (A) vs a candidate (B)."""
-        self.check(req)
+        self.check(req, user_id)
+        if not 0 <= candidate_version <= MAX_VERSION:
+            raise errors.InvalidArgument(
+                f"candidate_version = {candidate_version}: use a model-store version from 1 to {MAX_VERSION}, "
+                "or 0 for the serving one"
+            )
         version = candidate_version or self.config.policy.pair_candidate_version
         serving = self.engine.info().version
         engine_b = self.engine
@@ -285,7 +293,7 @@ class PolicyService:
             if req.temperature == 0 and not req.do_sample:
                 req_a.do_sample = req_b.do_sample = True
             if req.seed is not None:
-                req_b.seed = (req.seed + 1) % 2**64
+                req_b.seed = (req.seed + 1) % (SEED_MAX + 1)
         limit = self.timeout(timeout_s)
         tasks = [
             asyncio.ensure_future(self.engine.generate(req_a, limit)),
@@ -309,7 +317,7 @@ class PolicyService:
             if self._candidate is not None and self._candidate[0] == version:
                 return self._candidate[1]
             path = await run_blocking(self.store.load_path, self.config.policy.model_name, version)
-            engine = Engine(self.config.engine)
+            engine = Engine(self.config.engine, limits=self.config.limits)
             engine.start()
             try:
                 await run_blocking(engine.load_version, str(path), version)

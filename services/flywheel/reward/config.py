@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from flywheel.core.config import require, setting
@@ -155,7 +156,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class ScoreConfig:
-    """Scoring limits."""
+    """Scoring limits: what one call may hold, and how many calls the scorer takes at once."""
 
     SECTION: ClassVar[str] = "reward_score"
 
@@ -164,10 +165,34 @@ class ScoreConfig:
     )
     chunk_size: int = setting(64, "Items run through the model together.", alias="FLYWHEEL_REWARD_CHUNK_SIZE")
     max_text_chars: int = setting(
-        32_000, "Longest prompt or response in characters.", alias="FLYWHEEL_REWARD_MAX_TEXT_CHARS"
+        32_000,
+        "Longest prompt or response in characters; longer is INVALID_ARGUMENT (the model reads only "
+        "reward_model.max_length tokens of it anyway).",
+        alias="FLYWHEEL_REWARD_MAX_TEXT_CHARS",
+    )
+    max_concurrent: int = setting(
+        8,
+        "Score and ScoreBatch calls taken at once: one runs on the model, the others wait their turn on the event "
+        "loop; one more is refused at once with RESOURCE_EXHAUSTED and a retry-after hint.",
+    )
+    retry_after_s: float = setting(
+        1.0, "The retry hint sent with a refusal for being over max_concurrent (whole seconds, rounded up)."
     )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
-        for name in ("max_batch_items", "chunk_size", "max_text_chars"):
-            require(getattr(self, name) >= 1, n, name, getattr(self, name), "use 1 or more")
+        for name, most in (
+            ("max_batch_items", 100_000),
+            ("chunk_size", 100_000),
+            ("max_text_chars", 10_000_000),
+            ("max_concurrent", 10_000),
+        ):
+            value = getattr(self, name)
+            require(isinstance(value, int) and 1 <= value <= most, n, name, value, f"use 1..{most}")
+        require(
+            math.isfinite(self.retry_after_s) and 0 < self.retry_after_s <= 3600,
+            n,
+            "retry_after_s",
+            self.retry_after_s,
+            "use a number of seconds in (0, 3600]",
+        )

@@ -210,7 +210,8 @@ class PreferenceJoin:
         """Make fb's pairs if its interactions are here; otherwise leave it pending."""
         kind = fb.kind
         if kind == K.FEEDBACK_KIND_PREFERENCE:
-            if not fb.pair_id or fb.preference == K.PREFERENCE_UNSPECIFIED:
+            if not fb.pair_id or fb.preference not in (K.PREFERENCE_A, K.PREFERENCE_B, K.PREFERENCE_TIE):
+                # An open enum: a forged record may carry any number; only A, B and TIE mean something.
                 return self._invalid(tx, fb, "a preference needs pair_id and A, B or TIE")
             sides = tx.pair_sides(fb.pair_id)
             if "A" not in sides or "B" not in sides:

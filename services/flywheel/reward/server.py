@@ -1,7 +1,10 @@
 """gRPC `Reward` (a thin servicer) and the assembly of the reward service's parts.
 
-RewardServicer only converts protobuf to (prompts, responses) and back; the scorer does the
-batching and the version bookkeeping, off the event loop (`run_blocking`).
+RewardServicer only converts protobuf to (prompts, responses) and back; `RewardService.score`
+checks the call against `ScoreConfig`'s limits (items per call, characters per text: more is
+INVALID_ARGUMENT; calls at once: more is RESOURCE_EXHAUSTED) and hands it to the scorer, which
+does the batching and the version bookkeeping off the event loop (`run_blocking`), one call at
+a time.
 
 RewardService wires: the join consumer (interactions + feedback + preferences -> sqlite ->
 flywheel.preferences, a poll at a time), the online trainer thread (-> model store -> flywheel.reward.updates),
@@ -11,6 +14,7 @@ trainer per deployment (`TrainConfig.enabled` on one replica): every replica sco
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -38,37 +42,39 @@ from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def check_items(items: list[Any], limits: ScoreConfig) -> tuple[list[str], list[str]]:
+    """(prompts, responses) of ScoreRequest-like items, or InvalidArgument naming the item and the limit."""
+    if not items:
+        raise errors.InvalidArgument("ScoreBatch needs at least one item")
+    if len(items) > limits.max_batch_items:
+        raise errors.InvalidArgument(
+            f"ScoreBatch has {len(items)} items; at most {limits.max_batch_items} per call "
+            "(reward_score.max_batch_items): split it"
+        )
+    for i, it in enumerate(items):
+        for name in ("prompt", "response"):
+            text = getattr(it, name)
+            if len(text) > limits.max_text_chars:
+                raise errors.InvalidArgument(
+                    f"item {i}: {name} has {len(text)} characters; at most {limits.max_text_chars} "
+                    "(reward_score.max_text_chars): shorten it"
+                )
+            if not text.strip():
+                raise errors.InvalidArgument(f"item {i}: {name} is empty; score a non-empty {name}")
+    return [it.prompt for it in items], [it.response for it in items]
+
+
 class RewardServicer(reward_pb2_grpc.RewardServicer):
     def __init__(self, service: RewardService) -> None:
         self.service = service
-        self.scorer, self.limits = service.scorer, service.config.score
-
-    def _check(self, items: list[Any]) -> tuple[list[str], list[str]]:
-        if not items:
-            raise errors.InvalidArgument("ScoreBatch needs at least one item")
-        if len(items) > self.limits.max_batch_items:
-            raise errors.InvalidArgument(
-                f"ScoreBatch has {len(items)} items; at most {self.limits.max_batch_items} per call: split it"
-            )
-        for i, it in enumerate(items):
-            for name in ("prompt", "response"):
-                text = getattr(it, name)
-                if not text.strip():
-                    raise errors.InvalidArgument(f"item {i}: {name} is empty; score a non-empty {name}")
-                if len(text) > self.limits.max_text_chars:
-                    raise errors.InvalidArgument(
-                        f"item {i}: {name} has {len(text)} characters; at most {self.limits.max_text_chars}"
-                    )
-        return [it.prompt for it in items], [it.response for it in items]
+        self.scorer = service.scorer
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> Any:
-        prompts, responses = self._check([request])
-        scores, version = await run_blocking(self.scorer.score, prompts, responses)
+        scores, version = await self.service.score([request])
         return reward_pb2.ScoreResponse(score=scores[0], reward_version=version)
 
     async def ScoreBatch(self, request: reward_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> Any:
-        prompts, responses = self._check(list(request.items))
-        scores, version = await run_blocking(self.scorer.score, prompts, responses)
+        scores, version = await self.service.score(list(request.items))
         return reward_pb2.ScoreBatchResponse(scores=scores, reward_version=version)
 
     async def GetInfo(self, request: reward_pb2.RewardInfoRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -120,6 +126,51 @@ class RewardService:
         self._consumers: list[bus.Consumer] = []
         self._stop = threading.Event()
         self._expiry: threading.Thread | None = None
+        self.scoring = 0  # Score/ScoreBatch calls taken and not finished (at most score.max_concurrent)
+        self._one_at_a_time: asyncio.Lock | None = None  # made on the event loop that scores
+
+    async def score(self, items: list[Any]) -> tuple[list[float], int]:
+        """Scores of ScoreRequest-like `items` and the one version that produced them.
+
+        InvalidArgument past the per-call limits; ResourceExhausted (with a retry hint) when
+        `score.max_concurrent` calls are already taken. Taken calls run one at a time, waiting
+        their turn on the event loop rather than in a thread. A call whose caller goes away
+        while it waits leaves at once; one already on the model keeps its place until it ends,
+        so the count is the work really in progress.
+        """
+        limits = self.config.score
+        prompts, responses = check_items(items, limits)
+        if self.scoring >= limits.max_concurrent:
+            raise errors.ResourceExhausted(
+                f"the reward service is scoring its limit of {limits.max_concurrent} calls at once "
+                f"(reward_score.max_concurrent): retry in {errors.retry_after_header(limits.retry_after_s)} s, "
+                "or on another replica",
+                retry_after_s=limits.retry_after_s,
+                reason="overloaded",
+            )
+        if self._one_at_a_time is None:
+            self._one_at_a_time = asyncio.Lock()
+        turn, on_model = self._one_at_a_time, asyncio.Event()
+
+        async def in_turn() -> tuple[list[float], int]:
+            async with turn:
+                on_model.set()
+                return await run_blocking(self.scorer.score, prompts, responses)
+
+        self.scoring += 1
+        task = asyncio.ensure_future(in_turn())
+        task.add_done_callback(self._scored)
+        try:
+            return await asyncio.shield(task)  # the caller going away does not stop the model mid-batch
+        except asyncio.CancelledError:
+            if not on_model.is_set():
+                task.cancel()
+            raise
+
+    def _scored(self, task: asyncio.Future[Any]) -> None:
+        self.scoring -= 1
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that went away does not leave it unobserved
 
     # Kafka effects that must be acknowledged before the caller goes on.
     def _publish_pairs(self, pairs: list[events_pb2.PreferencePair]) -> None:
