@@ -94,12 +94,15 @@ def tiny_reward_model(path: str | os.PathLike, hidden: int = 32, layers: int = 2
     return Path(path)
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.01) -> None:
-    """Return once `condition()` is truthy; AssertionError naming `what` after `timeout_s`."""
+def wait_for(
+    condition: Callable[[], object], timeout_s: float, what: str | Callable[[], str], poll_s: float = 0.01
+) -> None:
+    """Return once `condition()` is truthy; AssertionError naming `what` after `timeout_s` (a
+    callable `what` is called then, for details of the state that did not come)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
         time.sleep(poll_s)
 
 

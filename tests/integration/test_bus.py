@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from flywheel.core import bus
 from flywheel.core.config import KafkaConfig, TopicsConfig
+from flywheel.testing import wait_for
 from flywheel.v1 import common_pb2, events_pb2
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(60)]
@@ -145,16 +146,6 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname
 kafka = KafkaConfig(bootstrap=bootstrap, session_timeout_ms=2000)
 bus.Consumer(kafka, group, {topic: events_pb2.Interaction}, handle, dlq_topic=None).run(timeout_s=60)
 """
-
-
-def wait_for(cond, timeout_s: float, what, poll_s: float = 0.05) -> None:
-    """Poll `cond` until true; on timeout fail with `what` (a callable is called for details)."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, (
-            f"timed out after {timeout_s}s waiting for {what() if callable(what) else what}"
-        )
-        time.sleep(poll_s)
 
 
 def test_killed_consumer_redelivers_only_what_it_did_not_commit(

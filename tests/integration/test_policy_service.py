@@ -40,6 +40,7 @@ from flywheel.policy.interactions import InteractionPublisher
 from flywheel.policy.server import build_server
 from flywheel.policy.service import PolicyConfig, PolicyService, PolicyServiceConfig
 from flywheel.policy.starter import model_config
+from flywheel.testing import wait_for
 from flywheel.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 from tests.unit.test_starter import tiny_starter
 
@@ -173,13 +174,6 @@ def read_topic(bootstrap: str, topic: str, cls, want: int, timeout_s: float = 20
     finally:
         c.close()
     return got
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def counter(name: str, **labels: str) -> float:

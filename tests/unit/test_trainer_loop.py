@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 
 from flywheel.core import errors
 from flywheel.core.modelstore import ModelStore
-from flywheel.testing import tiny_policy
+from flywheel.testing import tiny_policy, wait_for
 from flywheel.trainer import gate, state
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import Trainer, build_trainer
@@ -66,14 +64,6 @@ def make(
     t = build_trainer(cfg, ModelStore(tmp_path / "store"), TargetReward(), source, FALLBACK_PROMPTS, announce=sink)
     t.setup()
     return t
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll `condition` until it holds; fail the test after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:g}s waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_sampler_matches_hf_generate_and_forward_matches_hf_masking(init_path: Path) -> None:
