@@ -142,6 +142,7 @@ def test_control_rpcs(tmp_path: Path, init_path: Path) -> None:
 class FakeReward(reward_pb2_grpc.RewardServicer):
     def __init__(self) -> None:
         self.prompts: list[str] = []
+        self.trained = False  # GetInfo says: an untrained reward model (the trainer must wait), then a good one
 
     def ScoreBatch(self, request, context):  # noqa: N802
         self.prompts += [i.prompt for i in request.items]
@@ -149,7 +150,11 @@ class FakeReward(reward_pb2_grpc.RewardServicer):
         return reward_pb2.ScoreBatchResponse(scores=scores, reward_version=3)
 
     def GetInfo(self, request, context):  # noqa: N802
-        return reward_pb2.RewardInfo(reward_version=3, score_mean=0.05, score_std=0.1)
+        if not self.trained:
+            return reward_pb2.RewardInfo(reward_version=0, heldout_accuracy=-1, score_mean=0.0, score_std=1.0)
+        return reward_pb2.RewardInfo(
+            reward_version=3, heldout_accuracy=0.9, pairs_trained=500, pairs_heldout=50, score_mean=0.05, score_std=0.1
+        )
 
 
 def _free_port() -> int:
@@ -188,6 +193,8 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
         "FLYWHEEL_ADMIN_TOKEN": ADMIN,
         "FLYWHEEL_REWARD_ADDR": f"127.0.0.1:{rport}",
         "FLYWHEEL_TRAINER_INIT_PATH": str(init_path),
+        "FLYWHEEL_TRAINER_ALGO": "ppo",  # one sample a prompt: each live prompt is scored once
+        "FLYWHEEL_TRAINER_GROUP_SIZE": "1",
         "FLYWHEEL_TRAINER_BATCH_SIZE": "4",
         "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "6",
         "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "2",
@@ -201,8 +208,11 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
     }
     cmd = [sys.executable, "-m", "flywheel.trainer", "--grpc-port", str(gport), "--http-port", str(hport)]
 
+    waited: list[str] = []
+
     def run_until(steps: int, serving: int) -> None:
-        """Start the service, wait until it reports `steps` and `serving`, then stop it with SIGTERM."""
+        """Start the service, wait until it reports `steps` and `serving`, then stop it with SIGTERM.
+        While it waits for a reward model worth training against, the reward model "learns"."""
         proc = subprocess.Popen(
             cmd,
             env={**env, "FLYWHEEL_TRAINER_MAX_STEPS": str(steps)},
@@ -218,6 +228,10 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
                     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
                     try:
                         st = stub.GetStatus(trainer_pb2.GetStatusRequest(), metadata=md, timeout=5)
+                        if st.state == "waiting":
+                            waited.append(st.waiting_for)
+                            assert st.step == 0 and not fake.prompts  # nothing scored, nothing trained
+                            fake.trained = True
                         if st.step >= steps and st.serving_version >= serving:
                             break
                     except grpc.RpcError:
@@ -234,6 +248,7 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
 
     try:
         run_until(2, 1)
+        assert waited and "reward v0 was trained on 0 pairs; training starts at 100" in waited[0], waited
         assert fake.prompts.count(live) == 3  # live traffic first (each record once), then the pool
         c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
         tp = TopicPartition(t.policy_updates, 0)

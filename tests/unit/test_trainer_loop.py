@@ -46,8 +46,14 @@ def make(
     tmp_path: Path, init_path: Path, announced: list | None = None, prompts: PromptSource | None = None, **kw
 ) -> Trainer:
     torch.set_num_threads(1)
-    opts = dict(
+    opts = dict(  # the mechanics of PPO on a tiny model and a synthetic reward (not the shipped defaults)
         init_path=str(init_path),
+        algo="ppo",
+        group_size=1,
+        adaptive_kl=False,
+        temperature=0.7,
+        gate_kl_budget=12.0,
+        gate_patience=0,
         batch_size=8,
         max_new_tokens=10,
         lr=2e-3,

@@ -5,10 +5,10 @@ serving policy on prompts the panel never rated (over Policy.Generate, like any 
 compares each answer with a bank of starter (v0) answers to the same prompt, ties counted
 half. The reward model's own score never enters the win-rate.
 
-The trainer starts paused and is resumed (Trainer.Resume with the admin token) once the reward
-model is worth optimizing (held-out accuracy >= `resume_accuracy`, or after
-`resume_after_events`): PPO against an untrained reward head would only drift the policy. It is
-paused again for the final evaluation, so that one version answers all of it.
+The services run with the shipped defaults (DEMO_SETTINGS lists the one exception and why): the
+trainer waits by itself until the reward model has learned something (trainer.reward_min_*),
+and the demo pauses it (Trainer.Pause with the admin token) for the final evaluation, so that one
+version answers all of it.
 """
 
 from __future__ import annotations
@@ -37,50 +37,21 @@ from flywheel.loop.panel import (
 )
 from flywheel.loop.supervisor import ChildDied, Supervisor, UpConfig
 from flywheel.policy import corpus
+from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.prompt_sources import split_pool
 
-# Trainer and reward settings of the demo (environment of the child processes; see each
-# service's config for the meaning). Answers of the starter run to ~85 tokens, so rollouts
-# must be long enough to finish them. Users and trainer sample at temperature 1 (the policy as
-# it is). RLOO with 4 samples a prompt at lr 3e-5: against the panel's own utility (an oracle
-# reward, offline) it reached a 0.89 win-rate in 250 updates with 95% of answers well formed,
-# where PPO at lr 1e-4 plateaued near 0.70 and garbled a quarter of its answers. The win-rate
-# peaked at 2-4 nats of KL; past that the policy over-optimizes the reward model (garbled answers
-# it scores well and the panel does not). Fixed KL coefficients drifted in some runs (0.05: to
-# 6.4 nats and 0.71; 0.1: to 7.4 nats and 0.76; 0.2: 5.5 nats and 0.76). Ziegler et al. (2019)'s
-# adaptive controller as published shrank the coefficient ~10x while KL was still under its
-# target, then could not grow it back in time (6-11 nats). So: adaptive with a floor at its
-# start value (it only tightens), target 3 nats, a short horizon (x1.08 per update at most).
-# Not used: trainer.gate_patience (restart from the serving weights after N gate refusals in a
-# row). With 10, one run ended at 78.5% with the serving KL at 10-11 nats (against 2.7-3.8 in the
-# runs without it): a fresh Adam after each restart takes full-size first steps.
-DEMO_ENV = {
-    "FLYWHEEL_TRAINER_TEMPERATURE": "1.0",
-    "FLYWHEEL_TRAINER_MAX_NEW_TOKENS": "96",
-    "FLYWHEEL_TRAINER_ALGO": "rloo",
-    "FLYWHEEL_TRAINER_GROUP_SIZE": "4",
-    "FLYWHEEL_TRAINER_BATCH_SIZE": "4",
-    "FLYWHEEL_TRAINER_LR": "3e-5",
-    "FLYWHEEL_TRAINER_ADAPTIVE_KL": "true",
-    "FLYWHEEL_TRAINER_KL_INIT": "0.1",
-    "FLYWHEEL_TRAINER_KL_MIN": "0.1",
-    "FLYWHEEL_TRAINER_KL_TARGET": "3.0",
-    "FLYWHEEL_TRAINER_KL_HORIZON": "40",
-    "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "5",
-    "FLYWHEEL_TRAINER_GATE_PROMPTS": "32",
-    # The gate refuses versions past 6 nats to the starter (the win-rate peaks at 2-4 nats; at the
-    # default budget of 12 a run served versions at 10 nats). One run with it: 86.9% in 6.8 min.
-    "FLYWHEEL_TRAINER_GATE_KL_BUDGET": "6",
-    "FLYWHEEL_TRAINER_PROMPT_SOURCE": "pool",
-    # The reward model is the slow part on a CPU: fewer steps per new pair, larger steps,
-    # versions published often so that scoring follows the feedback closely.
-    "FLYWHEEL_REWARD_TRAIN_LR": "1e-4",
-    "FLYWHEEL_REWARD_TRAIN_STEPS_PER_NEW_PAIR": "0.25",
-    "FLYWHEEL_REWARD_TRAIN_PUBLISH_EVERY_STEPS": "20",
-    # The accuracy-drop guard compares accuracies on a held-out set that grows and shifts with
-    # the policy; a strict guard froze the reward model while the policy exploited it.
-    "FLYWHEEL_REWARD_TRAIN_MAX_ACCURACY_DROP": "0.2",
+# What the demo sets in its services' environment, each with why it is about the demo and not
+# about learning: the demo runs the shipped defaults (trainer/config.py says why they are what
+# they are), and tests/unit/test_demo_settings.py fails on an override without a reason.
+DEMO_SETTINGS: dict[str, tuple[str, str]] = {
+    "FLYWHEEL_TRAINER_PROMPT_SOURCE": (
+        "pool",
+        "the evaluation asks the policy for answers to held-out prompts over the public API, so they reach "
+        "flywheel.interactions too: the trainer takes its prompts from the demo's training pool instead, "
+        "never from the prompts it is judged on",
+    ),
 }
+DEMO_ENV = {name: value for name, (value, _) in DEMO_SETTINGS.items()}
 
 
 @dataclasses.dataclass
@@ -99,9 +70,6 @@ class DemoConfig:
     final_eval_samples: int = 40
     bank_per_prompt: int = 40  # starter answers per held-out prompt
     heldout_prompts: int = 5
-    resume_accuracy: float = 0.75
-    resume_min_pairs: int = 100
-    resume_after_events: int = 800
     bootstrap: str = ""
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     progress: bool = True
@@ -139,11 +107,6 @@ class Services:
         from flywheel.v1 import trainer_pb2
 
         return self.trainer.GetStatus(trainer_pb2.GetStatusRequest(), metadata=self.admin, timeout=10)
-
-    def resume_trainer(self) -> None:
-        from flywheel.v1 import trainer_pb2
-
-        self.trainer.Resume(trainer_pb2.ResumeRequest(), metadata=self.admin, timeout=10)
 
     def pause_trainer(self, reason: str) -> int:
         """Pause (returns after the step in progress); the version the replicas are told to serve."""
@@ -209,7 +172,6 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
         env=env,
         config_yaml={"trainer": {"prompt_pool": train_prompts}},
         progress=cfg.progress,
-        trainer_paused=True,
     )
     import grpc
 
@@ -242,26 +204,21 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
         t0 = time.monotonic()
         threads = client.start(panel_stop)
         say(f"panel: {len(panel.personas)} personas, {pcfg.workers} users, {cfg.events_per_s:g} events/s")
-        resumed, hits, next_eval = False, 0, t0
+        waiting, hits, next_eval = "", 0, t0
         deadline = t_start + cfg.minutes * 60
         while not stop.is_set() and time.monotonic() < deadline:
             sup.poll()
             try:
-                info = svc.reward_info()
-                if not resumed and (
-                    (
-                        info.pairs_trained >= cfg.resume_min_pairs
-                        and info.pairs_heldout >= 10
-                        and info.heldout_accuracy >= cfg.resume_accuracy
+                info, st = svc.reward_info(), svc.trainer_status()
+                if (st.state == "waiting") != bool(waiting):  # the trainer waits for a reward model worth it
+                    say(
+                        f"trainer {'waiting: ' + st.waiting_for if st.state == 'waiting' else 'training'} "
+                        f"at {client.events} events",
+                        flush=True,
                     )
-                    or client.events >= cfg.resume_after_events
-                ):
-                    svc.resume_trainer()
-                    resumed = True
-                    say(f"trainer resumed at {client.events} events (reward accuracy {info.heldout_accuracy:.2f})")
+                    waiting = st.waiting_for if st.state == "waiting" else ""
                 if time.monotonic() >= next_eval:
                     ev = evaluate(client, panel, bank, cfg.eval_samples)
-                    st = svc.trainer_status()
                     point = {
                         "t_s": round(time.monotonic() - t0, 1),
                         "feedback_events": client.events,
@@ -320,7 +277,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
             "policy_versions_promoted": promoted_versions(sup.store),
             "serving_version": final["version"],
             "kl_to_starter": serving_kl(sup.store, final["version"]),
-            "kl_budget": float(env.get("FLYWHEEL_TRAINER_GATE_KL_BUDGET", 12.0)),
+            "kl_budget": float(env.get("FLYWHEEL_TRAINER_GATE_KL_BUDGET", TrainerConfig().gate_kl_budget)),
             "answers": {k: final[k] for k in ("mean_words", "max_words", "distinct2", "well_formed", "eos_rate")},
             "starter_answers": answer_stats([a for v in bank.values() for a in v]),
             "hidden_utility": {"serving": final["hidden_utility"], "starter": _bank_utility(panel, bank)},

@@ -39,6 +39,15 @@ class Persona:
     share: float = 1.0  # relative frequency among the panel's users
     thumbs_bar: float = 1.0  # utility above which a thumbs-up is likely
 
+    def inverted(self) -> Persona:
+        """The opposite taste: every weight negated (`utility`'s malformed penalty is no weight: it stays)."""
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}-inverted",
+            weights={k: -w if w else 0.0 for k, w in self.weights.items()},
+            thumbs_bar=-self.thumbs_bar,  # thumbs up for what the original turns down
+        )
+
 
 DEFAULT_PERSONAS: tuple[Persona, ...] = (
     Persona("customer", {"polite": 1.0, "rude": -2.0, "concise": 1.0, "on_topic": 2.0, "closing": 0.5}, share=0.4),
@@ -46,6 +55,14 @@ DEFAULT_PERSONAS: tuple[Persona, ...] = (
     Persona("chatter", {"polite": 1.5, "rude": -2.5, "concise": -0.3, "on_topic": 1.0, "closing": 1.0}, 0.8, share=0.2),
     Persona("stickler", {"polite": 0.5, "rude": -1.0, "concise": 0.5, "on_topic": 3.0, "closing": 0.0}, share=0.15),
 )
+
+
+def persona_named(name: str) -> Persona:
+    """The persona of DEFAULT_PERSONAS called `name` (ValueError naming the choices if there is none)."""
+    for p in DEFAULT_PERSONAS:
+        if p.name == name:
+            return p
+    raise ValueError(f"unknown persona {name!r}: choose one of {', '.join(p.name for p in DEFAULT_PERSONAS)}")
 
 
 _PHRASES = sorted(
@@ -142,6 +159,10 @@ class Panel:
         topic = corpus.topic_of(prompt) or self.rng.choice(list(corpus.TOPICS))
         w = p.weights
         parts = [self.rng.choice(corpus.POLITE)] if w.get("polite", 0) > 0 else []
+        if w.get("rude", 0) > 0:
+            parts = [self.rng.choice(corpus.RUDE)]
+        if w.get("on_topic", 0) < 0:  # a persona that wants answers about something else
+            topic = self.rng.choice([t for t in corpus.TOPICS if t != topic])
         parts.append(self.rng.choice(corpus.TOPICS[topic][2]))
         if w.get("concise", 0) < 0:
             parts.append(self.rng.choice(corpus.FILLERS))
@@ -195,6 +216,7 @@ class PanelClient:
         self.by_kind: dict[str, int] = {}
         self._lock = threading.Lock()
         self._next_at = time.monotonic()
+        self._turns = 0  # turns handed out by _wait_turn (a failed call gives its turn back)
 
     @classmethod
     def connect(cls, panel: Panel, cfg: PanelConfig, policy_addr: str, feedback_addr: str) -> PanelClient:
@@ -257,8 +279,9 @@ class PanelClient:
     def _wait_turn(self, stop: threading.Event) -> bool:
         """A shared pacer: events_per_s across all workers; False once stopped or the budget is spent."""
         with self._lock:
-            if self.events >= self.cfg.max_events:
+            if self._turns >= self.cfg.max_events:  # turns taken, not events done: never over the budget
                 return False
+            self._turns += 1
             at = max(self._next_at, time.monotonic())
             self._next_at = at + 1.0 / self.cfg.events_per_s
         return not stop.wait(max(0.0, at - time.monotonic()))
@@ -273,6 +296,7 @@ class PanelClient:
             except grpc.RpcError as e:  # a user whose call failed tries again later; the error is kept
                 with self._lock:
                     self.errors.append(f"{e.code().name}: {e.details()}")
+                    self._turns -= 1
                 stop.wait(1.0)
 
     def start(self, stop: threading.Event) -> list[threading.Thread]:

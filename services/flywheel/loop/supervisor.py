@@ -171,7 +171,6 @@ class UpConfig:
     start_timeout_s: float = 600.0
     stop_grace_s: float = 20.0
     progress: bool = True
-    trainer_paused: bool = False  # start the trainer paused (the demo resumes it once rewards are learned)
     restarts: int = 5  # a service that exited is restarted this often within restart_window_s; 0: never
     restart_window_s: float = 600.0  # one more exit within this window is a crash loop: everything stops
     restart_backoff_s: float = 1.0  # wait before the first restart in the window; doubles each time, up to 30 s
@@ -271,10 +270,6 @@ class Supervisor:
             import yaml
 
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.config_yaml))
-        if self.cfg.trainer_paused:
-            from flywheel.trainer import state
-
-            state.save_control(state.trainer_dir(self.store, "policy"), {"paused": True, "reason": "reward warm-up"})
         for name, (g, h) in self._ports().items():
             self.children[name] = Child(name, g, h, self.run_dir / "logs" / f"{name}.log")
         env = self.env()

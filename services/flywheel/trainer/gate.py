@@ -13,13 +13,14 @@ The verdict is the manifest's `gate` string: "passed" or "failed: <every reason>
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.reward_source import RewardSource
+from flywheel.trainer.reward_source import RewardSource, score_each
 from flywheel.trainer.rollout import forward, generate
 
 
@@ -61,7 +62,7 @@ def evaluate(
     batch = generate(
         model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_tokens, generator_seed=cfg.gate_seed
     )
-    scores = reward.score(batch.prompts, batch.responses)
+    scored = [x for x in score_each(reward, batch.prompts, batch.responses) if math.isfinite(x)]
     logprobs, _, _ = forward(model, batch, cfg.temperature)
     ref_logprobs, _, _ = forward(reference, batch, cfg.temperature)
     mask = batch.response_mask
@@ -69,7 +70,8 @@ def evaluate(
     lengths = mask.sum(1)
     reps = [repetition(row[: int(n)].tolist()) for row, n in zip(batch.response_ids, lengths, strict=True)]
     return GateReport(
-        reward_mean=float(sum(scores) / len(scores)),
+        # Empty answers have no score; the length check refuses a version that gives many.
+        reward_mean=float(sum(scored) / len(scored)) if scored else -math.inf,
         kl=float(kl.mean()),
         mean_tokens=float(lengths.mean()),
         repeat=float(sum(r for r, _ in reps) / len(reps)),

@@ -34,17 +34,17 @@ from flywheel.trainer import ppo
 from flywheel.trainer.algorithms import algorithm
 from flywheel.trainer.checkpoints import Checkpointer
 from flywheel.trainer.config import TrainerConfig
-from flywheel.trainer.metrics import GAUGES, PHASE_SECONDS
+from flywheel.trainer.metrics import FAILED_STEPS, GAUGES, PHASE_SECONDS
 from flywheel.trainer.promotion import Announce, Promoter
 from flywheel.trainer.prompt_sources import PromptSource
-from flywheel.trainer.reward_source import RewardInfo, RewardSource
+from flywheel.trainer.reward_source import RewardInfo, RewardSource, not_ready, score_each
 from flywheel.trainer.rollout import forward, generate
 from flywheel.trainer.state import ActiveLock, load_control, save_control, trainer_dir
 from flywheel.trainer.training_state import TrainingState, load_lm
 
 log = logging.getLogger(__name__)
 
-Status = Literal["starting", "standby", "training", "paused", "stopped"]
+Status = Literal["starting", "standby", "waiting", "training", "paused", "stopped"]
 
 
 def sft_loss(
@@ -89,6 +89,8 @@ class Trainer:
         self.paused = bool(load_control(directory).get("paused", False))
         self.device = torch.device(cfg.device)
         self.last_lag = 0
+        self.waiting_for = ""  # why training waits for the reward model ("" when it does not)
+        self.failing_steps, self.last_error = 0, ""  # steps failed in a row, and the last one's error
         self._state: TrainingState | None = None
 
     @property
@@ -129,20 +131,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ the algorithm
 
-    def _normalize(self, raw: torch.Tensor, moments: ppo.RunningMoments) -> torch.Tensor:
-        """Reward normalization (Huang et al. 2024: scores with mean 0, std 1 on policy samples)."""
+    def _normalize(self, raw: torch.Tensor, moments: ppo.RunningMoments, info: RewardInfo | None) -> torch.Tensor:
+        """Reward normalization (Huang et al. 2024: scores with mean 0, std 1 on policy samples).
+        NaN (an unscored sample) stays NaN."""
         cfg = self.cfg
-        moments.update(raw)
+        moments.update(raw[~raw.isnan()])
         mean, std = moments.mean, moments.std
         if cfg.reward_norm == "none":
             return raw
-        if cfg.reward_norm == "info" and self.reward_info is not None:
-            info = self.reward_info()
-            if info is not None and info.score_std > 0:
-                mean, std = info.score_mean, info.score_std
+        if cfg.reward_norm == "info" and info is not None and info.score_std > 0:
+            mean, std = info.score_mean, info.score_std
         if moments.count < 2 and cfg.reward_norm == "running":
             return raw - mean
         return ((raw - mean) / max(std, 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
+
+    def _reward_info(self) -> RewardInfo | None:
+        return self.reward_info() if self.reward_info is not None else None
+
+    def waiting_for_reward(self) -> str:
+        """Why training waits for the reward model now ("" when it may train; see reward_source.not_ready)."""
+        if self.reward_info is None:  # a RewardSource without GetInfo (tests): nothing to wait for
+            return ""
+        return not_ready(self._reward_info(), self.cfg, training=self.step > 0 and not self.waiting_for)
 
     def train_step(self) -> dict[str, float]:
         """One rollout and one update; returns its metrics."""
@@ -155,9 +165,14 @@ class Trainer:
         batch = generate(st.policy, st.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_tokens)
         t1 = time.perf_counter()
 
-        # 2. Score with the reward model; normalize; EOS trick (Huang et al. 2024).
-        raw = torch.tensor(self.reward.score(batch.prompts, batch.responses), dtype=torch.float32, device=dev)  # (B,)
-        scores = ppo.apply_eos_trick(self._normalize(raw, st.moments), batch.has_eos, cfg.missing_eos_penalty)  # (B,)
+        # 2. Score with the reward model; normalize; EOS trick (Huang et al. 2024). An empty answer
+        # (or one the reward service refuses) is a legitimate sample with a fixed, low score.
+        raw = torch.tensor(score_each(self.reward, batch.prompts, batch.responses), dtype=torch.float32, device=dev)
+        unscored = raw.isnan()  # (B,)
+        scores = self._normalize(raw, st.moments, self._reward_info() if cfg.reward_norm == "info" else None)
+        scores = ppo.apply_eos_trick(scores, batch.has_eos, cfg.missing_eos_penalty)
+        scores = torch.where(unscored, torch.full_like(scores, cfg.empty_response_score), scores)  # (B,)
+        raw = raw[~unscored]  # the reward model's own scores, for the metrics
         t2 = time.perf_counter()
 
         # 3. Log-probs under the rollout policy and the frozen reference, values; per-token KL.
@@ -191,6 +206,7 @@ class Trainer:
             "approx_kl": [],
             "entropy": [],
         }
+        st.set_lr(cfg)
         for _ in range(cfg.epochs):
             for idx in torch.randperm(B).split(mb_size):
                 mb_mask = mask[idx]
@@ -226,9 +242,11 @@ class Trainer:
         t3 = time.perf_counter()
 
         st.step += 1
+        st.warmup_left = max(0, st.warmup_left - 1)
         m = {
-            "reward_mean": float(raw.mean()),
-            "reward_std": float(raw.std()) if B > 1 else 0.0,
+            "reward_mean": float(raw.mean()) if len(raw) else float("nan"),
+            "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "unscored_share": float(unscored.float().mean()),
             "score_norm_mean": float(scores.mean()),
             "kl": float(seq_kl.mean()),
             "kl_coef": st.kl_ctl.value,
@@ -279,13 +297,15 @@ class Trainer:
             with self.lock:
                 self.setup()
                 self.status = "paused" if self.paused else "training"
-            backoff = 1.0
             while not stop.is_set():
                 if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                     break
                 if self.paused:
                     self.status = "paused"
                     stop.wait(0.2)
+                    continue
+                if self._waits_for_reward():
+                    stop.wait(self.cfg.reward_poll_s)
                     continue
                 with self.lock:
                     if self.paused:  # paused while this thread waited for the lock
@@ -295,17 +315,57 @@ class Trainer:
                     try:
                         self.train_step()
                         self.last_lag = self.prompts.lag()  # Kafka clients are not thread-safe: read it here
-                        backoff = 1.0
-                    except errors.Unavailable as e:  # the reward service or Kafka is away: wait, retry
-                        log.warning("step failed, retrying in %.0fs: %s", backoff, e)
-                        stop.wait(backoff)
-                        backoff = min(backoff * 2, 30.0)
-                        continue
-                    if self.step % self.cfg.checkpoint_every == 0:
-                        self.checkpoint()
+                    except Exception as e:
+                        delay = self._step_failed(e)
+                    else:
+                        delay = self._step_succeeded()
+                        if self.step % self.cfg.checkpoint_every == 0:
+                            self.checkpoint()
+                if delay:  # outside the lock: control calls go on meanwhile
+                    stop.wait(delay)
         finally:
             self.status = "stopped"
             self.active.release()
+
+    def _waits_for_reward(self) -> bool:
+        """Check the reward model (before each step); say once when training starts or stops waiting."""
+        why = self.waiting_for_reward()
+        if why and not self.waiting_for:
+            log.warning("training waits for the reward model: %s", why)
+        elif self.waiting_for and not why:
+            log.info("the reward model is ready: training (was: %s)", self.waiting_for)
+        self.waiting_for = why
+        GAUGES["waiting_for_reward"].set(1 if why else 0)
+        if why:
+            self.status = "waiting"
+        return bool(why)
+
+    def _step_succeeded(self) -> float:
+        self.failing_steps, self.last_error = 0, ""
+        GAUGES["failing_steps"].set(0)
+        return 0.0
+
+    def _step_failed(self, e: Exception) -> float:
+        """Count and report a failed step; the seconds to wait before the next. An unavailable reward
+        service is waited for with backoff; any other error, `max_failed_steps` in a row, restarts from
+        the serving weights, and if it goes on as many again after that, the loop stops (the service
+        exits and is restarted: a crash loop is louder than a trainer that fails quietly)."""
+        self.failing_steps += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        GAUGES["failing_steps"].set(self.failing_steps)
+        backoff = min(2.0 ** (self.failing_steps - 1), 30.0)
+        if isinstance(e, errors.Unavailable):  # the reward service or Kafka is away: wait, retry
+            FAILED_STEPS.labels("reward_unavailable").inc()
+            log.warning("step failed, retrying in %.0fs: %s", backoff, e)
+            return backoff
+        FAILED_STEPS.labels("error").inc()
+        log.warning("step failed (%d in a row): %s", self.failing_steps, self.last_error, exc_info=e)
+        n = self.cfg.max_failed_steps
+        if self.failing_steps >= 2 * n:
+            raise e
+        if self.failing_steps == n:
+            self.promoter.request_restart(self.serving_version, "failing_steps")
+        return backoff
 
     # ------------------------------------------------------------------ control (gRPC servicer)
 

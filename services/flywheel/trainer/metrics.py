@@ -18,6 +18,9 @@ GAUGES = {
         "value_loss": "Value loss of the last update.",
         "samples_per_second": "Sequences per second over rollout plus update.",
         "serving_version": "Version the policy replicas are told to serve.",
+        "unscored_share": "Share of the last rollout given empty_response_score (empty or refused answers).",
+        "waiting_for_reward": "1 while training waits for a reward model worth training against (see GetStatus).",
+        "failing_steps": "Steps failed in a row (0 after a step succeeds).",
     }.items()
 }
 PHASE_SECONDS = Histogram(
@@ -29,5 +32,13 @@ PHASE_SECONDS = Histogram(
 PROMOTED = Counter("flywheel_trainer_versions_promoted", "Versions announced to the policy replicas.", ["reason"])
 REJECTED = Counter("flywheel_trainer_versions_rejected", "Checkpoints the gate refused.")
 RESTARTS = Counter(
-    "flywheel_trainer_restarts_from_serving", "Times training went back to the serving weights (gate_patience)."
+    "flywheel_trainer_restarts_from_serving",
+    "Times training went back to the serving weights with a fresh optimizer, by reason: gate_patience, "
+    "kl_budget, failing_steps, rollback.",
+    ["reason"],
+)
+FAILED_STEPS = Counter(
+    "flywheel_trainer_failed_steps",
+    "Steps that failed, by kind: reward_unavailable (retried with backoff) or error.",
+    ["kind"],
 )

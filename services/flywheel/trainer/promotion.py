@@ -78,14 +78,21 @@ class Promoter:
             return self._promote(manifest, "gate", st) if self.cfg.auto_promote else manifest
         REJECTED.inc()
         self._gate_failures += 1
-        if self.cfg.gate_patience and self._gate_failures >= self.cfg.gate_patience:
+        if self.cfg.restart_on_kl and not cand.kl < self.cfg.gate_kl_budget:
+            # The policy drifted past the KL budget: every later checkpoint would be further out.
+            self.request_restart(st.serving_version, "kl_budget")
+        elif self.cfg.gate_patience and self._gate_failures >= self.cfg.gate_patience:
             # Early stopping with restarts: the held-out reward of the checkpoints has not beaten
             # the serving version's for `gate_patience` in a row, so the policy is drifting into what
             # the gate refuses (e.g. reward over-optimization). Start again from what serves.
-            log.info("%d gate failures in a row: training on from serving v%d", self._gate_failures, st.serving_version)
-            self.restart_version, self._gate_failures = st.serving_version, 0
-            RESTARTS.inc()
+            self.request_restart(st.serving_version, "gate_patience")
         return manifest
+
+    def request_restart(self, version: int, reason: str) -> None:
+        """Train on from `version`'s weights with a fresh optimizer before the next step (counted by reason)."""
+        log.warning("training on from v%d with a fresh optimizer (%s)", version, reason)
+        self.restart_version, self._gate_failures = version, 0
+        RESTARTS.labels(reason).inc()
 
     def _promote(self, manifest: Manifest, reason: str, st: TrainingState) -> Manifest:
         gate_text = (
@@ -131,7 +138,7 @@ class Promoter:
             raise errors.FailedPrecondition(f"v{version} is already the serving version")
         self.store.verify(self.cfg.model, version)
         out = self._promote(m, "rollback", st)
-        self.restart_version = version
+        self.request_restart(version, "rollback")
         return out
 
     def take_restart(self) -> int | None:

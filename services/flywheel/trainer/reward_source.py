@@ -1,4 +1,5 @@
-"""Where the trainer's rewards come from: the RewardSource protocol and the Reward service client.
+"""Where the trainer's rewards come from: the RewardSource protocol, the Reward service client,
+scoring that one bad sample cannot fail, and whether a reward version is worth training against.
 
 Kept apart from rollout.py: generating a rollout needs only the policy; scoring it is a call to
 another service (or, in tests, any object with a `score` method).
@@ -6,7 +7,11 @@ another service (or, in tests, any object with a `score` method).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+import math
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from flywheel.trainer.config import TrainerConfig
 
 from flywheel.core import errors
 
@@ -21,6 +26,49 @@ class RewardInfo(NamedTuple):
     version: int
     score_mean: float
     score_std: float
+    heldout_accuracy: float = -1.0  # of this version on the held-out pairs; -1: not measured
+    pairs_trained: int = 0
+    pairs_heldout: int = 0
+
+
+def score_each(reward: RewardSource, prompts: list[str], responses: list[str]) -> list[float]:
+    """Scores, NaN for a response with no text (never sent: the reward service refuses it) and for an
+    item the service refuses. A refused batch is scored item by item, so one bad sample costs only
+    itself."""
+    out = [math.nan] * len(prompts)
+    keep = [i for i, r in enumerate(responses) if r.strip()]
+    if not keep:
+        return out
+    try:
+        scores = reward.score([prompts[i] for i in keep], [responses[i] for i in keep])
+    except errors.InvalidArgument:
+        scores = []
+        for i in keep:
+            try:
+                scores.extend(reward.score([prompts[i]], [responses[i]]))
+            except errors.InvalidArgument:
+                scores.append(math.nan)
+    for i, x in zip(keep, scores, strict=True):
+        out[i] = x
+    return out
+
+
+def not_ready(info: RewardInfo | None, cfg: TrainerConfig, training: bool = False) -> str:
+    """Why the reward version in `info` is not worth training against ("" when it is). Once
+    `training`, a dip to reward_keep_accuracy is tolerated: the held-out set grows and shifts with
+    the policy, and its accuracy moves with it."""
+    if info is None:
+        return "the reward service does not answer GetInfo"
+    v = f"reward v{info.version}"
+    if info.pairs_trained < cfg.reward_min_pairs:
+        return f"{v} was trained on {info.pairs_trained} pairs; training starts at {cfg.reward_min_pairs}"
+    if info.pairs_heldout < cfg.reward_min_heldout_pairs:
+        return f"{v} was measured on {info.pairs_heldout} held-out pairs; training starts at {cfg.reward_min_heldout_pairs}"
+    least = min(cfg.reward_keep_accuracy, cfg.reward_min_accuracy) if training else cfg.reward_min_accuracy
+    if info.heldout_accuracy < least:
+        measured = f"{info.heldout_accuracy:.2f}" if info.heldout_accuracy >= 0 else "not measured yet"
+        return f"{v} held-out accuracy is {measured}; training {'goes on' if training else 'starts'} at {least:.2f}"
+    return ""
 
 
 class GrpcReward:
@@ -42,6 +90,8 @@ class GrpcReward:
         try:
             return method(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # this request, not the service: see score_each
+                raise errors.InvalidArgument(f"reward service at {self.address}: {e.details()}") from e
             raise errors.Unavailable(f"reward service at {self.address} failed: {e.code().name}: {e.details()}") from e
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -58,7 +108,14 @@ class GrpcReward:
         from flywheel.v1 import reward_pb2
 
         r = self._call(self._stub.GetInfo, reward_pb2.RewardInfoRequest())
-        return RewardInfo(r.reward_version, r.score_mean, r.score_std)
+        return RewardInfo(
+            r.reward_version,
+            r.score_mean,
+            r.score_std,
+            r.heldout_accuracy,
+            r.pairs_trained,
+            r.pairs_heldout,
+        )
 
     def close(self) -> None:
         self._channel.close()

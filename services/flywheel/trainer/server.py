@@ -43,6 +43,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             training_version=t.version,
             metrics={k: float(v) for k, v in t.metrics.items()},
             consumer_lag=t.last_lag,
+            waiting_for=t.waiting_for,
+            failing_steps=t.failing_steps,
+            last_error=t.last_error,
         )
 
     @staticmethod

@@ -34,11 +34,20 @@ class TrainingState:
     version: int  # the store version the policy's weights were last loaded from or published as
     serving_version: int  # what the policy replicas were last told to serve
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last step
+    warmup_left: int = 0  # steps of learning-rate warmup still to take (after a restart)
 
     def restart_from(self, version: int, policy: PreTrainedModel, cfg: TrainerConfig) -> None:
-        """Train on from `policy` (the weights of `version`) with a fresh optimizer."""
+        """Train on from `policy` (the weights of `version`) with a fresh, warmed-up optimizer."""
         self.policy, self.version = policy, version
         self.optimizer = new_optimizer(policy, self.value_head, cfg)
+        self.warmup_left = cfg.restart_warmup_steps
+
+    def set_lr(self, cfg: TrainerConfig) -> None:
+        """cfg.lr, or during a warmup a linear ramp from lr/10: a fresh Adam's first steps are full-size
+        (its moment estimates start at zero), which after a restart threw the policy past the KL budget."""
+        frac = self.warmup_left / cfg.restart_warmup_steps if cfg.restart_warmup_steps else 0.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * (1.0 - 0.9 * frac)
 
 
 def load_lm(store: ModelStore, cfg: TrainerConfig, version: int) -> PreTrainedModel:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/trainer.proto\x12\x0b\x66lywheel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x1e\n\x0cPauseRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rResumeRequest\"1\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xdf\x01\n\rTrainerStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12\x18\n\x10training_version\x18\x04 \x01(\x03\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.flywheel.v1.TrainerStatus.MetricsEntry\x12\x14\n\x0c\x63onsumer_lag\x18\x06 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListVersionsRequest\"\xe6\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06parent\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08promoted\x18\x04 \x01(\x08\x12\x0c\n\x04gate\x18\x05 \x01(\t\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.flywheel.v1.VersionInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"B\n\x14ListVersionsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.flywheel.v1.VersionInfo2\xb2\x03\n\x07Trainer\x12\x46\n\tGetStatus\x12\x1d.flywheel.v1.GetStatusRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12>\n\x05Pause\x12\x19.flywheel.v1.PauseRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12@\n\x06Resume\x12\x1a.flywheel.v1.ResumeRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12\x42\n\x07Promote\x12\x1b.flywheel.v1.PromoteRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12\x44\n\x08Rollback\x12\x1c.flywheel.v1.RollbackRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12S\n\x0cListVersions\x12 .flywheel.v1.ListVersionsRequest\x1a!.flywheel.v1.ListVersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/trainer.proto\x12\x0b\x66lywheel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x1e\n\x0cPauseRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rResumeRequest\"1\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9f\x02\n\rTrainerStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12\x18\n\x10training_version\x18\x04 \x01(\x03\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.flywheel.v1.TrainerStatus.MetricsEntry\x12\x14\n\x0c\x63onsumer_lag\x18\x06 \x01(\x03\x12\x13\n\x0bwaiting_for\x18\x07 \x01(\t\x12\x15\n\rfailing_steps\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListVersionsRequest\"\xe6\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06parent\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08promoted\x18\x04 \x01(\x08\x12\x0c\n\x04gate\x18\x05 \x01(\t\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.flywheel.v1.VersionInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"B\n\x14ListVersionsResponse\x12*\n\x08versions\x18\x01 \x03(\x0b\x32\x18.flywheel.v1.VersionInfo2\xb2\x03\n\x07Trainer\x12\x46\n\tGetStatus\x12\x1d.flywheel.v1.GetStatusRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12>\n\x05Pause\x12\x19.flywheel.v1.PauseRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12@\n\x06Resume\x12\x1a.flywheel.v1.ResumeRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12\x42\n\x07Promote\x12\x1b.flywheel.v1.PromoteRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12\x44\n\x08Rollback\x12\x1c.flywheel.v1.RollbackRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12S\n\x0cListVersions\x12 .flywheel.v1.ListVersionsRequest\x1a!.flywheel.v1.ListVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,17 +47,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROLLBACKREQUEST']._serialized_start=195
   _globals['_ROLLBACKREQUEST']._serialized_end=245
   _globals['_TRAINERSTATUS']._serialized_start=248
-  _globals['_TRAINERSTATUS']._serialized_end=471
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=425
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=471
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=473
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=494
-  _globals['_VERSIONINFO']._serialized_start=497
-  _globals['_VERSIONINFO']._serialized_end=727
-  _globals['_VERSIONINFO_METRICSENTRY']._serialized_start=425
-  _globals['_VERSIONINFO_METRICSENTRY']._serialized_end=471
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=729
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=795
-  _globals['_TRAINER']._serialized_start=798
-  _globals['_TRAINER']._serialized_end=1232
+  _globals['_TRAINERSTATUS']._serialized_end=535
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=489
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=535
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=537
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=558
+  _globals['_VERSIONINFO']._serialized_start=561
+  _globals['_VERSIONINFO']._serialized_end=791
+  _globals['_VERSIONINFO_METRICSENTRY']._serialized_start=489
+  _globals['_VERSIONINFO_METRICSENTRY']._serialized_end=535
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=793
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=859
+  _globals['_TRAINER']._serialized_start=862
+  _globals['_TRAINER']._serialized_end=1296
 # @@protoc_insertion_point(module_scope)

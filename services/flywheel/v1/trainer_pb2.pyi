@@ -40,7 +40,7 @@ class RollbackRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("state", "step", "serving_version", "training_version", "metrics", "consumer_lag")
+    __slots__ = ("state", "step", "serving_version", "training_version", "metrics", "consumer_lag", "waiting_for", "failing_steps", "last_error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,13 +54,19 @@ class TrainerStatus(_message.Message):
     TRAINING_VERSION_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_LAG_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    FAILING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     state: str
     step: int
     serving_version: int
     training_version: int
     metrics: _containers.ScalarMap[str, float]
     consumer_lag: int
-    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., serving_version: _Optional[int] = ..., training_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., consumer_lag: _Optional[int] = ...) -> None: ...
+    waiting_for: str
+    failing_steps: int
+    last_error: str
+    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., serving_version: _Optional[int] = ..., training_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., consumer_lag: _Optional[int] = ..., waiting_for: _Optional[str] = ..., failing_steps: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ()
