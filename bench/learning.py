@@ -2,7 +2,8 @@
 
 Each run is `flywheel demo` in-process (`flywheel.loop.demo.run_demo`): every service started
 on its own ports and store, a simulated panel of users talking to them over the public gRPC APIs
-only, with no override of any training setting (the defaults are what is measured). The judge is
+only, with no override of any training setting (the defaults are what is measured; a `set:`
+variant changes some, to measure an alternative side by side). The judge is
 the panel's *hidden* utility, never the reward model: the final win-rate is the share of the
 serving policy's answers to held-out prompts that beat the starter's (v0) answers to the same
 prompts, ties counted half. Run i of a variant uses seed --seed + i; the runs are interleaved
@@ -22,6 +23,7 @@ Variants (--variant, repeatable; default `default`):
   persona:NAME            that persona alone: its own utility is the judge
   persona:NAME:inverted   its taste inverted (every weight negated; garbled text still costs)
   only:pair|thumbs|rating the default panel giving only that kind of feedback
+  set:NAME=VALUE[,...]     the default panel with settings changed from the defaults (an ablation)
   personas                every default persona alone and inverted (8 variants)
   kinds                   the three only:* variants
 
@@ -59,7 +61,7 @@ WELL_FORMED_RATIO = 0.95  # served answers' well-formed share, at least this x t
 KL_SHARE = 0.5  # KL to the starter, at most this share of the gate's budget
 
 SPECS = (
-    "default, persona:NAME, persona:NAME:inverted, only:KIND, personas or kinds "
+    "default, persona:NAME, persona:NAME:inverted, only:KIND, set:NAME=VALUE[,...], personas or kinds "
     f"(NAME: {', '.join(p.name for p in DEFAULT_PERSONAS)}; KIND: {', '.join(KINDS)})"
 )
 
@@ -72,11 +74,12 @@ class Variant:
     personas: tuple[Persona, ...]
     mix: dict[str, float] | None  # feedback kinds' shares; None: the panel's default mix
     target: float  # final win-rate to reach
+    env: tuple[tuple[str, str], ...] = ()  # an ablation's settings changed from the defaults (set:...)
 
     @property
     def slug(self) -> str:
         """A directory name for it."""
-        return self.name.replace(":", "-")
+        return self.name.replace(":", "-").replace("=", "-").replace(",", "+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,8 @@ def parse_variant(spec: str, default_target: float) -> list[Variant]:
         except ValueError as e:
             raise ValueError(f"bad variant {spec!r}: {e}") from None
         return [_persona(persona, len(parts) == 3)]
+    if head == "set" and len(parts) == 2:
+        return [_ablation(spec, parts[1], default_target)]
     if head == "only" and len(parts) == 2:
         if parts[1] not in KINDS:
             raise ValueError(
@@ -120,6 +125,18 @@ def parse_variant(spec: str, default_target: float) -> list[Variant]:
 def _persona(p: Persona, inverted: bool) -> Variant:
     who = p.inverted() if inverted else p
     return Variant(f"persona:{p.name}" + (":inverted" if inverted else ""), (who,), None, SINGLE_TARGET)
+
+
+def _ablation(spec: str, assignments: str, target: float) -> Variant:
+    """set:NAME=VALUE,NAME=VALUE: the default panel with these settings changed (a defence measured
+    side by side with the defaults). NAME is a FLYWHEEL_* variable (docs/CONFIG.md)."""
+    env = []
+    for item in assignments.split(","):
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("FLYWHEEL_") or not value:
+            raise ValueError(f"bad variant {spec!r}: use set:FLYWHEEL_NAME=VALUE[,FLYWHEEL_NAME=VALUE...]")
+        env.append((name, value))
+    return Variant(spec, DEFAULT_PERSONAS, None, target, tuple(env))
 
 
 def _only(kind: str) -> Variant:
@@ -362,7 +379,13 @@ def settings_of(args: argparse.Namespace, variants: Sequence[Variant], limits: L
         "bootstrap": os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", "") or "embedded",
         "limits": dataclasses.asdict(limits),
         "variants": [
-            {"name": v.name, "personas": [p.name for p in v.personas], "mix": v.mix, "target": v.target}
+            {
+                "name": v.name,
+                "personas": [p.name for p in v.personas],
+                "mix": v.mix,
+                "target": v.target,
+                "env": dict(v.env),
+            }
             for v in variants
         ],
         "cpus": os.cpu_count(),
@@ -424,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     personas=v.personas,
                     mix=v.mix,
                     bootstrap=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""),
+                    env=dict(v.env),
                 )
                 report = run_demo(cfg, stop.event)
                 row = run_row(v, seed, report, limits, interrupted=stop.event.is_set())

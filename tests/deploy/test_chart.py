@@ -192,6 +192,35 @@ def test_config_secret_and_model_store() -> None:
         } <= names
 
 
+# Trainer and reward settings the chart may set: where things are, not how they learn.
+PLUMBING = {"device", "reward_addr", "state_dir", "base_model", "group"}
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_the_chart_learns_with_the_shipped_defaults(values: str) -> None:
+    """No training setting of the trainer or the reward model in any rendered env or ConfigMap: an
+    install learns with the defaults `flywheel bench learning` measures."""
+    from flywheel.core.config import env_vars
+    from flywheel.reward.config import JoinConfig, RewardModelConfig, TrainConfig
+    from flywheel.trainer.config import TrainerConfig
+
+    training = {
+        name
+        for c in (TrainerConfig, TrainConfig, JoinConfig, RewardModelConfig)
+        for field, var in env_vars(c).items()
+        if field not in PLUMBING
+        for name in (var.name, var.deprecated_alias)
+        if name
+    }
+    objs = render(values)
+    names = {k for cm in by_kind(objs, "ConfigMap").values() for k in cm.get("data", {})}
+    for w in workloads(objs).values():
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            names |= {e["name"] for e in c.get("env", [])}
+    assert training, "no training settings found: env_name changed?"
+    assert not names & training, sorted(names & training)
+
+
 def test_env_values_override_the_configmap_defaults() -> None:
     objs = render("values.yaml", "--set", "env.HF_HUB_OFFLINE=0", "--set", "env.FLYWHEEL_EXTRA=yes")
     cm = by_kind(objs, "ConfigMap")["flywheel-config"]["data"]

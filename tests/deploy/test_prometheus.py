@@ -90,7 +90,7 @@ def _alert(name: str, at: str, labels: dict[str, str] | None = None, summary: st
     return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": labels, "exp_annotations": annotations}]}
 
 
-def test_promtool_unit_tests_fire_the_five_key_alerts(tmp_path: Path) -> None:
+def test_promtool_unit_tests_fire_the_key_alerts(tmp_path: Path) -> None:
     """Synthetic series: each key alert fires on a bad trend and stays quiet on a good one."""
     pod = {"namespace": "flywheel", "pod": "p-1"}
     series = [
@@ -105,6 +105,8 @@ def test_promtool_unit_tests_fire_the_five_key_alerts(tmp_path: Path) -> None:
         # accuracy: 0.80 for 20m, then 0.70
         {"series": 'flywheel_reward_heldout_accuracy{namespace="flywheel",pod="r-1"}', "values": "0.8x20 0.7x60"},
         {"series": 'flywheel_trainer_kl{namespace="flywheel",pod="t-1"}', "values": "2x10 9x30"},
+        # failing steps: 0 for 10m, then 1, 2, ... on t-1 (a step fails each minute)
+        {"series": 'flywheel_trainer_failing_steps{namespace="flywheel",pod="t-1"}', "values": "0x10 1+1x30"},
         {
             "series": 'flywheel_bus_consumer_lag{namespace="flywheel",pod="t-1",group="flywheel-trainer",topic="flywheel.interactions",partition="0"}',
             "values": "20000x40",
@@ -145,6 +147,13 @@ def test_promtool_unit_tests_fire_the_five_key_alerts(tmp_path: Path) -> None:
                         "30m",
                         {"namespace": "flywheel", "pod": "t-1", "severity": "warning"},
                         "Trainer KL to the reference is 9.00 nats (budget 6)",
+                    ),
+                    _alert("FlywheelTrainerStepsFailing", "20m"),
+                    _alert(
+                        "FlywheelTrainerStepsFailing",
+                        "30m",
+                        {"namespace": "flywheel", "pod": "t-1", "severity": "critical"},
+                        "Trainer t-1 has failed 20 steps in a row",
                     ),
                     _alert(
                         "FlywheelConsumerLag",

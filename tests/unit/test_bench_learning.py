@@ -383,3 +383,13 @@ def test_main_ends_after_the_run_a_signal_interrupted(tmp_path, monkeypatch):
     assert len(calls) == 1
     md = (tmp_path / "learning.md").read_text()
     assert "FAIL: interrupted" in md and "Stopped early: interrupted after 1 of 3 runs." in md
+
+
+def test_set_variant_is_the_default_panel_with_settings_changed() -> None:
+    [v] = learning.parse_variants(["set:FLYWHEEL_TRAINER_PTX_COEF=0.1,FLYWHEEL_TRAINER_GATE_KL_BUDGET=4"], 0.8)
+    assert v.personas == DEFAULT_PERSONAS and v.mix is None and v.target == 0.8
+    assert dict(v.env) == {"FLYWHEEL_TRAINER_PTX_COEF": "0.1", "FLYWHEEL_TRAINER_GATE_KL_BUDGET": "4"}
+    assert v.slug == "set-FLYWHEEL_TRAINER_PTX_COEF-0.1+FLYWHEEL_TRAINER_GATE_KL_BUDGET-4"
+    for bad in ("set:", "set:LR=1", "set:FLYWHEEL_X", "set:FLYWHEEL_X="):
+        with pytest.raises(ValueError, match="use set:FLYWHEEL_NAME=VALUE"):
+            learning.parse_variants([bad], 0.8)

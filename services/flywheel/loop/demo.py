@@ -63,7 +63,7 @@ class DemoConfig:
     # that merely touches it is a coin flip, and the final, independent evaluation then falls
     # below (stopping on a noisy check favours a lucky one: 0.81 -> 0.77, 0.82 -> 0.80 seen).
     confirm_margin_se: float = 1.0
-    max_events: int = 3000
+    max_events: int = 3000  # the panel gives no more feedback; the run ends at the next check
     events_per_s: float = 4.0
     eval_every_s: float = 30.0
     eval_samples: int = 8  # answers per held-out prompt per evaluation
@@ -251,6 +251,9 @@ def run_demo(cfg: DemoConfig, stop: threading.Event | None = None) -> dict[str, 
                         say(f"not confirmed: {seen}; going on")
                         hits = 0
                     next_eval = time.monotonic() + cfg.eval_every_s
+                    if client.events >= cfg.max_events:  # no more feedback: what serves now is the result
+                        say(f"feedback budget of {cfg.max_events} events spent")
+                        break
             except grpc.RpcError as e:  # a service restarted by the supervisor: wait for it
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise

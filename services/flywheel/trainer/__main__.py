@@ -65,7 +65,7 @@ def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
         log.warning("FLYWHEEL_KAFKA_BOOTSTRAP is not set: prompts come from the pool and versions are not announced")
     prompts: PromptSource
     if cfg.prompt_source == "kafka" and kafka.bootstrap:
-        prefs = topics.preferences if cfg.ptx_coef > 0 else None
+        prefs = topics.preferences if cfg.ptx_coef > 0 and not cfg.ptx_data else None
         prompts = KafkaPrompts(
             kafka, topics.interactions, train, cfg.consumer_group, cfg.model, prefs, cfg.poll_timeout_ms
         )

@@ -108,6 +108,18 @@ class TrainerConfig:
         "Normalized score of a response with no text: given without asking the reward service (which "
         "refuses empty text), so a policy that collapses to empty answers is pushed away from them.",
     )
+    surprise_logprob: float = setting(
+        -8.0,
+        "A response token whose log-prob under the reference (at the sampling temperature) is below this makes "
+        "the response surprising: text the starter would never write. On the starter corpus every such answer "
+        "was garbled and every garbled answer had one. Check `gate.reference_surprising` in a version's metrics: "
+        "the reference's own share should be small.",
+    )
+    surprise_score: float | None = setting(
+        -2.0,
+        "Normalized score of a surprising response in training (a perplexity-under-the-reference defence against "
+        "reward over-optimization, like the EOS trick's fixed score). None: off.",
+    )
     reward_norm: str = setting(
         "info",
         "Reward normalization: info (Reward.GetInfo score mean/std, running stats until it has them), "
@@ -116,7 +128,12 @@ class TrainerConfig:
     reward_clip: float = setting(10.0, "Normalized scores are clipped to +-this.")
     ptx_coef: float = setting(
         0.0,
-        "Weight of a supervised loss on users' demonstrations (InstructGPT's PPO-ptx, Ouyang et al. 2022). 0: off.",
+        "Weight of a supervised loss on demonstrations (InstructGPT's PPO-ptx, Ouyang et al. 2022). 0: off.",
+    )
+    ptx_data: str = setting(
+        "",
+        "PPO-ptx's data: empty for users' demonstrations (Kafka); `corpus` for the built-in starter's training "
+        "corpus (InstructGPT mixes in the pretraining distribution); or a JSONL file of {prompt, answer} lines.",
     )
 
     # --- reward readiness: train only against a reward model that has learned something -------
@@ -159,6 +176,11 @@ class TrainerConfig:
     gate_max_tokens: float = setting(0.0, "Largest mean response length (0: 0.95 * max_new_tokens).")
     gate_max_repeat: float = setting(0.5, "Largest mean share of a response taken by its most frequent token.")
     gate_min_distinct2: float = setting(0.3, "Smallest mean share of distinct bigrams in a response.")
+    gate_max_surprising_increase: float = setting(
+        0.1,
+        "Largest share of responses with a surprising token (see surprise_logprob) beyond the reference's own "
+        "share on the gate's prompts (1: off).",
+    )
     gate_seed: int = setting(1234, "Sampling seed of the gate's generations (same for both versions).")
     gate_patience: int = setting(
         5,
@@ -226,6 +248,13 @@ class TrainerConfig:
         require(self.gate_prompts >= 1, n, "gate_prompts", self.gate_prompts, "use 1 or more")
         require(self.gate_kl_budget > 0, n, "gate_kl_budget", self.gate_kl_budget, "use a positive number of nats")
         require(0 < self.gate_max_repeat <= 1, n, "gate_max_repeat", self.gate_max_repeat, "use a share in (0, 1]")
+        require(
+            0 <= self.gate_max_surprising_increase <= 1,
+            n,
+            "gate_max_surprising_increase",
+            self.gate_max_surprising_increase,
+            "use a share in [0, 1] (1: off)",
+        )
         require(0 <= self.gate_min_distinct2 <= 1, n, "gate_min_distinct2", self.gate_min_distinct2, "use 0..1")
         require(self.reward_min_pairs >= 0, n, "reward_min_pairs", self.reward_min_pairs, "use 0 or more")
         require(

@@ -6,7 +6,11 @@ A candidate passes when, on held-out prompts sampled with one fixed seed for bot
      (the KL budget of Ziegler et al. 2019 / Huang et al. 2024, checked on held-out prompts);
   3. its output is not degenerate: mean length within [gate_min_tokens, max_mean_tokens],
      the most frequent token's share of a response at most `gate_max_repeat`, and the share
-     of distinct bigrams at least `gate_min_distinct2` (reward hacking by repetition shows here).
+     of distinct bigrams at least `gate_min_distinct2` (reward hacking by repetition shows here);
+  4. its text is not garbled: the share of responses holding a token the reference finds very
+     unlikely (log-prob under `surprise_logprob`) exceeds the reference's own share by at most
+     `gate_max_surprising_increase` (a perplexity-under-the-reference test: reward
+     over-optimization writes text the starter would never write, which the KL budget averages away).
 The verdict is the manifest's `gate` string: "passed" or "failed: <every reason>".
 """
 
@@ -19,6 +23,7 @@ from collections import Counter
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from flywheel.trainer import ppo
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.reward_source import RewardSource, score_each
 from flywheel.trainer.rollout import forward, generate
@@ -34,6 +39,7 @@ class GateReport:
     repeat: float  # mean share of the most frequent token in a response
     distinct2: float  # mean share of distinct bigrams in a response
     eos_rate: float
+    surprising: float = 0.0  # share of responses with a token under surprise_logprob for the reference
 
     def metrics(self, prefix: str = "gate.") -> dict[str, float]:
         return {prefix + k: float(v) for k, v in dataclasses.asdict(self).items()}
@@ -77,11 +83,14 @@ def evaluate(
         repeat=float(sum(r for r, _ in reps) / len(reps)),
         distinct2=float(sum(d for _, d in reps) / len(reps)),
         eos_rate=float(batch.has_eos.float().mean()),
+        surprising=float(ppo.surprising(ref_logprobs, mask, cfg.surprise_logprob).float().mean()),
     )
 
 
-def decide(candidate: GateReport, serving: GateReport, cfg: TrainerConfig) -> tuple[bool, str]:
-    """(passed, verdict string for the manifest)."""
+def decide(
+    candidate: GateReport, serving: GateReport, cfg: TrainerConfig, reference_surprising: float = 0.0
+) -> tuple[bool, str]:
+    """(passed, verdict string for the manifest); `reference_surprising`: the reference's own share."""
     reasons = []
     if not candidate.reward_mean > serving.reward_mean + cfg.gate_margin:
         reasons.append(
@@ -97,6 +106,11 @@ def decide(candidate: GateReport, serving: GateReport, cfg: TrainerConfig) -> tu
         reasons.append(f"degenerate: top token is {candidate.repeat:.0%} of a response (max {cfg.gate_max_repeat:.0%})")
     if candidate.distinct2 < cfg.gate_min_distinct2:
         reasons.append(f"degenerate: distinct bigrams {candidate.distinct2:.0%} (min {cfg.gate_min_distinct2:.0%})")
+    if candidate.surprising > reference_surprising + cfg.gate_max_surprising_increase:
+        reasons.append(
+            f"garbled: {candidate.surprising:.0%} of responses hold a token the reference finds unlikely "
+            f"(the reference's own: {reference_surprising:.0%}, max +{cfg.gate_max_surprising_increase:.0%})"
+        )
     if reasons:
         return False, "failed: " + "; ".join(reasons)
     return True, "passed"

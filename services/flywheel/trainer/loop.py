@@ -36,7 +36,7 @@ from flywheel.trainer.checkpoints import Checkpointer
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.metrics import FAILED_STEPS, GAUGES, PHASE_SECONDS
 from flywheel.trainer.promotion import Announce, Promoter
-from flywheel.trainer.prompt_sources import PromptSource
+from flywheel.trainer.prompt_sources import PromptSource, ptx_examples
 from flywheel.trainer.reward_source import RewardInfo, RewardSource, not_ready, score_each
 from flywheel.trainer.rollout import forward, generate
 from flywheel.trainer.state import ActiveLock, load_control, save_control, trainer_dir
@@ -78,8 +78,10 @@ class Trainer:
         promoter: Promoter,
         directory: Path,  # the trainer's own folder in the store (trainer_dir)
         reward_info: Callable[[], RewardInfo | None] | None = None,
+        ptx_data: list[tuple[str, str]] | None = None,  # PPO-ptx examples (else users' demonstrations)
     ) -> None:
         self.cfg, self.prompts, self.reward, self.reward_info = cfg, prompts, reward, reward_info
+        self.ptx_data = ptx_data or []
         self.checkpointer, self.promoter = checkpointer, promoter
         self.algorithm = algorithm(cfg)
         self.dir = directory
@@ -193,12 +195,17 @@ class Trainer:
         mask = batch.response_mask  # (B, T)
         kl = ppo.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         seq_kl = kl.sum(1)  # (B,)
+        # Text the reference would never write gets a fixed low score, whatever the reward model thinks
+        # of it: the garbled answers reward over-optimization finds (see ppo.surprising).
+        surprising = ppo.surprising(ref_logprobs, mask, cfg.surprise_logprob)  # (B,)
+        if cfg.surprise_score is not None:
+            scores = torch.where(surprising & ~unscored, torch.full_like(scores, cfg.surprise_score), scores)
 
         # 4. Advantages: the algorithm's own (PPO: KL in the reward and GAE; RLOO; GRPO).
         advantages, returns = algo.advantages(scores, kl, mask, old_values, st.kl_ctl.value)
 
         # 5. Update: `epochs` passes of clipped PPO over shuffled minibatches (Schulman et al. 2017).
-        demos = self.prompts.demonstrations() if cfg.ptx_coef > 0 else []
+        demos = (self.ptx_data or self.prompts.demonstrations()) if cfg.ptx_coef > 0 else []
         stats: dict[str, list[float]] = {
             "pg_loss": [],
             "value_loss": [],
@@ -247,6 +254,7 @@ class Trainer:
             "reward_mean": float(raw.mean()) if len(raw) else float("nan"),
             "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
             "unscored_share": float(unscored.float().mean()),
+            "surprising_share": float(surprising.float().mean()),
             "score_norm_mean": float(scores.mean()),
             "kl": float(seq_kl.mean()),
             "kl_coef": st.kl_ctl.value,
@@ -421,4 +429,5 @@ def build_trainer(
     directory = trainer_dir(store.root, cfg.model)
     checkpointer = Checkpointer(cfg, store, prompts, reward, directory, keep_last)
     promoter = Promoter(cfg, store, reward, heldout, announce)
-    return Trainer(cfg, prompts, reward, checkpointer, promoter, directory, reward_info)
+    ptx = ptx_examples(cfg.ptx_data, cfg.seed) if cfg.ptx_coef > 0 else []
+    return Trainer(cfg, prompts, reward, checkpointer, promoter, directory, reward_info, ptx)

@@ -19,6 +19,7 @@ GAUGES = {
         "samples_per_second": "Sequences per second over rollout plus update.",
         "serving_version": "Version the policy replicas are told to serve.",
         "unscored_share": "Share of the last rollout given empty_response_score (empty or refused answers).",
+        "surprising_share": "Share of the last rollout holding a token the reference finds very unlikely.",
         "waiting_for_reward": "1 while training waits for a reward model worth training against (see GetStatus).",
         "failing_steps": "Steps failed in a row (0 after a step succeeds).",
     }.items()

@@ -114,6 +114,13 @@ def apply_eos_trick(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float 
     return torch.where(has_eos, scores, torch.full_like(scores, penalty))
 
 
+def surprising(ref_logprobs: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, T) -> (B,) bool: responses holding a token the reference finds less likely than exp(threshold).
+    A perplexity-under-the-reference test: reward over-optimization writes text the starter never would
+    (Gao et al. 2023 measure the same drift as KL; a per-token minimum does not average it away)."""
+    return (ref_logprobs.masked_fill(~mask.bool(), 0.0) < threshold).any(1)
+
+
 def token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,7 @@ class Promoter:
         self.restart_version: int | None = None  # set: train on from these weights before the next step
         self._serving_eval: tuple[int, PreTrainedModel] | None = None  # (version, its model) cached
         self._gate_failures = 0  # in a row, since the last pass or restart
+        self._ref_surprising: float | None = None
 
     # ------------------------------------------------------------------ the gate and announcing
 
@@ -60,6 +61,18 @@ class Promoter:
             self._serving_eval = (v, model)
         return gate.evaluate(model, st.reference, st.tokenizer, self.gate_prompts, self.reward, self.cfg)
 
+    def _reference_surprising(self, st: TrainingState, serving: gate.GateReport) -> float:
+        """The reference's own share of surprising responses on the gate's prompts (measured once)."""
+        if self._ref_surprising is None:
+            if st.serving_version == self.cfg.reference_version:
+                self._ref_surprising = serving.surprising
+            else:
+                report = gate.evaluate(
+                    st.reference, st.reference, st.tokenizer, self.gate_prompts, self.reward, self.cfg
+                )
+                self._ref_surprising = report.surprising
+        return self._ref_surprising
+
     def run_gate(self, manifest: Manifest, st: TrainingState) -> Manifest:
         """Gate `manifest` (the policy in memory): record the verdict; announce it if it passed."""
         t = time.perf_counter()
@@ -69,8 +82,14 @@ class Promoter:
             serving = self._serving_report(st)
         finally:
             st.policy.train()
-        passed, verdict = gate.decide(cand, serving, self.cfg)
-        metrics = {**cand.metrics(), **serving.metrics("gate.serving."), "gate.seconds": time.perf_counter() - t}
+        ref_surprising = self._reference_surprising(st, serving)
+        passed, verdict = gate.decide(cand, serving, self.cfg, ref_surprising)
+        metrics = {
+            **cand.metrics(),
+            **serving.metrics("gate.serving."),
+            "gate.reference_surprising": ref_surprising,
+            "gate.seconds": time.perf_counter() - t,
+        }
         manifest = self.store.update(self.cfg.model, manifest.version, gate=verdict, metrics=metrics)
         log.info("gate v%d: %s", manifest.version, verdict)
         if passed:

@@ -222,3 +222,32 @@ class KafkaPrompts(PoolPrompts):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.consumer.close(autocommit=False)
+
+
+def ptx_examples(data: str, seed: int = 0) -> list[tuple[str, str]]:
+    """PPO-ptx's (prompt, answer) examples from `trainer.ptx_data` ("" : none here, users' demonstrations
+    come from Kafka; "corpus": the built-in starter's training corpus; else a JSONL file)."""
+    if not data:
+        return []
+    if data == "corpus":
+        from flywheel.policy import corpus
+
+        return [(e.prompt, e.answer) for e in corpus.generate(2000, seed)]
+    import json
+    from pathlib import Path
+
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise errors.InvalidArgument(f"trainer.ptx_data: no file {path}; use '', 'corpus' or a JSONL file")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append((str(row["prompt"]), str(row["answer"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise errors.InvalidArgument(f"trainer.ptx_data {path} line {n}: need {{prompt, answer}} ({e})") from e
+    if not out:
+        raise errors.InvalidArgument(f"trainer.ptx_data {path} has no examples")
+    return out

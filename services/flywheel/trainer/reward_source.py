@@ -65,7 +65,7 @@ def not_ready(info: RewardInfo | None, cfg: TrainerConfig, training: bool = Fals
     if info.pairs_heldout < cfg.reward_min_heldout_pairs:
         return f"{v} was measured on {info.pairs_heldout} held-out pairs; training starts at {cfg.reward_min_heldout_pairs}"
     least = min(cfg.reward_keep_accuracy, cfg.reward_min_accuracy) if training else cfg.reward_min_accuracy
-    if info.heldout_accuracy < least:
+    if least > 0 and info.heldout_accuracy < least:
         measured = f"{info.heldout_accuracy:.2f}" if info.heldout_accuracy >= 0 else "not measured yet"
         return f"{v} held-out accuracy is {measured}; training {'goes on' if training else 'starts'} at {least:.2f}"
     return ""
