@@ -298,7 +298,7 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServicer):
     def _status(self) -> trainer_pb2.TrainerStatus:
         return trainer_pb2.TrainerStatus(
             state="training", step=412, serving_version=self.serving, training_version=5, consumer_lag=17,
-            metrics={"kl": 0.031, "reward_mean": 0.42},
+            metrics={"kl": 0.031, "reward_mean": 0.42}, failing_steps=2, last_error="Unavailable: reward away",
         )  # fmt: skip
 
     def GetStatus(self, request: Any, context: grpc.ServicerContext) -> trainer_pb2.TrainerStatus:
@@ -390,6 +390,7 @@ def test_status_reports_pods_versions_trainer_and_lease(
     assert ops.main(argv) == 0
     text = capsys.readouterr().out
     assert "trainer: training step=412 serving=v3" in text and "lag=17" in text and "v3" in text
+    assert "2 steps failed in a row; last: Unavailable: reward away" in text
 
 
 def test_status_without_a_cluster_still_asks_the_trainer(

@@ -204,11 +204,10 @@ def demo_report(kafka_bootstrap, tmp_path_factory) -> tuple[object, dict]:
     topics = {f"FLYWHEEL_TOPIC_{t.upper()}": prefix + n for t, n in _topic_defaults().items()}
     cfg = DemoConfig(
         out=tmp_path_factory.mktemp("loop") / "demo",
-        # Stops early once 0.7 is confirmed on 150 answers; the limit is for slow runs (CI's stop-15
-        # run ended at 0.59 after 5 minutes while the win-rate was still climbing).
+        # Stops early once 0.7 is confirmed on 150 answers; the limit is for slow runs.
         minutes=9.0,
         target_win_rate=0.7,
-        max_events=1500,
+        max_events=4000,  # a run ends once they are spent: at 8/s they outlast the 9 minutes
         events_per_s=8.0,
         eval_every_s=20.0,
         eval_samples=6,

@@ -121,8 +121,8 @@ def read_topic(bootstrap: str, topic: str, n: int, settle_s: float = 1.0, timeou
     return [(m.key.decode(), events_pb2.FeedbackEvent.FromString(m.value), dict(m.headers)) for m in records]
 
 
-def token(subject: str, user: str, version: int = 5) -> str:
-    return SIGNER.issue(subject, version, user)
+def token(subject: str, user: str, version: int = 5, kind: str = "answer") -> str:
+    return SIGNER.issue(subject, version, user, kind=kind)
 
 
 def fb(fid: str, user: str, iid: str, **kw: Any) -> feedback_pb2.FeedbackRequest:
@@ -172,7 +172,7 @@ def test_grpc_and_http_feedback_reach_kafka_once(service: Service, kafka_bootstr
         feedback_id="p1",
         pair_id="pair-1",
         user_id="carol",
-        feedback_token=token("pair-1", "carol", 9),
+        feedback_token=token("pair-1", "carol", 9, kind="pair"),
         preference=events_pb2.PREFERENCE_B,
     )
     demo = fb("d1", "dave", "i-3", demonstration="The capital is Paris.")

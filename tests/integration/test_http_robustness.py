@@ -181,7 +181,11 @@ def test_submit_batch_refuses_only_the_unknown_enum_item(feedback: Service) -> N
     def pair(fid: str, preference: int) -> feedback_pb2.FeedbackRequest:
         pid = f"pair-{fid}"
         return feedback_pb2.FeedbackRequest(
-            feedback_id=fid, pair_id=pid, user_id=user, feedback_token=token(pid, user), preference=preference
+            feedback_id=fid,
+            pair_id=pid,
+            user_id=user,
+            feedback_token=token(pid, user, kind="pair"),
+            preference=preference,
         )
 
     ok1, odd, ok2 = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex

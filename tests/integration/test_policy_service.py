@@ -231,7 +231,7 @@ def test_generate_stream_pair_info_reflection(policy: Running, kafka_bootstrap: 
     pair = policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1], seed=7)))
     assert pair.pair_id and pair.a.interaction_id != pair.b.interaction_id
     assert pair.a.policy_version == pair.b.policy_version == 0
-    assert SIGNER.verify(pair.feedback_token, pair.pair_id, "u1").policy_version == 0
+    assert SIGNER.verify(pair.feedback_token, pair.pair_id, "u1", kind="pair").policy_version == 0
     SIGNER.verify(pair.b.feedback_token, pair.b.interaction_id, "u1")
     cand = policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1]), candidate_version=1))
     assert (cand.a.policy_version, cand.b.policy_version) == (0, 1)

@@ -202,7 +202,10 @@ def test_tokens_are_checked_against_answer_user_and_expiry(intake: FeedbackIntak
         with pytest.raises(errors.PermissionDenied, match=message):
             run(intake.submit(r, ANONYMOUS))
     pair = req(interaction_id=None, pair_id="p9", thumbs=None, preference=events_pb2.PREFERENCE_B)
-    pair.feedback_token = SIGNER.issue("p9", 4, "u1")  # a pair's token is issued over pair_id
+    pair.feedback_token = SIGNER.issue("p9", 4, "u1")  # an answer's token, though its id is the pair's
+    with pytest.raises(errors.PermissionDenied, match="is an answer's: send it with interaction_id"):
+        run(intake.submit(pair, ANONYMOUS))
+    pair.feedback_token = SIGNER.issue("p9", 4, "u1", kind="pair")  # a pair's token is issued over pair_id
     assert run(intake.submit(pair, ANONYMOUS)).status == feedback_pb2.SUBMIT_STATUS_ACCEPTED
     event = events_pb2.FeedbackEvent.FromString(intake.producer.sent[-1][2])
     assert (event.pair_id, event.preference, event.policy_version, event.kind) == (
@@ -256,7 +259,7 @@ def test_duplicates_rate_limits_batches_and_spool(intake: FeedbackIntake, tmp_pa
         for i, pref in enumerate([events_pb2.PREFERENCE_A, 7, events_pb2.PREFERENCE_TIE])
     ]
     for i, r in enumerate(pairs):
-        r.feedback_token = SIGNER.issue(f"pp{i}", 7, "u5")
+        r.feedback_token = SIGNER.issue(f"pp{i}", 7, "u5", kind="pair")
     out = run(intake.submit_batch(pairs, Caller("app")))
     assert [getattr(r, "status", type(r).__name__) for r in out] == [
         S.SUBMIT_STATUS_ACCEPTED,

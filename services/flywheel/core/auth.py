@@ -1,7 +1,7 @@
 """Feedback tokens and caller identity.
 
 A feedback token proves that a caller really received an answer: the policy service signs
-(interaction_id, policy_version, user_id, issued, expiry) with HMAC-SHA256 and the feedback
+(kind, interaction_id or pair_id, policy_version, user_id, issued, expiry) with HMAC-SHA256 and the feedback
 service checks it before it accepts a rating (docs/ARCHITECTURE.md, 'Feedback tokens').
 Callers identify themselves with `authorization: Bearer <token>` in gRPC metadata or the HTTP
 header of the same name; the token is an API key or the admin token.
@@ -27,7 +27,8 @@ from flywheel.core.config import require, setting
 
 log = logging.getLogger(__name__)
 
-_TOKEN_VERSION = 1
+_TOKEN_VERSION = 2  # 2: the MAC binds the subject's kind (an answer or a pair); 1 did not
+_KINDS = ("answer", "pair")
 _FP_LEN = 6  # bytes of keyed fingerprint per bound field, only to tell *which* binding failed
 # version, policy_version, issued, expiry, fp(interaction), fp(user), full HMAC-SHA256
 _TOKEN_LAYOUT = struct.Struct(f">Bqqq{_FP_LEN}s{_FP_LEN}s32s")
@@ -143,14 +144,14 @@ class AuthConfig:
 class TokenClaims:
     """What a verified feedback token vouches for."""
 
-    interaction_id: str
+    interaction_id: str  # the subject: an answer's interaction_id, or a pair's pair_id
     user_id: str
     policy_version: int
     issued_at: int  # unix seconds
     expires_at: int  # unix seconds
 
 
-_MAC_PREFIX = f'["flywheel-feedback", {_TOKEN_VERSION}, '
+_MAC_PREFIX = '["flywheel-feedback", '
 _json_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str (ensure_ascii=True)
 
 
@@ -176,18 +177,27 @@ class TokenSigner:
     def _fingerprint(self, kind: str, value: str) -> bytes:
         return hmac.new(self._key, f"fp\0{kind}\0{value}".encode(), hashlib.sha256).digest()[:_FP_LEN]
 
-    def _mac(self, interaction_id: str, policy_version: int, user_id: str, issued: int, expiry: int) -> bytes:
+    def _mac(
+        self, version: int, kind: str, subject: str, policy_version: int, user_id: str, issued: int, expiry: int
+    ) -> bytes:
         # JSON array: unambiguous framing of arbitrary strings (no separator injection). Byte for
         # byte what json.dumps([...]) writes (tested), without building a JSONEncoder per call:
-        # this runs once per feedback event.
+        # this runs once per feedback event. Version 1 tokens (before kinds) framed no kind.
+        bound_kind = f"{_json_str(kind)}, " if version >= 2 else ""
         msg = (
-            f"{_MAC_PREFIX}{_json_str(interaction_id)}, {int(policy_version)!r}, {_json_str(user_id)}, "
-            f"{int(issued)!r}, {int(expiry)!r}]"
+            f"{_MAC_PREFIX}{version}, {bound_kind}{_json_str(subject)}, {int(policy_version)!r}, "
+            f"{_json_str(user_id)}, {int(issued)!r}, {int(expiry)!r}]"
         )
         return hmac.new(self._key, msg.encode(), hashlib.sha256).digest()
 
-    def issue(self, interaction_id: str, policy_version: int, user_id: str, now: float | None = None) -> str:
-        """A token that lets `user_id` give feedback on `interaction_id` until now + ttl."""
+    def issue(
+        self, subject: str, policy_version: int, user_id: str, now: float | None = None, kind: str = "answer"
+    ) -> str:
+        """A token that lets `user_id` give feedback on `subject` until now + ttl: an answer's
+        interaction_id (kind "answer") or a GeneratePair's pair_id (kind "pair"). The kind is signed:
+        a pair's token never passes for an answer's, nor the other way round."""
+        if kind not in _KINDS:
+            raise ValueError(f"token kind {kind!r}: use one of {_KINDS}")
         issued = int(time.time() if now is None else now)
         expiry = issued + self.ttl_s
         raw = _TOKEN_LAYOUT.pack(
@@ -195,14 +205,21 @@ class TokenSigner:
             int(policy_version),
             issued,
             expiry,
-            self._fingerprint("interaction", interaction_id),
+            self._fingerprint(kind, subject),
             self._fingerprint("user", user_id),
-            self._mac(interaction_id, int(policy_version), user_id, issued, expiry),
+            self._mac(_TOKEN_VERSION, kind, subject, int(policy_version), user_id, issued, expiry),
         )
         return _b64(raw)
 
-    def verify(self, token: str, interaction_id: str, user_id: str, now: float | None = None) -> TokenClaims:
-        """The token's claims, or errors.PermissionDenied saying exactly why it is refused."""
+    def verify(
+        self, token: str, subject: str, user_id: str, now: float | None = None, kind: str = "answer"
+    ) -> TokenClaims:
+        """The token's claims, or errors.PermissionDenied saying exactly why it is refused.
+
+        A version 1 token (issued before tokens named their kind) is still accepted for either kind
+        until it expires: a rolling upgrade keeps outstanding tokens working."""
+        if kind not in _KINDS:
+            raise ValueError(f"token kind {kind!r}: use one of {_KINDS}")
         try:
             raw = _unb64(token.strip())
             version, policy_version, issued, expiry, fp_i, fp_u, mac = _TOKEN_LAYOUT.unpack(raw)
@@ -210,21 +227,28 @@ class TokenSigner:
             raise errors.PermissionDenied(
                 "malformed feedback token: pass the feedback_token of the response unchanged"
             ) from None
-        if version != _TOKEN_VERSION:
+        if version not in (1, _TOKEN_VERSION):
             raise errors.PermissionDenied(f"malformed feedback token: unknown token version {version}")
         # One HMAC for a good token (the hot path of feedback intake); the fingerprints are
         # computed only on refusal, to say precisely why.
-        if hmac.compare_digest(mac, self._mac(interaction_id, policy_version, user_id, issued, expiry)):
+        if hmac.compare_digest(mac, self._mac(version, kind, subject, policy_version, user_id, issued, expiry)):
             t = time.time() if now is None else now
             if t >= expiry:
                 raise errors.PermissionDenied(
                     f"feedback token has expired ({int(t - expiry)} s ago; tokens live {expiry - issued} s)"
                 )
-            return TokenClaims(interaction_id, user_id, policy_version, issued, expiry)
-        if not hmac.compare_digest(fp_i, self._fingerprint("interaction", interaction_id)):
-            raise errors.PermissionDenied(
-                f"feedback token was issued for another answer, not interaction_id {interaction_id!r}"
-            )
+            return TokenClaims(subject, user_id, policy_version, issued, expiry)
+        expected_fp = self._fingerprint("interaction" if version == 1 else kind, subject)
+        if not hmac.compare_digest(fp_i, expected_fp):
+            other = "pair" if kind == "answer" else "answer"
+            if version >= 2 and hmac.compare_digest(fp_i, self._fingerprint(other, subject)):
+                raise errors.PermissionDenied(
+                    "feedback token is a pair's (from GeneratePair): send it with pair_id and a preference"
+                    if other == "pair"
+                    else "feedback token is an answer's: send it with interaction_id, not as a pair's"
+                )
+            name = "pair_id" if kind == "pair" else "interaction_id"
+            raise errors.PermissionDenied(f"feedback token was issued for another {kind}, not {name} {subject!r}")
         if not hmac.compare_digest(fp_u, self._fingerprint("user", user_id)):
             raise errors.PermissionDenied(f"feedback token was issued for another user, not user_id {user_id!r}")
         raise errors.PermissionDenied("feedback token signature is invalid (tampered, or signed with another key)")

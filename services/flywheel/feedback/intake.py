@@ -302,7 +302,8 @@ class FeedbackIntake:
                 "(for a preference, the pair's token from GeneratePair)"
             )
         subject = req.pair_id if kind == "preference" else req.interaction_id
-        claims = self.signer.verify(req.feedback_token, subject, req.user_id)
+        token_kind = "pair" if kind == "preference" else "answer"
+        claims = self.signer.verify(req.feedback_token, subject, req.user_id, kind=token_kind)
         self.user_limits.take(req.user_id, 1)
         event = build_event(req, kind, claims, self.config.rating_scale, now)
         return _Item(index, req.feedback_id, kind, subject, event.SerializeToString())

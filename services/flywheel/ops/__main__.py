@@ -81,6 +81,9 @@ def status_dict(status: Any) -> dict[str, Any]:
         "serving_version": status.serving_version,
         "training_version": status.training_version,
         "consumer_lag": status.consumer_lag,
+        "waiting_for": status.waiting_for,
+        "failing_steps": status.failing_steps,
+        "last_error": status.last_error,
         "metrics": dict(status.metrics),
     }
 
@@ -157,6 +160,10 @@ def print_status(s: dict[str, Any]) -> None:
             f"  trainer: {t['state']} step={t['step']} serving=v{t['serving_version']} "
             f"training=v{t['training_version']} lag={t['consumer_lag']} {metrics}".rstrip()
         )
+        if t.get("waiting_for"):
+            print(f"    waiting for the reward model: {t['waiting_for']}")
+        if t.get("failing_steps"):
+            print(f"    {t['failing_steps']} steps failed in a row; last: {t['last_error']}")
 
 
 def _status(args: argparse.Namespace) -> int:

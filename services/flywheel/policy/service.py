@@ -307,7 +307,7 @@ class PolicyService:
         pair_id = new_id()
         a = self._finish(req_a, ra, new_id(), user_id, (pair_id, "A"))
         b = self._finish(req_b, rb, new_id(), user_id, (pair_id, "B"))
-        return ServedPair(pair_id, a, b, self.signer.issue(pair_id, ra.version, user_id))
+        return ServedPair(pair_id, a, b, self.signer.issue(pair_id, ra.version, user_id, kind="pair"))
 
     async def _candidate_engine(self, version: int) -> Engine:
         """A second engine serving `version` from the model store (one cached; a third weight copy)."""

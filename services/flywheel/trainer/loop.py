@@ -11,6 +11,11 @@ gate.py). Its Prometheus metrics are in metrics.py; `build_trainer` wires it all
 cited where each detail is used (see ppo.py for the list); PPO-ptx is Ouyang et al. 2022
 (InstructGPT, arXiv 2203.02155) section 3.5.
 
+Never stalling: `run()` takes no step until the reward model is worth training against
+(reward_source.not_ready), scores empty or refused answers without failing the step
+(reward_source.score_each), counts failed steps, and after `max_failed_steps` in a row restarts
+from the serving weights (as the Promoter asks after a KL refusal or `gate_patience` refusals).
+
 Concurrency: `run()` owns the models in one thread; control calls (Pause, Promote, ...) from
 the gRPC servicer take `self.lock`, so they act between two steps, never inside one.
 """
@@ -363,7 +368,7 @@ class Trainer:
         GAUGES["failing_steps"].set(self.failing_steps)
         backoff = min(2.0 ** (self.failing_steps - 1), 30.0)
         if isinstance(e, errors.Unavailable):  # the reward service or Kafka is away: wait, retry
-            FAILED_STEPS.labels("reward_unavailable").inc()
+            FAILED_STEPS.labels("unavailable").inc()
             log.warning("step failed, retrying in %.0fs: %s", backoff, e)
             return backoff
         FAILED_STEPS.labels("error").inc()

@@ -40,6 +40,6 @@ RESTARTS = Counter(
 )
 FAILED_STEPS = Counter(
     "flywheel_trainer_failed_steps",
-    "Steps that failed, by kind: reward_unavailable (retried with backoff) or error.",
+    "Steps that failed, by kind: unavailable (the reward service or Kafka: retried with backoff) or error.",
     ["kind"],
 )
