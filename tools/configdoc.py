@@ -28,6 +28,7 @@ CLASSES: list[tuple[str, str]] = [
     ("Model store", "flywheel.core.modelstore:ModelStoreConfig"),
     ("Auth", "flywheel.core.auth:AuthConfig"),
     ("gRPC and HTTP server (every service)", "flywheel.core.server:ServerConfig"),
+    ("TLS (every gRPC and HTTP server, every client)", "flywheel.core.tls:TlsConfig"),
     ("Request limits (policy and feedback)", "flywheel.core.limits:LimitsConfig"),
     ("Policy engine", "flywheel.policy.config:EngineConfig"),
     ("Policy service", "flywheel.policy.service:PolicyConfig"),

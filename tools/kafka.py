@@ -7,12 +7,19 @@ CLI (the test script calls `start` before pytest and `stop` afterwards):
     python -m tools.kafka start --port 9092 --dir D   # background, pid file in D
     python -m tools.kafka stop --dir D
     python -m tools.kafka run --port 9092 --dir D     # foreground until a signal
+
+With `--tls-ca/--tls-cert/--tls-key` (PEM files; Kafka reads them as PEM key and trust stores)
+the broker also listens on `--ssl-port` (TLS, client certificates signed by the CA required) and
+on `--sasl-ssl-port` (TLS + SASL SCRAM-SHA-512, users from `--scram-user NAME=PASSWORD`, created
+when the storage is formatted). PLAINTEXT stays on `--port`: the broker's own replication and
+the readiness probe use it.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -68,8 +75,34 @@ def new_cluster_id() -> str:
             return cid
 
 
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerTls:
+    """The broker's TLS listeners: PEM files, and the SCRAM users of the SASL_SSL listener."""
+
+    ca_file: str  # trusted for client certificates (SSL listener)
+    cert_file: str  # the broker's certificate chain; must name the host clients dial
+    key_file: str  # its private key, unencrypted PKCS#8 PEM
+    ssl_port: int = 0  # 0: a free port
+    sasl_ssl_port: int = 0
+    scram_users: tuple[tuple[str, str], ...] = ()  # (name, password)
+
+    def __post_init__(self) -> None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if not Path(getattr(self, name)).is_file():
+                raise BrokerError(f"BrokerTls.{name} = {getattr(self, name)!r}: no such file")
+        for user, password in self.scram_users:
+            if not user or not password or any(c in user + password for c in ",=[]"):
+                raise BrokerError(f"SCRAM user {user!r}: give NAME=PASSWORD, neither empty nor with , = [ ]")
+
+
 class ApacheKafka(BrokerProcess):
-    """A single-node KRaft Apache Kafka 4.x (broker and controller in one JVM) for tests and CI."""
+    """A single-node KRaft Apache Kafka 4.x (broker and controller in one JVM) for tests and CI.
+
+    With `tls`, also an SSL listener (client certificates required) at `ssl_bootstrap` and a
+    SASL_SSL listener (SCRAM-SHA-512) at `sasl_ssl_bootstrap`."""
 
     def __init__(
         self,
@@ -80,8 +113,15 @@ class ApacheKafka(BrokerProcess):
         version: str = KAFKA_VERSION,
         heap: str = "512m",
         jars_dir: str | os.PathLike | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.host, self.port, self.version, self.heap = host, port or free_port(host), version, heap
+        self.tls = tls
+        if tls is not None:
+            self.ssl_port = tls.ssl_port or free_port(host)
+            self.sasl_ssl_port = tls.sasl_ssl_port or free_port(host)
+            self.ssl_bootstrap = f"{host}:{self.ssl_port}"
+            self.sasl_ssl_bootstrap = f"{host}:{self.sasl_ssl_port}"
         self._tmp: str | None = None  # a data dir of our own, removed on stop
         if not data_dir:
             data_dir = self._tmp = tempfile.mkdtemp(prefix="flywheel-kafka-")
@@ -157,10 +197,36 @@ class ApacheKafka(BrokerProcess):
             "log.segment.bytes": str(64 * 1024 * 1024),
             "log.retention.check.interval.ms": "60000",
         }
+        if self.tls is not None:
+            props.update(self._tls_props(cport))
         path = self.data_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.data_dir / "log4j2.properties").write_text(LOG4J2)
         return path
+
+    def _tls_props(self, cport: int) -> dict[str, str]:
+        """The SSL and SASL_SSL listeners: PEM stores, client certificates required on SSL, SCRAM on SASL_SSL."""
+        assert self.tls is not None
+        keystore = self.data_dir / "broker-keystore.pem"  # Kafka's PEM keystore: the key, then the chain
+        keystore.write_bytes(Path(self.tls.key_file).read_bytes() + b"\n" + Path(self.tls.cert_file).read_bytes())
+        keystore.chmod(0o600)
+        h = self.host
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return {
+            "listeners": f"PLAINTEXT://{h}:{self.port},SSL://{h}:{self.ssl_port},"
+            f"SASL_SSL://{h}:{self.sasl_ssl_port},CONTROLLER://{h}:{cport}",
+            "advertised.listeners": f"PLAINTEXT://{h}:{self.port},SSL://{h}:{self.ssl_port},"
+            f"SASL_SSL://{h}:{self.sasl_ssl_port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(Path(self.tls.ca_file).resolve()),
+            "listener.name.ssl.ssl.client.auth": "required",
+            "listener.name.sasl_ssl.ssl.client.auth": "none",
+            "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": scram,
+        }
 
     def _java(self, main: str, *args: str) -> list[str]:
         java = shutil.which("java") or "java"
@@ -182,7 +248,10 @@ class ApacheKafka(BrokerProcess):
         """Format KRaft storage once, so the log dir (and its topics) survive restarts."""
         if (self.data_dir / "logs" / "meta.properties").is_file():
             return
-        cmd = self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", new_cluster_id(), "-c", str(config))
+        args = ["format", "--standalone", "-t", new_cluster_id(), "-c", str(config)]
+        for user, password in self.tls.scram_users if self.tls is not None else ():
+            args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
+        cmd = self._java("kafka.tools.StorageTool", *args)
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise BrokerError(f"formatting Kafka storage in {self.data_dir} failed:\n{res.stdout}{res.stderr}")
@@ -211,20 +280,41 @@ class ApacheKafka(BrokerProcess):
             self._tmp = None
 
 
-def _kafka_start(port: int, data_dir: Path, timeout_s: float) -> int:
+def _kafka_start(port: int, data_dir: Path, timeout_s: float, tls: BrokerTls | None = None) -> int:
     pid_file = data_dir / "kafka.pid"
     if pid_file.is_file():
         pid, _, bootstrap = pid_file.read_text().partition(" ")
         if pid_alive(int(pid)):
             print(bootstrap.strip(), flush=True)
             return 0
-    broker = ApacheKafka(port, data_dir)
+    broker = ApacheKafka(port, data_dir, tls=tls)
     broker.start(timeout_s)
     assert broker.proc is not None
     pid_file.write_text(f"{broker.proc.pid} {broker.bootstrap}\n")
     broker.proc = None  # detach: it lives on in its own session after we exit
-    print(broker.bootstrap, flush=True)
+    _print_listeners(broker)
     return 0
+
+
+def _print_listeners(broker: ApacheKafka) -> None:
+    print(broker.bootstrap, flush=True)  # the first line: what scripts read
+    if broker.tls is not None:
+        print(f"SSL {broker.ssl_bootstrap}\nSASL_SSL {broker.sasl_ssl_bootstrap}", flush=True)
+
+
+def _broker_tls(a: argparse.Namespace) -> BrokerTls | None:
+    files = (a.tls_ca, a.tls_cert, a.tls_key)
+    if not any(files):
+        return None
+    if not all(files):
+        raise BrokerError("--tls-ca, --tls-cert and --tls-key go together: give all three PEM files")
+    users = []
+    for item in a.scram_user:
+        name, sep, password = item.partition("=")
+        if not sep:
+            raise BrokerError(f"--scram-user {name!r}: give NAME=PASSWORD")
+        users.append((name, password))
+    return BrokerTls(a.tls_ca, a.tls_cert, a.tls_key, a.ssl_port, a.sasl_ssl_port, tuple(users))
 
 
 def _kafka_stop(data_dir: Path, timeout_s: float) -> int:
@@ -244,15 +334,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--dir", type=Path, required=True, help="data dir (log dir, config, pid file, broker.log)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the broker to answer")
+    p.add_argument("--tls-ca", help="PEM CA that signs client certificates (turns on the SSL and SASL_SSL listeners)")
+    p.add_argument("--tls-cert", help="PEM certificate chain of the broker")
+    p.add_argument("--tls-key", help="PEM private key (unencrypted) of the broker")
+    p.add_argument("--ssl-port", type=int, default=0, help="SSL listener port (client certificates required)")
+    p.add_argument("--sasl-ssl-port", type=int, default=0, help="SASL_SSL listener port (SCRAM-SHA-512)")
+    p.add_argument(
+        "--scram-user", action="append", default=[], metavar="NAME=PASSWORD", help="a SCRAM user (repeatable)"
+    )
     a = p.parse_args(argv)
     try:
         a.dir.mkdir(parents=True, exist_ok=True)
-        if a.action == "start":
-            return _kafka_start(a.port, a.dir.resolve(), a.timeout)
         if a.action == "stop":
             return _kafka_stop(a.dir.resolve(), 30.0)
-        broker = ApacheKafka(a.port, a.dir)
+        tls = _broker_tls(a)
+        if a.action == "start":
+            return _kafka_start(a.port, a.dir.resolve(), a.timeout, tls)
+        broker = ApacheKafka(a.port, a.dir, tls=tls)
         broker.start(a.timeout)
+        if tls is not None:
+            print(f"SSL {broker.ssl_bootstrap}\nSASL_SSL {broker.sasl_ssl_bootstrap}", flush=True)
         return run_foreground(broker)
     except BrokerError as e:
         print(f"error: {e}", file=sys.stderr)

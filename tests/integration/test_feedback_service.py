@@ -75,10 +75,14 @@ class Service:
         assert self.proc.poll() is None, f"service exited: {Path(self.log.name).read_text()[-2000:]}"
         return self.http("GET", "/health")[0] == 200
 
-    def http(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any, Any]:
+    def http(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, Any, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
         request.add_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         try:
             with urllib.request.urlopen(request, timeout=10) as r:
                 text = r.read()
@@ -248,6 +252,38 @@ def test_rate_limit_per_user(service: Service) -> None:
     status, err, headers = service.http("POST", "/feedback", {**body, "feedback_token": token("ri-4", "greedy")})
     assert (status, err["error_type"], headers["Retry-After"]) == (429, "overloaded", "2")
     assert service.stub.Submit(fb("r5", "patient", "ri-5")).status == S.SUBMIT_STATUS_ACCEPTED  # others unaffected
+
+
+def test_one_vote_per_user_and_answer_and_feedback_ids_per_user(
+    service: Service, kafka_bootstrap: str, topics: TopicsConfig
+) -> None:
+    """A user's second thumbs on an answer (another feedback_id) is ALREADY_VOTED on gRPC and HTTP, a
+    second preference on a pair too, even inside one batch; another user's same feedback_id is his
+    own. Only the first votes reach Kafka."""
+    assert service.stub.Submit(fb("v1", "vera", "vi-1", thumbs=1)).status == S.SUBMIT_STATUS_ACCEPTED
+    assert service.stub.Submit(fb("v2", "vera", "vi-1", thumbs=-1)).status == S.SUBMIT_STATUS_ALREADY_VOTED
+    body = {"feedback_id": "v3", "interaction_id": "vi-1", "user_id": "vera", "thumbs": -1}
+    assert service.http("POST", "/feedback", {**body, "feedback_token": token("vi-1", "vera")})[:2] == (
+        200,
+        {"feedback_id": "v3", "status": "already_voted"},
+    )
+    assert service.stub.Submit(fb("v1", "walt", "vi-2")).status == S.SUBMIT_STATUS_ACCEPTED  # vera's id, his vote
+
+    def pref(fid: str, side: int) -> feedback_pb2.FeedbackRequest:
+        tok = token("pair-9", "xena", kind="pair")
+        return S.FeedbackRequest(feedback_id=fid, pair_id="pair-9", user_id="xena", feedback_token=tok, preference=side)
+
+    out = service.stub.SubmitBatch(S.SubmitBatchRequest(items=[pref("q1", 1), pref("q2", 2)]))
+    assert [(x.response.status, x.error_code) for x in out.results] == [
+        (S.SUBMIT_STATUS_ACCEPTED, ""),
+        (S.SUBMIT_STATUS_ALREADY_VOTED, ""),
+    ]
+    assert service.stub.Submit(pref("q3", 3)).status == S.SUBMIT_STATUS_ALREADY_VOTED
+    got = read_topic(kafka_bootstrap, topics.feedback, n=1)  # acknowledged: every one is on the topic by now
+    mine = [(k, e.feedback_id, e.user_id) for k, e, _ in got if e.user_id in ("vera", "walt", "xena")]
+    assert mine == [("vi-1", "v1", "vera"), ("vi-2", "v1", "walt"), ("pair-9", "q1", "xena")]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/metrics", timeout=10).read().decode()
+    assert 'flywheel_feedback_accepted_total{kind="preference",status="already_voted"} 2.0' in metrics
 
 
 def test_kafka_down_spools_and_drains_in_order_after_a_kill(kafka_bootstrap: str, tmp_path: Path) -> None:

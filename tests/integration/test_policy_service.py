@@ -4,13 +4,15 @@ Generate / GenerateStream / GeneratePair with ids and verifiable feedback tokens
 interactions on flywheel.interactions (and through the spool when Kafka is away), every bad
 input with its status, queue full, not loaded, deadlines, a cancelled stream freeing its slot,
 and hot swaps under load: zero failed requests, the right version on every answer, a tampered
-checkpoint refused while serving goes on, and a rollback.
+checkpoint refused while serving goes on, and a rollback. A GeneratePair candidate other than the
+serving or configured version needs the admin token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -47,6 +49,8 @@ from tests.unit.test_starter import tiny_starter
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 HMAC_KEY = "policy-test-key-0123456789abcdef"
 SIGNER = AuthConfig(hmac_key=HMAC_KEY).signer()
+ADMIN_TOKEN = "policy-test-admin-0123456789"
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 PROMPTS = ["how do I bake bread?", "where is my order?", "do you like coffee?", "hi", "I forgot my password"]
 
 
@@ -187,7 +191,9 @@ def policy(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     store = make_store(tmp / "store")
     store.publish("policy", perturbed(tiny_starter(), 1), parent=0)  # v1: a candidate for GeneratePair
     topics = fresh_topics()
-    running = Running(make_config(kafka_bootstrap, topics, tmp / "store", tmp / "state"))
+    config = make_config(kafka_bootstrap, topics, tmp / "store", tmp / "state")
+    config.auth = AuthConfig(hmac_key=HMAC_KEY, admin_token=ADMIN_TOKEN)
+    running = Running(config)
     running.topics = topics  # type: ignore[attr-defined]
     yield running
     running.close()
@@ -233,11 +239,16 @@ def test_generate_stream_pair_info_reflection(policy: Running, kafka_bootstrap: 
     assert pair.a.policy_version == pair.b.policy_version == 0
     assert SIGNER.verify(pair.feedback_token, pair.pair_id, "u1", kind="pair").policy_version == 0
     SIGNER.verify(pair.b.feedback_token, pair.b.interaction_id, "u1")
-    cand = policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1]), candidate_version=1))
+    cand_req = policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1]), candidate_version=1)
+    cand = policy.stub.GeneratePair(cand_req, metadata=ADMIN)  # another version: an admin action
     assert (cand.a.policy_version, cand.b.policy_version) == (0, 1)
     with pytest.raises(grpc.RpcError) as e:
-        policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1]), candidate_version=9))
+        req9 = policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1]), candidate_version=9)
+        policy.stub.GeneratePair(req9, metadata=ADMIN)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "version 9" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # without the token: refused before the store is even asked
+        policy.stub.GeneratePair(req9)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "needs the admin token" in e.value.details()
 
     info = policy.stub.GetInfo(policy_pb2.GetInfoRequest())
     assert info.policy_version == 0 and info.max_new_tokens == 64 and info.max_concurrent_sequences == 8
@@ -313,6 +324,51 @@ def test_bad_inputs_answer_invalid_argument(policy: Running) -> None:
         with pytest.raises(grpc.RpcError) as e:
             policy.stub.GeneratePair(pair_req)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details(), e.value.details()
+
+
+def test_candidate_version_needs_the_admin_token_unless_configured(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Any caller gets the serving version or the operator's pair_candidate_version as side B; any other
+    version is PERMISSION_DENIED without the admin token, and nothing is loaded for the refused call."""
+    store = make_store(tmp_path / "store")
+    store.publish("policy", perturbed(tiny_starter(), 1), parent=0)  # v1: only the admin may pair against it
+    store.publish("policy", perturbed(tiny_starter(), 2), parent=1)  # v2: the configured candidate
+    config = make_config(kafka_bootstrap, fresh_topics(), tmp_path / "store", tmp_path / "state")
+    config.policy = dataclasses.replace(config.policy, pair_candidate_version=2)
+    config.auth = AuthConfig(hmac_key=HMAC_KEY, admin_token=ADMIN_TOKEN, api_keys=["alice:alice-key-0123456789"])
+    running = Running(config)
+    alice = (("authorization", "Bearer alice-key-0123456789"),)
+
+    def pair(version: int, metadata: tuple) -> policy_pb2.GeneratePairResponse:
+        req = policy_pb2.GeneratePairRequest(request=gen(PROMPTS[1]), candidate_version=version)
+        return running.stub.GeneratePair(req, metadata=metadata)
+
+    try:
+        assert running.service.candidate_loaded is None
+        for metadata in (alice, (("authorization", "Bearer alice-key-0123456789x"),), ()):
+            with pytest.raises(grpc.RpcError) as e:
+                pair(1, metadata)
+            if metadata == alice:  # a caller's key: known, but not allowed to load version 1
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert e.value.details() == (
+                    "candidate_version = 1 needs the admin token (`authorization: Bearer <FLYWHEEL_AUTH_ADMIN_TOKEN>`): "
+                    "without it, send 0, the serving version (0) or the configured candidate "
+                    "(policy.pair_candidate_version = 2)"
+                )
+            else:  # an unknown key, or none, is not even a caller
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert running.service.candidate_loaded is None  # refused before anything was loaded
+        with pytest.raises(grpc.RpcError) as e:
+            pair(-1, alice)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "candidate_version = -1" in e.value.details()
+
+        for version in (0, 2):  # the configured candidate, by default or by name: anyone
+            r = pair(version, alice)
+            assert (r.a.policy_version, r.b.policy_version) == (0, 2)
+        assert running.service.candidate_loaded == 2
+        r = pair(1, ADMIN)
+        assert (r.a.policy_version, r.b.policy_version) == (0, 1) and running.service.candidate_loaded == 1
+    finally:
+        running.close()
 
 
 def test_every_http_route_checks_the_same_bounds(policy: Running) -> None:

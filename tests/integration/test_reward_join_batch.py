@@ -19,6 +19,9 @@ from kafka import KafkaConsumer, TopicPartition
 from flywheel.core import bus
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.reward.batch_consumer import BatchConsumer
+from flywheel.reward.config import JoinConfig
+from flywheel.reward.join import PreferenceJoin
+from flywheel.reward.store import PreferenceStore
 from flywheel.v1 import events_pb2 as ev
 from tests.integration.test_reward_service import (
     REWARD_CMD,
@@ -166,3 +169,57 @@ def test_small_batches_killed_twice_lose_and_double_no_pair(
     for p in pairs:  # every pair; a repeat only as the identical record under the same key
         assert first.setdefault(p.pair_id, p.SerializeToString()) == p.SerializeToString()
     assert len(first) == n
+
+
+def test_a_users_repeated_vote_from_kafka_counts_once_and_ids_are_per_user(
+    kafka_bootstrap: str, topics_config: TopicsConfig, tmp_path
+) -> None:
+    """The join behind a real BatchConsumer: alice's second preference on a pair and her second
+    thumbs on an answer (other feedback_ids, put on the topic by some route other than the feedback
+    service) make no pair and no label; bob's feedback under alice's ids is his own and counts."""
+    t = topics_config
+    kafka = KafkaConfig(bootstrap=kafka_bootstrap, session_timeout_ms=3000, request_timeout_ms=10_000)
+    bus.ensure_topics(kafka, t)
+    its = [ev.Interaction(interaction_id=f"P{s}", pair_id="P", pair_side=s, prompt="q", response=f"r{s}") for s in "AB"]
+    its += [ev.Interaction(interaction_id=i, prompt="q2", response=f"r{i}") for i in ("x", "y")]
+    pref = ev.FEEDBACK_KIND_PREFERENCE
+
+    def thumb(fid: str, user: str, iid: str, value: int) -> ev.FeedbackEvent:
+        return ev.FeedbackEvent(
+            feedback_id=fid, user_id=user, interaction_id=iid, kind=ev.FEEDBACK_KIND_THUMBS, value=value
+        )
+
+    feedback = [
+        ev.FeedbackEvent(feedback_id="f1", user_id="alice", pair_id="P", kind=pref, preference=ev.PREFERENCE_A),
+        ev.FeedbackEvent(feedback_id="f2", user_id="alice", pair_id="P", kind=pref, preference=ev.PREFERENCE_B),
+        ev.FeedbackEvent(feedback_id="f1", user_id="bob", pair_id="P", kind=pref, preference=ev.PREFERENCE_B),
+        thumb("t1", "alice", "x", 1),
+        thumb("t2", "alice", "x", -1),  # her second thumbs on x
+        thumb("t1", "bob", "y", -1),
+    ]
+    with bus.Producer(kafka) as p:
+        for it in its:
+            p.send(t.interactions, it.interaction_id, it)
+        for f in feedback:
+            p.send(t.feedback, f.pair_id or f.interaction_id, f)
+        p.flush(20)
+    store = PreferenceStore(tmp_path / "join.sqlite")
+    published: list[ev.PreferencePair] = []
+    join = PreferenceJoin(JoinConfig(heldout_percent=0), store, published.extend)
+    group = f"join-{uuid.uuid4().hex[:6]}"
+    c = BatchConsumer(
+        kafka,
+        group,
+        {t.interactions: ev.Interaction, t.feedback: ev.FeedbackEvent},
+        join.handle,
+        batch_handler=join.handle_batch,
+        dlq_topic=t.dlq,
+    )
+    done = lambda: store.feedback_status("t1", "bob") == "joined" and store.feedback_status("f1", "bob") == "joined"  # noqa: E731
+    run_until(c, lambda: done() and len(store.labels()) >= 2)
+    assert store.feedback_status("f2", "alice") == store.feedback_status("t2", "alice") == "repeated_vote"
+    pairs = sorted((p.chosen, p.rejected, p.source) for p in store.pairs_after(0, split=None))
+    assert pairs == [("rA", "rB", "preference"), ("rB", "rA", "preference"), ("rx", "ry", "thumbs")]
+    assert sorted((x.response, x.label) for x in store.labels()) == [("rx", 1.0), ("ry", 0.0)]
+    assert len(published) == 3 and committed(kafka, group, t.feedback) == len(feedback)
+    store.close()

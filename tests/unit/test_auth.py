@@ -103,6 +103,7 @@ def test_config_from_env(monkeypatch) -> None:
         ({"api_keys": ["a:"]}, "api_keys"),
         ({"admin_token": "short"}, "admin_token"),
         ({"admin_token": "same-as-key-0123456", "api_keys": ["same-as-key-0123456"]}, "admin_token"),
+        ({"api_keys": ["anonymous:secret-1"]}, "api_keys"),  # the namespace of callers without a key
     ],
 )
 def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
@@ -137,7 +138,7 @@ def test_no_keys_configured_everyone_is_anonymous() -> None:
 
 def test_required_key_missing_or_unknown_is_unauthenticated() -> None:
     a = Authenticator(AuthConfig(api_keys=["app:secret-1", "bot:secret-2"], admin_token=ADMIN))
-    assert a.caller(_md("secret-2")) == auth.Caller("bot")
+    assert a.caller(_md("secret-2")) == auth.Caller("bot", namespace="bot")
     assert not a.caller(_md("secret-1")).is_admin
     with pytest.raises(errors.Unauthenticated, match="API key is required"):
         a.caller([])
@@ -147,7 +148,7 @@ def test_required_key_missing_or_unknown_is_unauthenticated() -> None:
 
 def test_optional_key_allows_anonymous_but_not_unknown() -> None:
     a = Authenticator(AuthConfig(api_keys=["app:secret-1"], require_api_key=False))
-    assert a.caller([]) == auth.ANONYMOUS
+    assert a.caller([]) == auth.ANONYMOUS_WITH_KEYS  # in a namespace of its own: see test_user_namespaces
     assert a.caller({"Authorization": "Bearer secret-1"}).who == "app"
     with pytest.raises(errors.Unauthenticated):
         a.caller(_md("wrong"))
@@ -168,3 +169,25 @@ def test_admin_disabled_without_admin_token() -> None:
     a = Authenticator(AuthConfig())
     with pytest.raises(errors.PermissionDenied, match="FLYWHEEL_AUTH_ADMIN_TOKEN"):
         a.require_admin(_md("anything"))
+
+
+def test_user_namespaces() -> None:
+    """With API keys configured a key's end users live in its namespace: the ids tokens bind, events
+    carry and rate limits key on. Without keys, and for the admin, ids are unchanged."""
+    keys = AuthConfig(api_keys=["app:secret-1", "bot:secret-2:with-colon"], admin_token=ADMIN, require_api_key=False)
+    a = Authenticator(keys)
+    assert a.caller(_md("secret-1")).scoped_user_id("bob") == "app:bob"
+    assert a.caller(_md("secret-2:with-colon")).scoped_user_id("bob") == "bot:bob"  # a name ends at the first ':'
+    assert a.caller([]).scoped_user_id("bob") == "anonymous:bob"  # no key: not any key's user
+    assert a.caller(_md(ADMIN)).scoped_user_id("app:bob") == "app:bob"  # the admin names users in full
+    plain = Authenticator(AuthConfig(admin_token=ADMIN))
+    assert plain.caller(_md("sk-anything")).scoped_user_id("bob") == "bob"
+    assert auth.ANONYMOUS.scoped_user_id("bob") == "bob"
+    # One key's token never passes for another key's user of the same name.
+    signer = TokenSigner(KEY, ttl_s=3600)
+    token = signer.issue("int-1", 7, a.caller(_md("secret-2:with-colon")).scoped_user_id("bob"), now=T0)
+    with pytest.raises(errors.PermissionDenied, match="issued for another user, not user_id 'app:bob'"):
+        signer.verify(token, "int-1", a.caller(_md("secret-1")).scoped_user_id("bob"), now=T0)
+    with pytest.raises(errors.PermissionDenied, match="issued for another user"):
+        signer.verify(token, "int-1", a.caller([]).scoped_user_id("bot:bob"), now=T0)  # nor for a keyless caller
+    assert signer.verify(token, "int-1", "bot:bob", now=T0).user_id == "bot:bob"

@@ -44,6 +44,25 @@ def test_env_overrides_defaults_and_is_coerced(monkeypatch):
     assert cfg.client_options()["bootstrap_servers"] == ["k1:9092", "k2:9093"]
 
 
+def test_kafka_client_options_carry_sasl_and_tls_settings_only_for_their_protocols() -> None:
+    plain = KafkaConfig(bootstrap="k:9092").client_options()
+    assert not {k for k in plain if k.startswith(("ssl_", "sasl_"))}
+    scram = KafkaConfig(
+        bootstrap="k:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc",
+        sasl_password="pw",
+        ssl_check_hostname=False,
+    ).client_options()
+    assert {k: v for k, v in scram.items() if k.startswith(("ssl_", "sasl_"))} == {
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": "pw",
+        "ssl_check_hostname": False,
+    }
+
+
 def test_yaml_section_then_env_then_overrides(tmp_path, monkeypatch):
     f = tmp_path / "flywheel.yaml"
     f.write_text("topics:\n  partitions: 6\n  feedback: my.feedback\n")
@@ -60,6 +79,26 @@ def test_yaml_section_then_env_then_overrides(tmp_path, monkeypatch):
         (KafkaConfig, {"max_attempts": 0}, "KafkaConfig.max_attempts = 0: use 1 or more"),
         (KafkaConfig, {"security_protocol": "TLS"}, "use one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"),
         (KafkaConfig, {"security_protocol": "SASL_SSL"}, "set FLYWHEEL_KAFKA_SASL_MECHANISM"),
+        (
+            KafkaConfig,
+            {"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI"},
+            "KafkaConfig.sasl_mechanism = 'GSSAPI': use one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+        ),
+        (
+            KafkaConfig,
+            {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_password": "pw"},
+            "KafkaConfig.sasl_username = '': PLAIN needs the user name and password",
+        ),
+        (
+            KafkaConfig,
+            {"ssl_certfile": "/etc/kafka/client.crt"},
+            "KafkaConfig.ssl_certfile = '/etc/kafka/client.crt': security_protocol is PLAINTEXT, which does not use TLS",
+        ),
+        (
+            KafkaConfig,
+            {"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.crt"},
+            "KafkaConfig.ssl_cafile = '/nonexistent/ca.crt': no readable file there",
+        ),
         (TopicsConfig, {"partitions": 0}, "TopicsConfig.partitions = 0: use 1 or more"),
         (TopicsConfig, {"feedback": "bad topic!"}, "topic names use letters"),
         (TopicsConfig, {"dlq": "flywheel.feedback"}, "every topic needs its own name"),

@@ -62,18 +62,18 @@ def intake(tmp_path: Path) -> Any:
 def count_trips(intake: FeedbackIntake) -> list[int]:
     """The size of every group the intake hands to its send thread, as it happens.
 
-    Each trip reserves the ids of its whole group in one call to the seen-id store.
+    Each trip reserves the claims of its whole group in one call to the claims store (dedup.py).
     """
     trips: list[int] = []
-    seen = intake.seen
-    assert seen is not None
-    real = seen.reserve
+    claims = intake.claims
+    assert claims is not None
+    real = claims.reserve
 
-    def counted(ids: list[str]) -> list[str]:
-        trips.append(len(ids))
-        return real(ids)
+    def counted(group: list[tuple[str, str]]) -> list[str]:
+        trips.append(len(group))
+        return real(group)
 
-    seen.reserve = counted  # type: ignore[method-assign]
+    claims.reserve = counted  # type: ignore[method-assign]
     return trips
 
 

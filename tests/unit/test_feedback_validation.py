@@ -14,6 +14,7 @@ from flywheel.core import errors
 from flywheel.core.auth import ANONYMOUS, AuthConfig, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.feedback.config import FeedbackConfig
+from flywheel.feedback.dedup import id_key, vote_key
 from flywheel.feedback.intake import FeedbackIntake, InFlight
 from flywheel.feedback.ratelimit import RateLimiter
 from flywheel.feedback.server import request_from_json
@@ -234,8 +235,9 @@ def test_duplicates_rate_limits_batches_and_spool(intake: FeedbackIntake, tmp_pa
     assert e.created_at.seconds > 0
     assert run(intake.submit(signed("a"), ANONYMOUS)).status == S.SUBMIT_STATUS_DUPLICATE
     assert len(intake.producer.sent) == 1
-    # per-user limit (burst 3, used 2): the third passes, the fourth is refused with a retry hint
-    run(intake.submit(signed("b"), ANONYMOUS))
+    # per-user limit (burst 3, used 2): the third passes (u1's second thumbs on i1: not counted), the
+    # fourth is refused with a retry hint
+    assert run(intake.submit(signed("b"), ANONYMOUS)).status == S.SUBMIT_STATUS_ALREADY_VOTED
     with pytest.raises(errors.ResourceExhausted, match="rate limit for user 'u1'") as ex:
         run(intake.submit(signed("c"), ANONYMOUS))
     assert ex.value.retry_after_s > 0
@@ -270,7 +272,8 @@ def test_duplicates_rate_limits_batches_and_spool(intake: FeedbackIntake, tmp_pa
     with pytest.raises(errors.InvalidArgument, match="a batch holds 1..100 items, got 101"):
         run(intake.submit_batch([signed(str(i)) for i in range(101)], ANONYMOUS))
     # an id in flight elsewhere is refused with ABORTED, not silently called a duplicate
-    intake.seen.reserve(["busy"])
+    assert intake.claims is not None
+    intake.claims.reserve([(id_key("u4", "busy"), vote_key("u4", "thumbs", "elsewhere"))])
     with pytest.raises(InFlight, match="being submitted by another request"):
         run(intake.submit(signed("busy", user="u4"), ANONYMOUS))
     # Kafka down: spooled; the spool drains in order once it is back, and the ids stay seen
@@ -282,5 +285,6 @@ def test_duplicates_rate_limits_batches_and_spool(intake: FeedbackIntake, tmp_pa
     assert intake.spool.wait_empty(5)
     tail = [events_pb2.FeedbackEvent.FromString(v).feedback_id for _, _, v in intake.producer.sent[-3:]]
     assert tail == ["s0", "s1", "s2"]
-    intake.seen.flush()
-    assert "s2" in intake.seen and "c" not in intake.seen  # a refused submission is not remembered
+    intake.claims.flush()
+    assert id_key("v2", "s2") in intake.claims and vote_key("v2", "thumbs", "i1") in intake.claims
+    assert id_key("u1", "c") not in intake.claims  # a refused submission is not remembered

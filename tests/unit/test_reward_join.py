@@ -306,3 +306,139 @@ def test_concurrent_flushes_send_each_pair_once(h: Harness) -> None:
     for t in threads:
         t.join()
     assert len(sent) == 10 and len(set(sent)) == 10
+
+
+# ---------------------------------------------------------------------- one vote per user, per-user ids
+def duplicates(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("flywheel_reward_feedback_duplicates_total", {"reason": reason}) or 0.0
+
+
+def test_a_users_second_thumbs_on_an_answer_is_ignored_and_counted(h: Harness) -> None:
+    """First wins: alice's second thumbs on answer b (another feedback_id, another value) reached the
+    topic by some other route than the feedback service; it makes no label and no pair."""
+    before = duplicates("repeated_vote")
+    h.apply(
+        interaction("a", "q"),
+        interaction("b", "q"),
+        fb("f1", ev.FEEDBACK_KIND_THUMBS, "a", value=1, user_id="bob"),
+        fb("f2", ev.FEEDBACK_KIND_THUMBS, "b", value=-1, user_id="alice"),
+        fb("f3", ev.FEEDBACK_KIND_THUMBS, "b", value=1, user_id="alice"),  # her second vote on b
+        fb("f4", ev.FEEDBACK_KIND_RATING, "b", value=1, rating_scale=3, user_id="alice"),  # another kind: counts
+    )
+    assert sorted((x.response, x.label) for x in h.store.labels()) == [
+        ("answer a", 1.0),
+        ("answer b", 0.0),
+        ("answer b", 0.0),
+    ]
+    assert [(p.chosen, p.rejected, p.source) for p in h.pairs()] == [("answer a", "answer b", "thumbs")]
+    assert h.store.feedback_status("f3", "alice") == "repeated_vote"
+    assert h.store.feedback_status("f2", "alice") == h.store.feedback_status("f4", "alice") == "joined"
+    assert duplicates("repeated_vote") == before + 1
+    before_redelivered = duplicates("redelivered")
+    h.apply(fb("f2", ev.FEEDBACK_KIND_THUMBS, "b", value=-1, user_id="alice"))  # redelivered: a duplicate too
+    assert duplicates("redelivered") == before_redelivered + 1 and len(h.store.labels()) == 3
+
+
+def test_a_users_second_preference_on_a_pair_is_ignored(h: Harness) -> None:
+    h.apply(
+        interaction("a", pair="P", side="A"),
+        interaction("b", pair="P", side="B"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A, user_id="alice"),
+        fb("f2", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_B, user_id="alice"),
+        fb("f3", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_B, user_id="bob"),
+    )
+    assert sorted((p.chosen, p.source) for p in h.pairs()) == [("answer a", "preference"), ("answer b", "preference")]
+    assert h.store.feedback_status("f2", "alice") == "repeated_vote"
+
+
+def test_a_repeated_vote_waiting_for_its_interaction_is_ignored_too(h: Harness) -> None:
+    h.apply(
+        fb("f1", ev.FEEDBACK_KIND_DEMONSTRATION, "x", demonstration="better", user_id="alice"),
+        fb("f2", ev.FEEDBACK_KIND_DEMONSTRATION, "x", demonstration="best", user_id="alice"),
+        interaction("x", "q", "meh"),
+    )
+    assert h.store.supervised_examples() == [("q", "better")] and len(h.pairs()) == 1
+    assert h.store.pending_count() == 0 and h.store.feedback_status("f2", "alice") == "repeated_vote"
+
+
+def test_one_users_feedback_id_never_shadows_anothers(h: Harness) -> None:
+    """feedback_ids are chosen by clients: mallory sending "f1" first must not drop alice's "f1"."""
+    h.apply(
+        interaction("a", pair="P", side="A"),
+        interaction("b", pair="P", side="B"),
+        interaction("c", "q"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A, user_id="mallory"),
+        fb("f1", ev.FEEDBACK_KIND_PREFERENCE, pair="P", preference=ev.PREFERENCE_A, user_id="alice"),
+        fb("f2", ev.FEEDBACK_KIND_THUMBS, "c", value=1, user_id="mallory"),
+        fb("f2", ev.FEEDBACK_KIND_THUMBS, "c", value=1, user_id="alice"),
+    )
+    pairs = h.pairs()
+    assert [(p.chosen, p.rejected) for p in pairs] == [("answer a", "answer b")] * 2  # two users' choices
+    assert len({p.pair_id for p in pairs}) == 2 and [list(m.source_feedback_ids) for m in h.published] == [["f1"]] * 2
+    assert len(h.store.labels()) == 2
+    assert h.store.feedback_status("f1", "alice") == h.store.feedback_status("f1", "mallory") == "joined"
+
+
+V0_SCHEMA = """
+CREATE TABLE interactions (
+  interaction_id TEXT PRIMARY KEY, pair_id TEXT, side TEXT, prompt TEXT, response TEXT,
+  policy_version INTEGER, user_id TEXT, created_at REAL);
+CREATE INDEX interactions_pair ON interactions(pair_id);
+CREATE TABLE feedback (
+  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, pair_id TEXT, status TEXT NOT NULL,
+  received_at REAL NOT NULL, event BLOB NOT NULL);
+CREATE INDEX feedback_pending ON feedback(status, interaction_id, pair_id);
+CREATE TABLE pairs (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT UNIQUE NOT NULL, split TEXT NOT NULL,
+  published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL);
+CREATE TABLE labels (
+  feedback_id TEXT PRIMARY KEY, seq INTEGER, interaction_id TEXT, kind TEXT, prompt TEXT, response TEXT,
+  label REAL NOT NULL, split TEXT NOT NULL);
+CREATE INDEX labels_prompt ON labels(prompt, kind);
+CREATE INDEX labels_seq ON labels(seq);
+CREATE TABLE demonstrations (
+  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, prompt TEXT, demonstration TEXT, created_at REAL);
+"""
+
+
+def test_a_store_from_before_per_user_ids_is_migrated_on_open(tmp_path) -> None:
+    """A version 0 store (feedback keyed by feedback_id alone) keeps its feedback, labels and
+    demonstrations under each event's user; its votes hold; a second open changes nothing."""
+    import sqlite3
+
+    db = tmp_path / "join.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript(V0_SCHEMA)
+    thumbs = fb("f1", ev.FEEDBACK_KIND_THUMBS, "a", value=1, user_id="alice")
+    demo = fb("f2", ev.FEEDBACK_KIND_DEMONSTRATION, "a", demonstration="great", user_id="bob")
+    waiting = fb("f3", ev.FEEDBACK_KIND_THUMBS, "z", value=-1, user_id="carol")
+    rows = [("f1", "a", "", "joined", 1.0, thumbs), ("f2", "a", "", "joined", 2.0, demo)]
+    rows.append(("f3", "z", "", "pending", 3.0, waiting))
+    conn.executemany("INSERT INTO feedback VALUES (?,?,?,?,?,?)", [(*r[:5], r[5].SerializeToString()) for r in rows])
+    conn.execute("INSERT INTO interactions VALUES ('a','','','q','meh',1,'alice',1.0)")
+    conn.execute("INSERT INTO labels VALUES ('f1', 1, 'a', 'thumbs', 'q', 'meh', 1.0, 'train')")
+    conn.execute("INSERT INTO demonstrations VALUES ('f2', 'a', 'q', 'great', 2.0)")
+    conn.commit()
+    conn.close()
+
+    h = Harness(tmp_path, heldout_percent=0)
+    assert h.store.conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert h.store.feedback_status("f1", "alice") == "joined" and h.store.feedback_status("f3", "carol") == "pending"
+    assert h.store.feedback_status("f1", "bob") is None
+    assert [(x.response, x.label) for x in h.store.labels()] == [("meh", 1.0)]
+    assert h.store.supervised_examples() == [("q", "great")]
+    h.apply(
+        fb("f1", ev.FEEDBACK_KIND_THUMBS, "a", value=1, user_id="alice"),  # redelivered: nothing new
+        fb("f9", ev.FEEDBACK_KIND_THUMBS, "a", value=-1, user_id="alice"),  # her second vote: ignored
+        fb("f1", ev.FEEDBACK_KIND_THUMBS, "a", value=-1, user_id="dave"),  # another user's "f1": counts
+        interaction("z", "q", "other"),  # carol's pending thumbs joins, against alice's and dave's labels
+    )
+    assert h.store.feedback_status("f9", "alice") == "repeated_vote"
+    assert sorted((x.response, x.label) for x in h.store.labels()) == [("meh", 0.0), ("meh", 1.0), ("other", 0.0)]
+    assert [(p.chosen, p.rejected) for p in h.pairs()] == [("meh", "other")]
+    h.store.close()
+    again = PreferenceStore(tmp_path / "join.sqlite")  # already migrated: opens as it is
+    assert len(again.labels()) == 3 and again.feedback_status("f3", "carol") == "joined"
+    again.close()

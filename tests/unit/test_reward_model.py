@@ -65,13 +65,24 @@ def test_tiny_model_learns_a_synthetic_preference(tmp_path) -> None:
     before = evaluate(rm, heldout)["heldout_accuracy"]
     opt = torch.optim.AdamW(rm.model.parameters(), lr=2e-3, eps=1e-5)
     labels = [SimpleNamespace(prompt=p.prompt, response=p.chosen, label=1.0) for p in train[:50]]
+    fresh = []  # (correct, n) of the first epoch's pairs, scored before training on them
     for step in range(150):
         batch = train[(step * 16) % 1200 : (step * 16) % 1200 + 16]
-        out = train_step(rm, opt, batch, labels[step % 50 : step % 50 + 2], binary_weight=0.1)
+        first_epoch = step < 75
+        out = train_step(rm, opt, batch, labels[step % 50 : step % 50 + 2], binary_weight=0.1, fresh=16 * first_epoch)
         assert math.isfinite(out["loss"])
+        assert out["fresh_n"] == 16 * first_epoch
+        fresh.append((out["fresh_correct"], out["fresh_n"]))
     after = evaluate(rm, heldout)
     assert after["heldout_accuracy"] >= 0.9, (before, after)
     assert before < 0.8  # it was learned, not given
+
+    def online(steps: list) -> float:
+        return sum(c for c, _ in steps) / sum(n for _, n in steps)
+
+    # Progressive validation tracks held-out accuracy: near chance at first, near held-out at the end.
+    assert abs(online(fresh[:5]) - before) < 0.25, (fresh[:5], before)
+    assert online(fresh[60:75]) >= after["heldout_accuracy"] - 0.1, (fresh[60:75], after)
     stop = threading.Event()
     assert evaluate(rm, heldout, chunk_size=64, stop=stop) == after  # not stopped: the same pass
     stop.set()

@@ -192,6 +192,31 @@ def test_after_gate_patience_failures_in_a_row_training_restarts_from_the_servin
     assert any(not torch.equal(v, serving[k]) for k, v in t.state.policy.state_dict().items())  # the count restarted
 
 
+def test_the_serving_version_is_measured_again_only_when_it_or_the_reward_version_changed(
+    tmp_path: Path, init_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured: list[object] = []  # the model of each gate.evaluate call
+    real = gate.evaluate
+    monkeypatch.setattr(gate, "evaluate", lambda model, *a, **k: measured.append(model) or real(model, *a, **k))
+    t = make(tmp_path, init_path, gate_max_repeat=1.0, gate_min_distinct2=0.0, gate_kl_budget=1e9, gate_max_tokens=100)
+    t.reward.version = 7  # what GrpcReward reports after each ScoreBatch
+    promoter = t.promoter
+
+    def gate_once(margin: float) -> int:
+        promoter.cfg.gate_margin = margin
+        before = len(measured)
+        t.train_step()
+        t.checkpoint()
+        return len(measured) - before
+
+    assert gate_once(1e9) == 2  # the candidate, and the serving version (v0) measured once
+    assert gate_once(1e9) == 1  # same serving and reward version: the report is reused
+    t.reward.version = 8
+    assert gate_once(1e9) == 2  # the reward model moved: measured again
+    assert gate_once(-1e9) == 1 and t.serving_version > 0  # passed and promoted: its report is the serving one
+    assert gate_once(1e9) == 1
+
+
 def test_passing_checkpoint_is_promoted_with_lineage(tmp_path: Path, init_path: Path) -> None:
     announced: list = []
     t = make(

@@ -58,25 +58,41 @@ def make(tmp_path: Path, init_path: Path, reward: RewardSource, **kw) -> Trainer
     return t
 
 
-def info(pairs: int = 500, heldout: int = 50, accuracy: float = 0.9, version: int = 3) -> RewardInfo:
-    return RewardInfo(version, 0.0, 1.0, accuracy, pairs, heldout)
+def info(
+    pairs: int = 500, heldout: int = 50, accuracy: float = 0.9, version: int = 3, online: float = -1.0, window: int = 0
+) -> RewardInfo:
+    return RewardInfo(version, 0.0, 1.0, accuracy, pairs, heldout, online, window)
 
 
 def test_not_ready_says_why_and_tolerates_a_dip_once_training() -> None:
     cfg = TrainerConfig()
     assert not_ready(None, cfg) == "the reward service does not answer GetInfo"
-    assert not_ready(info(pairs=40), cfg) == "reward v3 was trained on 40 pairs; training starts at 100"
-    assert not_ready(info(heldout=4), cfg) == "reward v3 was measured on 4 held-out pairs; training starts at 10"
+    assert not_ready(info(pairs=40), cfg) == "reward v3 was trained on 40 pairs; training starts at 50"
     assert (
-        not_ready(info(accuracy=-1), cfg) == "reward v3 held-out accuracy is not measured yet; training starts at 0.75"
+        not_ready(info(heldout=4), cfg)
+        == "reward v3 was measured on 4 unseen pairs (held-out and online); training starts at 40"
     )
-    assert not_ready(info(accuracy=0.7), cfg) == "reward v3 held-out accuracy is 0.70; training starts at 0.75"
+    assert "measured on 0 unseen pairs" in not_ready(info(accuracy=-1), cfg)
+    assert (
+        not_ready(info(accuracy=0.6), cfg) == "reward v3 accuracy on 50 unseen pairs is 0.60; training starts at 0.70"
+    )
     assert not_ready(info(), cfg) == ""
-    assert not_ready(info(accuracy=0.7), cfg, training=True) == ""  # the held-out set moves with the policy
+    assert not_ready(info(accuracy=0.68), cfg, training=True) == ""  # the held-out set moves with the policy
     assert "goes on at 0.65" in not_ready(info(accuracy=0.6), cfg, training=True)
     # A rollback to the starter reward model: back to waiting.
     assert "trained on 0 pairs" in not_ready(info(pairs=0, heldout=0, accuracy=-1, version=0), cfg, training=True)
-    off = TrainerConfig(reward_min_pairs=0, reward_min_heldout_pairs=0, reward_min_accuracy=0)
+
+
+def test_readiness_pools_the_held_out_split_with_the_online_window() -> None:
+    cfg = TrainerConfig()
+    # 10 held-out pairs are too few alone; with 100 online pairs the evidence is enough.
+    assert "measured on 10 unseen" in not_ready(info(heldout=10, accuracy=0.8), cfg)
+    assert not_ready(info(heldout=10, accuracy=0.8, online=0.7, window=100), cfg) == ""
+    # Pooled, weighted by pairs: (0.9 * 10 + 0.6 * 90) / 100 = 0.63.
+    assert "is 0.63" in not_ready(info(heldout=10, accuracy=0.9, online=0.6, window=90), cfg)
+    # Online alone (no held-out split measured yet) counts too.
+    assert not_ready(info(heldout=0, accuracy=-1, online=0.75, window=100), cfg) == ""
+    off = TrainerConfig(reward_min_pairs=0, reward_min_unseen_pairs=0, reward_min_accuracy=0)
     assert not_ready(info(pairs=0, heldout=0, accuracy=-1), off) == ""
 
 

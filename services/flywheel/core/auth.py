@@ -93,6 +93,12 @@ class AuthConfig:
         "and a key only names its caller (an unknown key is still refused).",
         alias="FLYWHEEL_REQUIRE_API_KEY",
     )
+    service_token: str = setting(
+        "",
+        "Bearer token the trainer sends to the reward service (the same value on both; 16+ characters). Only "
+        "its calls (and the admin's) move the reward-normalization statistics the trainer reads from "
+        "Reward.GetInfo. Empty: no caller moves them; GetInfo reports each version's held-out statistics.",
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -106,6 +112,13 @@ class AuthConfig:
         require(self.token_ttl_s > 0, n, "token_ttl_s", self.token_ttl_s, "use a positive number of seconds")
         names = [name for name, _ in self.named_keys()]
         require(len(set(names)) == len(names), n, "api_keys", names, "give every key its own name (name:key)")
+        require(
+            "anonymous" not in names,
+            n,
+            "api_keys",
+            names,
+            "rename the key called 'anonymous': that is the namespace of callers without a key (Caller.scoped_user_id)",
+        )
         for name, key in self.named_keys():
             require(bool(key), n, "api_keys", name, "an entry has an empty key: write `key` or `name:key`")
         require(
@@ -121,6 +134,21 @@ class AuthConfig:
             "admin_token",
             "<hidden>",
             "the admin token must differ from every API key",
+        )
+        require(
+            not self.service_token or len(self.service_token) >= 16,
+            n,
+            "service_token",
+            "<hidden>",
+            "use at least 16 characters",
+        )
+        require(
+            not self.service_token
+            or (self.service_token != self.admin_token and self.service_token not in {k for _, k in self.named_keys()}),
+            n,
+            "service_token",
+            "<hidden>",
+            "the service token must differ from the admin token and from every API key",
         )
 
     def named_keys(self) -> list[tuple[str, str]]:
@@ -263,9 +291,23 @@ class Caller:
 
     who: str
     is_admin: bool = False
+    # Whose end users this caller speaks for (`scoped_user_id`): its API key's name, "anonymous" for a
+    # caller without a key while keys are configured; None (no keys configured, or the admin): global ids.
+    namespace: str | None = None
+
+    def scoped_user_id(self, user_id: str) -> str:
+        """The id of end user `user_id` as this caller names it: what feedback tokens bind, events carry
+        and per-user rate limits key on. With API keys configured a key's users live in its namespace,
+        "<key name>:<user_id>", so one key can neither give feedback as another key's users (their
+        tokens bind the other namespace) nor spend their rate limits. Unambiguous: a key's name never
+        holds ':' (`AuthConfig.named_keys` splits at the first) and "anonymous" is no key's name. Without
+        keys, and for the admin (trusted to act for any user: it names them in full), the id is unchanged.
+        Limits on user_id apply to the id the caller sent, not to this longer one."""
+        return user_id if self.namespace is None else f"{self.namespace}:{user_id}"
 
 
 ANONYMOUS = Caller("anonymous")
+ANONYMOUS_WITH_KEYS = Caller("anonymous", namespace="anonymous")  # keys configured, require_api_key false
 
 
 def bearer_token(metadata: Any) -> str | None:
@@ -325,11 +367,11 @@ class Authenticator:
                 raise errors.Unauthenticated(
                     "an API key is required: send metadata `authorization: Bearer <key>` (one of FLYWHEEL_AUTH_API_KEYS)"
                 )
-            return ANONYMOUS
+            return ANONYMOUS_WITH_KEYS
         name = self._match_key(token)
         if name is None:
             raise errors.Unauthenticated("unknown API key: use one of the keys in FLYWHEEL_AUTH_API_KEYS")
-        return Caller(name)
+        return Caller(name, namespace=name)
 
     def require_admin(self, metadata: Any) -> Caller:
         """The admin caller; Unauthenticated without a valid token, PermissionDenied for a caller's key."""

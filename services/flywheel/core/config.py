@@ -238,6 +238,9 @@ def load_bundle(cls: type[B], path: str | os.PathLike[str] | None = None) -> B:
     return cls(**{f.name: load_section(hints[f.name], f.metadata["section"], path) for f in dataclasses.fields(cls)})
 
 
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclasses.dataclass
 class KafkaConfig:
     """How to reach Kafka and how the bus behaves."""
@@ -256,7 +259,14 @@ class KafkaConfig:
     sasl_mechanism: str = setting("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used.")
     sasl_username: str = setting("", "SASL user name.")
     sasl_password: str = setting("", "SASL password.")
-    ssl_cafile: str = setting("", "CA bundle for SSL.")
+    ssl_cafile: str = setting("", "CA bundle (PEM) that signed the brokers' certificates (SSL, SASL_SSL).")
+    ssl_certfile: str = setting(
+        "", "Client certificate chain (PEM) for brokers that require client certificates (SSL)."
+    )
+    ssl_keyfile: str = setting("", "Private key (PEM, unencrypted) of ssl_certfile.")
+    ssl_check_hostname: bool = setting(
+        True, "Check that a broker's certificate names the host dialed (turn off only for IP-only test setups)."
+    )
     max_attempts: int = setting(
         5,
         "Tries of a consumer's handler on one record before it goes to the dead-letter topic.",
@@ -287,6 +297,8 @@ class KafkaConfig:
                 self.sasl_mechanism,
                 "set FLYWHEEL_KAFKA_SASL_MECHANISM (e.g. SCRAM-SHA-512) for a SASL protocol",
             )
+            self._check_sasl(n)
+        self._check_ssl(n)
         for part in filter(None, self.bootstrap.split(",")):
             host, _, port = part.strip().rpartition(":")
             require(
@@ -302,6 +314,60 @@ class KafkaConfig:
             self.max_poll_interval_ms >= 1000, n, "max_poll_interval_ms", self.max_poll_interval_ms, "use at least 1000"
         )
 
+    def _check_sasl(self, n: str) -> None:
+        require(
+            self.sasl_mechanism in SASL_MECHANISMS,
+            n,
+            "sasl_mechanism",
+            self.sasl_mechanism,
+            f"use one of {', '.join(SASL_MECHANISMS)}",
+        )
+        for name in ("sasl_username", "sasl_password"):
+            require(
+                bool(getattr(self, name)),
+                n,
+                name,
+                "" if name == "sasl_password" else getattr(self, name),  # never a password in a message
+                f"{self.sasl_mechanism} needs the user name and password: set sasl_username and sasl_password",
+            )
+
+    def _check_ssl(self, n: str) -> None:
+        """SSL files only with an SSL protocol (else they would be silently unused), each readable,
+        the client pair complete and matching."""
+        from flywheel.core.tls import check_ca, check_pair
+
+        files = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+        for name in files:
+            path = getattr(self, name)
+            if not path:
+                continue
+            require(
+                self.security_protocol.endswith("SSL"),
+                n,
+                name,
+                path,
+                f"security_protocol is {self.security_protocol}, which does not use TLS: use SSL or SASL_SSL",
+            )
+            require(os.path.isfile(path) and os.access(path, os.R_OK), n, name, path, "no readable file there")
+        require(
+            not self.ssl_keyfile or bool(self.ssl_certfile),
+            n,
+            "ssl_keyfile",
+            self.ssl_keyfile,
+            "set ssl_certfile too: the certificate chain of this key",
+        )
+        require(
+            not self.ssl_certfile or bool(self.ssl_keyfile),
+            n,
+            "ssl_certfile",
+            self.ssl_certfile,
+            "set ssl_keyfile too: the private key of this certificate",
+        )
+        if self.ssl_certfile:
+            check_pair(n, "ssl_certfile", self.ssl_certfile, "ssl_keyfile", self.ssl_keyfile)
+        if self.ssl_cafile:
+            check_ca(n, "ssl_cafile", self.ssl_cafile)
+
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by kafka-python's producer, consumer and admin client."""
         opts: dict[str, Any] = {
@@ -316,8 +382,11 @@ class KafkaConfig:
                 sasl_plain_username=self.sasl_username,
                 sasl_plain_password=self.sasl_password,
             )
-        if self.ssl_cafile:
-            opts["ssl_cafile"] = self.ssl_cafile
+        if self.security_protocol.endswith("SSL"):
+            opts["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name):
+                    opts[name] = getattr(self, name)
         return opts
 
 

@@ -9,7 +9,12 @@ Layout (docs/ARCHITECTURE.md, 'Kafka carries pointers, not weights')::
 
 A version directory appears only by an atomic rename of a complete, hashed, fsynced temp
 directory, so a reader sees either the whole version or nothing. Consumers call `verify` (or
-`verify_digests` with the digests of a ModelUpdate) before `from_pretrained`.
+`from_update` with a ModelUpdate) before `from_pretrained`.
+
+Neither the store nor Kafka is trusted (flywheel.core.signing): a store with a signing key signs
+each manifest and announcement it writes; `verify`, `locate` and `from_update` check the signature
+(`ModelStoreConfig.require_signed`), a `file://` uri that leads outside the store's root, and every
+file's sha256 and size, and refuse with an IntegrityError whose `reason` labels the refusal.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from urllib.parse import unquote, urlparse
 
 from flywheel.core import errors
 from flywheel.core.config import require, setting
+from flywheel.core.signing import Signature, Signer, Verifier, load_private_key, load_public_key
 from flywheel.v1 import events_pb2
 
 MANIFEST = "manifest.json"
@@ -68,14 +74,55 @@ class ModelStoreConfig:
         5,
         "Versions kept per model by retention, besides every promoted one and the starter (v0).",
     )
+    signing_key: str = setting(
+        "",
+        "Ed25519 private key that signs the versions this process publishes and their announcements "
+        "(trainer and reward trainer only): a PEM file's path, PEM text, or the raw key in base64. Empty: "
+        "nothing is signed. `python -m flywheel.core.signing keygen DIR` makes a pair.",
+    )
+    trusted_keys: list[str] = setting(
+        [],
+        "Ed25519 public keys whose signatures are accepted, comma-separated: PEM files' paths or raw keys "
+        "in base64. The signing key's own is always trusted. While rotating, list the old and the new key.",
+    )
+    require_signed: bool | None = setting(
+        None,
+        "Refuse versions and announcements that are unsigned or signed by a key not trusted here. "
+        "Empty: required exactly when a key is configured (signing_key or trusted_keys).",
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
         require(bool(self.root.strip()), n, "root", self.root, "set FLYWHEEL_MODEL_STORE_ROOT to a directory")
         require(self.keep_last >= 1, n, "keep_last", self.keep_last, "use 1 or more (the latest is always kept)")
+        try:
+            self.signer()
+        except ValueError as e:
+            require(False, n, "signing_key", "(hidden)", f"{e}: give an Ed25519 private key (PEM or base64)")
+        for k in self.trusted_keys:
+            try:
+                load_public_key(k)
+            except ValueError as e:
+                require(False, n, "trusted_keys", k, f"{e}: give Ed25519 public keys (PEM files or base64)")
+        no_keys = not self.signing_key.strip() and not self.trusted_keys
+        require(
+            not (self.require_signed and no_keys),
+            n,
+            "require_signed",
+            self.require_signed,
+            "set FLYWHEEL_MODEL_STORE_TRUSTED_KEYS to the trainer's public key(s) (nothing could be verified)",
+        )
+
+    def signer(self) -> Signer | None:
+        return Signer(load_private_key(self.signing_key)) if self.signing_key.strip() else None
+
+    def verifier(self) -> Verifier:
+        signer = self.signer()
+        keys = [load_public_key(k) for k in self.trusted_keys] + ([signer.public_key] if signer else [])
+        return Verifier(keys, required=bool(keys) if self.require_signed is None else self.require_signed)
 
     def store(self) -> ModelStore:
-        return ModelStore(Path(self.root).expanduser())
+        return ModelStore(Path(self.root).expanduser(), signer=self.signer(), verifier=self.verifier())
 
 
 @dataclasses.dataclass
@@ -91,12 +138,19 @@ class Manifest:
     promoted: bool = False
     gate: str = ""  # why it was promoted (e.g. "gate", "manual_promote")
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # lineage, trainer config, ...
+    signature: dict[str, str] = dataclasses.field(default_factory=dict)  # flywheel.core.signing.Signature
     path: Path | None = dataclasses.field(default=None, compare=False)  # set when read from disk
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data.pop("path")
         return json.dumps(data, indent=2, sort_keys=True)
+
+    def signed_fields(self) -> dict[str, Any]:
+        """What its signature covers: everything but the signature, as manifest.json has it."""
+        data = json.loads(self.to_json())
+        data.pop("signature")
+        return data
 
     @classmethod
     def from_json(cls, text: str, path: Path | None = None) -> Manifest:
@@ -213,25 +267,28 @@ def verify_dir(path: Path, expected: dict[str, dict[str, Any]], digests: Digests
     `digests` hashes them (a hot swap's also copies the weights in the same read)."""
     path = Path(path)
     if not path.is_dir():
-        raise errors.IntegrityError(f"checkpoint directory {str(path)!r} does not exist")
+        raise errors.IntegrityError(f"checkpoint directory {str(path)!r} does not exist", reason="missing")
     for rel, want in sorted(expected.items()):
         f = path / rel
         if not f.is_file():
-            raise errors.IntegrityError(f"checkpoint {path}: file {rel!r} is missing")
+            raise errors.IntegrityError(f"checkpoint {path}: file {rel!r} is missing", reason="tampered")
         size = f.stat().st_size
         if "size" in want and size != int(want["size"]):
             raise errors.IntegrityError(
-                f"checkpoint {path}: file {rel!r} has {size} bytes, manifest says {want['size']}"
+                f"checkpoint {path}: file {rel!r} has {size} bytes, manifest says {want['size']}", reason="tampered"
             )
     for rel, got in sorted(digests(path, expected).items()):
         want = expected[rel]["sha256"]
         if got != want:
             raise errors.IntegrityError(
-                f"checkpoint {path}: file {rel!r} has sha256 {got[:12]}..., manifest says {want[:12]}..."
+                f"checkpoint {path}: file {rel!r} has sha256 {got[:12]}..., manifest says {want[:12]}...",
+                reason="tampered",
             )
     extra = sorted(set(_walk_files(path)) - set(expected))
     if extra:
-        raise errors.IntegrityError(f"checkpoint {path}: unexpected file(s) not in the manifest: {', '.join(extra)}")
+        raise errors.IntegrityError(
+            f"checkpoint {path}: unexpected file(s) not in the manifest: {', '.join(extra)}", reason="tampered"
+        )
     return path
 
 
@@ -241,16 +298,37 @@ def verify_digests(
     """`verify_dir` with the FileDigest list of a ModelUpdate (a consumer that came from Kafka)."""
     want = {d.path: {"sha256": d.sha256, "size": d.size} for d in expected}
     if not want:
-        raise errors.IntegrityError(f"checkpoint {path}: the update lists no files, refusing to load unverified")
+        raise errors.IntegrityError(
+            f"checkpoint {path}: the update lists no files, refusing to load unverified", reason="tampered"
+        )
     return verify_dir(Path(path), want, digests)
 
 
-class ModelStore:
-    """Checkpoints of named models under one root; safe for several processes on one filesystem."""
+def announcement_fields(u: events_pb2.ModelUpdate) -> dict[str, Any]:
+    """What an announcement's signature covers (not its uri: each pod mounts the store elsewhere)."""
+    return {
+        "model": u.model,
+        "version": u.version,
+        "parent": u.parent,
+        "files": [[d.path, d.sha256, d.size] for d in u.files],
+        "metrics": dict(u.metrics),
+        "created_at_ns": u.created_at.ToNanoseconds(),
+        "reason": u.reason,
+    }
 
-    def __init__(self, root: str | os.PathLike) -> None:
+
+class ModelStore:
+    """Checkpoints of named models under one root; safe for several processes on one filesystem.
+
+    `signer`: signs what this process publishes and announces (the trainers); `verifier`: what a
+    version must be signed with to load (default: nothing required, the signer's key trusted).
+    """
+
+    def __init__(self, root: str | os.PathLike, signer: Signer | None = None, verifier: Verifier | None = None) -> None:
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.signer = signer
+        self.verifier = verifier or Verifier([signer.public_key] if signer else [])
 
     # ------------------------------------------------------------------ paths and locking
 
@@ -344,6 +422,7 @@ class ModelStore:
                     metrics={k: float(x) for k, x in (metrics or {}).items()},
                     extra=dict(extra or {}),
                 )
+                self._sign(manifest)
                 _write_atomic(tmp / MANIFEST, manifest.to_json())
                 _fsync_dir(tmp)
                 final = self.version_path(model, v)
@@ -401,8 +480,10 @@ class ModelStore:
         return None
 
     def verify(self, model: str, version: int) -> Path:
-        """The version's directory after checking every file against its manifest."""
+        """The version's directory after checking its manifest's signature and every file against it."""
         m = self.get(model, version)
+        what = f"{model} version {version} in the model store"
+        self.verifier.check("manifest", m.signed_fields(), Signature.from_json(m.signature), what)
         return verify_dir(self.version_path(model, version), m.files)
 
     def load_path(self, model: str, version: int | None = None) -> Path:
@@ -435,8 +516,30 @@ class ModelStore:
                 m.promoted = promoted
             if gate is not None:
                 m.gate = gate
+            if self.signer is None and m.signature:
+                raise errors.FailedPrecondition(
+                    f"{model} version {version} is signed and this process has no signing key "
+                    "(model_store.signing_key): only its publisher can change its manifest"
+                )
+            self._sign(m)
             _write_atomic(self.version_path(model, version) / MANIFEST, m.to_json())
         return m
+
+    def sign(self, model: str, version: int) -> Manifest:
+        """Sign a version already in the store (a starter copied or built by a process without the
+        key), after checking its files against its manifest: whoever runs this vouches for it."""
+        if self.signer is None:
+            raise errors.FailedPrecondition("no signing key: set FLYWHEEL_MODEL_STORE_SIGNING_KEY")
+        with self._lock(model):
+            m = self.get(model, version)
+            verify_dir(self.version_path(model, version), m.files)
+            self._sign(m)
+            _write_atomic(self.version_path(model, version) / MANIFEST, m.to_json())
+        return m
+
+    def _sign(self, m: Manifest) -> None:
+        if self.signer is not None:
+            m.signature = self.signer.sign("manifest", m.signed_fields()).to_json()
 
     def mark_promoted(
         self, model: str, version: int, gate: str = "gate", metrics: dict[str, float] | None = None
@@ -483,28 +586,48 @@ class ModelStore:
             reason=reason,
         )
         msg.created_at.FromNanoseconds(int(manifest.created_at * 1e9))
+        if self.signer is not None:
+            sig = self.signer.sign("announcement", announcement_fields(msg))
+            msg.signature, msg.signing_key_id = sig.value, sig.key_id
         return msg
 
     def from_update(self, update: events_pb2.ModelUpdate) -> Path:
-        """The verified local directory a ModelUpdate points to (checked against its own digests)."""
+        """The verified local directory a ModelUpdate points to (signature, uri and its own digests)."""
         return verify_digests(self.locate(update), update.files)
 
     def locate(self, update: events_pb2.ModelUpdate) -> Path:
-        """The local directory a ModelUpdate points to, NOT verified (see `from_update`).
+        """The local directory a ModelUpdate points to once its signature and uri are checked; its
+        files are NOT hashed here (see `from_update`).
 
-        A `file://` URI is used as is when it exists (a shared volume mounted at the same path);
-        otherwise the version is looked up by model and version in this store.
+        A `file://` uri that exists must resolve (symlinks and '..' too) to the announced version's
+        directory in this store: one that leads elsewhere is refused. One that does not exist here
+        (the store is mounted at another path) is looked up by model and version in this store.
         """
-        path = None
+        sig = Signature(update.signing_key_id, update.signature) if update.signing_key_id else None
+        what = f"the announcement of {update.model} version {update.version}"
+        self.verifier.check("announcement", announcement_fields(update), sig, what)
+        path = self.version_path(update.model, update.version)
         if update.uri:
             parsed = urlparse(update.uri)
             if parsed.scheme not in ("file", ""):
-                raise errors.InvalidArgument(f"model update uri {update.uri!r}: only file:// is supported")
+                raise errors.InvalidArgument(
+                    f"model update uri {update.uri!r}: only file:// is supported", reason="bad_uri"
+                )
             candidate = Path(unquote(parsed.path))
-            if candidate.is_dir():
-                path = candidate
-        if path is None:
-            path = self.version_path(update.model, update.version)
-            if not path.is_dir():
-                self.get(update.model, update.version)  # raises NotFound with the known versions
+            if candidate.exists():
+                self._check_inside(candidate.resolve(), path.resolve(), update.uri)
+        if not path.is_dir():
+            self.get(update.model, update.version)  # raises NotFound with the known versions
         return path
+
+    def _check_inside(self, real: Path, expected: Path, uri: str) -> None:
+        root = self.root.resolve()
+        if not real.is_relative_to(root):
+            raise errors.IntegrityError(
+                f"model update uri {uri!r} leads to {real}, outside the model store {root}", reason="outside_store"
+            )
+        if real != expected:
+            raise errors.IntegrityError(
+                f"model update uri {uri!r} leads to {real}, not to the announced version's {expected}",
+                reason="bad_uri",
+            )

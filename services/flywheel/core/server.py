@@ -8,7 +8,9 @@ One `ServiceServer` owns, in one asyncio event loop:
     an INTERNAL / DATA_LOSS answer carries a fixed text and a reference that the log line with
     the traceback also carries, never exception text or a path (`errors.public_message`);
   * an aiohttp app with `/metrics`, `/health` (TGI: 200 with an empty body when serving,
-    503 otherwise), `/live`, and whatever routes the service adds before `start()`.
+    503 otherwise), `/live`, and whatever routes the service adds before `start()`;
+  * TLS on both ports once the `tls` section has a certificate, mutual TLS with a client CA
+    (core/tls.py: certificates re-read when their files change).
 
 Overload: at most `max_concurrent_rpcs` RPCs (a stream counts until it ends) and
 `max_concurrent_http` HTTP requests (a streamed answer counts until it ends) are handled at
@@ -66,6 +68,7 @@ from flywheel.core.errors import (
 )
 from flywheel.core.health import HEALTH_SERVICE, HealthService
 from flywheel.core.http import error_body, error_middleware
+from flywheel.core.tls import ServerCertificates, TlsConfig, load_tls
 
 log = logging.getLogger("flywheel.server")
 T = TypeVar("T")
@@ -475,6 +478,9 @@ async def _metrics_route(request: web.Request) -> web.Response:
 
 # HTTP routes outside the limit: probes and scrapes must get through a loaded service.
 UNLIMITED_HTTP_PATHS = frozenset({"/health", "/live", "/metrics"})
+# Under mutual TLS, the routes answered without a client certificate: the kubelet's probes
+# cannot present one (Prometheus can: /metrics needs a certificate).
+MTLS_EXEMPT_HTTP_PATHS = frozenset({"/health", "/live"})
 
 
 def _limit_middleware(limit: InFlightLimit) -> Any:
@@ -519,17 +525,24 @@ class ServiceServer:
         await server.wait()                                     # until SIGTERM or stop()
     """
 
-    def __init__(self, config: ServerConfig, name: str = "flywheel") -> None:
+    def __init__(self, config: ServerConfig, name: str = "flywheel", tls: TlsConfig | None = None) -> None:
+        """`tls`: TLS of both ports; None reads the `tls` config section (FLYWHEEL_TLS_* variables),
+        so every service serves TLS once it is configured; `TlsConfig()` is plaintext."""
         self.config = config
         self.name = name
+        self.tls = load_tls() if tls is None else tls
+        self.certificates = ServerCertificates(self.tls) if self.tls.server_enabled else None
         self.health = HealthService(config.max_health_watches)
         retry_after = config.overload_retry_after_s
         self.rpc_limit = InFlightLimit(config.max_concurrent_rpcs, name, "RPCs", "max_concurrent_rpcs", retry_after)
         self.http_limit = InFlightLimit(
             config.max_concurrent_http, name, "HTTP requests", "max_concurrent_http", retry_after
         )
+        middlewares = [error_middleware, _limit_middleware(self.http_limit)]
+        if self.certificates is not None and self.certificates.mutual:
+            middlewares.insert(1, self.certificates.http_middleware(MTLS_EXEMPT_HTTP_PATHS))
         self.http_app = web.Application(
-            middlewares=[error_middleware, _limit_middleware(self.http_limit)],
+            middlewares=middlewares,
             client_max_size=config.max_http_body_mb * 1024**2,
         )
         self.http_app[SERVER_KEY] = self
@@ -598,7 +611,10 @@ class ServiceServer:
 
         address = f"[{cfg.host}]:{cfg.grpc_port}" if ":" in cfg.host else f"{cfg.host}:{cfg.grpc_port}"
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            if self.certificates is None:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, self.certificates.grpc_credentials())
         except RuntimeError as e:
             raise OSError(f"cannot bind gRPC to {address} ({e}): is the port in use? set --grpc-port") from None
         if self.grpc_port == 0:
@@ -607,7 +623,8 @@ class ServiceServer:
 
         self._runner = web.AppRunner(self.http_app, access_log=None, shutdown_timeout=cfg.grace_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
+        ssl_context = self.certificates.ssl_context() if self.certificates is not None else None
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:
@@ -617,7 +634,16 @@ class ServiceServer:
         self.http_port = self._runner.addresses[0][1]
         if handle_signals:
             self._install_signal_handlers()
-        log.info("%s listening: gRPC %s:%d, HTTP %s:%d", self.name, cfg.host, self.grpc_port, cfg.host, self.http_port)
+        security = "plaintext" if self.certificates is None else "mutual TLS" if self.tls.mutual else "TLS"
+        log.info(
+            "%s listening (%s): gRPC %s:%d, HTTP %s:%d",
+            self.name,
+            security,
+            cfg.host,
+            self.grpc_port,
+            cfg.host,
+            self.http_port,
+        )
 
     def watch(self, name: str, error: Callable[[], BaseException | None]) -> None:
         """Stop the service with exit code 1 once `error()` returns an exception (checked every 0.5 s).

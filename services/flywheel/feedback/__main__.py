@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50052; 0: a free one)")
     parser.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8082; 0: a free one)")
     parser.add_argument("--host", default=None, help="interface to bind (default 0.0.0.0)")
-    parser.add_argument("--state-dir", default=None, help="directory of the spool and seen-id store")
+    parser.add_argument(
+        "--state-dir", default=None, help="directory of the spool and the store of accepted ids and votes"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

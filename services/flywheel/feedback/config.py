@@ -36,7 +36,7 @@ class FeedbackConfig:
     )
     state_dir: str = setting(
         ".flywheel/feedback",
-        "Directory of the spool and the seen-id store (a persistent volume in Kubernetes).",
+        "Directory of the spool and the store of accepted ids and votes (a persistent volume in Kubernetes).",
     )
     spool_path: str = setting("", "Spool database (empty: <state_dir>/spool.sqlite).")
     spool_max_records: int = setting(
@@ -44,10 +44,13 @@ class FeedbackConfig:
         "Spool capacity in records; beyond it submissions get 429.",
     )
     spool_max_mb: int = setting(1024, "Spool capacity in MiB of events.")
-    dedup_path: str = setting("", "Seen feedback_id store (empty: <state_dir>/seen.sqlite).")
+    dedup_path: str = setting(
+        "", "Store of the feedback_ids and votes already accepted, per user (empty: <state_dir>/seen.sqlite)."
+    )
     dedup_retention_s: int = setting(
         8 * 24 * 3600,
-        "How long a feedback_id is remembered (longer than the feedback-token TTL, after which a retry is refused anyway).",
+        "How long a user's feedback_id and vote are remembered (longer than the feedback-token TTL, after which "
+        "no token admits a retry or another vote anyway).",
     )
     send_timeout_s: float = setting(
         5.0,

@@ -4,9 +4,14 @@ deduplicate, and hand each event durably to Kafka (or to the local spool when Ka
 Per item, in this order:
   1. shape (`validation.validate`): INVALID_ARGUMENT saying what is wrong and what to send;
   2. the feedback token (HMAC over interaction_id or pair_id, policy version and user):
-     PERMISSION_DENIED with the signer's reason;
-  3. the user's token bucket, only now, so that forged tokens cannot spend a victim's budget;
-  4. the feedback_id: seen before -> DUPLICATE, nothing new is recorded;
+     PERMISSION_DENIED with the signer's reason. The user is the one in the caller's namespace
+     (core.auth.Caller.scoped_user_id): with API keys configured, "<key name>:<user_id>", so a
+     token the policy issued under one key never passes under another;
+  3. that user's token bucket, only now, so that forged tokens cannot spend a victim's budget
+     (and one key's callers never spend another key's users' budget);
+  4. the claims (dedup.py), both per user: its feedback_id seen before -> DUPLICATE; the user
+     already gave this kind of feedback on this answer (or a preference on this pair) under
+     another id -> ALREADY_VOTED (first wins); nothing new is recorded for either;
   5. hand-off: Kafka with acks=all -> ACCEPTED; unreachable or too slow -> the durable spool
      -> SPOOLED; spool full -> RESOURCE_EXHAUSTED. Nothing is acknowledged before it is durable.
      An event Kafka refuses for good (`bus.produce_refusal`: larger than the topic accepts,
@@ -14,17 +19,20 @@ Per item, in this order:
      events around it flow on. (Only an event that went to the spool without a try, behind a
      backlog while Kafka was away, is SPOOLED and then dead-lettered by the spool's drain.)
 
-Idempotency and crashes. A feedback_id is recorded as seen only *after* its event is durable
-(acked by Kafka, or committed to the spool). The other order (record, then send) would let a
-crash between the two lose an event while a retry is answered DUPLICATE: an acknowledged
-loss. With our order a crash in that window can at worst put a second copy of the event on
-the topic when the client retries; both copies carry the same feedback_id and consumers apply
-each id once (docs/ARCHITECTURE.md, 'At-least-once, idempotent effects'), so nothing is double-counted.
-The seen ids of a group are committed to sqlite (one transaction per group, WAL +
+Idempotency and crashes. An item's claims (its feedback_id and its vote) are recorded only
+*after* its event is durable (acked by Kafka, or committed to the spool). The other order
+(record, then send) would let a crash between the two lose an event while a retry is answered
+DUPLICATE: an acknowledged loss. With our order a crash in that window can at worst put a second
+copy of the event on the topic when the client retries; both copies carry the same user and
+feedback_id and consumers apply each (user_id, feedback_id) once (docs/ARCHITECTURE.md,
+'At-least-once, idempotent effects'), so nothing is double-counted.
+The claims of a group are committed to sqlite (one transaction per group, WAL +
 synchronous=NORMAL: it survives a process crash, without an fsync per request, which would cap
 intake at a few hundred per second) before any caller of the group is answered, so a retry
-after a crash of the service is answered DUPLICATE. While an id is in flight, a
-concurrent request with the same id gets ABORTED ("retry to learn the outcome").
+after a crash of the service is answered DUPLICATE (and another vote ALREADY_VOTED). While an
+id, or a vote, is in flight, a concurrent request with the same one gets ABORTED ("retry to
+learn the outcome"). Inside one SubmitBatch a repeated id is DUPLICATE and a second vote
+ALREADY_VOTED once the first item is acknowledged.
 
 Group hand-off. Concurrent requests (Submit calls and SubmitBatch calls alike) are coalesced,
 like Kafka's linger.ms: each validates its own items on the event loop, then joins the next
@@ -63,7 +71,7 @@ from flywheel.core.metrics import LATENCY_BUCKETS
 from flywheel.core.server import run_blocking
 from flywheel.core.spool import DurableSpool, ProducerSender
 from flywheel.feedback.config import FeedbackConfig
-from flywheel.feedback.dedup import SeenFeedbackIds
+from flywheel.feedback.dedup import Claim, FeedbackClaims, id_key, vote_key
 from flywheel.feedback.ratelimit import RateLimiter
 from flywheel.feedback.validation import build_event, reason, validate
 from flywheel.v1 import feedback_pb2
@@ -76,12 +84,18 @@ HANDOFF_SECONDS = Histogram(
     "flywheel_feedback_handoff_seconds", "Time to make a batch durable (Kafka ack or spool).", buckets=LATENCY_BUCKETS
 )
 
-ACCEPTED_S, SPOOLED_S, DUPLICATE_S = (
+ACCEPTED_S, SPOOLED_S, DUPLICATE_S, ALREADY_VOTED_S = (
     feedback_pb2.SUBMIT_STATUS_ACCEPTED,
     feedback_pb2.SUBMIT_STATUS_SPOOLED,
     feedback_pb2.SUBMIT_STATUS_DUPLICATE,
+    feedback_pb2.SUBMIT_STATUS_ALREADY_VOTED,
 )
-STATUS_LABELS = {ACCEPTED_S: "accepted", SPOOLED_S: "spooled", DUPLICATE_S: "duplicate"}
+STATUS_LABELS = {
+    ACCEPTED_S: "accepted",
+    SPOOLED_S: "spooled",
+    DUPLICATE_S: "duplicate",
+    ALREADY_VOTED_S: "already_voted",
+}
 H_EVENT_ID = "flywheel-event-id"
 # The intake's producer (acks=all and idempotence stay, from bus.Producer). Each flush already
 # groups concurrent requests, so a long linger would only add latency to every acknowledgement.
@@ -101,7 +115,7 @@ MAX_SETTLE_ALONE = 16
 
 
 class InFlight(errors.FlywheelError):
-    """The same feedback_id is being submitted by another request right now."""
+    """The same feedback_id (or another of the same user's vote) is being submitted right now."""
 
     code, http_status, error_type = grpc.StatusCode.ABORTED, 409, "conflict"
 
@@ -144,6 +158,7 @@ class _Item:
     kind: str
     key: str
     value: bytes
+    claim: Claim  # (id_key, vote_key): per user, see dedup.py
 
 
 class FeedbackIntake:
@@ -175,7 +190,7 @@ class FeedbackIntake:
             dlq_topic=topics.dlq,
         )
         self.spool: DurableSpool | None = None
-        self.seen: SeenFeedbackIds | None = None
+        self.claims: FeedbackClaims | None = None
         self.sender = ProducerSender(self.producer, timeout_s=config.send_timeout_s, source="feedback")
         # Group hand-off (module doc): requests waiting for the next flush, the task running
         # flushes, the flushes waiting for acks, and the one thread that makes the trips.
@@ -187,7 +202,7 @@ class FeedbackIntake:
     def open(self) -> None:
         """Open the stores and start draining the spool (blocking; call with run_blocking)."""
         cfg = self.config
-        self.seen = SeenFeedbackIds(cfg.dedup_file(), cfg.dedup_retention_s)
+        self.claims = FeedbackClaims(cfg.dedup_file(), cfg.dedup_retention_s)
         self.spool = DurableSpool(
             cfg.spool_file(), name="feedback", max_records=cfg.spool_max_records, max_bytes=cfg.spool_max_mb << 20
         )
@@ -205,8 +220,8 @@ class FeedbackIntake:
         if self.spool is not None:
             self.spool.close(drain_timeout_s)
         self._handoff_pool.shutdown(wait=True)
-        if self.seen is not None:
-            self.seen.close()
+        if self.claims is not None:
+            self.claims.close()
         try:
             self.producer.close(timeout_s=2.0)
         except Exception as e:  # noqa: BLE001 - closing a producer of a dead broker may complain
@@ -218,7 +233,7 @@ class FeedbackIntake:
         self._check_open()
         try:
             self.key_limits.take(caller.who, 1)
-            item = self._item(0, req, _timestamp())
+            item = self._item(0, req, caller, _timestamp())
         except errors.FlywheelError as e:
             _inc(REJECTED, (reason(e),))
             raise
@@ -247,11 +262,11 @@ class FeedbackIntake:
         results: list[Any] = [None] * n
         now = _timestamp()
         items: list[_Item] = []
-        first: dict[str, int] = {}  # feedback_id -> first index in this batch
-        follows: list[tuple[int, int]] = []  # repeated id in this batch -> index of its first
+        first: dict[str, int] = {}  # id or vote key (dedup.py) -> index of the first item of the batch with it
+        follows: list[tuple[int, int, bool]] = []  # (index, index of its first, True: same id / False: same vote)
         for i, req in enumerate(reqs):
             try:
-                item = self._item(i, req, now)
+                item = self._item(i, req, caller, now)
             except errors.FlywheelError as e:
                 results[i] = e
                 continue
@@ -260,10 +275,11 @@ class FeedbackIntake:
                 failed.__cause__ = e  # logged with its traceback under the reference the caller sees
                 results[i] = failed
                 continue
-            if item.feedback_id in first:
-                follows.append((i, first[item.feedback_id]))
+            ids, votes = item.claim
+            if ids in first or votes in first:
+                follows.append((i, first[ids], True) if ids in first else (i, first[votes], False))
                 continue
-            first[item.feedback_id] = i
+            first[ids] = first[votes] = i
             items.append(item)
         counts: list[tuple[str, str]] = []  # (kind, status) per acknowledged item, for the metric
         if items:
@@ -272,14 +288,10 @@ class FeedbackIntake:
                 result = results[it.index] = self._answer(it, mark)
                 if not isinstance(result, errors.FlywheelError):
                     counts.append((it.kind, STATUS_LABELS[result.status]))
-        for i, j in follows:
-            prior = results[j]
-            ok = isinstance(prior, feedback_pb2.FeedbackResponse)
-            results[i] = (
-                feedback_pb2.FeedbackResponse(feedback_id=reqs[i].feedback_id, status=DUPLICATE_S) if ok else prior
-            )
-            if ok:
-                counts.append((reqs[i].WhichOneof("value") or "unknown", "duplicate"))
+        for i, j, same_id in follows:
+            result = results[i] = _follow(reqs[i], j, results[j], same_id)
+            if isinstance(result, feedback_pb2.FeedbackResponse):
+                counts.append((reqs[i].WhichOneof("value") or "unknown", STATUS_LABELS[result.status]))
         _count(ACCEPTED, counts)
         _count(REJECTED, [(reason(r),) for r in results if isinstance(r, errors.FlywheelError)])
         return results
@@ -287,14 +299,15 @@ class FeedbackIntake:
     def _check_open(self) -> None:
         self._stores()
 
-    def _stores(self) -> tuple[DurableSpool, SeenFeedbackIds]:
-        """The spool and the seen ids, once `open()` made them."""
-        if self.spool is None or self.seen is None:
+    def _stores(self) -> tuple[DurableSpool, FeedbackClaims]:
+        """The spool and the claims, once `open()` made them."""
+        if self.spool is None or self.claims is None:
             raise errors.Unavailable("the feedback service is still starting: retry in a moment", retry_after_s=1)
-        return self.spool, self.seen
+        return self.spool, self.claims
 
-    def _item(self, index: int, req: feedback_pb2.FeedbackRequest, now: Timestamp) -> _Item:
-        """Steps 1-3 of the module doc for one request: its serialized event, or the FlywheelError that refuses it."""
+    def _item(self, index: int, req: feedback_pb2.FeedbackRequest, caller: Caller, now: Timestamp) -> _Item:
+        """Steps 1-3 of the module doc for one request: its serialized event and its claims, or the
+        FlywheelError that refuses it. Everything keys on the user in the caller's namespace."""
         kind = validate(req, self.config, self.limits)
         if not req.feedback_token:
             raise errors.PermissionDenied(
@@ -303,20 +316,30 @@ class FeedbackIntake:
             )
         subject = req.pair_id if kind == "preference" else req.interaction_id
         token_kind = "pair" if kind == "preference" else "answer"
-        claims = self.signer.verify(req.feedback_token, subject, req.user_id, kind=token_kind)
-        self.user_limits.take(req.user_id, 1)
-        event = build_event(req, kind, claims, self.config.rating_scale, now)
-        return _Item(index, req.feedback_id, kind, subject, event.SerializeToString())
+        user = caller.scoped_user_id(req.user_id)
+        verified = self.signer.verify(req.feedback_token, subject, user, kind=token_kind)
+        self.user_limits.take(user, 1)
+        event = build_event(req, kind, verified, self.config.rating_scale, now)
+        claim = (id_key(user, req.feedback_id), vote_key(user, kind, subject))
+        return _Item(index, req.feedback_id, kind, subject, event.SerializeToString(), claim)
 
     @staticmethod
     def _answer(it: _Item, mark: Any) -> feedback_pb2.FeedbackResponse | errors.FlywheelError:
         """What the caller hears for an item, from its flush's mark (see _finish_flush)."""
         if mark == "seen":
             return feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=DUPLICATE_S)
+        if mark == "voted":
+            return feedback_pb2.FeedbackResponse(feedback_id=it.feedback_id, status=ALREADY_VOTED_S)
         if mark == "busy":
             return InFlight(
                 f"feedback_id {it.feedback_id!r} is being submitted by another request right now: "
                 "retry in a moment to learn its outcome",
+                retry_after_s=1,
+            )
+        if mark == "vote_busy":
+            return InFlight(
+                f"this user's {it.kind} on {it.key!r} is being submitted under another feedback_id right now: "
+                "retry in a moment to learn which one counts",
                 retry_after_s=1,
             )
         if isinstance(mark, errors.FlywheelError):
@@ -369,23 +392,23 @@ class FeedbackIntake:
         """Wait for the flush's acks (or spool it), record the ids, and answer every request in it."""
         fresh = [n for n, m in enumerate(marks) if m == "new"]
         try:
-            _, seen = self._stores()
+            _, claims = self._stores()
             if fresh:
                 try:
                     outcomes = await self._hand_off([items[n] for n in fresh], sent)
                 except BaseException:
-                    seen.release([items[n].feedback_id for n in fresh])
+                    claims.release([items[n].claim for n in fresh])
                     raise
                 HANDOFF_SECONDS.observe(time.perf_counter() - started)
-                done: list[str] = []
-                failed: list[str] = []
+                done: list[Claim] = []
+                failed: list[Claim] = []
                 for n, outcome in zip(fresh, outcomes, strict=True):
                     marks[n] = outcome
-                    (failed if isinstance(outcome, errors.FlywheelError) else done).append(items[n].feedback_id)
-                seen.commit(done)  # only now: every one of these is durable (see the module doc)
-                seen.release(failed)
+                    (failed if isinstance(outcome, errors.FlywheelError) else done).append(items[n].claim)
+                claims.commit(done)  # only now: every one of these is durable (see the module doc)
+                claims.release(failed)
                 if done:  # on disk before anyone hears ACCEPTED, so a retry after a crash is DUPLICATE
-                    await run_blocking(seen.flush)
+                    await run_blocking(claims.flush)
         except BaseException as e:
             for _, w in batch:
                 if not w.done():
@@ -400,9 +423,9 @@ class FeedbackIntake:
             at += len(its)
 
     def _reserve_and_send(self, items: list[_Item], direct: bool) -> tuple[list[str], list[Any] | None]:
-        """Blocking: reserve the ids; queue the new events on the producer when `direct`."""
-        _, seen = self._stores()
-        marks = seen.reserve([it.feedback_id for it in items])
+        """Blocking: reserve the claims; queue the new events on the producer when `direct`."""
+        _, claims = self._stores()
+        marks = claims.reserve([it.claim for it in items])
         if not direct:
             return marks, None
         fresh = [it for it, m in zip(items, marks, strict=True) if m == "new"]
@@ -419,7 +442,7 @@ class FeedbackIntake:
                     out.extend([e] * (len(fresh) - len(out)))
                     break
         except BaseException:
-            seen.release([it.feedback_id for it in fresh])
+            claims.release([it.claim for it in fresh])
             raise
         return marks, out
 
@@ -500,6 +523,23 @@ class FeedbackIntake:
                 for i in to_spool:
                     outcomes[i] = e
         return outcomes
+
+
+def _follow(
+    req: feedback_pb2.FeedbackRequest, first: int, prior: Any, same_id: bool
+) -> feedback_pb2.FeedbackResponse | errors.FlywheelError:
+    """The result of a batch item that repeats item `first` of its batch: its id (DUPLICATE) or the
+    same user's vote under another id (ALREADY_VOTED), once that item was acknowledged. When it was
+    refused, a repeated id gets the same refusal; a second vote may count after all: retry it."""
+    if isinstance(prior, feedback_pb2.FeedbackResponse):
+        status = DUPLICATE_S if same_id else ALREADY_VOTED_S
+        return feedback_pb2.FeedbackResponse(feedback_id=req.feedback_id, status=status)
+    if same_id:
+        return prior
+    return InFlight(
+        f"item {first} of this batch is this user's {req.WhichOneof('value')} on the same answer and was refused, "
+        "so this one was not tried: send it again to have it counted"
+    )
 
 
 async def _all_done(futures: list[Any], timeout_s: float) -> None:

@@ -1,8 +1,9 @@
 """Per-user and per-caller token buckets for the feedback intake.
 
 In a module of its own because it is plain in-memory bookkeeping with no tie to Kafka or the
-seen-id store; the intake (intake.py) spends a user's tokens only after the feedback token
-checked out, so forged tokens cannot drain a victim's budget.
+claims store (dedup.py); the intake (intake.py) spends a user's tokens only after the feedback token
+checked out, so forged tokens cannot drain a victim's budget, and names users in their caller's
+namespace (core.auth.Caller.scoped_user_id), so one API key's callers cannot drain another key's.
 """
 
 from __future__ import annotations

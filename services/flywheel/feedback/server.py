@@ -7,7 +7,7 @@ Errors travel as FlywheelError: the server's interceptor and error middleware tu
 gRPC codes and TGI-shaped HTTP bodies (403 / 409 / 422 / 429 / 503, Retry-After when known;
 a body that is not UTF-8 JSON is 400 / 413 / 415, see core.http.read_json_object).
 
-Health: SERVING as soon as the spool and the seen-id store are open, even when Kafka is down.
+Health: SERVING as soon as the spool and the claims store (dedup.py) are open, even when Kafka is down.
 That is the point of the spool: feedback is accepted (SUBMIT_STATUS_SPOOLED) and drains when
 Kafka returns; flywheel_spool_depth tells operators that Kafka is away.
 """
@@ -41,6 +41,7 @@ STATUS_NAMES = {
     feedback_pb2.SUBMIT_STATUS_ACCEPTED: "accepted",
     feedback_pb2.SUBMIT_STATUS_SPOOLED: "spooled",
     feedback_pb2.SUBMIT_STATUS_DUPLICATE: "duplicate",
+    feedback_pb2.SUBMIT_STATUS_ALREADY_VOTED: "already_voted",
 }
 
 

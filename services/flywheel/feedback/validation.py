@@ -1,7 +1,7 @@
 """What a feedback request must look like, and the event it becomes.
 
 Pure functions, no I/O: the intake (intake.py) runs them per item before it touches the rate
-limits, the seen ids or Kafka, and the tests call them directly. `reason` names a refusal for
+limits, the claims (dedup.py) or Kafka, and the tests call them directly. `reason` names a refusal for
 the rejection metric the same way for every front end.
 """
 
@@ -92,7 +92,8 @@ def validate(req: feedback_pb2.FeedbackRequest, cfg: FeedbackConfig, limits: Lim
 def build_event(
     req: feedback_pb2.FeedbackRequest, kind: str, claims: TokenClaims, scale: int, now: Timestamp | None = None
 ) -> events_pb2.FeedbackEvent:
-    """The FeedbackEvent for a validated request and its verified token."""
+    """The FeedbackEvent for a validated request and its verified token; its user_id is the one the
+    token binds (with API keys configured, the user in the caller's namespace, not the raw id)."""
     if now is None:
         now = Timestamp()
         now.GetCurrentTime()
@@ -106,7 +107,7 @@ def build_event(
         preference=req.preference if kind == "preference" else events_pb2.PREFERENCE_UNSPECIFIED,
         demonstration=req.demonstration,
         comment=req.comment,
-        user_id=req.user_id,
+        user_id=claims.user_id,
         policy_version=claims.policy_version,
         created_at=now,
     )

@@ -83,11 +83,10 @@ class Services:
     """gRPC stubs of the running loop (public APIs only; the admin token for Trainer)."""
 
     def __init__(self, sup: Supervisor) -> None:
-        import grpc
-
+        from flywheel.core.tls import channel
         from flywheel.v1 import policy_pb2_grpc, reward_pb2_grpc, trainer_pb2_grpc
 
-        self._chans = [grpc.insecure_channel(sup.children[n].address) for n in ("policy", "reward", "trainer")]
+        self._chans = [channel(sup.children[n].address) for n in ("policy", "reward", "trainer")]
         self.policy = policy_pb2_grpc.PolicyStub(self._chans[0])
         self.reward = reward_pb2_grpc.RewardStub(self._chans[1])
         self.trainer = trainer_pb2_grpc.TrainerStub(self._chans[2])
@@ -96,7 +95,7 @@ class Services:
     def reward_info(self) -> Any:
         from flywheel.v1 import reward_pb2
 
-        return self.reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=10)
+        return self.reward.GetInfo(reward_pb2.RewardInfoRequest(), timeout=10, metadata=self.admin)
 
     def policy_version(self) -> int:
         from flywheel.v1 import policy_pb2

@@ -221,11 +221,10 @@ class PanelClient:
     @classmethod
     def connect(cls, panel: Panel, cfg: PanelConfig, policy_addr: str, feedback_addr: str) -> PanelClient:
         """A client of the running services at these gRPC addresses."""
-        import grpc
-
+        from flywheel.core.tls import channel
         from flywheel.v1 import feedback_pb2_grpc, policy_pb2_grpc
 
-        channels = [grpc.insecure_channel(policy_addr), grpc.insecure_channel(feedback_addr)]
+        channels = [channel(policy_addr), channel(feedback_addr)]
         policy, feedback = policy_pb2_grpc.PolicyStub(channels[0]), feedback_pb2_grpc.FeedbackStub(channels[1])
         return cls(panel, cfg, policy, feedback, channels)
 

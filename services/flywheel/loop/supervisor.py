@@ -98,6 +98,37 @@ def ensure_starters(store_root: Path, progress: bool = True) -> None:
             print(f"ready in {time.monotonic() - t0:.1f}s ({dst})", flush=True)
 
 
+PUBLISHERS = ("trainer", "reward")  # the only services that get the model-signing key
+# Each service gets only the secrets it uses (docs/SECURITY.md): the feedback service cannot call
+# the trainer's admin RPCs, the policy cannot move the reward normalization, and so on.
+SECRETS_OF = {
+    "policy": ("FLYWHEEL_AUTH_HMAC_KEY", "FLYWHEEL_AUTH_ADMIN_TOKEN"),  # issues tokens; admin-only candidates
+    "feedback": ("FLYWHEEL_AUTH_HMAC_KEY",),  # verifies tokens
+    "reward": ("FLYWHEEL_AUTH_SERVICE_TOKEN",),  # tells the trainer's scores from anyone else's
+    "trainer": ("FLYWHEEL_AUTH_ADMIN_TOKEN", "FLYWHEEL_AUTH_SERVICE_TOKEN"),
+}
+SECRETS = {name for names in SECRETS_OF.values() for name in names}
+
+
+def sign_starters(store_root: Path, run_dir: Path) -> tuple[str, str]:
+    """The run's model-signing key (FLYWHEEL_MODEL_STORE_SIGNING_KEY, else RUN/keys, made once per run
+    directory) and its public key in base64; the starters, which this process built or copied without
+    a key, signed with it (it vouches for them; flywheel.core.signing)."""
+    from flywheel.core import errors, signing
+
+    key = env_value(ModelStoreConfig, "signing_key") or str(run_dir / "keys" / signing.KEY_FILE)
+    if not env_value(ModelStoreConfig, "signing_key") and not Path(key).is_file():
+        signing.keygen(Path(key).parent)
+    store = ModelStoreConfig(root=str(store_root), signing_key=key).store()
+    for name in ("policy", "reward"):
+        try:
+            store.verify(name, 0)
+        except errors.IntegrityError:  # unsigned, or signed by another run's key
+            store.sign(name, 0)
+    assert store.signer is not None
+    return key, signing.public_b64(store.signer.public_key)
+
+
 @contextlib.contextmanager
 def _patched_env(values: dict[str, str]) -> Iterator[None]:
     """os.environ with `values` set, restored afterwards."""
@@ -130,7 +161,9 @@ def health_status(address: str, timeout_s: float = 2.0) -> str:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    from flywheel.core.tls import channel
+
+    with channel(address) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError as e:
@@ -195,6 +228,9 @@ class Supervisor:
         self.store = self.store.expanduser().resolve()
         self.hmac_key = env_value(AuthConfig, "hmac_key") or secrets.token_urlsafe(32)
         self.admin_token = env_value(AuthConfig, "admin_token") or secrets.token_urlsafe(24)
+        # the trainer's credential at the reward service: only its scores move the reward normalization
+        self.service_token = env_value(AuthConfig, "service_token") or secrets.token_urlsafe(24)
+        self.signing_key = self.public_key = ""  # the run's model-signing key and its public key (sign_starters)
         self.children: dict[str, Child] = {}
         self._stopped = False
         self._serving = False  # all SERVING once: from then on a service that exits is restarted
@@ -220,6 +256,7 @@ class Supervisor:
             FLYWHEEL_MODEL_STORE_ROOT=str(self.store),
             FLYWHEEL_AUTH_HMAC_KEY=self.hmac_key,
             FLYWHEEL_AUTH_ADMIN_TOKEN=self.admin_token,
+            FLYWHEEL_AUTH_SERVICE_TOKEN=self.service_token,
             FLYWHEEL_POLICY_STATE_DIR=str(self.run_dir / "state" / "policy"),
             FLYWHEEL_FEEDBACK_STATE_DIR=str(self.run_dir / "state" / "feedback"),
             FLYWHEEL_REWARD_JOIN_STATE_DIR=str(self.run_dir / "state" / "reward"),
@@ -232,6 +269,10 @@ class Supervisor:
 
         if env_value(ServerConfig, "host") is None:
             env["FLYWHEEL_SERVER_HOST"] = "127.0.0.1"
+        env.pop("FLYWHEEL_MODEL_STORE_SIGNING_KEY", None)  # only the publishers get it (_spawn)
+        if self.public_key:
+            trusted = [env_value(ModelStoreConfig, "trusted_keys") or "", self.public_key]
+            env["FLYWHEEL_MODEL_STORE_TRUSTED_KEYS"] = ",".join(filter(None, trusted))
         env.setdefault("OMP_NUM_THREADS", "1")  # four torch processes share the machine's cores
         env.setdefault("FLYWHEEL_TRAINER_TORCH_THREADS", "1")
         for name, child in self.children.items():
@@ -266,6 +307,7 @@ class Supervisor:
         created = ensure_topics(load(KafkaConfig, bootstrap=self.bootstrap), topics, timeout_s=60)
         self._say(f"topics: {len(created)} created")
         ensure_starters(self.store, self.cfg.progress)
+        self.signing_key, self.public_key = sign_starters(self.store, self.run_dir)
         if self.cfg.config_yaml is not None:
             import yaml
 
@@ -278,9 +320,17 @@ class Supervisor:
         self._wait_serving()
         self._serving = True
 
+    def child_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
+        """The shared environment with only the secrets service `name` uses."""
+        out = {k: v for k, v in env.items() if k not in SECRETS or k in SECRETS_OF[name]}
+        if name in PUBLISHERS and self.signing_key:
+            out["FLYWHEEL_MODEL_STORE_SIGNING_KEY"] = self.signing_key
+        return out
+
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", f"flywheel.{child.name}", "--grpc-port", str(child.grpc_port)]
         cmd += ["--http-port", str(child.http_port)]
+        env = self.child_env(child.name, env)
         out: IO[bytes] = open(child.log, "ab")  # noqa: SIM115 - the child keeps its own copy
         try:
             child.proc = subprocess.Popen(

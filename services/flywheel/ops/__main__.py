@@ -9,6 +9,10 @@
 Trainer RPCs carry the admin token as `authorization: Bearer <token>` metadata. Pod IPs are
 reachable from inside the cluster (or a VPN into the pod network); from a laptop, port-forward
 the trainer Service and pass --trainer-addr.
+
+TLS: the `tls` config section (FLYWHEEL_TLS_* variables) or the --tls-* flags. With a CA file
+every call is TLS; a policy pod, dialed by IP, must present a certificate for its Service's name
+(<release>-policy.<namespace>.svc) unless --tls-server-name names another.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.core.tls import TlsConfig
 
 # grpc and the kubernetes client load inside the commands: `flywheel --help` stays instant.
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -41,14 +48,15 @@ def _metadata(token: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
 
 
-def policy_info(addr: str, timeout: float) -> dict[str, Any]:
-    """Policy.GetInfo of one replica, or {'error': ...}."""
+def policy_info(addr: str, timeout: float, tls: TlsConfig | None = None) -> dict[str, Any]:
+    """Policy.GetInfo of one replica, or {'error': ...}. `tls`: None reads the `tls` config section."""
     import grpc
 
+    from flywheel.core.tls import channel as open_channel
     from flywheel.v1 import policy_pb2, policy_pb2_grpc
 
     try:
-        with grpc.insecure_channel(addr) as channel:
+        with open_channel(addr, tls) as channel:
             info = policy_pb2_grpc.PolicyStub(channel).GetInfo(policy_pb2.GetInfoRequest(), timeout=timeout)
     except grpc.RpcError as e:
         return {"error": f"{e.code().name}: {e.details()}"}
@@ -63,13 +71,14 @@ def policy_info(addr: str, timeout: float) -> dict[str, Any]:
     }
 
 
-def trainer_call(addr: str, token: str | None, method: str, request: Any, timeout: float) -> Any:
-    """One Trainer RPC with the admin token; raises grpc.RpcError."""
-    import grpc
-
+def trainer_call(
+    addr: str, token: str | None, method: str, request: Any, timeout: float, tls: TlsConfig | None = None
+) -> Any:
+    """One Trainer RPC with the admin token; raises grpc.RpcError. `tls`: None reads the `tls` config section."""
+    from flywheel.core.tls import channel as open_channel
     from flywheel.v1 import trainer_pb2_grpc
 
-    with grpc.insecure_channel(addr) as channel:
+    with open_channel(addr, tls) as channel:
         stub = trainer_pb2_grpc.TrainerStub(channel)
         return getattr(stub, method)(request, timeout=timeout, metadata=_metadata(token))
 
@@ -94,6 +103,27 @@ def _trainer_addr(args: argparse.Namespace) -> str:
     return os.environ.get("FLYWHEEL_TRAINER_ADDR") or f"{fullname(args.release)}-trainer.{args.namespace}.svc:50054"
 
 
+def client_tls(args: argparse.Namespace) -> TlsConfig:
+    """The `tls` section (file, environment) with the --tls-* flags over it; ConfigError if wrong."""
+    from flywheel.core.config import load_section
+    from flywheel.core.tls import TlsConfig
+
+    return load_section(
+        TlsConfig,
+        ca_file=args.tls_ca_file,
+        client_cert_file=args.tls_cert_file,
+        client_key_file=args.tls_key_file,
+        server_name=args.tls_server_name,
+    )
+
+
+def _pod_tls(args: argparse.Namespace, tls: TlsConfig) -> TlsConfig:
+    """Pods are dialed by IP: check their certificate against the policy Service's name."""
+    if not tls.client_enabled or tls.server_name:
+        return tls
+    return dataclasses.replace(tls, server_name=f"{fullname(args.release)}-policy.{args.namespace}.svc")
+
+
 def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """Everything `status` shows, and whether every part answered."""
     import grpc
@@ -102,6 +132,7 @@ def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     from flywheel.v1 import trainer_pb2
 
     ok = True
+    tls = args.tls
     out: dict[str, Any] = {"namespace": args.namespace, "release": args.release, "pods": [], "lease": None}
     try:
         api = k8s.api_client(args.api_server, args.kubeconfig, args.context)
@@ -109,7 +140,7 @@ def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         for pod in pods:
             row = dataclasses.asdict(pod)
             if pod.component == "policy" and pod.ip and pod.grpc_port and pod.phase == "Running":
-                row["info"] = policy_info(f"{pod.ip}:{pod.grpc_port}", args.timeout)
+                row["info"] = policy_info(f"{pod.ip}:{pod.grpc_port}", args.timeout, _pod_tls(args, tls))
                 ok &= "error" not in row["info"]
             out["pods"].append(row)
         lease = k8s.coordination(api).read_namespaced_lease(
@@ -126,7 +157,8 @@ def collect_status(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             out["kubernetes_error"] = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
             ok = False
     try:
-        st = trainer_call(_trainer_addr(args), args.token, "GetStatus", trainer_pb2.GetStatusRequest(), args.timeout)
+        request = trainer_pb2.GetStatusRequest()
+        st = trainer_call(_trainer_addr(args), args.token, "GetStatus", request, args.timeout, tls)
         out["trainer"] = status_dict(st)
     except grpc.RpcError as e:
         out["trainer"] = {"error": f"{e.code().name}: {e.details()}"}
@@ -189,9 +221,8 @@ def _announce(args: argparse.Namespace) -> int:
         else ("Rollback", trainer_pb2.RollbackRequest)
     )
     try:
-        st = trainer_call(
-            _trainer_addr(args), args.token, method, req(version=args.version, reason=args.reason), args.timeout
-        )
+        request = req(version=args.version, reason=args.reason)
+        st = trainer_call(_trainer_addr(args), args.token, method, request, args.timeout, args.tls)
     except grpc.RpcError as e:
         print(f"flywheel ops {args.action} v{args.version}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -216,13 +247,20 @@ def add_parser(sub: Any, name: str = "ops") -> argparse.ArgumentParser:
         "--token", default=os.environ.get("FLYWHEEL_ADMIN_TOKEN"), help="admin token (default FLYWHEEL_ADMIN_TOKEN)"
     )
     common.add_argument("--timeout", type=float, default=5.0, help="seconds per RPC (default 5)")
+    for flag, field in (
+        ("--tls-ca-file", "ca_file"),
+        ("--tls-cert-file", "client_cert_file"),
+        ("--tls-key-file", "client_key_file"),
+        ("--tls-server-name", "server_name"),
+    ):
+        common.add_argument(flag, default=None, help=f"overrides tls.{field} (see docs/CONFIG.md, TLS)")
 
     p = sub.add_parser(name, help="operate a Kubernetes deployment: status, promote, rollback", description=__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     st = actions.add_parser("status", parents=[common], help="pods, served policy versions, trainer step and lag")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(run=_status)
+    st.set_defaults(run=_with_tls(_status))
     for action, about in (
         ("promote", "announce a version to the policy replicas, bypassing the gate"),
         ("rollback", "announce an earlier promoted version again"),
@@ -230,7 +268,7 @@ def add_parser(sub: Any, name: str = "ops") -> argparse.ArgumentParser:
         a = actions.add_parser(action, parents=[common], help=about)
         a.add_argument("version", type=int, help="model-store version")
         a.add_argument("--reason", default="", help="why (recorded in the trainer's log)")
-        a.set_defaults(run=_announce)
+        a.set_defaults(run=_with_tls(_announce))
     return p
 
 
@@ -243,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+def _with_tls(run: Any) -> Any:
+    """Resolve the TLS settings once, before any call: a wrong one is a usage error (exit 2)."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from flywheel.core.config import ConfigError
+
+        try:
+            args.tls = client_tls(args)
+        except ConfigError as e:
+            print(f"flywheel ops: {e}", file=sys.stderr)
+            return 2
+        return run(args)
+
+    return wrapped
 
 
 if __name__ == "__main__":

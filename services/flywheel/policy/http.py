@@ -13,8 +13,9 @@ Every request body is checked strictly: an unknown field is a 422 naming the kno
 Answers carry `interaction_id`, `policy_version` and `feedback_token` as extra JSON fields and
 as `x-flywheel-*` headers (a stream's headers leave before the version is known, so a stream
 has the interaction id in its headers and all three in its last event). The end user is the
-`x-flywheel-user-id` header (OpenAI: the `user` field), "anonymous" by default; give feedback
-with the same user_id, the feedback token is bound to it.
+`x-flywheel-user-id` header (OpenAI: the `user` field), by default the API key's name or
+"anonymous"; give feedback with the same user_id and the same API key: the feedback token is
+bound to the user in the key's namespace (core.auth.Caller.scoped_user_id).
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ def add_tgi_routes(app: web.Application, service: PolicyService) -> None:
         req, opts = tgi_request(await read_json(request))
         if opts["stream"]:
             return await tgi_stream(request, req, opts)
-        s = await service.generate(req, user_of(service, request))
+        user, caller = user_of(service, request)
+        s = await service.generate(req, user, caller=caller)
         body = tgi_answer(req, s, opts)
         return web.json_response([body] if as_list else body, headers=id_headers(s))
 
     async def tgi_stream(request: web.Request, req: GenerationRequest, opts: dict[str, Any]) -> web.StreamResponse:
         iid = new_id()
-        events = service.stream(req, user_of(service, request), interaction_id=iid)
+        user, caller = user_of(service, request)
+        events = service.stream(req, user, interaction_id=iid, caller=caller)
 
         def render(i: int, ev: TokenEvent, s: Served | None) -> list[Any]:
             out: dict[str, Any] = {"index": i, "token": tgi_token(ev), "top_tokens": None}

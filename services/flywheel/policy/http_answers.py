@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from flywheel.core.auth import Caller
 from flywheel.core.http import error_body
 from flywheel.policy.requests import TokenEvent
 from flywheel.policy.service import PolicyService, Served
@@ -24,10 +25,11 @@ H_ID, H_VERSION, H_TOKEN, H_USER = (
 )
 
 
-def user_of(service: PolicyService, request: web.Request, fallback: str | None = None) -> str:
-    """The end user: the x-flywheel-user-id header, else `fallback`, else the authenticated caller."""
+def user_of(service: PolicyService, request: web.Request, fallback: str | None = None) -> tuple[str, Caller]:
+    """The end user (the x-flywheel-user-id header, else `fallback`, else the authenticated caller's
+    name) and the caller, in whose namespace the service binds the user (Caller.scoped_user_id)."""
     caller = service.auth.caller(request.headers)
-    return request.headers.get(H_USER) or fallback or (caller.who if caller.who != "anonymous" else "anonymous")
+    return request.headers.get(H_USER) or fallback or caller.who, caller
 
 
 def id_headers(s: Served) -> dict[str, str]:

@@ -145,7 +145,7 @@ def add_openai_routes(app: web.Application, service: PolicyService) -> None:
 
     async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
         req, opts = openai_request(await read_json(request), chat)
-        user = user_of(service, request, opts["user"])
+        user, caller = user_of(service, request, opts["user"])
         kind = "chat.completion" if chat else "text_completion"
         cid = ("chatcmpl-" if chat else "cmpl-") + new_id()
         head = {
@@ -157,7 +157,7 @@ def add_openai_routes(app: web.Application, service: PolicyService) -> None:
         }
         prefix = (req.prompt or "") if (opts["echo"] and not chat) else ""
         if not opts["stream"]:
-            s = await service.generate(req, user)
+            s = await service.generate(req, user, caller=caller)
             r = s.result
             choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH[r.finish_reason], "logprobs": None}
             if chat:
@@ -176,7 +176,7 @@ def add_openai_routes(app: web.Application, service: PolicyService) -> None:
             return web.json_response(body, headers=id_headers(s))
 
         iid = new_id()
-        events = service.stream(req, user, interaction_id=iid)
+        events = service.stream(req, user, interaction_id=iid, caller=caller)
 
         def render(i: int, ev: TokenEvent, s: Served | None) -> list[Any]:
             out = []

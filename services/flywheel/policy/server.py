@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from flywheel.core import errors
+from flywheel.core.auth import Caller
 from flywheel.core.server import ServerConfig, ServiceServer
 from flywheel.policy.requests import GenerationRequest, Token
 from flywheel.policy.service import PolicyService, Served
@@ -69,30 +70,32 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     def __init__(self, service: PolicyService) -> None:
         self.service = service
 
-    def _user(self, msg: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
+    def _user(self, msg: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> tuple[str, Caller]:
+        """The end user (the request's user_id, else the caller's name) and the caller, in whose
+        namespace the service binds the user (Caller.scoped_user_id)."""
         caller = self.service.auth.caller(context.invocation_metadata())
-        return msg.user_id or (caller.who if caller.who != "anonymous" else "anonymous")
+        return msg.user_id or caller.who, caller
 
     async def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
-        user = self._user(request, context)
-        served = await self.service.generate(request_from_proto(request), user, _deadline(context))
+        user, caller = self._user(request, context)
+        served = await self.service.generate(request_from_proto(request), user, _deadline(context), caller=caller)
         return response_proto(served, request.params.logprobs)
 
     async def GenerateStream(
         self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
-        user = self._user(request, context)
+        user, caller = self._user(request, context)
         req = request_from_proto(request)
-        async for ev, served in self.service.stream(req, user, _deadline(context)):
+        async for ev, served in self.service.stream(req, user, _deadline(context), caller=caller):
             out = policy_pb2.GenerateStreamResponse(token=token_proto(ev.token) if ev.token else None, text=ev.text)
             if served is not None:
                 out.final.CopyFrom(response_proto(served, False))
             yield out
 
     async def GeneratePair(self, request: policy_pb2.GeneratePairRequest, context: grpc.aio.ServicerContext) -> Any:
-        user = self._user(request.request, context)
+        user, caller = self._user(request.request, context)  # the caller: a candidate_version may need admin
         req = request_from_proto(request.request)
-        pair = await self.service.pair(req, user, request.candidate_version, _deadline(context))
+        pair = await self.service.pair(req, user, request.candidate_version, _deadline(context), caller=caller)
         logprobs = request.request.params.logprobs
         return policy_pb2.GeneratePairResponse(
             pair_id=pair.pair_id,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from flywheel.core import bus, errors
-from flywheel.core.auth import AuthConfig, Authenticator
+from flywheel.core.auth import AuthConfig, Authenticator, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, require, section, setting
 from flywheel.core.limits import LimitsConfig, check_user_id
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
@@ -52,7 +52,8 @@ class PolicyConfig:
     pair_candidate_version: int = setting(
         0,
         "GeneratePair answers side B with this model-store version (0: two samples of the serving version); "
-        "a request's candidate_version overrides it.",
+        "a request's candidate_version overrides it. Any caller may name this version or the serving one; "
+        "any other needs the admin token.",
         alias="FLYWHEEL_POLICY_PAIR_CANDIDATE",
     )
     request_timeout_s: float = setting(120.0, "Longest a request may take when the caller sets no deadline.")
@@ -253,14 +254,23 @@ class PolicyService:
         cap = self.config.policy.request_timeout_s
         return cap if caller_s is None else max(0.0, min(cap, caller_s))
 
-    async def generate(self, req: GenerationRequest, user_id: str, timeout_s: float | None = None) -> Served:
-        """One whole answer within the deadline (the caller's, capped by request_timeout_s)."""
+    async def generate(
+        self, req: GenerationRequest, user_id: str, timeout_s: float | None = None, *, caller: Caller
+    ) -> Served:
+        """One whole answer within the deadline (the caller's, capped by request_timeout_s). `caller`
+        is required on every route: its namespace is part of the user id the token binds (`_finish`)."""
         self.check(req, user_id)
         result = await self.engine.generate(req, self.timeout(timeout_s))
-        return self._finish(req, result, new_id(), user_id)
+        return self._finish(req, result, new_id(), user_id, caller)
 
     async def stream(
-        self, req: GenerationRequest, user_id: str, timeout_s: float | None = None, interaction_id: str | None = None
+        self,
+        req: GenerationRequest,
+        user_id: str,
+        timeout_s: float | None = None,
+        interaction_id: str | None = None,
+        *,
+        caller: Caller,
     ) -> AsyncGenerator[tuple[TokenEvent, Served | None], None]:
         """Token events as they come; the last one comes with its Served. Closing it frees the slot."""
         self.check(req, user_id)
@@ -269,20 +279,23 @@ class PolicyService:
         async with contextlib.aclosing(events):
             async for ev in events:
                 if ev.result is not None:
-                    yield ev, self._finish(req, ev.result, iid, user_id)
+                    yield ev, self._finish(req, ev.result, iid, user_id, caller)
                     return
                 yield ev, None
 
     async def pair(
-        self, req: GenerationRequest, user_id: str, candidate_version: int = 0, timeout_s: float | None = None
+        self,
+        req: GenerationRequest,
+        user_id: str,
+        candidate_version: int = 0,
+        timeout_s: float | None = None,
+        *,
+        caller: Caller,
     ) -> ServedPair:
-        """Two answers to one prompt: two samples of the serving version, or serving (A) vs a candidate (B)."""
+        """Two answers to one prompt: two samples of the serving version, or serving (A) vs a candidate (B).
+        `caller` is required: every route must say who asks, for check_candidate."""
         self.check(req, user_id)
-        if not 0 <= candidate_version <= MAX_VERSION:
-            raise errors.InvalidArgument(
-                f"candidate_version = {candidate_version}: use a model-store version from 1 to {MAX_VERSION}, "
-                "or 0 for the serving one"
-            )
+        self.check_candidate(candidate_version, caller)
         version = candidate_version or self.config.policy.pair_candidate_version
         serving = self.engine.info().version
         engine_b = self.engine
@@ -305,9 +318,34 @@ class PolicyService:
             for t in tasks:
                 t.cancel()  # one side failed (or we were cancelled): free the other's slot
         pair_id = new_id()
-        a = self._finish(req_a, ra, new_id(), user_id, (pair_id, "A"))
-        b = self._finish(req_b, rb, new_id(), user_id, (pair_id, "B"))
-        return ServedPair(pair_id, a, b, self.signer.issue(pair_id, ra.version, user_id, kind="pair"))
+        a = self._finish(req_a, ra, new_id(), user_id, caller, (pair_id, "A"))
+        b = self._finish(req_b, rb, new_id(), user_id, caller, (pair_id, "B"))
+        token = self.signer.issue(pair_id, ra.version, caller.scoped_user_id(user_id), kind="pair")
+        return ServedPair(pair_id, a, b, token)
+
+    def check_candidate(self, candidate_version: int, caller: Caller) -> None:
+        """InvalidArgument for a number that is no version; PermissionDenied for a version that only the
+        admin may load. Loading one is a third weight copy in memory and answers from a model nobody
+        gated, so a caller without the admin token gets the serving version (0) or the operator's
+        pair_candidate_version only. Checked before anything is loaded."""
+        if not 0 <= candidate_version <= MAX_VERSION:
+            raise errors.InvalidArgument(
+                f"candidate_version = {candidate_version}: use a model-store version from 1 to {MAX_VERSION}, "
+                "or 0 for the serving one"
+            )
+        configured, serving = self.config.policy.pair_candidate_version, self.engine.info().version
+        if caller.is_admin or candidate_version in (0, configured, serving):
+            return
+        raise errors.PermissionDenied(
+            f"candidate_version = {candidate_version} needs the admin token (`authorization: Bearer "
+            f"<FLYWHEEL_AUTH_ADMIN_TOKEN>`): without it, send 0, the serving version ({serving}) or the configured "
+            f"candidate (policy.pair_candidate_version = {configured})"
+        )
+
+    @property
+    def candidate_loaded(self) -> int | None:
+        """The version the second (candidate) engine holds, None when there is none."""
+        return self._candidate[0] if self._candidate is not None else None
 
     async def _candidate_engine(self, version: int) -> Engine:
         """A second engine serving `version` from the model store (one cached; a third weight copy)."""
@@ -335,9 +373,18 @@ class PolicyService:
 
     # ------------------------------------------------------------------ answers
     def _finish(
-        self, req: GenerationRequest, result: Result, iid: str, user_id: str, pair: tuple[str, str] | None = None
+        self,
+        req: GenerationRequest,
+        result: Result,
+        iid: str,
+        user_id: str,
+        caller: Caller,
+        pair: tuple[str, str] | None = None,
     ) -> Served:
-        token = self.signer.issue(iid, result.version, user_id)
+        """Sign the answer's token and publish its Interaction, both for the user in the caller's
+        namespace (Caller.scoped_user_id); Served keeps the user_id the caller sent."""
+        scoped = caller.scoped_user_id(user_id)
+        token = self.signer.issue(iid, result.version, scoped)
         it = events_pb2.Interaction(
             interaction_id=iid,
             pair_id=pair[0] if pair else "",
@@ -349,7 +396,7 @@ class PolicyService:
             prompt_tokens=result.prompt_tokens,
             generated_tokens=result.generated_tokens,
             finish_reason=result.finish_reason,
-            user_id=user_id,
+            user_id=scoped,
             model=self.config.policy.model_name,
         )
         it.created_at.GetCurrentTime()

@@ -1,4 +1,4 @@
-"""Hot swap: flywheel.policy.updates -> verify (sha256 per file) -> Engine.load_version.
+"""Hot swap: flywheel.policy.updates -> verify (signature, uri, sha256 per file) -> Engine.load_version.
 
 Never on the serving path: hashing and loading take as long as they take while the engine keeps
 decoding on the current weights; the engine then switches between two decode steps, and only if
@@ -9,7 +9,11 @@ memfd, they run in threads of this process (the hashing, in a thread of its own 
 big shard, overlapping the reading of new weights into a copy). A checkpoint that fails verification or loading is refused
 and reported (log, the counter flywheel_policy_swaps_total{outcome="refused"|"failed"},
 `last_error` -> GetInfo.last_swap_error and /health/details) while the current version keeps
-serving. The announced version is applied whatever its number: an older one is a rollback. Each
+serving. An announcement that is unsigned or signed by a key not trusted here (where signatures
+are required, `ModelStoreConfig.require_signed`), whose signature does not match, or whose
+`file://` uri leads outside the store's root is refused the same way before a byte is read, and
+counted by reason (flywheel_policy_updates_refused_total{reason}, with the checkpoints that fail
+their sha256 or do not load). The announced version is applied whatever its number: an older one is a rollback. Each
 live switch observes its lag from the announcement record's timestamp
 (flywheel_policy_swap_lag_seconds: delivery, verify, load).
 
@@ -36,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import Counter
 
 from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
@@ -43,10 +48,16 @@ from flywheel.core.modelstore import ModelStore
 from flywheel.policy.engine import Engine
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.reload import MappedWeights, map_safetensors
-from flywheel.policy.swap_worker import Snapshot, SwapWorker, WorkerSettings
+from flywheel.policy.swap_worker import Snapshot, SwapWorker, WorkerSettings, refusal_reason
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
+UPDATES_REFUSED = Counter(
+    "flywheel_policy_updates_refused",
+    "Model announcements refused while the serving version went on, by reason: unsigned, unknown_key, "
+    "bad_signature, outside_store, bad_uri, tampered (files), missing, unreadable, load_failed, invalid.",
+    ["reason"],
+)
 
 
 def lower_cpu_priority(nice: int) -> None:
@@ -120,8 +131,11 @@ class Swapper:
                 self._start_offsets,
                 cfg.update_fetch_wait_ms,
                 self._nice,
+                self.store.verifier.settings(),
             )
-            self._worker = SwapWorker(settings, self._apply_snapshot, lambda u, why: self._refuse(u, why, "refused"))
+            self._worker = SwapWorker(
+                settings, self._apply_snapshot, lambda u, why, reason: self._refuse(u, why, "refused", reason)
+            )
             self._worker.start(thread_init=lambda: lower_cpu_priority(self._nice))  # its thread loads
             return
         self._consumer = bus.Consumer(
@@ -173,7 +187,7 @@ class Swapper:
         try:
             weights = map_safetensors(snap)
         except Exception as e:  # noqa: BLE001 - verified, yet not a safetensors file we can read
-            return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused")
+            return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused", "unreadable")
         return self.apply(u, announced_at, verified=(path, weights))
 
     def apply(
@@ -192,10 +206,10 @@ class Swapper:
             return True  # at-least-once delivery: the same announcement again changes nothing
         kind = "rollback" if current is not None and u.version < current else "update"
         t0 = time.perf_counter()
-        try:
+        try:  # the signature and the uri (the worker checked them already)
             path: Path = verified[0] if verified else self.store.locate(u)
-        except errors.FlywheelError as e:  # e.g. the store has no such version
-            return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
+        except errors.FlywheelError as e:  # e.g. unsigned, or the store has no such version
+            return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused", refusal_reason(e))
         # sha256 of every file against the announcement, in other threads while the engine reads
         # the new weights into a copy; nothing switches unless it passes.
         hashing = None if verified else self._verifier.submit(modelstore.verify_digests, path, u.files)
@@ -210,11 +224,11 @@ class Swapper:
             if hashing:
                 hashing.result()  # also when the engine had nothing to load (it serves this version already)
         except errors.IntegrityError as e:
-            return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused")
+            return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused", refusal_reason(e))
         except errors.FlywheelError as e:  # the engine counted it (outcome="failed"), or it is still draining
-            return self._refuse(u, e.message, None)
+            return self._refuse(u, e.message, None, "load_failed" if isinstance(e, errors.FailedPrecondition) else None)
         except Exception as e:  # noqa: BLE001 - an unreadable store is a refusal too, never a crash
-            return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused")
+            return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused", "unreadable")
         self.last_error = ""  # also when it was already serving this version (no switch)
         self.last_swap_s = time.perf_counter() - t0
         log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)
@@ -225,10 +239,12 @@ class Swapper:
         if announced_at is not None:  # a live announcement, not the start-up's catch-up
             METRICS.swap_lag.observe(max(0.0, time.time() - announced_at))
 
-    def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None) -> bool:
+    def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None, reason: str | None = None) -> bool:
         serving = self.engine.info().version
         self.last_error = f"version {u.version} refused: {why}; still serving version {serving}"
         if outcome:  # counted once the error is readable: a watcher that sees the count reads the error
             METRICS.swaps.labels(outcome).inc()
+        if reason:
+            UPDATES_REFUSED.labels(reason).inc()
         log.error("hot swap %s", self.last_error)
         return False

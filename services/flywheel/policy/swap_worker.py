@@ -7,7 +7,8 @@ is preempted while it holds the lock: the decode step then waits for a thread th
 last (priority inversion; niceness and one interpreter lock do not mix). In their own process the
 lock is theirs and the niceness works: the kernel runs the decode thread first.
 
-The worker consumes flywheel.policy.updates. For each announcement of our model it hashes every
+The worker consumes flywheel.policy.updates. For each announcement of our model it checks the
+signature and the uri (`ModelStore.locate`, with the service's trusted keys), then hashes every
 file of the checkpoint while it copies the safetensors files into anonymous shared memory (memfd),
 so the bytes the service serves are the bytes that were verified. It hands the memfds to the
 service over a Unix socket (SCM_RIGHTS) and waits for its answer before the record's offset is
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
@@ -39,6 +40,7 @@ from pathlib import Path
 from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import ModelStore
+from flywheel.core.signing import Verifier
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class WorkerSettings:
     start_offsets: dict[int, int]  # records before these were read by the service at start-up
     fetch_wait_ms: int
     nice: int
+    trust: dict = field(default_factory=dict)  # the service's Verifier.settings(): keys and whether required
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -73,7 +76,8 @@ def copy_and_hash(root: Path, rels: Iterable[str], fds: dict[str, int]) -> dict[
 
 
 def prepare(store: ModelStore, u: events_pb2.ModelUpdate) -> tuple[Path, Snapshot]:
-    """Locate and verify `u`'s checkpoint, its weights copied into memfds (closed here on failure)."""
+    """Check `u`'s signature and uri, and verify its checkpoint, its weights copied into memfds
+    (closed here on failure)."""
     fds: dict[str, int] = {}
     try:
         path = store.locate(u)
@@ -85,8 +89,14 @@ def prepare(store: ModelStore, u: events_pb2.ModelUpdate) -> tuple[Path, Snapsho
         raise
 
 
+def refusal_reason(e: errors.FlywheelError) -> str:
+    """The label of a refused announcement: the error's own reason (unsigned, bad_signature,
+    unknown_key, outside_store, bad_uri, tampered, missing), else what its class says."""
+    return e.reason or ("missing" if isinstance(e, errors.NotFound) else "invalid")
+
+
 def _serve(conn: Connection, s: WorkerSettings) -> None:
-    store = ModelStore(s.store_root)
+    store = ModelStore(s.store_root, verifier=Verifier.from_settings(s.trust))
     sending = threading.Lock()  # the consumer's thread and the metrics thread share the socket
 
     def send(msg: tuple) -> None:
@@ -100,9 +110,11 @@ def _serve(conn: Connection, s: WorkerSettings) -> None:
         try:
             path, snap = prepare(store, u)
         except errors.FlywheelError as e:  # IntegrityError, or the store has no such version
-            send(("refused", u.SerializeToString(), f"checkpoint failed verification: {e.message}"))
+            why = f"checkpoint failed verification: {e.message}"
+            send(("refused", u.SerializeToString(), why, refusal_reason(e)))
         except OSError as e:  # an unreadable store is a refusal too, never a crash
-            send(("refused", u.SerializeToString(), f"checkpoint unreadable: {type(e).__name__}: {e}"))
+            why = f"checkpoint unreadable: {type(e).__name__}: {e}"
+            send(("refused", u.SerializeToString(), why, "unreadable"))
         else:
             try:
                 with sending:
@@ -167,7 +179,7 @@ def main() -> None:
 
 # ---------------------------------------------------------------------------- service side
 Prepared = Callable[[events_pb2.ModelUpdate, Path, float | None, Snapshot], bool]
-Refused = Callable[[events_pb2.ModelUpdate, str], object]  # what it returns is ignored
+Refused = Callable[[events_pb2.ModelUpdate, str, str], object]  # (update, why, reason); returns ignored
 
 
 class SwapWorker:
@@ -249,7 +261,7 @@ class SwapWorker:
         try:
             u = events_pb2.ModelUpdate.FromString(msg[1])
             if msg[0] == "refused":
-                self.on_refused(u, msg[2])
+                self.on_refused(u, msg[2], msg[3])
                 return False
             return self.on_prepared(u, Path(msg[2]), msg[3], snap)
         except Exception:  # noqa: BLE001 - the callbacks report their own errors; this thread must live on

@@ -135,6 +135,11 @@ class TrainConfig:
         alias="FLYWHEEL_REWARD_MAX_ACC_DROP",
     )
     max_heldout_eval: int = setting(512, "Held-out pairs evaluated per version.", alias="FLYWHEEL_REWARD_MAX_EVAL")
+    online_window: int = setting(
+        100,
+        "Latest new training pairs the online accuracy is measured on (each scored before it was trained on; "
+        "reported with every version, and what the trainer's readiness check counts next to the held-out pairs).",
+    )
     keep_last: int = setting(5, "Versions kept in the model store (v0 is always kept).", alias="FLYWHEEL_REWARD_KEEP")
     poll_s: float = setting(0.5, "How often an idle trainer looks for new pairs.", alias="FLYWHEEL_REWARD_POLL_S")
     seed: int = setting(0, "Seed of batch sampling and dropout.", alias="FLYWHEEL_REWARD_SEED")
@@ -147,6 +152,7 @@ class TrainConfig:
             "max_steps_per_round",
             "publish_every_steps",
             "max_heldout_eval",
+            "online_window",
             "keep_last",
         ):
             require(getattr(self, name) >= 1, n, name, getattr(self, name), "use 1 or more")

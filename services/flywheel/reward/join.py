@@ -13,8 +13,16 @@ What each kind of feedback becomes (docs/ARCHITECTURE.md, 'The preference join')
 
 Feedback that arrives before its interaction(s) waits `orphan_wait_s`, then is dropped and
 counted (`flywheel_reward_feedback_dropped{reason="orphaned"}`). Effects are keyed by primary
-keys (feedback_id, interaction_id, pair_id), so a redelivered record changes nothing; pair ids
-are a hash of their source ids, so the same feedback always yields the same pair ids.
+keys ((user_id, feedback_id), interaction_id, pair_id), so a redelivered record changes nothing;
+pair ids are a hash of their sources (user and feedback id), so the same feedback always yields
+the same pair ids, and one user's feedback_id never shadows another's.
+
+One vote per user: a user's first feedback of a kind on an answer (a preference: on a pair)
+counts; a later one under another feedback_id is stored as `repeated_vote` and makes no label and
+no pair (`flywheel_reward_feedback_duplicates{reason="repeated_vote"}`). The feedback service
+already answers such a repeat ALREADY_VOTED without publishing it (feedback/dedup.py); this
+catches one that reaches the topic by another route, so the preference data counts it once.
+Feedback without a user_id names no vote and is not held to it. "First" is by arrival here.
 
 The join works a poll at a time (`handle_batch`, fed by `BatchConsumer` in batch_consumer.py):
 every record of the poll is applied in one sqlite transaction (one fsync, not one per record);
@@ -42,7 +50,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from flywheel.core import bus
 from flywheel.reward.config import JoinConfig
-from flywheel.reward.store import JoinWrites, PreferenceStore, StoredInteraction
+from flywheel.reward.store import JoinWrites, PreferenceStore, StoredInteraction, subject_of
 from flywheel.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -50,7 +58,12 @@ K = events_pb2  # enum values: K.FEEDBACK_KIND_THUMBS, K.PREFERENCE_A, ...
 
 PAIRS_BUILT = Counter("flywheel_reward_pairs_built", "Preference pairs built by the join.", ["source"])
 FEEDBACK_JOINED = Counter("flywheel_reward_feedback_joined", "Feedback events joined.", ["kind"])
-FEEDBACK_DUPLICATE = Counter("flywheel_reward_feedback_duplicates", "Redelivered feedback ignored.")
+FEEDBACK_DUPLICATE = Counter(
+    "flywheel_reward_feedback_duplicates",
+    "Feedback ignored, by reason: redelivered (the same user_id and feedback_id again) or repeated_vote "
+    "(the user's second feedback of a kind on the same answer or pair, under another feedback_id).",
+    ["reason"],
+)
 FEEDBACK_DROPPED = Counter("flywheel_reward_feedback_dropped", "Feedback not joined, by reason.", ["reason"])
 PENDING = Gauge("flywheel_reward_feedback_pending", "Feedback waiting for its interaction.")
 JOIN_LAG = Histogram(
@@ -76,8 +89,14 @@ def _h(*parts: str) -> str:
 
 
 def pair_id_of(source: str, chosen_key: str, rejected_key: str, feedback_ids: Sequence[str]) -> str:
-    """Deterministic pair id: the same feedback on the same answers always gives the same id."""
+    """Deterministic pair id: the same feedback on the same answers always gives the same id.
+    `feedback_ids`: `feedback_ref`s, so two users' feedback under one client-chosen id differ."""
     return "p-" + _h(source, chosen_key, rejected_key, *sorted(feedback_ids))[:32]
+
+
+def feedback_ref(user_id: str, feedback_id: str) -> str:
+    """One user's feedback id, unambiguously (length-prefixed); the bare id for feedback without a user."""
+    return f"{len(user_id)}:{user_id}:{feedback_id}" if user_id else feedback_id
 
 
 def is_heldout(key: str, percent: int) -> bool:
@@ -136,7 +155,8 @@ class PreferenceJoin:
         return pairs
 
     def on_feedback(self, fb: events_pb2.FeedbackEvent) -> list[events_pb2.PreferencePair]:
-        """Store a feedback event once (by feedback_id) and join it if its interactions are here."""
+        """Store a feedback event once (by user_id and feedback_id) and join it if its interactions
+        are here, unless it repeats its user's vote (see the module doc)."""
         with self.store.transaction() as tx:
             pairs = self._feedback(tx, fb)
         PENDING.set(self.store.pending_count())
@@ -164,7 +184,12 @@ class PreferenceJoin:
             log.warning("feedback without feedback_id dropped: %s", fb)
             return []
         if not tx.insert_feedback(fb):
-            FEEDBACK_DUPLICATE.inc()
+            FEEDBACK_DUPLICATE.labels("redelivered").inc()
+            return []
+        if not tx.claim_vote(fb):  # first wins: this user already gave this kind of feedback on it
+            tx.set_feedback_status(fb, "repeated_vote")
+            FEEDBACK_DUPLICATE.labels("repeated_vote").inc()
+            log.info("feedback %s ignored: user %r already voted on %s", fb.feedback_id, fb.user_id, subject_of(fb))
             return []
         return self._join(tx, fb)
 
@@ -234,21 +259,21 @@ class PreferenceJoin:
             return self._invalid(tx, fb, f"unknown feedback kind {kind}")
         split_keys = {p.pair_id: list(p.source_feedback_ids) for p in pairs}
         stored = [p for p in pairs if self._insert_pair(tx, p, False, split_keys[p.pair_id])]
-        tx.set_feedback_status(fb.feedback_id, "joined")
+        tx.set_feedback_status(fb, "joined")
         FEEDBACK_JOINED.labels(K.FeedbackKind.Name(kind)).inc()
         if fb.HasField("created_at"):
             JOIN_LAG.observe(max(0.0, time.time() - fb.created_at.ToNanoseconds() / 1e9))
         return stored
 
     def _invalid(self, tx: JoinWrites, fb: events_pb2.FeedbackEvent, why: str) -> list[events_pb2.PreferencePair]:
-        tx.set_feedback_status(fb.feedback_id, "invalid")
+        tx.set_feedback_status(fb, "invalid")
         FEEDBACK_DROPPED.labels("invalid").inc()
         log.warning("feedback %s dropped: %s", fb.feedback_id, why)
         return []
 
     def _make(
         self,
-        fb_ids: list[str],
+        sources: list[tuple[str, str]],
         source: str,
         prompt: str,
         chosen: tuple[str, str],
@@ -256,9 +281,12 @@ class PreferenceJoin:
         weight: float,
         margin: float = 0.0,
     ) -> events_pb2.PreferencePair:
-        """chosen/rejected: (interaction_id, text)."""
+        """sources: (user_id, feedback_id) of each feedback the pair comes from; chosen/rejected:
+        (interaction_id, text). The pair's id hashes the users too; source_feedback_ids are the ids."""
+        refs = [feedback_ref(user, fid) for user, fid in sources]
+        fb_ids = [fid for _, fid in sources]
         p = events_pb2.PreferencePair(
-            pair_id=pair_id_of(source, chosen[0] or chosen[1], rejected[0] or rejected[1], fb_ids),
+            pair_id=pair_id_of(source, chosen[0] or chosen[1], rejected[0] or rejected[1], refs),
             prompt=prompt,
             chosen=chosen[1],
             rejected=rejected[1],
@@ -277,7 +305,7 @@ class PreferenceJoin:
     ) -> list[events_pb2.PreferencePair]:
         ia, prompt, ra, va = a.interaction_id, a.prompt, a.response, a.policy_version
         ib, rb, vb = b.interaction_id, b.response, b.policy_version
-        ids = [fb.feedback_id]
+        ids = [(fb.user_id, fb.feedback_id)]
         if fb.preference == K.PREFERENCE_TIE:
             self._outcome(va, "tie")
             self._outcome(vb, "tie")
@@ -313,14 +341,22 @@ class PreferenceJoin:
             self._live_update(str(version), "rating", label)
         split = "heldout" if is_heldout(fb.feedback_id, self.config.heldout_percent) else "train"
         partners = tx.label_partners(prompt, kind, iid, response, label, MAX_PARTNERS)
-        tx.insert_label(fb.feedback_id, it, kind, label, split)
+        tx.insert_label(fb, it, kind, label, split)
         pairs = []
         for other in partners:
             mine, theirs = (iid, response), (other.interaction_id, other.response)
             chosen, rejected = (mine, theirs) if label > other.label else (theirs, mine)
             margin = self.config.rating_margin * abs(label - other.label) if kind == "rating" else 0.0
             pairs.append(
-                self._make([fb.feedback_id, other.feedback_id], kind, prompt, chosen, rejected, weight, margin)
+                self._make(
+                    [(fb.user_id, fb.feedback_id), (other.user_id, other.feedback_id)],
+                    kind,
+                    prompt,
+                    chosen,
+                    rejected,
+                    weight,
+                    margin,
+                )
             )
         return pairs
 
@@ -330,12 +366,12 @@ class PreferenceJoin:
         iid, prompt, response = it.interaction_id, it.prompt, it.response
         if not fb.demonstration.strip():
             return self._invalid(tx, fb, "a demonstration needs its text")
-        tx.insert_demonstration(fb.feedback_id, it, fb.demonstration)
+        tx.insert_demonstration(fb, it, fb.demonstration)
         if fb.demonstration == response:
             return []  # the user wrote the answer it already gave: nothing to prefer
         return [
             self._make(
-                [fb.feedback_id],
+                [(fb.user_id, fb.feedback_id)],
                 "demonstration",
                 prompt,
                 ("", fb.demonstration),

@@ -160,8 +160,13 @@ def train_step(
     labels: Sequence = (),  # objects with prompt, response, label
     binary_weight: float = 0.0,
     max_grad_norm: float = 1.0,
+    fresh: int = 0,
 ) -> dict[str, float]:
-    """One AdamW step on BT(pairs) + binary_weight * BCE(labels); returns loss and batch accuracy."""
+    """One AdamW step on BT(pairs) + binary_weight * BCE(labels); returns loss and batch accuracy.
+
+    The first `fresh` pairs are ones the model has never trained on: their accuracy, scored in this
+    step's forward before the update, is progressive validation for free ("fresh_correct" of
+    "fresh_n", ties left out; Blum, Kalai & Langford 1999)."""
     rm.model.train()
     b = len(pairs)
     prompts = [p.prompt for p in pairs] * 2 + [x.prompt for x in labels]
@@ -180,7 +185,15 @@ def train_step(
     loss.backward()
     torch.nn.utils.clip_grad_norm_(rm.model.parameters(), max_grad_norm)
     optimizer.step()
-    return {"loss": loss.item(), "bce": bce.item(), "batch_accuracy": pairwise_accuracy(r_c.detach(), r_r.detach())}
+    won = (r_c.detach() > r_r.detach())[:fresh].tolist()
+    scored = [w for w, p in zip(won, pairs[:fresh], strict=True) if getattr(p, "source", "") != "tie"]
+    return {
+        "loss": loss.item(),
+        "bce": bce.item(),
+        "batch_accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
+        "fresh_correct": float(sum(scored)),
+        "fresh_n": float(len(scored)),
+    }
 
 
 def evaluate(
@@ -219,7 +232,9 @@ class Scorer:
     `score()` takes a reference to the current version once, so a whole batch is scored by one
     version (reported back). A version that fails to load is refused (FailedPrecondition,
     metric) and the current one keeps scoring. Running score mean/std (Welford) restart at
-    every swap, seeded from the version's held-out statistics.
+    every swap, seeded from the version's held-out statistics; only calls made with
+    `record_stats` (the trainer's own rollouts) count in them, so that nobody else's traffic
+    shifts the scale the trainer normalizes its rewards with.
     """
 
     def __init__(self, max_length: int = 256, device: str = "cpu", chunk_size: int = 64) -> None:
@@ -283,8 +298,11 @@ class Scorer:
             log.error("reward update %s v%d refused: %s", update.model, update.version, e.message)
             return False
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[float], int]:
-        """Scores of every item and the one version that produced them (blocking)."""
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], *, record_stats: bool = False
+    ) -> tuple[list[float], int]:
+        """Scores of every item and the one version that produced them (blocking); `record_stats`:
+        they count in the running mean/std (only for the trainer's calls)."""
         cur = self._current
         if cur is None:
             raise errors.Unavailable("the reward model is not loaded yet; retry shortly")
@@ -293,16 +311,23 @@ class Scorer:
             scores = cur.rm.score(prompts, responses, self.chunk_size)
         SCORE_LATENCY.observe(time.perf_counter() - t0)
         SCORED.inc(len(scores))
+        if record_stats:
+            self._record(scores, cur)
+        return scores, cur.version
+
+    def _record(self, scores: list[float], scored_by: _Loaded) -> None:
         with self._stats_lock:
+            if self._current is not scored_by:  # a swap came in meanwhile: these belong to the old scale
+                return
             for s in scores:
                 self._n += 1
                 d = s - self._mean
                 self._mean += d / self._n
                 self._m2 += d * (s - self._mean)
-        return scores, cur.version
 
     def stats(self) -> tuple[float, float]:
-        """(mean, std) of the scores served by this version; the held-out figures until then."""
+        """(mean, std) of the trainer's scores by this version; the version's held-out figures until there
+        are two of them."""
         with self._stats_lock:
             if self._n >= 2:
                 return self._mean, math.sqrt(self._m2 / (self._n - 1))

@@ -4,11 +4,13 @@ RewardServicer only converts protobuf to (prompts, responses) and back; `RewardS
 checks the call against `ScoreConfig`'s limits (items per call, characters per text: more is
 INVALID_ARGUMENT; calls at once: more is RESOURCE_EXHAUSTED) and hands it to the scorer, which
 does the batching and the version bookkeeping off the event loop (`run_blocking`), one call at
-a time.
+a time. `RewardCallers` admits callers by the usual API keys and lets only the trainer's
+service token (or the admin token) count in the normalization statistics GetInfo reports.
 
 RewardService wires: the join consumer (interactions + feedback + preferences -> sqlite ->
 flywheel.preferences, a poll at a time), the online trainer thread (-> model store -> flywheel.reward.updates),
-and the scorer's update consumer (flywheel.reward.updates -> verify -> hot swap). Run one
+and the scorer's update consumer (flywheel.reward.updates -> verify signature, uri and sha256 -> hot swap;
+a refusal is counted by reason and the current version keeps scoring). Run one
 trainer per deployment (`TrainConfig.enabled` on one replica): every replica scores.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hmac
 import logging
 import threading
 import time
@@ -25,21 +28,35 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client import Counter
 
 from flywheel.core import bus, errors
+from flywheel.core.auth import AuthConfig, Authenticator, bearer_token
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, section
 from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.reward.batch_consumer import BatchConsumer
 from flywheel.reward.config import JoinConfig, RewardModelConfig, ScoreConfig, TrainConfig
 from flywheel.reward.join import PreferenceJoin
-from flywheel.reward.model import Scorer
+from flywheel.reward.model import SWAPS, Scorer
 from flywheel.reward.starter import ensure_starter
 from flywheel.reward.store import PreferenceStore
 from flywheel.reward.trainer import OnlineTrainer
 from flywheel.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 
 log = logging.getLogger(__name__)
+UPDATES_REFUSED = Counter(
+    "flywheel_reward_updates_refused",
+    "Reward-model announcements refused while the scoring version went on, by reason: unsigned, unknown_key, "
+    "bad_signature, outside_store, bad_uri, tampered (files), missing, unreadable, load_failed, invalid.",
+    ["reason"],
+)
+SCORE_CALLS = Counter(
+    "flywheel_reward_score_calls",
+    "Score/ScoreBatch calls by whether their scores count in the normalization statistics "
+    "(counted: the trainer's service token or the admin token; not_counted: any other caller).",
+    ["stats"],
+)
 
 
 def check_items(items: list[Any], limits: ScoreConfig) -> tuple[list[str], list[str]]:
@@ -64,20 +81,53 @@ def check_items(items: list[Any], limits: ScoreConfig) -> tuple[list[str], list[
     return [it.prompt for it in items], [it.response for it in items]
 
 
+class RewardCallers:
+    """Who may call the reward service, and whose scores count in the normalization statistics.
+
+    Callers pass the usual API keys (auth.api_keys; an unknown key is refused when keys are set).
+    Only the trainer's `auth.service_token` and the admin token make a call's scores count: the
+    trainer normalizes its rewards with GetInfo's mean/std, so anyone else's traffic (however
+    extreme its texts) is scored alike but must not move that scale.
+    """
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._auth = Authenticator(config)
+        self._service = config.service_token.encode()
+        if not self._service:
+            log.warning(
+                "FLYWHEEL_AUTH_SERVICE_TOKEN is not set: no Score call moves the normalization statistics, so "
+                "GetInfo reports each reward version's held-out statistics. Set it (the same value on the trainer) "
+                "to normalize with the trainer's own scores."
+            )
+
+    def counted(self, metadata: Any) -> bool:
+        """Whether the caller's scores count in the statistics; Unauthenticated for a caller the keys refuse."""
+        token = bearer_token(metadata)
+        if token is not None and self._service and hmac.compare_digest(token.encode(), self._service):
+            return True
+        return self._auth.caller(metadata).is_admin
+
+
 class RewardServicer(reward_pb2_grpc.RewardServicer):
     def __init__(self, service: RewardService) -> None:
         self.service = service
         self.scorer = service.scorer
 
+    def _counted(self, context: grpc.aio.ServicerContext) -> bool:
+        counted = self.service.callers.counted(context.invocation_metadata())
+        SCORE_CALLS.labels("counted" if counted else "not_counted").inc()
+        return counted
+
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> Any:
-        scores, version = await self.service.score([request])
+        scores, version = await self.service.score([request], record_stats=self._counted(context))
         return reward_pb2.ScoreResponse(score=scores[0], reward_version=version)
 
     async def ScoreBatch(self, request: reward_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> Any:
-        scores, version = await self.service.score(list(request.items))
+        scores, version = await self.service.score(list(request.items), record_stats=self._counted(context))
         return reward_pb2.ScoreBatchResponse(scores=scores, reward_version=version)
 
     async def GetInfo(self, request: reward_pb2.RewardInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.service.callers.counted(context.invocation_metadata())  # refuses a caller the API keys refuse
         if not self.scorer.ready:
             raise errors.Unavailable("the reward model is not loaded yet; retry shortly")
         m = self.scorer.metrics
@@ -91,6 +141,8 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
             score_mean=mean,
             score_std=std,
             training_steps=int(m.get("training_steps", 0)),
+            online_accuracy=m.get("online_accuracy", -1.0),
+            online_pairs=int(m.get("online_pairs", 0)),
         )
 
 
@@ -105,10 +157,11 @@ class RewardServiceConfig:
     kafka: KafkaConfig = section(KafkaConfig, "kafka")
     topics: TopicsConfig = section(TopicsConfig, "topics")
     store: ModelStoreConfig = section(ModelStoreConfig, "model_store")
+    auth: AuthConfig = section(AuthConfig, "auth")
 
     @classmethod
     def from_env(cls, path: str | None = None) -> RewardServiceConfig:
-        """Defaults < YAML sections (reward_join, reward_model, ...; kafka, topics, model_store) < env."""
+        """Defaults < YAML sections (reward_join, reward_model, ...; kafka, topics, model_store, auth) < env."""
         return load_bundle(cls, path)
 
 
@@ -119,6 +172,7 @@ class RewardService:
         self.config = config
         self.store: ModelStore = config.store.store()
         self.scorer = Scorer(config.model.max_length, config.model.device, config.score.chunk_size)
+        self.callers = RewardCallers(config.auth)
         self.dataset = PreferenceStore(Path(config.join.state_dir).expanduser() / "join.sqlite")
         self.producer = bus.Producer(config.kafka)
         self.join = PreferenceJoin(config.join, self.dataset, self._publish_pairs)
@@ -129,8 +183,9 @@ class RewardService:
         self.scoring = 0  # Score/ScoreBatch calls taken and not finished (at most score.max_concurrent)
         self._one_at_a_time: asyncio.Lock | None = None  # made on the event loop that scores
 
-    async def score(self, items: list[Any]) -> tuple[list[float], int]:
-        """Scores of ScoreRequest-like `items` and the one version that produced them.
+    async def score(self, items: list[Any], record_stats: bool = False) -> tuple[list[float], int]:
+        """Scores of ScoreRequest-like `items` and the one version that produced them; `record_stats`:
+        they count in the normalization statistics (the trainer's calls, see RewardCallers).
 
         InvalidArgument past the per-call limits; ResourceExhausted (with a retry hint) when
         `score.max_concurrent` calls are already taken. Taken calls run one at a time, waiting
@@ -155,7 +210,7 @@ class RewardService:
         async def in_turn() -> tuple[list[float], int]:
             async with turn:
                 on_model.set()
-                return await run_blocking(self.scorer.score, prompts, responses)
+                return await run_blocking(self.scorer.score, prompts, responses, record_stats=record_stats)
 
         self.scoring += 1
         task = asyncio.ensure_future(in_turn())
@@ -193,7 +248,25 @@ class RewardService:
             return
         if cur is not None and u.version < cur and u.reason != "rollback":
             return
-        self.scorer.apply_update(u, self.store)
+        try:  # signature, uri and files; Kafka and the store are not trusted (flywheel.core.signing)
+            path = self.store.from_update(u)
+        except (errors.FlywheelError, OSError) as e:
+            self._refuse_update(u, e)
+            return
+        try:
+            self.scorer.load(path, u.version, dict(u.metrics))
+        except errors.FailedPrecondition:  # the scorer logged it and counted the swap
+            UPDATES_REFUSED.labels("load_failed").inc()
+
+    def _refuse_update(self, u: events_pb2.ModelUpdate, e: Exception) -> None:
+        if isinstance(e, errors.FlywheelError):
+            why, reason = e.message, e.reason or ("missing" if isinstance(e, errors.NotFound) else "invalid")
+        else:
+            why, reason = f"checkpoint unreadable: {type(e).__name__}: {e}", "unreadable"
+        self.scorer.last_error = f"version {u.version}: {why}; still scoring with version {self.scorer.version}"
+        SWAPS.labels("refused").inc()  # counted once the error is readable
+        UPDATES_REFUSED.labels(reason).inc()
+        log.error("reward update %s v%d refused (%s): %s", u.model, u.version, reason, self.scorer.last_error)
 
     def start(self) -> None:
         cfg = self.config

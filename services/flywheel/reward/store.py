@@ -3,6 +3,11 @@
 Kept apart from the join (join.py), which decides what goes in: every SQL statement lives
 here, behind `PreferenceStore`'s queries (what readers such as the reward trainer, tests and
 tools need) and `JoinWrites` (what the join does inside one transaction).
+
+Feedback is keyed by (user_id, feedback_id): feedback ids are chosen by clients, so one user's id
+must never shadow another's. `votes` keeps each user's first feedback of a kind on an answer (or
+pair). Schema version 1 (`PRAGMA user_version`); a store from before it (feedback keyed by
+feedback_id alone) is migrated once on open, in one transaction (`_migrate_to_v1`).
 """
 
 from __future__ import annotations
@@ -19,27 +24,49 @@ from typing import Any
 
 from flywheel.v1 import events_pb2
 
-_SCHEMA = """
+# Tables keyed by (user_id, feedback_id) since schema version 1 (`PRAGMA user_version`).
+_PER_USER_TABLES = {
+    "feedback": """CREATE TABLE IF NOT EXISTS feedback (
+  user_id TEXT NOT NULL, feedback_id TEXT NOT NULL, interaction_id TEXT, pair_id TEXT, status TEXT NOT NULL,
+  received_at REAL NOT NULL, event BLOB NOT NULL, PRIMARY KEY (user_id, feedback_id))""",
+    "votes": """CREATE TABLE IF NOT EXISTS votes (
+  user_id TEXT NOT NULL, kind INTEGER NOT NULL, subject TEXT NOT NULL, feedback_id TEXT NOT NULL,
+  PRIMARY KEY (user_id, kind, subject))""",
+    "labels": """CREATE TABLE IF NOT EXISTS labels (
+  user_id TEXT NOT NULL, feedback_id TEXT NOT NULL, seq INTEGER, interaction_id TEXT, kind TEXT, prompt TEXT,
+  response TEXT, label REAL NOT NULL, split TEXT NOT NULL, PRIMARY KEY (user_id, feedback_id))""",
+    "demonstrations": """CREATE TABLE IF NOT EXISTS demonstrations (
+  user_id TEXT NOT NULL, feedback_id TEXT NOT NULL, interaction_id TEXT, prompt TEXT, demonstration TEXT,
+  created_at REAL, PRIMARY KEY (user_id, feedback_id))""",
+}
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS interactions (
   interaction_id TEXT PRIMARY KEY, pair_id TEXT, side TEXT, prompt TEXT, response TEXT,
   policy_version INTEGER, user_id TEXT, created_at REAL);
 CREATE INDEX IF NOT EXISTS interactions_pair ON interactions(pair_id);
-CREATE TABLE IF NOT EXISTS feedback (
-  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, pair_id TEXT, status TEXT NOT NULL,
-  received_at REAL NOT NULL, event BLOB NOT NULL);
+{_PER_USER_TABLES["feedback"]};
 CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(status, interaction_id, pair_id);
+{_PER_USER_TABLES["votes"]};
 CREATE TABLE IF NOT EXISTS pairs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT UNIQUE NOT NULL, split TEXT NOT NULL,
   published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS pairs_unpublished ON pairs(seq) WHERE published = 0;
-CREATE TABLE IF NOT EXISTS labels (
-  feedback_id TEXT PRIMARY KEY, seq INTEGER, interaction_id TEXT, kind TEXT, prompt TEXT, response TEXT,
-  label REAL NOT NULL, split TEXT NOT NULL);
+{_PER_USER_TABLES["labels"]};
 CREATE INDEX IF NOT EXISTS labels_prompt ON labels(prompt, kind);
 CREATE INDEX IF NOT EXISTS labels_seq ON labels(seq);
-CREATE TABLE IF NOT EXISTS demonstrations (
-  feedback_id TEXT PRIMARY KEY, interaction_id TEXT, prompt TEXT, demonstration TEXT, created_at REAL);
+{_PER_USER_TABLES["demonstrations"]};
 """
+SCHEMA_VERSION = 1
+# The columns after (user_id, feedback_id) of the version 0 tables that are copied as they are.
+_V0_COLUMNS = {
+    "labels": "seq, interaction_id, kind, prompt, response, label, split",
+    "demonstrations": "interaction_id, prompt, demonstration, created_at",
+}
+
+
+def subject_of(fb: events_pb2.FeedbackEvent) -> str:
+    """What a piece of feedback is about: the pair for a preference, else the answer."""
+    return fb.pair_id if fb.kind == events_pb2.FEEDBACK_KIND_PREFERENCE else fb.interaction_id
 
 
 @dataclasses.dataclass
@@ -80,6 +107,7 @@ class StoredInteraction:
 class LabelPartner:
     """An earlier pointwise label on another answer to the same prompt."""
 
+    user_id: str
     feedback_id: str
     interaction_id: str
     response: str
@@ -95,8 +123,69 @@ class PreferenceStore:
         self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
+        self._migrate_to_v1()
         self.conn.executescript(_SCHEMA)
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # a write: only once
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.lock = threading.RLock()
+
+    def _migrate_to_v1(self) -> None:
+        """Rebuild a version 0 store's feedback, labels and demonstrations keyed by (user_id,
+        feedback_id), and record each user's first vote (by arrival), in one transaction."""
+        if not self._is_v0():
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._is_v0():  # another process migrated it meanwhile
+                self.conn.execute("COMMIT")
+                return
+            self._migrate_feedback_v0()
+            for table in _V0_COLUMNS:
+                self._migrate_v0_table(table)
+            self.conn.execute("DROP TABLE feedback_v0")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _is_v0(self) -> bool:
+        """A feedback table without user_id: a store from before per-user feedback ids."""
+        columns = [row[1] for row in self.conn.execute("PRAGMA table_info(feedback)")]
+        return bool(columns) and "user_id" not in columns
+
+    def _migrate_feedback_v0(self) -> None:
+        """feedback -> feedback_v0, copied into the new table with the user_id of each event (the
+        old table had no column for it), oldest first so each user's first vote is the one kept."""
+        c = self.conn
+        c.execute("ALTER TABLE feedback RENAME TO feedback_v0")
+        c.execute(_PER_USER_TABLES["feedback"])
+        c.execute(_PER_USER_TABLES["votes"])
+        writes = JoinWrites(c)
+        rows = c.execute(
+            "SELECT feedback_id, interaction_id, pair_id, status, received_at, event FROM feedback_v0 "
+            "ORDER BY received_at, rowid"
+        )
+        for fid, iid, pair_id, status, received_at, blob in rows.fetchall():
+            fb = events_pb2.FeedbackEvent.FromString(blob)
+            c.execute(
+                "INSERT INTO feedback VALUES (?,?,?,?,?,?,?)",
+                (fb.user_id, fid, iid, pair_id, status, received_at, blob),
+            )
+            writes.claim_vote(fb)
+
+    def _migrate_v0_table(self, table: str) -> None:
+        """A version 0 labels or demonstrations table rebuilt with the user of each row's feedback
+        (a feedback_id was unique in a version 0 store). Its old indexes go with the old table."""
+        c, rest = self.conn, _V0_COLUMNS[table]
+        if not c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone():
+            return  # the schema creates it
+        c.execute(f"ALTER TABLE {table} RENAME TO {table}_v0")
+        c.execute(_PER_USER_TABLES[table])
+        user = "COALESCE((SELECT f.user_id FROM feedback f WHERE f.feedback_id = t.feedback_id LIMIT 1), '')"
+        c.execute(
+            f"INSERT INTO {table} (user_id, feedback_id, {rest}) SELECT {user}, t.feedback_id, {rest} FROM {table}_v0 t"
+        )
+        c.execute(f"DROP TABLE {table}_v0")
 
     def close(self) -> None:
         with self.lock:
@@ -162,8 +251,9 @@ class PreferenceStore:
         rows = self._q("SELECT prompt, demonstration FROM demonstrations ORDER BY created_at LIMIT ?", (limit,))
         return [(prompt, demonstration) for prompt, demonstration in rows]
 
-    def feedback_status(self, feedback_id: str) -> str | None:
-        rows = self._q("SELECT status FROM feedback WHERE feedback_id = ?", (feedback_id,))
+    def feedback_status(self, feedback_id: str, user_id: str = "") -> str | None:
+        """pending, joined, invalid, orphaned or repeated_vote; None when this user's id is unknown."""
+        rows = self._q("SELECT status FROM feedback WHERE user_id = ? AND feedback_id = ?", (user_id, feedback_id))
         return str(rows[0][0]) if rows else None
 
     def pending_count(self) -> int:
@@ -210,12 +300,36 @@ class JoinWrites:
         return {side: StoredInteraction(*rest) for side, *rest in rows}
 
     def insert_feedback(self, fb: events_pb2.FeedbackEvent) -> bool:
-        """Store a feedback event as pending, once (by feedback_id); False if it was already there."""
+        """Store a feedback event as pending, once (by user_id and feedback_id); False if it was already there."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
-            (fb.feedback_id, fb.interaction_id, fb.pair_id, "pending", time.time(), fb.SerializeToString()),
+            "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?,?)",
+            (
+                fb.user_id,
+                fb.feedback_id,
+                fb.interaction_id,
+                fb.pair_id,
+                "pending",
+                time.time(),
+                fb.SerializeToString(),
+            ),
         )
         return cur.rowcount > 0
+
+    def claim_vote(self, fb: events_pb2.FeedbackEvent) -> bool:
+        """Record fb as its user's vote of its kind on its answer (or pair); False when the user
+        already has one under another feedback_id (the first stays). Feedback without a user or a
+        subject names no vote: always True."""
+        subject = subject_of(fb)
+        if not fb.user_id or not subject:
+            return True
+        self.conn.execute(
+            "INSERT OR IGNORE INTO votes VALUES (?,?,?,?)", (fb.user_id, int(fb.kind), subject, fb.feedback_id)
+        )
+        row = self.conn.execute(
+            "SELECT feedback_id FROM votes WHERE user_id = ? AND kind = ? AND subject = ?",
+            (fb.user_id, int(fb.kind), subject),
+        ).fetchone()
+        return bool(row[0] == fb.feedback_id)
 
     def pending_feedback_for(self, interaction_id: str, pair_id: str) -> list[events_pb2.FeedbackEvent]:
         """Pending feedback on this interaction or on its pair."""
@@ -225,8 +339,10 @@ class JoinWrites:
         ).fetchall()
         return [events_pb2.FeedbackEvent.FromString(blob) for (blob,) in rows]
 
-    def set_feedback_status(self, feedback_id: str, status: str) -> None:
-        self.conn.execute("UPDATE feedback SET status = ? WHERE feedback_id = ?", (status, feedback_id))
+    def set_feedback_status(self, fb: events_pb2.FeedbackEvent, status: str) -> None:
+        self.conn.execute(
+            "UPDATE feedback SET status = ? WHERE user_id = ? AND feedback_id = ?", (status, fb.user_id, fb.feedback_id)
+        )
 
     def expire_pending(self, received_before: float) -> int:
         """Mark pending feedback received before this time orphaned; returns how many."""
@@ -239,23 +355,25 @@ class JoinWrites:
     ) -> list[LabelPartner]:
         """The most recent labels of this kind on other, different answers to the same prompt."""
         rows = self.conn.execute(
-            "SELECT feedback_id, interaction_id, response, label FROM labels WHERE prompt = ? AND kind = ? "
+            "SELECT user_id, feedback_id, interaction_id, response, label FROM labels WHERE prompt = ? AND kind = ? "
             "AND interaction_id != ? AND response != ? AND label != ? ORDER BY seq DESC LIMIT ?",
             (prompt, kind, interaction_id, response, label, limit),
         ).fetchall()
         return [LabelPartner(*r) for r in rows]
 
-    def insert_label(self, feedback_id: str, it: StoredInteraction, kind: str, label: float, split: str) -> None:
+    def insert_label(
+        self, fb: events_pb2.FeedbackEvent, it: StoredInteraction, kind: str, label: float, split: str
+    ) -> None:
         seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM labels").fetchone()[0]
         self.conn.execute(
-            "INSERT OR IGNORE INTO labels VALUES (?,?,?,?,?,?,?,?)",
-            (feedback_id, seq, it.interaction_id, kind, it.prompt, it.response, label, split),
+            "INSERT OR IGNORE INTO labels VALUES (?,?,?,?,?,?,?,?,?)",
+            (fb.user_id, fb.feedback_id, seq, it.interaction_id, kind, it.prompt, it.response, label, split),
         )
 
-    def insert_demonstration(self, feedback_id: str, it: StoredInteraction, demonstration: str) -> None:
+    def insert_demonstration(self, fb: events_pb2.FeedbackEvent, it: StoredInteraction, demonstration: str) -> None:
         self.conn.execute(
-            "INSERT OR IGNORE INTO demonstrations VALUES (?,?,?,?,?)",
-            (feedback_id, it.interaction_id, it.prompt, demonstration, time.time()),
+            "INSERT OR IGNORE INTO demonstrations VALUES (?,?,?,?,?,?)",
+            (fb.user_id, fb.feedback_id, it.interaction_id, it.prompt, demonstration, time.time()),
         )
 
     def insert_pair(self, p: events_pb2.PreferencePair, split: str, published: bool) -> bool:

@@ -41,7 +41,7 @@ def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
     topics = load_section(TopicsConfig, "topics", config_path)
     store = load_section(ModelStoreConfig, "model_store", config_path)
     auth = Authenticator(load_section(AuthConfig, "auth", config_path))
-    reward = GrpcReward(cfg.reward_addr)
+    reward = GrpcReward(cfg.reward_addr, token=auth.config.service_token)
 
     def reward_info() -> RewardInfo | None:  # normalization statistics; None while the reward service cannot say
         try:

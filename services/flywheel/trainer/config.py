@@ -138,21 +138,23 @@ class TrainerConfig:
 
     # --- reward readiness: train only against a reward model that has learned something -------
     reward_min_pairs: int = setting(
-        100,
+        50,
         "Train only once the serving reward version was trained on this many preference pairs (0: no minimum).",
     )
-    reward_min_heldout_pairs: int = setting(
-        10, "... and measured on this many held-out pairs (0: no minimum; its accuracy is noise below ~10)."
+    reward_min_unseen_pairs: int = setting(
+        40,
+        "... and its accuracy was measured on this many pairs it had not trained on: the held-out split plus the "
+        "online window (new pairs scored before training on them; reward `online_window`). 0: no minimum.",
     )
     reward_min_accuracy: float = setting(
-        0.75,
-        "... with at least this held-out pairwise accuracy (0: any). PPO against an untrained reward head only "
-        "drifts the policy; the trainer waits and says why (status waiting_for, metric, log).",
+        0.7,
+        "... with at least this pairwise accuracy on those unseen pairs (0: any). PPO against an untrained reward "
+        "head only drifts the policy; the trainer waits and says why (status waiting_for, metric, log).",
     )
     reward_keep_accuracy: float = setting(
         0.65,
-        "Once training, it goes on while the held-out accuracy stays at or above this (the held-out set grows "
-        "and shifts with the policy, so its accuracy moves); below it, or for a version trained on fewer than "
+        "Once training, it goes on while that accuracy stays at or above this (the held-out set grows and shifts "
+        "with the policy, so its accuracy moves); below it, or for a version trained on fewer than "
         "reward_min_pairs (a rollback to the starter), training waits again.",
     )
     reward_poll_s: float = setting(2.0, "How often a trainer waiting for its reward model asks again.")
@@ -258,10 +260,10 @@ class TrainerConfig:
         require(0 <= self.gate_min_distinct2 <= 1, n, "gate_min_distinct2", self.gate_min_distinct2, "use 0..1")
         require(self.reward_min_pairs >= 0, n, "reward_min_pairs", self.reward_min_pairs, "use 0 or more")
         require(
-            self.reward_min_heldout_pairs >= 0,
+            self.reward_min_unseen_pairs >= 0,
             n,
-            "reward_min_heldout_pairs",
-            self.reward_min_heldout_pairs,
+            "reward_min_unseen_pairs",
+            self.reward_min_unseen_pairs,
             "use 0 or more",
         )
         require(0 <= self.reward_min_accuracy <= 1, n, "reward_min_accuracy", self.reward_min_accuracy, "use 0..1")

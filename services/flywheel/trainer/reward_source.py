@@ -29,6 +29,19 @@ class RewardInfo(NamedTuple):
     heldout_accuracy: float = -1.0  # of this version on the held-out pairs; -1: not measured
     pairs_trained: int = 0
     pairs_heldout: int = 0
+    online_accuracy: float = -1.0  # on the latest new pairs, each scored before it was trained on
+    online_pairs: int = 0
+
+    def unseen_accuracy(self) -> tuple[float, int]:
+        """(accuracy, pairs) on pairs the model had not trained on when it scored them: the
+        held-out split and the online window pooled (-1.0, 0 when neither was measured)."""
+        parts = [
+            (acc, n)
+            for acc, n in ((self.heldout_accuracy, self.pairs_heldout), (self.online_accuracy, self.online_pairs))
+            if acc >= 0 and n > 0
+        ]
+        n = sum(k for _, k in parts)
+        return (sum(acc * k for acc, k in parts) / n, n) if n else (-1.0, 0)
 
 
 def score_each(reward: RewardSource, prompts: list[str], responses: list[str]) -> list[float]:
@@ -62,33 +75,42 @@ def not_ready(info: RewardInfo | None, cfg: TrainerConfig, training: bool = Fals
     v = f"reward v{info.version}"
     if info.pairs_trained < cfg.reward_min_pairs:
         return f"{v} was trained on {info.pairs_trained} pairs; training starts at {cfg.reward_min_pairs}"
-    if info.pairs_heldout < cfg.reward_min_heldout_pairs:
-        return f"{v} was measured on {info.pairs_heldout} held-out pairs; training starts at {cfg.reward_min_heldout_pairs}"
+    accuracy, measured_on = info.unseen_accuracy()
+    if measured_on < cfg.reward_min_unseen_pairs:
+        return (
+            f"{v} was measured on {measured_on} unseen pairs (held-out and online); "
+            f"training starts at {cfg.reward_min_unseen_pairs}"
+        )
     least = min(cfg.reward_keep_accuracy, cfg.reward_min_accuracy) if training else cfg.reward_min_accuracy
-    if least > 0 and info.heldout_accuracy < least:
-        measured = f"{info.heldout_accuracy:.2f}" if info.heldout_accuracy >= 0 else "not measured yet"
-        return f"{v} held-out accuracy is {measured}; training {'goes on' if training else 'starts'} at {least:.2f}"
+    if least > 0 and accuracy < least:
+        return (
+            f"{v} accuracy on {measured_on} unseen pairs is {accuracy:.2f}; "
+            f"training {'goes on' if training else 'starts'} at {least:.2f}"
+        )
     return ""
 
 
 class GrpcReward:
-    """RewardSource over the Reward service (ScoreBatch; GetInfo for normalization statistics)."""
+    """RewardSource over the Reward service (ScoreBatch; GetInfo for normalization statistics).
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        import grpc
+    `token` (auth.service_token) goes with every call as `authorization: Bearer`: with it the
+    trainer's scores are the ones the reward service's normalization statistics count."""
 
+    def __init__(self, address: str, timeout_s: float = 30.0, token: str = "") -> None:
+        from flywheel.core.tls import channel
         from flywheel.v1 import reward_pb2_grpc
 
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = channel(address)  # TLS when the tls section has a ca_file
         self._stub = reward_pb2_grpc.RewardStub(self._channel)
         self.version = -1
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def _call(self, method: Any, request: Any) -> Any:
         import grpc
 
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # this request, not the service: see score_each
                 raise errors.InvalidArgument(f"reward service at {self.address}: {e.details()}") from e
@@ -115,6 +137,8 @@ class GrpcReward:
             r.heldout_accuracy,
             r.pairs_trained,
             r.pairs_heldout,
+            r.online_accuracy,
+            r.online_pairs,
         )
 
     def close(self) -> None:

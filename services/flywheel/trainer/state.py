@@ -9,6 +9,11 @@ a `SavedState`:
   KL controller, reward-normalization moments, torch and Python RNG states, and the
   consumed offsets (Kafka partitions and the prompt-pool cursor).
 
+state.pt lies on the shared store volume, which other pods can write, so it is never unpickled:
+it holds only tensors, numbers, strings and containers of them (`_plain`), and is read with
+`torch.load(weights_only=True)`, which builds nothing else. A file with anything more (written
+by a trainer before this rule, or planted) is refused with what to do, and no code in it runs.
+
 Order of a checkpoint (`Trainer.checkpoint`): publish the version -> write state.pt atomically ->
 commit the Kafka offsets -> gate. A crash between the first two leaves an "orphan" version
 that no state refers to: on restart it is marked as such and never gated or announced, and
@@ -26,13 +31,16 @@ import dataclasses
 import fcntl
 import json
 import os
+import pickle
 import random
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flywheel.core import errors
 from flywheel.core.modelstore import write_atomic
 
 STATE_FILE = "state.pt"
@@ -128,17 +136,45 @@ class SavedState:
         )
 
 
+def _plain(x: Any) -> Any:
+    """`x` as what `torch.load(weights_only=True)` reads back: tensors, numbers, strings, None and
+    dicts, lists and tuples of them (a numpy scalar becomes its number; anything else, e.g. a Path
+    in the config, which is kept for the record only, its text)."""
+    if x is None or isinstance(x, torch.Tensor) or type(x) in (bool, int, float, str):
+        return x
+    if isinstance(x, Mapping):
+        return {k if type(k) in (str, int) else str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        items = [_plain(v) for v in x]
+        return tuple(items) if isinstance(x, tuple) else items
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
 def save_state(directory: Path, saved: SavedState) -> None:
     """Write state.pt atomically (temp file, fsync, rename): a crash leaves the old or the new one."""
-    write_atomic(directory / STATE_FILE, lambda f: torch.save(saved.to_dict(), f))
+    data = _plain(saved.to_dict())
+    write_atomic(directory / STATE_FILE, lambda f: torch.save(data, f))
 
 
 def load_state(directory: Path) -> SavedState | None:
-    """The last saved state, or None for a trainer that never checkpointed."""
+    """The last saved state, or None for a trainer that never checkpointed; FailedPrecondition for a
+    file that holds more than tensors and plain values (never unpickled: see the module's doc)."""
     path = directory / STATE_FILE
     if not path.is_file():
         return None
-    return SavedState.from_dict(torch.load(path, map_location="cpu", weights_only=False))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((x for x in lines if x.startswith("WeightsUnpickler error:")), "not a torch file").split(". ")[0]
+        raise errors.FailedPrecondition(
+            f"trainer state {path} holds more than tensors and plain values (written by an older trainer, "
+            f"or by someone else: {detail}); it is not unpickled, since that could run code. Move it away "
+            "to resume from the serving version with a fresh optimizer: the next checkpoint writes a plain one"
+        ) from None
+    return SavedState.from_dict(data)
 
 
 def save_control(directory: Path, control: dict[str, Any]) -> None:

@@ -14,10 +14,12 @@ class SubmitStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUBMIT_STATUS_ACCEPTED: _ClassVar[SubmitStatus]
     SUBMIT_STATUS_SPOOLED: _ClassVar[SubmitStatus]
     SUBMIT_STATUS_DUPLICATE: _ClassVar[SubmitStatus]
+    SUBMIT_STATUS_ALREADY_VOTED: _ClassVar[SubmitStatus]
 SUBMIT_STATUS_UNSPECIFIED: SubmitStatus
 SUBMIT_STATUS_ACCEPTED: SubmitStatus
 SUBMIT_STATUS_SPOOLED: SubmitStatus
 SUBMIT_STATUS_DUPLICATE: SubmitStatus
+SUBMIT_STATUS_ALREADY_VOTED: SubmitStatus
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("feedback_id", "interaction_id", "pair_id", "feedback_token", "user_id", "thumbs", "rating", "preference", "demonstration", "comment")

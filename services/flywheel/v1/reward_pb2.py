@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lywheel/v1/reward.proto\x12\x0b\x66lywheel.v1\"0\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"6\n\rScoreResponse\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x16\n\x0ereward_version\x18\x02 \x01(\x03\"=\n\x11ScoreBatchRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.flywheel.v1.ScoreRequest\"<\n\x12ScoreBatchResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x16\n\x0ereward_version\x18\x02 \x01(\x03\"\x13\n\x11RewardInfoRequest\"\xba\x01\n\nRewardInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0ereward_version\x18\x02 \x01(\x03\x12\x18\n\x10heldout_accuracy\x18\x03 \x01(\x01\x12\x15\n\rpairs_trained\x18\x04 \x01(\x03\x12\x15\n\rpairs_heldout\x18\x05 \x01(\x03\x12\x12\n\nscore_mean\x18\x06 \x01(\x01\x12\x11\n\tscore_std\x18\x07 \x01(\x01\x12\x16\n\x0etraining_steps\x18\x08 \x01(\x03\x32\xdb\x01\n\x06Reward\x12>\n\x05Score\x12\x19.flywheel.v1.ScoreRequest\x1a\x1a.flywheel.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.flywheel.v1.ScoreBatchRequest\x1a\x1f.flywheel.v1.ScoreBatchResponse\x12\x42\n\x07GetInfo\x12\x1e.flywheel.v1.RewardInfoRequest\x1a\x17.flywheel.v1.RewardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66lywheel/v1/reward.proto\x12\x0b\x66lywheel.v1\"0\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"6\n\rScoreResponse\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x16\n\x0ereward_version\x18\x02 \x01(\x03\"=\n\x11ScoreBatchRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.flywheel.v1.ScoreRequest\"<\n\x12ScoreBatchResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x16\n\x0ereward_version\x18\x02 \x01(\x03\"\x13\n\x11RewardInfoRequest\"\xe9\x01\n\nRewardInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0ereward_version\x18\x02 \x01(\x03\x12\x18\n\x10heldout_accuracy\x18\x03 \x01(\x01\x12\x15\n\rpairs_trained\x18\x04 \x01(\x03\x12\x15\n\rpairs_heldout\x18\x05 \x01(\x03\x12\x12\n\nscore_mean\x18\x06 \x01(\x01\x12\x11\n\tscore_std\x18\x07 \x01(\x01\x12\x16\n\x0etraining_steps\x18\x08 \x01(\x03\x12\x17\n\x0fonline_accuracy\x18\t \x01(\x01\x12\x14\n\x0conline_pairs\x18\n \x01(\x03\x32\xdb\x01\n\x06Reward\x12>\n\x05Score\x12\x19.flywheel.v1.ScoreRequest\x1a\x1a.flywheel.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.flywheel.v1.ScoreBatchRequest\x1a\x1f.flywheel.v1.ScoreBatchResponse\x12\x42\n\x07GetInfo\x12\x1e.flywheel.v1.RewardInfoRequest\x1a\x17.flywheel.v1.RewardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWARDINFOREQUEST']._serialized_start=272
   _globals['_REWARDINFOREQUEST']._serialized_end=291
   _globals['_REWARDINFO']._serialized_start=294
-  _globals['_REWARDINFO']._serialized_end=480
-  _globals['_REWARD']._serialized_start=483
-  _globals['_REWARD']._serialized_end=702
+  _globals['_REWARDINFO']._serialized_end=527
+  _globals['_REWARD']._serialized_start=530
+  _globals['_REWARD']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

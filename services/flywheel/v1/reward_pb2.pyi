@@ -41,7 +41,7 @@ class RewardInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("model", "reward_version", "heldout_accuracy", "pairs_trained", "pairs_heldout", "score_mean", "score_std", "training_steps")
+    __slots__ = ("model", "reward_version", "heldout_accuracy", "pairs_trained", "pairs_heldout", "score_mean", "score_std", "training_steps", "online_accuracy", "online_pairs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REWARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class RewardInfo(_message.Message):
     SCORE_MEAN_FIELD_NUMBER: _ClassVar[int]
     SCORE_STD_FIELD_NUMBER: _ClassVar[int]
     TRAINING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_PAIRS_FIELD_NUMBER: _ClassVar[int]
     model: str
     reward_version: int
     heldout_accuracy: float
@@ -58,4 +60,6 @@ class RewardInfo(_message.Message):
     score_mean: float
     score_std: float
     training_steps: int
-    def __init__(self, model: _Optional[str] = ..., reward_version: _Optional[int] = ..., heldout_accuracy: _Optional[float] = ..., pairs_trained: _Optional[int] = ..., pairs_heldout: _Optional[int] = ..., score_mean: _Optional[float] = ..., score_std: _Optional[float] = ..., training_steps: _Optional[int] = ...) -> None: ...
+    online_accuracy: float
+    online_pairs: int
+    def __init__(self, model: _Optional[str] = ..., reward_version: _Optional[int] = ..., heldout_accuracy: _Optional[float] = ..., pairs_trained: _Optional[int] = ..., pairs_heldout: _Optional[int] = ..., score_mean: _Optional[float] = ..., score_std: _Optional[float] = ..., training_steps: _Optional[int] = ..., online_accuracy: _Optional[float] = ..., online_pairs: _Optional[int] = ...) -> None: ...
