@@ -20,6 +20,7 @@ from flywheel.reward.model import (
     bradley_terry_loss,
     evaluate,
     pairwise_accuracy,
+    train_only_top_layers,
     train_step,
 )
 from flywheel.testing import tiny_reward_model
@@ -127,3 +128,21 @@ def test_real_minilm_starter_builds_and_scores(tmp_path) -> None:
     assert rm.model.config.model_type == "bert" and rm.model.config.hidden_size == 384
     scores = rm.score(["What is the capital of France?"] * 2, ["Paris.", "I like turtles."])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+def test_training_only_the_top_layers_leaves_the_rest_as_pretrained(tmp_path) -> None:
+    rm = RewardModel.load(tiny_reward_model(tmp_path / "tiny", layers=4), max_length=64)
+    before = {n: p.detach().clone() for n, p in rm.model.named_parameters()}
+    trained = train_only_top_layers(rm.model, 1)
+    names = {n for n, p in rm.model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("bert.encoder.layer.3.", "bert.pooler.", "classifier.")) for n in names)
+    assert len(trained) == len(names)
+    opt = torch.optim.AdamW(trained, lr=1e-2)
+    train_step(rm, opt, synthetic_pairs(8, seed=3), [], 0.0)
+    changed = {n for n, p in rm.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= names  # nothing below the top layer moved
+    assert any(n.startswith("bert.encoder.layer.3.") for n in changed)
+    # 0, or as many layers as the model has: everything trains.
+    rm2 = RewardModel.load(tiny_reward_model(tmp_path / "tiny2", layers=2), max_length=64)
+    assert len(train_only_top_layers(rm2.model, 2)) == len(list(rm2.model.parameters()))
+    assert len(train_only_top_layers(rm2.model, 0)) == len(list(rm2.model.parameters()))

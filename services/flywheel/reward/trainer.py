@@ -34,7 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from flywheel.core.modelstore import Manifest, ModelStore
 from flywheel.reward.config import RewardModelConfig, TrainConfig
-from flywheel.reward.model import RewardModel, Stopped, evaluate, train_step
+from flywheel.reward.model import RewardModel, Stopped, evaluate, train_only_top_layers, train_step
 from flywheel.reward.store import PairRow, PreferenceStore
 from flywheel.v1 import events_pb2
 
@@ -99,7 +99,8 @@ class OnlineTrainer:
         self.rm = RewardModel.load(
             self.store.verify(m.model, m.version), self.model_config.max_length, self.model_config.device
         )
-        self.optimizer = torch.optim.AdamW(self.rm.model.parameters(), lr=self.config.lr, eps=1e-5)
+        trained = train_only_top_layers(self.rm.model, self.config.trainable_layers)
+        self.optimizer = torch.optim.AdamW(trained, lr=self.config.lr, eps=1e-5)
         self.version = m.version
         self.cursor = int(m.extra.get("pair_seq", 0))
         self.steps = int(m.metrics.get("training_steps", 0))
