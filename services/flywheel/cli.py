@@ -79,11 +79,12 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _models_store(args: argparse.Namespace):
+    """The configured store: with model_store.signing_key, what `models init` builds is signed (the
+    chart's trainer init container), and `models verify` checks signatures as the services do."""
     from flywheel.core.config import load
-    from flywheel.core.modelstore import ModelStore, ModelStoreConfig
+    from flywheel.core.modelstore import ModelStoreConfig
 
-    cfg = load(ModelStoreConfig, root=args.store)
-    return ModelStore(cfg.root)
+    return load(ModelStoreConfig, root=args.store).store()
 
 
 def _models_list(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 
 import grpc.aio
@@ -191,3 +192,59 @@ def test_user_namespaces() -> None:
     with pytest.raises(errors.PermissionDenied, match="issued for another user"):
         signer.verify(token, "int-1", a.caller([]).scoped_user_id("bot:bob"), now=T0)  # nor for a keyless caller
     assert signer.verify(token, "int-1", "bot:bob", now=T0).user_id == "bot:bob"
+
+
+ADMIN_SHA256 = hashlib.sha256(ADMIN.encode()).hexdigest()
+HEX_FIX = 'use the 64 hex digits of the token\'s SHA-256, e.g. `printf %s "$TOKEN" | sha256sum`'
+
+
+def test_the_admin_is_recognised_by_the_hash_of_its_token() -> None:
+    """A service that holds only admin_token_sha256 (the chart's policy) knows the admin by the SHA-256 of
+    the bearer; it cannot tell anyone the token."""
+    for digest in (ADMIN_SHA256, ADMIN_SHA256.upper()):
+        a = Authenticator(AuthConfig(api_keys=["app:secret-1"], admin_token_sha256=digest))
+        assert a.require_admin(_md(ADMIN)) == auth.Caller("admin", is_admin=True)
+        assert a.caller(_md(ADMIN)).is_admin
+        assert a.caller(_md("secret-1")) == auth.Caller("app", namespace="app")
+        with pytest.raises(errors.Unauthenticated, match="invalid admin token"):
+            a.require_admin(_md(ADMIN_SHA256))  # the hash itself is not the token
+        with pytest.raises(errors.PermissionDenied, match="'app' may not make admin calls"):
+            a.require_admin(_md("secret-1"))
+        with pytest.raises(errors.Unauthenticated, match="unknown API key"):
+            a.caller(_md(ADMIN + "x"))
+    both = Authenticator(AuthConfig(admin_token=ADMIN, admin_token_sha256=ADMIN_SHA256))
+    assert both.require_admin(_md(ADMIN)).is_admin
+
+
+def test_admin_token_sha256_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_AUTH_ADMIN_TOKEN_SHA256", ADMIN_SHA256)
+    cfg = load(AuthConfig)
+    assert cfg.admin_token_sha256 == ADMIN_SHA256 and not cfg.admin_token
+    assert Authenticator(cfg).require_admin(_md(ADMIN)).is_admin
+
+
+@pytest.mark.parametrize(
+    "kwargs, fix",
+    [
+        ({"admin_token_sha256": "abc"}, HEX_FIX),
+        ({"admin_token_sha256": ADMIN}, HEX_FIX),
+        ({"admin_token_sha256": "g" * 64}, HEX_FIX),
+        (
+            {"admin_token": "another-admin-token-0123", "admin_token_sha256": ADMIN_SHA256},
+            "it is not the SHA-256 of admin_token: set only one of them, or the hash of this admin token",
+        ),
+        (
+            {"api_keys": [f"app:{ADMIN}"], "admin_token_sha256": ADMIN_SHA256},
+            "it is the hash of an API key or of the service token: the admin token must differ from them",
+        ),
+        (
+            {"service_token": ADMIN, "admin_token_sha256": ADMIN_SHA256},
+            "it is the hash of an API key or of the service token: the admin token must differ from them",
+        ),
+    ],
+)
+def test_admin_token_sha256_validation(kwargs: dict, fix: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        AuthConfig(**kwargs)
+    assert str(e.value) == f"AuthConfig.admin_token_sha256 = '<hidden>': {fix}"
+    assert ADMIN not in str(e.value)  # never echoed, even when pasted into the wrong field

@@ -445,3 +445,141 @@ def test_port_in_use_is_a_clear_error() -> None:
             await other.stop(grace=0)
 
     run(body)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_port_config_validation() -> None:
+    assert ServerConfig().metrics_port == 0  # /metrics on the HTTP port unless asked
+    with pytest.raises(ConfigError) as e:
+        ServerConfig(grpc_port=9000, http_port=9001, metrics_port=9001)
+    assert str(e.value) == (
+        "ServerConfig.metrics_port = 9001: gRPC or HTTP already uses this port; give /metrics its own port "
+        "(0: /metrics on the HTTP port)"
+    )
+    with pytest.raises(ConfigError, match=r"ServerConfig.metrics_port = 9000: gRPC or HTTP already uses"):
+        ServerConfig(grpc_port=9000, http_port=9001, metrics_port=9000)
+    with pytest.raises(ConfigError, match=r"ServerConfig.metrics_port = 70000: use a port in 0..65535"):
+        ServerConfig(metrics_port=70000)
+
+
+def test_metrics_on_their_own_port_and_not_on_the_api_port() -> None:
+    async def body(server: ServiceServer) -> None:
+        assert server.metrics_port == server.config.metrics_port != server.http_port
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+                assert "flywheel_serving " in await r.text()
+            for path in ("/health", "/live", "/nope"):  # the metrics port serves /metrics alone
+                async with s.get(f"http://127.0.0.1:{server.metrics_port}{path}") as r:
+                    assert r.status == 404, path
+        assert (await http_get(server, "/metrics"))[0] == 404  # gone from the API port
+        assert (await http_get(server, "/live")) == (200, "")  # the API port keeps its probes
+        assert (await http_get(server, "/health"))[0] == 503  # not serving yet
+
+    run(body, metrics_port=free_port())
+
+    async def shared(server: ServiceServer) -> None:  # metrics_port 0: as before, on the HTTP port
+        assert server.metrics_port == server.http_port
+        status, text = await http_get(server, "/metrics")
+        assert status == 200 and "flywheel_serving " in text
+
+    run(shared)
+
+
+def test_metrics_port_in_use_is_a_clear_error() -> None:
+    async def body(server: ServiceServer) -> None:
+        taken = server.metrics_port
+        other = ServiceServer(ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=taken))
+        with pytest.raises(OSError, match=f"cannot bind /metrics to 127.0.0.1:{taken} .*FLYWHEEL_SERVER_METRICS_PORT"):
+            await other.start(handle_signals=False)
+        await other.stop(grace=0)
+
+    run(body, metrics_port=free_port())
+
+
+def _issue(tmp: Path, ca: tuple[Any, Any] | None, cn: str, *, server: bool) -> tuple[Any, Any, str, str]:
+    """(cert, key, cert file, key file); `ca` None: a self-signed CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_cert, issuer_key = ca if ca is not None else (None, key)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if ca is None:
+        b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    elif server:
+        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    else:
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    cert = b.sign(issuer_key, hashes.SHA256())
+    cert_file, key_file = tmp / f"{cn}.crt", tmp / f"{cn}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key, str(cert_file), str(key_file)
+
+
+def test_the_metrics_port_serves_tls_and_needs_a_client_certificate_under_mutual_tls(tmp_path: Path) -> None:
+    """Prometheus scrapes the metrics port like any client: TLS with the service's certificate and,
+    under mutual TLS, a client certificate (ServiceMonitor tlsConfig); no probe is exempt there."""
+    import ssl
+
+    from flywheel.core.tls import TlsConfig
+
+    ca_cert, ca_key, ca_file, _ = _issue(tmp_path, None, "ca", server=False)
+    _, _, server_crt, server_key = _issue(tmp_path, (ca_cert, ca_key), "server", server=True)
+    _, _, client_crt, client_key = _issue(tmp_path, (ca_cert, ca_key), "prometheus", server=False)
+    tls = TlsConfig(cert_file=server_crt, key_file=server_key, client_ca_file=ca_file)
+
+    def context(with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        if with_cert:
+            ctx.load_cert_chain(client_crt, client_key)
+        return ctx
+
+    async def main() -> None:
+        cfg = ServerConfig(host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=free_port())
+        server = ServiceServer(cfg, name="tls", tls=tls)
+        await server.start(handle_signals=False)
+        url = f"https://127.0.0.1:{server.metrics_port}/metrics"
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(url, ssl=context(True)) as r:
+                    assert r.status == 200 and "flywheel_serving " in await r.text()
+                async with s.get(url, ssl=context(False)) as r:
+                    assert r.status == 401
+                    assert "requires a client certificate (mutual TLS)" in (await r.json())["error"]
+                with pytest.raises(aiohttp.ClientError):  # no plaintext on a TLS service's metrics port
+                    async with s.get(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
+                        await r.read()
+                async with s.get(f"https://127.0.0.1:{server.http_port}/health", ssl=context(False)) as r:
+                    assert r.status == 503  # the API port's probes stay exempt
+        finally:
+            await server.stop(grace=0)
+
+    asyncio.run(main())

@@ -259,7 +259,7 @@ def test_flywheel_up_makes_one_key_per_run_signs_the_starters_and_hands_out_the_
         for name in ("policy", "feedback", "reward", "trainer")
     }
     assert secrets == {
-        "policy": {"FLYWHEEL_AUTH_HMAC_KEY", "FLYWHEEL_AUTH_ADMIN_TOKEN"},
+        "policy": {"FLYWHEEL_AUTH_HMAC_KEY", "FLYWHEEL_AUTH_ADMIN_TOKEN_SHA256"},
         "feedback": {"FLYWHEEL_AUTH_HMAC_KEY"},
         "reward": {"FLYWHEEL_AUTH_SERVICE_TOKEN", "FLYWHEEL_MODEL_STORE_SIGNING_KEY"},
         "trainer": {"FLYWHEEL_AUTH_ADMIN_TOKEN", "FLYWHEEL_AUTH_SERVICE_TOKEN", "FLYWHEEL_MODEL_STORE_SIGNING_KEY"},

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import struct
 import threading
@@ -55,6 +56,10 @@ class ProcessKey:
 
 
 PROCESS_KEY = ProcessKey()
+
+
+def _sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def process_key() -> bytes:
@@ -98,6 +103,11 @@ class AuthConfig:
         "Bearer token the trainer sends to the reward service (the same value on both; 16+ characters). Only "
         "its calls (and the admin's) move the reward-normalization statistics the trainer reads from "
         "Reward.GetInfo. Empty: no caller moves them; GetInfo reports each version's held-out statistics.",
+    )
+    admin_token_sha256: str = setting(
+        "",
+        "Hex SHA-256 of the admin token: this service recognises the admin without holding the token (the Helm "
+        "chart gives the policy only this). When admin_token is set too, it must be that token's hash.",
     )
 
     def __post_init__(self) -> None:
@@ -149,6 +159,34 @@ class AuthConfig:
             "service_token",
             "<hidden>",
             "the service token must differ from the admin token and from every API key",
+        )
+        self._check_admin_token_sha256(n)
+
+    def _check_admin_token_sha256(self, n: str) -> None:
+        digest = self.admin_token_sha256.strip().lower()
+        if not digest:
+            return
+        require(
+            re.fullmatch(r"[0-9a-f]{64}", digest) is not None,
+            n,
+            "admin_token_sha256",
+            "<hidden>",  # a token pasted here by mistake must not reach a log
+            'use the 64 hex digits of the token\'s SHA-256, e.g. `printf %s "$TOKEN" | sha256sum`',
+        )
+        require(
+            not self.admin_token or _sha256_hex(self.admin_token) == digest,
+            n,
+            "admin_token_sha256",
+            "<hidden>",
+            "it is not the SHA-256 of admin_token: set only one of them, or the hash of this admin token",
+        )
+        others = [k for _, k in self.named_keys()] + ([self.service_token] if self.service_token else [])
+        require(
+            all(_sha256_hex(k) != digest for k in others),
+            n,
+            "admin_token_sha256",
+            "<hidden>",
+            "it is the hash of an API key or of the service token: the admin token must differ from them",
         )
 
     def named_keys(self) -> list[tuple[str, str]]:
@@ -341,6 +379,9 @@ class Authenticator:
         self.config = config
         self._keys = config.named_keys()
         self._admin = config.admin_token.encode()
+        # Only the hash configured (the chart's policy): a bearer is the admin when its SHA-256 matches.
+        digest = config.admin_token_sha256.strip()
+        self._admin_sha256 = bytes.fromhex(digest) if digest and not self._admin else b""
 
     def _match_key(self, token: str) -> str | None:
         found = None
@@ -350,6 +391,8 @@ class Authenticator:
         return found
 
     def _is_admin(self, token: str) -> bool:
+        if self._admin_sha256:
+            return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_sha256)
         return bool(self._admin) and hmac.compare_digest(token.encode(), self._admin)
 
     def caller(self, metadata: Any) -> Caller:
@@ -382,7 +425,7 @@ class Authenticator:
             )
         if self._is_admin(token):
             return Caller("admin", is_admin=True)
-        if not self._admin:
+        if not (self._admin or self._admin_sha256):
             raise errors.PermissionDenied("admin calls are disabled: set FLYWHEEL_AUTH_ADMIN_TOKEN on this service")
         name = self._match_key(token)
         if name is not None:

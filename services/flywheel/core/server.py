@@ -8,7 +8,9 @@ One `ServiceServer` owns, in one asyncio event loop:
     an INTERNAL / DATA_LOSS answer carries a fixed text and a reference that the log line with
     the traceback also carries, never exception text or a path (`errors.public_message`);
   * an aiohttp app with `/metrics`, `/health` (TGI: 200 with an empty body when serving,
-    503 otherwise), `/live`, and whatever routes the service adds before `start()`;
+    503 otherwise), `/live`, and whatever routes the service adds before `start()`; with
+    `metrics_port` set, `/metrics` moves to a port of its own (a NetworkPolicy can then let
+    only the monitoring namespace scrape, while clients reach the API port);
   * TLS on both ports once the `tls` section has a certificate, mutual TLS with a client CA
     (core/tls.py: certificates re-read when their files change).
 
@@ -86,6 +88,12 @@ class ServerConfig:
     http_port: int = setting(
         8080, "HTTP port for /metrics, /health and HTTP APIs (0: pick a free one).", alias="FLYWHEEL_HTTP_PORT"
     )
+    metrics_port: int = setting(
+        0,
+        "Port that serves /metrics alone (TLS and mutual TLS as the other ports when the tls section is set); "
+        "the HTTP port then has no /metrics, so a NetworkPolicy can open scraping to the monitoring namespace "
+        "only. 0: /metrics on the HTTP port.",
+    )
     max_message_mb: int = setting(
         16, "Largest gRPC message sent or received, in MiB.", alias="FLYWHEEL_GRPC_MAX_MESSAGE_MB"
     )
@@ -136,7 +144,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         n = type(self).__name__
         require(bool(self.host), n, "host", self.host, "use an interface address such as 0.0.0.0 or 127.0.0.1")
-        for name in ("grpc_port", "http_port"):
+        for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
             require(
                 isinstance(port, int) and 0 <= port <= 65535,
@@ -151,6 +159,13 @@ class ServerConfig:
             "http_port",
             self.http_port,
             f"gRPC already uses port {self.grpc_port}; give HTTP its own port",
+        )
+        require(
+            self.metrics_port == 0 or self.metrics_port not in (self.grpc_port, self.http_port),
+            n,
+            "metrics_port",
+            self.metrics_port,
+            "gRPC or HTTP already uses this port; give /metrics its own port (0: /metrics on the HTTP port)",
         )
         require(1 <= self.max_message_mb <= 2047, n, "max_message_mb", self.max_message_mb, "use 1..2047 MiB")
         require(
@@ -548,12 +563,18 @@ class ServiceServer:
         self.http_app[SERVER_KEY] = self
         self.http_app.router.add_get("/health", _health_route)
         self.http_app.router.add_get("/live", _live_route)
-        self.http_app.router.add_get("/metrics", _metrics_route)
+        self.metrics_app: web.Application | None = None
+        if config.metrics_port:
+            self.metrics_app = self._metrics_only_app()
+        else:
+            self.http_app.router.add_get("/metrics", _metrics_route)
         self.grpc_port: int | None = None
         self.http_port: int | None = None
+        self.metrics_port: int | None = None  # bound; equals http_port when /metrics is served there
         self._servicers: list[tuple[Callable[[Any, Any], None], Any, str]] = []
         self._grpc: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._serving = False
         self._stopping = False
         self._stop_task: asyncio.Task[None] | None = None
@@ -562,6 +583,15 @@ class ServiceServer:
         self._watched: list[tuple[str, Callable[[], BaseException | None]]] = []
         self._watchdog: asyncio.Task[None] | None = None
         self.exit_code = 0  # 1 once a watched part died (serve() returns it)
+
+    def _metrics_only_app(self) -> web.Application:
+        """The app of `metrics_port`: /metrics alone; under mutual TLS it needs a client certificate."""
+        middlewares = [error_middleware]
+        if self.certificates is not None and self.certificates.mutual:
+            middlewares.append(self.certificates.http_middleware(frozenset()))
+        app = web.Application(middlewares=middlewares)
+        app.router.add_get("/metrics", _metrics_route)
+        return app
 
     @property
     def service_names(self) -> list[str]:
@@ -632,18 +662,39 @@ class ServiceServer:
             await self._runner.cleanup()
             raise OSError(f"cannot bind HTTP to {cfg.host}:{cfg.http_port} ({e}): set --http-port") from None
         self.http_port = self._runner.addresses[0][1]
+        self.metrics_port = self.http_port
+        if self.metrics_app is not None:
+            self.metrics_port = await self._start_metrics(ssl_context)
         if handle_signals:
             self._install_signal_handlers()
         security = "plaintext" if self.certificates is None else "mutual TLS" if self.tls.mutual else "TLS"
         log.info(
-            "%s listening (%s): gRPC %s:%d, HTTP %s:%d",
+            "%s listening (%s): gRPC %s:%d, HTTP %s:%d, /metrics on port %d",
             self.name,
             security,
             cfg.host,
             self.grpc_port,
             cfg.host,
             self.http_port,
+            self.metrics_port,
         )
+
+    async def _start_metrics(self, ssl_context: Any) -> int:
+        """Bind `metrics_port` with the HTTP port's TLS; on failure undo what start() bound."""
+        assert self.metrics_app is not None and self._grpc is not None and self._runner is not None
+        cfg = self.config
+        self._metrics_runner = web.AppRunner(self.metrics_app, access_log=None, shutdown_timeout=cfg.grace_s)
+        await self._metrics_runner.setup()
+        try:
+            await web.TCPSite(self._metrics_runner, cfg.host, cfg.metrics_port, ssl_context=ssl_context).start()
+        except OSError as e:
+            await self._grpc.stop(0)
+            await self._runner.cleanup()
+            await self._metrics_runner.cleanup()
+            raise OSError(
+                f"cannot bind /metrics to {cfg.host}:{cfg.metrics_port} ({e}): set FLYWHEEL_SERVER_METRICS_PORT"
+            ) from None
+        return int(self._metrics_runner.addresses[0][1])
 
     def watch(self, name: str, error: Callable[[], BaseException | None]) -> None:
         """Stop the service with exit code 1 once `error()` returns an exception (checked every 0.5 s).
@@ -736,6 +787,8 @@ class ServiceServer:
                 await self._grpc.stop(grace)
             if self._runner is not None:
                 await self._runner.cleanup()
+            if self._metrics_runner is not None:
+                await self._metrics_runner.cleanup()
         finally:
             self._remove_signal_handlers()
             self._stopped.set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import secrets
 import shlex
@@ -102,7 +103,8 @@ PUBLISHERS = ("trainer", "reward")  # the only services that get the model-signi
 # Each service gets only the secrets it uses (docs/SECURITY.md): the feedback service cannot call
 # the trainer's admin RPCs, the policy cannot move the reward normalization, and so on.
 SECRETS_OF = {
-    "policy": ("FLYWHEEL_AUTH_HMAC_KEY", "FLYWHEEL_AUTH_ADMIN_TOKEN"),  # issues tokens; admin-only candidates
+    # Issues tokens; knows the admin (candidate versions) by the token's hash, never the token.
+    "policy": ("FLYWHEEL_AUTH_HMAC_KEY", "FLYWHEEL_AUTH_ADMIN_TOKEN_SHA256"),
     "feedback": ("FLYWHEEL_AUTH_HMAC_KEY",),  # verifies tokens
     "reward": ("FLYWHEEL_AUTH_SERVICE_TOKEN",),  # tells the trainer's scores from anyone else's
     "trainer": ("FLYWHEEL_AUTH_ADMIN_TOKEN", "FLYWHEEL_AUTH_SERVICE_TOKEN"),
@@ -256,6 +258,7 @@ class Supervisor:
             FLYWHEEL_MODEL_STORE_ROOT=str(self.store),
             FLYWHEEL_AUTH_HMAC_KEY=self.hmac_key,
             FLYWHEEL_AUTH_ADMIN_TOKEN=self.admin_token,
+            FLYWHEEL_AUTH_ADMIN_TOKEN_SHA256=hashlib.sha256(self.admin_token.encode()).hexdigest(),
             FLYWHEEL_AUTH_SERVICE_TOKEN=self.service_token,
             FLYWHEEL_POLICY_STATE_DIR=str(self.run_dir / "state" / "policy"),
             FLYWHEEL_FEEDBACK_STATE_DIR=str(self.run_dir / "state" / "feedback"),

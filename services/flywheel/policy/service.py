@@ -5,8 +5,9 @@ Front ends (server.py: gRPC; http.py: TGI and OpenAI routes) turn the wire forma
 each answer its interaction_id, feedback_token (TokenSigner over interaction_id, version and
 user) and the one version that produced it, enforces the deadline (a cancelled engine call
 frees its slot), and hands the Interaction to the publisher (fire-and-forget). It also owns
-start-up: the starter policy (version 0) is built if missing, the version named by the last
-announcement on flywheel.policy.updates is loaded, and the hot-swap consumer starts.
+start-up: the starter policy (version 0) is built if missing (waited for where the model store is
+read-only: the trainer builds and signs it), the version named by the last announcement on
+flywheel.policy.updates is loaded, and the hot-swap consumer starts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
+import math
+import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -153,6 +157,39 @@ def ensure_starter(store: ModelStore, steps: int = STARTER_STEPS, progress: bool
     return 0
 
 
+STARTER_WAIT_LOG_S = 60.0  # how often a replica waiting for the starter says so again
+
+
+def starter_ready(store: ModelStore, steps: int, stopped: threading.Event, poll_s: float = 2.0) -> None:
+    """Version 0 of "policy" is in `store`: built here when this process may write the store, else
+    waited for (the chart mounts the store read-only on the policy; the trainer's init container
+    builds and signs the starter with `flywheel models init`, and only it holds the signing key)."""
+    if os.access(store.root, os.W_OK):
+        ensure_starter(store, steps)
+    else:
+        wait_for_starter(store, stopped, poll_s)
+
+
+def wait_for_starter(store: ModelStore, stopped: threading.Event, poll_s: float = 2.0, name: str = "policy") -> None:
+    """Return once version 0 of `name` is in `store` (published whole: a rename); errors.Unavailable
+    when `stopped` is set first. Says every STARTER_WAIT_LOG_S why it is waiting."""
+    said = -math.inf
+    while True:
+        with contextlib.suppress(errors.NotFound):
+            store.get(name, 0)
+            return
+        if time.monotonic() - said >= STARTER_WAIT_LOG_S:
+            said = time.monotonic()
+            log.warning(
+                "waiting for the starter %s (version 0) in %s: this replica cannot write the model store (mounted "
+                "read-only), so the trainer builds and signs it (`flywheel models init`, its init container)",
+                name,
+                store.root,
+            )
+        if stopped.wait(poll_s):
+            raise errors.Unavailable(f"stopped while waiting for the starter {name} (version 0) in {store.root}")
+
+
 class PolicyService:
     """Engine, model store, interactions publisher and hot-swap consumer of one replica."""
 
@@ -199,7 +236,7 @@ class PolicyService:
             self.engine.load_version(cfg.engine.model, 0)
         else:
             if cfg.policy.model_name == "policy":
-                ensure_starter(self.store, cfg.policy.starter_steps)
+                starter_ready(self.store, cfg.policy.starter_steps, self._stopped)
             name = cfg.policy.model_name
             latest = self.store.latest(name, promoted_only=True) or self.store.get(name, 0)
             self.engine.load_version(str(self.store.verify(name, latest.version)), latest.version)

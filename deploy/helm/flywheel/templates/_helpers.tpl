@@ -50,8 +50,77 @@ app.kubernetes.io/component: {{ .svc }}
 {{- end }}
 {{- end }}
 
+{{/* The Secret one service reads: its own (<fullname>-<svc>-secrets), or secret.existingSecret, from
+     which each pod still takes only its keys. Call with (dict "root" $ "svc" "policy"). */}}
 {{- define "flywheel.secretName" -}}
-{{- default (printf "%s-secrets" (include "flywheel.fullname" .)) .Values.secret.existingSecret }}
+{{- default (printf "%s-%s-secrets" (include "flywheel.fullname" .root) .svc) .root.Values.secret.existingSecret }}
+{{- end }}
+
+{{/* The secret keys one service gets, space-separated (docs/SECURITY.md, "Who can reach what"): the
+     policy recognises the admin by the token's hash and holds no signing key; feedback holds neither
+     admin nor service token; only the publishers (the trainer, a reward that trains) the signing key. */}}
+{{- define "flywheel.secretKeys" -}}
+{{- $v := .root.Values }}
+{{- $keys := get (dict
+    "policy" (list "hmac-key" "api-keys" "admin-token-sha256" "model-trusted-keys")
+    "feedback" (list "hmac-key" "api-keys")
+    "reward" (list "api-keys" "service-token" "model-trusted-keys")
+    "trainer" (list "admin-token" "service-token" "model-signing-key" "model-trusted-keys")) .svc }}
+{{- if and (eq .svc "reward") $v.reward.train }}
+{{- $keys = append $keys "model-signing-key" }}
+{{- end }}
+{{- if hasPrefix "SASL_" $v.kafka.securityProtocol }}
+{{- $keys = append $keys "kafka-sasl-password" }}
+{{- end }}
+{{- join " " $keys }}
+{{- end }}
+
+{{/* The variable each secret key sets (model-signing-key is a file: FLYWHEEL_MODEL_STORE_SIGNING_KEY). */}}
+{{- define "flywheel.secretEnv" -}}
+{{- get (dict
+    "hmac-key" "FLYWHEEL_AUTH_HMAC_KEY"
+    "api-keys" "FLYWHEEL_AUTH_API_KEYS"
+    "admin-token" "FLYWHEEL_AUTH_ADMIN_TOKEN"
+    "admin-token-sha256" "FLYWHEEL_AUTH_ADMIN_TOKEN_SHA256"
+    "service-token" "FLYWHEEL_AUTH_SERVICE_TOKEN"
+    "model-trusted-keys" "FLYWHEEL_MODEL_STORE_TRUSTED_KEYS"
+    "kafka-sasl-password" "FLYWHEEL_KAFKA_SASL_PASSWORD") . }}
+{{- end }}
+
+{{/* Whether a service writes the model store: the trainer and a reward that trains. The others mount
+     it read-only (a compromised pod cannot overwrite weights; signatures catch the rest). */}}
+{{- define "flywheel.writesModels" -}}
+{{- or (eq .svc "trainer") (and (eq .svc "reward") .root.Values.reward.train) }}
+{{- end }}
+
+{{/* The raw Ed25519 public key, in base64 (what model_store.trusted_keys takes), of a PKCS#8 PEM
+     private key. Helm has no function for it, so it is read from the SubjectPublicKeyInfo (a fixed
+     12-byte prefix, then the 32 key bytes) of a throwaway certificate signed with that key. */}}
+{{- define "flywheel.ed25519Public" -}}
+{{- $cert := genSelfSignedCertWithKey "flywheel-model-signing" nil nil 1 . }}
+{{- $der := regexReplaceAll "-----[A-Z ]+-----|\\s" $cert.Cert "" | b64dec }}
+{{- $parts := splitList "\x30\x2a\x30\x05\x06\x03\x2b\x65\x70\x03\x21\x00" $der }}
+{{- if ne (len $parts) 2 }}
+{{- fail "secret.signingKey is not an Ed25519 private key: give the PEM that `python -m flywheel.core.signing keygen DIR` writes" }}
+{{- end }}
+{{- index $parts 1 | trunc 32 | b64enc }}
+{{- end }}
+
+{{/* Values that cannot be checked by the schema alone; included by deployments.yaml. */}}
+{{- define "flywheel.checks" -}}
+{{- $tls := .Values.tls }}
+{{- if and $tls.enabled (not $tls.secret) }}
+{{- fail "tls.enabled needs tls.secret: a Secret with tls.crt, tls.key and ca.crt (e.g. cert-manager's)" }}
+{{- end }}
+{{- if and $tls.mutual (not $tls.enabled) }}
+{{- fail "tls.mutual needs tls.enabled (and tls.secret): mutual TLS is TLS that also asks clients for a certificate" }}
+{{- end }}
+{{- range $svc := splitList " " (include "flywheel.services" .) }}
+{{- $v := index $.Values $svc }}
+{{- if has (int $v.metricsPort) (list (int $v.grpcPort) (int $v.httpPort)) }}
+{{- fail (printf "%s.metricsPort %v is also its gRPC or HTTP port: give /metrics a port of its own" $svc $v.metricsPort) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "flywheel.modelStoreClaim" -}}
