@@ -97,7 +97,7 @@ def start_reward(bootstrap: str, topics: TopicsConfig, tmp: Path) -> subprocess.
         except OSError:
             return False
 
-    wait_for(serving, 120, "the reward service to serve", poll_s=0.2)
+    wait_for(serving, 240, "the reward service to serve", poll_s=0.2)
     return proc
 
 
@@ -171,3 +171,32 @@ def test_feedback_survives_a_broker_outage_and_kills_of_feedback_and_reward(tmp_
         if feedback is not None:
             feedback.stop(signal.SIGKILL)
         broker.stop()
+
+
+def test_the_reward_service_waits_for_kafka_at_start(tmp_path: Path) -> None:
+    """Started while its broker is down, the reward service waits (logged once) instead of exiting,
+    and serves once the broker is up."""
+    broker = ApacheKafka(free_port(), tmp_path / "kafka")
+    name = uuid.uuid4().hex[:8]
+    topics = TopicsConfig(
+        **{t: f"{name}.{t}" for t in ("interactions", "feedback", "preferences", "reward_updates", "dlq")}
+    )
+    holder: list[subprocess.Popen[bytes]] = []
+    starting = threading.Thread(target=lambda: holder.append(start_reward(broker.bootstrap, topics, tmp_path)))
+    starting.start()
+    try:
+        wait_for(lambda: "waiting for it" in log_of(tmp_path), 60, "the reward service to say it waits for Kafka")
+        assert starting.is_alive()  # not serving yet, and not exited (start_reward asserts it runs)
+        broker.start()
+        starting.join(180)
+        assert holder and holder[0].poll() is None, log_of(tmp_path)[-2000:]
+        assert log_of(tmp_path).count("Kafka unreachable at start") == 1
+    finally:
+        for proc in holder:
+            proc.kill()
+        broker.stop()
+
+
+def log_of(tmp: Path) -> str:
+    path = tmp / "reward.log"
+    return path.read_text(errors="replace") if path.is_file() else ""

@@ -268,9 +268,27 @@ class RewardService:
         UPDATES_REFUSED.labels(reason).inc()
         log.error("reward update %s v%d refused (%s): %s", u.model, u.version, reason, self.scorer.last_error)
 
+    def _wait_for_kafka(self) -> None:
+        """Kafka may start after this service, or be away when it restarts: wait for it (logged
+        once, backing off to 30 s) instead of exiting into a crash loop."""
+        delay, said = 1.0, False
+        while True:
+            try:
+                bus.ensure_topics(self.config.kafka, self.config.topics)
+                if said:
+                    log.info("Kafka is reachable: starting")
+                return
+            except errors.Unavailable as e:
+                if not said:
+                    log.warning("Kafka unreachable at start (%s): waiting for it", e.message)
+                    said = True
+                if self._stop.wait(delay):
+                    raise
+                delay = min(2 * delay, 30.0)
+
     def start(self) -> None:
         cfg = self.config
-        bus.ensure_topics(cfg.kafka, cfg.topics)
+        self._wait_for_kafka()
         ensure_starter(self.store, cfg.model)
         latest = self.store.latest(cfg.model.name)
         assert latest is not None
