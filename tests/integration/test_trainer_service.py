@@ -248,7 +248,7 @@ def test_trainer_process_trains_on_live_prompts_and_announces(
 
     try:
         run_until(2, 1)
-        assert waited and "reward v0 was trained on 0 pairs; training starts at 100" in waited[0], waited
+        assert waited and "reward v0 was trained on 0 pairs; training starts at 50" in waited[0], waited
         assert fake.prompts.count(live) == 3  # live traffic first (each record once), then the pool
         c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
         tp = TopicPartition(t.policy_updates, 0)
