@@ -1,7 +1,8 @@
 """Chaos on a real Apache Kafka of the test's own: feedback keeps coming while the broker is stopped
 for 30 s, the feedback service is SIGKILLed during the outage and the reward service is SIGKILLed
-while it joins the backlog. Every acknowledged feedback event ends up on the topic exactly once and
-in the reward dataset once, joined to its answer.
+while it joins the backlog. Every acknowledged feedback event ends up on the topic (at least once: a
+kill between Kafka's ack and the spool's delete sends it again) and in the reward dataset once,
+joined to its answer.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def test_feedback_survives_a_broker_outage_and_kills_of_feedback_and_reward(tmp_
         events = read_topic(bootstrap, topics.feedback, n=len(acked), settle_s=2, timeout_s=60)
         on_topic = [e.feedback_id for _, e, _ in events]
         assert acked <= set(on_topic), sorted(acked - set(on_topic))[:10]
-        repeated = {f for f in acked if on_topic.count(f) > 1}
-        assert not repeated, sorted(repeated)[:10]  # exactly once on the topic
+        # At least once on the topic: a SIGKILL between Kafka's ack and the spool's delete sends a
+        # record again (core/spool.py). The join store is keyed by (user, feedback_id): once in the dataset.
         status = joined(tmp_path)
         assert {status[f] for f in acked} == {"joined"}, {f: status[f] for f in acked if status[f] != "joined"}
     finally:
