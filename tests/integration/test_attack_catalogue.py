@@ -6,6 +6,7 @@ right after it succeeds. One row per attack; add a row for every new way in.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import threading
@@ -40,6 +41,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
 BYSTANDER_TOKENS = 120
 OK, INVALID, DENIED = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +180,26 @@ def preference(ctx: Ctx, value: int) -> feedback_pb2.FeedbackRequest:
     )  # fmt: skip
 
 
+def session(ctx: Ctx, user: str = "alice") -> tuple[tuple[str, str]]:
+    """gRPC metadata with a session for `user` (minted with no key: none are configured here)."""
+    s = ctx.feedback.stub.CreateSession(feedback_pb2.CreateSessionRequest(user_id=user), timeout=30)
+    return (("authorization", f"Bearer {s.session}"),)
+
+
+def tampered(ctx: Ctx) -> tuple[tuple[str, str]]:
+    """A session for alice whose payload names mallory, under alice's signature."""
+    (meta,) = session(ctx)
+    head, payload, sig = meta[1].removeprefix("Bearer ").split(".")
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged["u"] = "mallory"
+    body = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    return (("authorization", f"Bearer {head}.{body}.{sig}"),)
+
+
+def as_session(ctx: Ctx, req: feedback_pb2.FeedbackRequest, user: str = "alice") -> Any:
+    return ctx.feedback.stub.Submit(req, metadata=session(ctx, user), timeout=30)
+
+
 # (name, call, expected gRPC status, a phrase the message must hold). A call returning a
 # FeedbackResponse is checked for the SubmitStatus named by the phrase instead.
 GRPC: list[tuple[str, Callable[[Ctx], Any], grpc.StatusCode, str]] = [
@@ -242,6 +264,18 @@ GRPC: list[tuple[str, Callable[[Ctx], Any], grpc.StatusCode, str]] = [
     ("no value at all", lambda c: c.submit(feedback_pb2.FeedbackRequest(feedback_id="x", interaction_id="i", feedback_token="t", user_id="a")), INVALID, "no feedback value"),
     ("101 items in a batch", lambda c: c.feedback.stub.SubmitBatch(feedback_pb2.SubmitBatchRequest(items=[c.thumbs()] * 101)), INVALID, "1..100 items, got 101"),
     ("an empty batch", lambda c: c.feedback.stub.SubmitBatch(feedback_pb2.SubmitBatchRequest()), INVALID, "got 0"),
+    # --- sessions (core/sessions.py): a browser's credential, pinned to one user
+    ("a session naming another user to Generate", lambda c: c.policy.stub.Generate(gen("hi", user="mallory"), metadata=session(c)), DENIED, "this session is for user 'alice', not 'mallory'"),
+    ("a session naming another user to a stream", lambda c: list(c.policy.stub.GenerateStream(gen("hi", user="mallory"), metadata=session(c))), DENIED, "this session is for user 'alice'"),
+    ("a session naming another user to a pair", lambda c: c.policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen("hi", user="bob")), metadata=session(c)), DENIED, "this session is for user 'alice'"),
+    ("a session giving feedback as another user", lambda c: as_session(c, c.thumbs("mallory")), DENIED, "this session is for user 'alice', not 'mallory'"),
+    ("a session using another user's token", lambda c: as_session(c, c.thumbs("alice", user_id=""), user="mallory"), DENIED, "issued for another user"),
+    ("a forged session", lambda c: c.policy.stub.Generate(gen("hi"), metadata=(("authorization", "Bearer fws1.forged"),)), UNAUTH, "malformed session"),
+    ("a session with its user changed", lambda c: c.policy.stub.Generate(gen("hi", user=""), metadata=tampered(c)), UNAUTH, "session signature is invalid"),
+    ("a session minting a session", lambda c: c.feedback.stub.CreateSession(feedback_pb2.CreateSessionRequest(user_id="eve"), metadata=session(c)), DENIED, "a session cannot mint sessions"),
+    ("a session asking for an ungated candidate", lambda c: c.policy.stub.GeneratePair(policy_pb2.GeneratePairRequest(request=gen("hi", user=""), candidate_version=1), metadata=session(c)), DENIED, "needs the admin token"),
+    ("a session living 25 hours", lambda c: c.feedback.stub.CreateSession(feedback_pb2.CreateSessionRequest(user_id="eve", ttl_s=90000)), INVALID, "ttl_s = 90000: use 1..86400 seconds"),
+    ("a session for a megabyte user_id", lambda c: c.feedback.stub.CreateSession(feedback_pb2.CreateSessionRequest(user_id="u" * (1 << 20))), INVALID, "user_id has 1048576 characters"),
     # --- feedback: stuffing (answered, recorded once)
     ("the same feedback_id again", lambda c: twice(c, Ctx.thumbs, {}), OK, "SUBMIT_STATUS_DUPLICATE"),
     ("a second vote on one answer", lambda c: twice(c, Ctx.thumbs, {"feedback_id": uuid.uuid4().hex, "thumbs": -1}), OK, "SUBMIT_STATUS_ALREADY_VOTED"),
@@ -259,6 +293,11 @@ HTTP: list[tuple[str, str, str, bytes, str, int, str]] = [
     ("OpenAI: 300 chat turns", "policy", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}] * 300}).encode(), "application/json", 422, "300 messages"),
     ("feedback: truncated JSON", "feedback", "/feedback", b'{"feedback_id": "x", "thum', "application/json", 400, ""),
     ("feedback: unknown field", "feedback", "/feedback", b'{"feedback_id": "x", "stars": 5}', "application/json", 422, "unknown field"),
+    ("sessions: unknown field", "feedback", "/sessions", b'{"user": "alice"}', "application/json", 422, "unknown field(s) 'user'"),
+    ("sessions: ttl_s as a string", "feedback", "/sessions", b'{"user_id": "alice", "ttl_s": "60"}', "application/json", 422, "ttl_s must be an integer"),
+    ("sessions: no user", "feedback", "/sessions", b'{"ttl_s": 60}', "application/json", 422, "user_id must be a non-empty string"),
+    ("pair: candidate_version as a string", "policy", "/generate_pair", b'{"inputs": "hi", "candidate_version": "1"}', "application/json", 422, "candidate_version"),
+    ("pair: streamed", "policy", "/generate_pair", b'{"inputs": "hi", "stream": true}', "application/json", 422, "unknown field(s) 'stream'"),
     ("feedback: forged token", "feedback", "/feedback", b'{"feedback_id": "x", "interaction_id": "i", "user_id": "u", "thumbs": 1, "feedback_token": "forged"}', "application/json", 403, "malformed feedback token"),
 ]  # fmt: skip
 

@@ -55,7 +55,7 @@ def test_contract_field_names():
 def test_services_have_every_rpc_of_the_design():
     rpcs = {
         policy_pb2: ("Policy", {"Generate", "GenerateStream", "GeneratePair", "GetInfo"}),
-        feedback_pb2: ("Feedback", {"Submit", "SubmitBatch"}),
+        feedback_pb2: ("Feedback", {"Submit", "SubmitBatch", "CreateSession"}),
         reward_pb2: ("Reward", {"Score", "ScoreBatch", "GetInfo"}),
         trainer_pb2: ("Trainer", {"GetStatus", "Pause", "Resume", "Promote", "Rollback", "ListVersions"}),
     }

@@ -4,7 +4,8 @@ A feedback token proves that a caller really received an answer: the policy serv
 (kind, interaction_id or pair_id, policy_version, user_id, issued, expiry) with HMAC-SHA256 and the feedback
 service checks it before it accepts a rating (docs/ARCHITECTURE.md, 'Feedback tokens').
 Callers identify themselves with `authorization: Bearer <token>` in gRPC metadata or the HTTP
-header of the same name; the token is an API key or the admin token.
+header of the same name; the token is an API key, the admin token, or a session (core/sessions.py:
+an API key's caller pinned to one end user, what a browser holds instead of the key).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any, ClassVar
 
 from flywheel.core import errors
 from flywheel.core.config import require, setting
+from flywheel.core.sessions import PREFIX as SESSION_PREFIX
+from flywheel.core.sessions import SessionClaims, SessionSigner, is_session
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,14 @@ class AuthConfig:
         "Hex SHA-256 of the admin token: this service recognises the admin without holding the token (the Helm "
         "chart gives the policy only this). When admin_token is set too, it must be that token's hash.",
     )
+    session_ttl_s: int = setting(
+        3600,
+        "How long a session (Feedback.CreateSession, POST /sessions) lives when the request sets no ttl_s, in "
+        "seconds. Sessions are signed with hmac_key: policy and feedback need the same one.",
+    )
+    session_max_ttl_s: int = setting(
+        86400, "The longest ttl_s a session may ask for, in seconds (a longer one is refused with the limit)."
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -120,6 +131,14 @@ class AuthConfig:
             "use at least 16 bytes, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
         )
         require(self.token_ttl_s > 0, n, "token_ttl_s", self.token_ttl_s, "use a positive number of seconds")
+        require(self.session_ttl_s > 0, n, "session_ttl_s", self.session_ttl_s, "use a positive number of seconds")
+        require(
+            self.session_max_ttl_s >= self.session_ttl_s,
+            n,
+            "session_max_ttl_s",
+            self.session_max_ttl_s,
+            f"use at least session_ttl_s ({self.session_ttl_s}): the default must be allowed",
+        )
         names = [name for name, _ in self.named_keys()]
         require(len(set(names)) == len(names), n, "api_keys", names, "give every key its own name (name:key)")
         require(
@@ -131,6 +150,13 @@ class AuthConfig:
         )
         for name, key in self.named_keys():
             require(bool(key), n, "api_keys", name, "an entry has an empty key: write `key` or `name:key`")
+            require(
+                not key.startswith(SESSION_PREFIX),
+                n,
+                "api_keys",
+                name,
+                f"a key may not start with {SESSION_PREFIX!r}: that prefix marks a session; pick another key",
+            )
         require(
             not self.admin_token or len(self.admin_token) >= 16,
             n,
@@ -199,8 +225,11 @@ class AuthConfig:
 
     def signer(self) -> TokenSigner:
         """The TokenSigner for this config (the per-process key when hmac_key is empty)."""
-        key = self.hmac_key.encode() if self.hmac_key else process_key()
-        return TokenSigner(key, self.token_ttl_s)
+        return TokenSigner(self.key_bytes(), self.token_ttl_s)
+
+    def key_bytes(self) -> bytes:
+        """hmac_key's bytes; the per-process key when it is empty (with its warning, on first use)."""
+        return self.hmac_key.encode() if self.hmac_key else process_key()
 
 
 # ---------------------------------------------------------------------------- feedback tokens
@@ -325,13 +354,16 @@ class TokenSigner:
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
-    """Who is calling: an API key's name, "admin" or "anonymous"."""
+    """Who is calling: an API key's name, "admin" or "anonymous"; with `session_user`, a session
+    minted with that key (or with none) for one end user."""
 
     who: str
     is_admin: bool = False
     # Whose end users this caller speaks for (`scoped_user_id`): its API key's name, "anonymous" for a
     # caller without a key while keys are configured; None (no keys configured, or the admin): global ids.
     namespace: str | None = None
+    # A session's end user (core/sessions.py): the only user this caller may act for. None: not a session.
+    session_user: str | None = None
 
     def scoped_user_id(self, user_id: str) -> str:
         """The id of end user `user_id` as this caller names it: what feedback tokens bind, events carry
@@ -340,7 +372,30 @@ class Caller:
         tokens bind the other namespace) nor spend their rate limits. Unambiguous: a key's name never
         holds ':' (`AuthConfig.named_keys` splits at the first) and "anonymous" is no key's name. Without
         keys, and for the admin (trusted to act for any user: it names them in full), the id is unchanged.
-        Limits on user_id apply to the id the caller sent, not to this longer one."""
+        Limits on user_id apply to the id the caller sent, not to this longer one.
+
+        A session is pinned to its user: an empty or equal `user_id` is the session's user, another one
+        is errors.PermissionDenied. Every route turns its user into the bound one here, so none can
+        let a browser act for someone else."""
+        return self._scoped(self.end_user(user_id))
+
+    def end_user(self, user_id: str | None) -> str:
+        """The user a request that names `user_id` acts for, before scoping: a session's own user
+        (PermissionDenied for another one), else `user_id` unchanged."""
+        if self.session_user is None:
+            return user_id or ""
+        if user_id and user_id != self.session_user:
+            raise errors.PermissionDenied(
+                f"this session is for user {self.session_user!r}, not {user_id[:80]!r}: leave the user id out "
+                "(the session's user is used) or mint a session for that user"
+            )
+        return self.session_user
+
+    def default_user(self) -> str:
+        """The user of a request that names none: a session's user, else the caller's name."""
+        return self.session_user if self.session_user is not None else self.who
+
+    def _scoped(self, user_id: str) -> str:
         return user_id if self.namespace is None else f"{self.namespace}:{user_id}"
 
 
@@ -382,6 +437,7 @@ class Authenticator:
         # Only the hash configured (the chart's policy): a bearer is the admin when its SHA-256 matches.
         digest = config.admin_token_sha256.strip()
         self._admin_sha256 = bytes.fromhex(digest) if digest and not self._admin else b""
+        self._session_signer: SessionSigner | None = None  # made on first use (it may read the process key)
 
     def _match_key(self, token: str) -> str | None:
         found = None
@@ -398,11 +454,14 @@ class Authenticator:
     def caller(self, metadata: Any) -> Caller:
         """The caller, or errors.Unauthenticated when a key is required but missing or unknown.
 
-        With no API keys configured any bearer token is ignored (OpenAI clients always send one).
+        With no API keys configured any bearer token is ignored (OpenAI clients always send one),
+        except a session (`fws1.`), which is verified: it pins the user, keys or not.
         """
         token = bearer_token(metadata)
         if token is not None and self._is_admin(token):
             return Caller("admin", is_admin=True)
+        if is_session(token):
+            return self.session_caller(self.sessions().verify(str(token)))
         if not self._keys:
             return ANONYMOUS
         if token is None:
@@ -417,7 +476,8 @@ class Authenticator:
         return Caller(name, namespace=name)
 
     def require_admin(self, metadata: Any) -> Caller:
-        """The admin caller; Unauthenticated without a valid token, PermissionDenied for a caller's key."""
+        """The admin caller; Unauthenticated without a valid token, PermissionDenied for a caller's key
+        or a session."""
         token = bearer_token(metadata)
         if token is None:
             raise errors.Unauthenticated(
@@ -425,9 +485,67 @@ class Authenticator:
             )
         if self._is_admin(token):
             return Caller("admin", is_admin=True)
+        if is_session(token):
+            self.caller(metadata)  # a forged or expired session: Unauthenticated with its reason
+            raise errors.PermissionDenied("a session may not make admin calls: use the admin token")
         if not (self._admin or self._admin_sha256):
             raise errors.PermissionDenied("admin calls are disabled: set FLYWHEEL_AUTH_ADMIN_TOKEN on this service")
         name = self._match_key(token)
         if name is not None:
             raise errors.PermissionDenied(f"API key {name!r} may not make admin calls: use the admin token")
         raise errors.Unauthenticated("invalid admin token: send the value of FLYWHEEL_ADMIN_TOKEN")
+
+    # ------------------------------------------------------------------ sessions (core/sessions.py)
+    def sessions(self) -> SessionSigner:
+        """The session signer over auth.hmac_key (the per-process key when it is empty)."""
+        if self._session_signer is None:
+            self._session_signer = SessionSigner(self.config.key_bytes())
+        return self._session_signer
+
+    def session_caller(self, claims: SessionClaims) -> Caller:
+        """The caller a verified session acts as; Unauthenticated when its key no longer exists."""
+        if claims.key_name is None:
+            if self._keys:
+                raise errors.Unauthenticated(
+                    "this session was minted while no API keys were configured; keys are now: mint a new one "
+                    "with an API key"
+                )
+            return Caller("anonymous", session_user=claims.user_id)
+        key = dict(self._keys).get(claims.key_name)
+        if key is None:
+            raise errors.Unauthenticated(
+                f"this session was minted for API key {claims.key_name!r}, which no longer exists here: mint a "
+                "new one with a current key"
+            )
+        if not hmac.compare_digest(self.sessions().key_fingerprint(key), claims.key_fingerprint):
+            raise errors.Unauthenticated(
+                f"this session was minted with an earlier value of API key {claims.key_name!r} (the key was "
+                "changed since): mint a new one with the current key"
+            )
+        return Caller(claims.key_name, namespace=claims.key_name, session_user=claims.user_id)
+
+    def mint_session(self, caller: Caller, user_id: str, ttl_s: int = 0) -> tuple[str, int]:
+        """A session for `user_id` made by `caller` (an API key's caller, or anyone while no keys are
+        configured), living ttl_s seconds (0: auth.session_ttl_s): its text and expiry. A session cannot
+        mint one (a browser could renew itself forever), nor can the admin (it has no key namespace)."""
+        cfg = self.config
+        if caller.session_user is not None:
+            raise errors.PermissionDenied("a session cannot mint sessions: mint them server-side with the API key")
+        if caller.is_admin:
+            raise errors.PermissionDenied(
+                "the admin token cannot mint sessions: a session acts for one API key's users; use that key"
+            )
+        if self._keys and caller.namespace in (None, "anonymous"):
+            raise errors.Unauthenticated(
+                "minting a session needs an API key: send `authorization: Bearer <key>` (one of FLYWHEEL_AUTH_API_KEYS)"
+            )
+        if not user_id:
+            raise errors.InvalidArgument("user_id is required: the end user the session is for")
+        if ttl_s < 0 or ttl_s > cfg.session_max_ttl_s:
+            raise errors.InvalidArgument(
+                f"ttl_s = {ttl_s}: use 1..{cfg.session_max_ttl_s} seconds (auth.session_max_ttl_s), or 0 for "
+                f"the default ({cfg.session_ttl_s} s)"
+            )
+        key = dict(self._keys).get(caller.who) if caller.namespace is not None else None
+        name = caller.who if key is not None else None
+        return self.sessions().mint(name, key, user_id, ttl_s or cfg.session_ttl_s)

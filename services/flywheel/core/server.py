@@ -12,7 +12,9 @@ One `ServiceServer` owns, in one asyncio event loop:
     `metrics_port` set, `/metrics` moves to a port of its own (a NetworkPolicy can then let
     only the monitoring namespace scrape, while clients reach the API port);
   * TLS on both ports once the `tls` section has a certificate, mutual TLS with a client CA
-    (core/tls.py: certificates re-read when their files change).
+    (core/tls.py: certificates re-read when their files change);
+  * browser access by an allow-list of origins (`cors_origins`, core/cors.py) and
+    `X-Content-Type-Options: nosniff` on every HTTP answer.
 
 Overload: at most `max_concurrent_rpcs` RPCs (a stream counts until it ends) and
 `max_concurrent_http` HTTP requests (a streamed answer counts until it ends) are handled at
@@ -58,7 +60,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flywheel.core import errors, metrics
+from flywheel.core import cors, errors, metrics
 from flywheel.core.config import DEFAULT_PORTS, require, setting
 from flywheel.core.errors import (
     INTERNAL_CODES,
@@ -140,6 +142,12 @@ class ServerConfig:
         4,
         "Largest HTTP request body, in MiB (aiohttp's client_max_size); a larger one is refused with 413.",
     )
+    cors_origins: list[str] = setting(
+        [],
+        "Web origins whose pages may call this service's HTTP API from a browser (CORS), comma-separated, each "
+        "exactly scheme://host[:port] as browsers send it, e.g. https://app.example.com; no '*', no path. "
+        "Empty: no cross-origin access.",
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -197,6 +205,10 @@ class ServerConfig:
             "use a number of seconds in (0, 3600]",
         )
         require(1 <= self.max_http_body_mb <= 1024, n, "max_http_body_mb", self.max_http_body_mb, "use 1..1024 MiB")
+        for origin in self.cors_origins:
+            problem = cors.origin_problem(origin)
+            require(problem is None, n, "cors_origins", self.cors_origins, str(problem))
+        self.cors_origins = [o.strip() for o in self.cors_origins]
 
     @property
     def grpc_hard_limit(self) -> int:
@@ -553,13 +565,15 @@ class ServiceServer:
         self.http_limit = InFlightLimit(
             config.max_concurrent_http, name, "HTTP requests", "max_concurrent_http", retry_after
         )
-        middlewares = [error_middleware, _limit_middleware(self.http_limit)]
+        middlewares = [error_middleware, cors.preflight_middleware(config.cors_origins)]
+        middlewares.append(_limit_middleware(self.http_limit))
         if self.certificates is not None and self.certificates.mutual:
             middlewares.insert(1, self.certificates.http_middleware(MTLS_EXEMPT_HTTP_PATHS))
         self.http_app = web.Application(
             middlewares=middlewares,
             client_max_size=config.max_http_body_mb * 1024**2,
         )
+        self.http_app.on_response_prepare.append(cors.response_headers(config.cors_origins))
         self.http_app[SERVER_KEY] = self
         self.http_app.router.add_get("/health", _health_route)
         self.http_app.router.add_get("/live", _live_route)
@@ -590,6 +604,7 @@ class ServiceServer:
         if self.certificates is not None and self.certificates.mutual:
             middlewares.append(self.certificates.http_middleware(frozenset()))
         app = web.Application(middlewares=middlewares)
+        app.on_response_prepare.append(cors.response_headers(()))  # nosniff; no browser access to /metrics
         app.router.add_get("/metrics", _metrics_route)
         return app
 

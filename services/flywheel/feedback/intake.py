@@ -307,7 +307,10 @@ class FeedbackIntake:
 
     def _item(self, index: int, req: feedback_pb2.FeedbackRequest, caller: Caller, now: Timestamp) -> _Item:
         """Steps 1-3 of the module doc for one request: its serialized event and its claims, or the
-        FlywheelError that refuses it. Everything keys on the user in the caller's namespace."""
+        FlywheelError that refuses it. Everything keys on the user in the caller's namespace; a
+        session's request may leave user_id out (it is the session's user) and may name no other."""
+        if caller.session_user is not None:
+            req.user_id = caller.end_user(req.user_id)
         kind = validate(req, self.config, self.limits)
         if not req.feedback_token:
             raise errors.PermissionDenied(

@@ -7,15 +7,18 @@ TGI (text-generation-inference's router): `POST /` (a list, or SSE when `stream`
 `/health` from ServiceServer. JSON shapes and validation messages follow TGI's so that
 `text_generation.Client` / `AsyncClient` work unchanged; error bodies are TGI's
 `{"error", "error_type"}` with 422 / 429 / 503 (error_middleware), as TGI also answers on
-its OpenAI routes.
+its OpenAI routes. Ours on top: `POST /generate_pair`, TGI's body (not streamed) plus an optional
+`candidate_version`, answered with two answers and the pair's token: gRPC GeneratePair over HTTP,
+through the same PolicyService.pair (same validation, same candidate rule).
 
 Every request body is checked strictly: an unknown field is a 422 naming the known ones.
 Answers carry `interaction_id`, `policy_version` and `feedback_token` as extra JSON fields and
 as `x-flywheel-*` headers (a stream's headers leave before the version is known, so a stream
 has the interaction id in its headers and all three in its last event). The end user is the
-`x-flywheel-user-id` header (OpenAI: the `user` field), by default the API key's name or
-"anonymous"; give feedback with the same user_id and the same API key: the feedback token is
-bound to the user in the key's namespace (core.auth.Caller.scoped_user_id).
+`x-flywheel-user-id` header (OpenAI: the `user` field), by default a session's user, else the API
+key's name or "anonymous" (a session refuses any other user: core/sessions.py); give feedback with
+the same user_id and the same API key: the feedback token is bound to the user in the key's
+namespace (core.auth.Caller.scoped_user_id).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flywheel.policy.requests import GenerationRequest, TokenEvent
 from flywheel.policy.service import PolicyService, Served, new_id
 
 TGI_BODY = ("inputs", "parameters", "stream")
+PAIR_BODY = ("inputs", "parameters", "candidate_version")
 TGI_PARAMS = (
     "adapter_id best_of decoder_input_details details do_sample frequency_penalty grammar max_new_tokens "
     "repetition_penalty return_full_text seed stop temperature top_k top_n_tokens top_p truncate typical_p watermark"
@@ -93,6 +97,15 @@ def tgi_request(body: dict[str, Any]) -> tuple[GenerationRequest, dict[str, Any]
     return req, opts
 
 
+def pair_request(body: dict[str, Any]) -> tuple[GenerationRequest, dict[str, Any], int]:
+    """The request, options and candidate_version of POST /generate_pair: TGI's body (tgi_request's
+    rules) plus `candidate_version`; a pair is never streamed (both answers come at once)."""
+    strict(body, PAIR_BODY, "the request")
+    candidate = number(body, "candidate_version", int)
+    req, opts = tgi_request({k: v for k, v in body.items() if k != "candidate_version"})
+    return req, opts, candidate or 0
+
+
 def tgi_token(ev: TokenEvent) -> dict[str, Any]:
     t = ev.token
     if t is None:
@@ -150,6 +163,15 @@ def add_tgi_routes(app: web.Application, service: PolicyService) -> None:
 
         return await stream_sse(request, events, iid, render)
 
+    async def generate_pair(request: web.Request) -> web.Response:
+        req, opts, candidate = pair_request(await read_json(request))
+        user, caller = user_of(service, request)
+        pair = await service.pair(req, user, candidate, caller=caller)
+        body: dict[str, Any] = {"pair_id": pair.pair_id, "feedback_token": pair.feedback_token}
+        for side, s in (("a", pair.a), ("b", pair.b)):
+            body[side] = tgi_answer(req, s, opts) | {"finish_reason": s.result.finish_reason}
+        return web.json_response(body)
+
     async def root(request: web.Request) -> web.StreamResponse:
         return await generate(request, as_list=True)
 
@@ -197,5 +219,6 @@ def add_tgi_routes(app: web.Application, service: PolicyService) -> None:
     r.add_post("/", root)
     r.add_post("/generate", generate)
     r.add_post("/generate_stream", generate_stream)
+    r.add_post("/generate_pair", generate_pair)
     r.add_get("/info", info)
     r.add_get("/health/details", health_details)

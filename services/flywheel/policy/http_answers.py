@@ -26,10 +26,15 @@ H_ID, H_VERSION, H_TOKEN, H_USER = (
 
 
 def user_of(service: PolicyService, request: web.Request, fallback: str | None = None) -> tuple[str, Caller]:
-    """The end user (the x-flywheel-user-id header, else `fallback`, else the authenticated caller's
-    name) and the caller, in whose namespace the service binds the user (Caller.scoped_user_id)."""
+    """The end user (the x-flywheel-user-id header, else `fallback` (OpenAI's `user`), else a session's
+    user or the authenticated caller's name) and the caller, in whose namespace the service binds the
+    user (Caller.scoped_user_id). A session refuses here, before any work, a request that names
+    another user in either place (PermissionDenied)."""
     caller = service.auth.caller(request.headers)
-    return request.headers.get(H_USER) or fallback or caller.who, caller
+    named = [u for u in (request.headers.get(H_USER), fallback) if u]
+    for u in named:
+        caller.end_user(u)
+    return (named[0] if named else caller.default_user()), caller
 
 
 def id_headers(s: Served) -> dict[str, str]:

@@ -2,6 +2,8 @@
 with `stream`, SSE chunks ending in `data: [DONE]`) and `GET /v1/models`, so the `openai` package
 works unchanged. Bodies are checked as strictly as the TGI routes' (both use http_validation.py), with
 OpenAI's ranges; the interaction id, version and feedback token ride as extra fields and headers.
+The end user is `x-flywheel-user-id`, else the body's `user` (http_answers.user_of): with a session
+bearer both must be the session's user or absent (403 otherwise).
 """
 
 from __future__ import annotations

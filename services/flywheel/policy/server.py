@@ -71,10 +71,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self.service = service
 
     def _user(self, msg: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> tuple[str, Caller]:
-        """The end user (the request's user_id, else the caller's name) and the caller, in whose
-        namespace the service binds the user (Caller.scoped_user_id)."""
+        """The end user (the request's user_id, else a session's user or the caller's name) and the
+        caller, in whose namespace the service binds the user (Caller.scoped_user_id; a session refuses
+        another user here, before any work)."""
         caller = self.service.auth.caller(context.invocation_metadata())
-        return msg.user_id or caller.who, caller
+        return caller.end_user(msg.user_id) or caller.default_user(), caller
 
     async def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
         user, caller = self._user(request, context)

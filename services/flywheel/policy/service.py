@@ -280,10 +280,13 @@ class PolicyService:
         return info
 
     # ------------------------------------------------------------------ requests
-    def check(self, req: GenerationRequest, user_id: str) -> None:
+    def check(self, req: GenerationRequest, user_id: str, caller: Caller | None = None) -> None:
         """Every field of a request against the limits, before anything is tokenized, queued or loaded
-        (the engine checks the request again, for its direct callers)."""
+        (the engine checks the request again, for its direct callers); a session `caller` refuses
+        another user here (Caller.scoped_user_id), before any work."""
         check_user_id(user_id, self.config.limits)
+        if caller is not None:
+            caller.scoped_user_id(user_id)
         e = self.config.engine
         validate_request(req, self.config.limits, e.default_max_new_tokens, e.max_new_tokens_cap)
 
@@ -296,7 +299,7 @@ class PolicyService:
     ) -> Served:
         """One whole answer within the deadline (the caller's, capped by request_timeout_s). `caller`
         is required on every route: its namespace is part of the user id the token binds (`_finish`)."""
-        self.check(req, user_id)
+        self.check(req, user_id, caller)
         result = await self.engine.generate(req, self.timeout(timeout_s))
         return self._finish(req, result, new_id(), user_id, caller)
 
@@ -310,7 +313,7 @@ class PolicyService:
         caller: Caller,
     ) -> AsyncGenerator[tuple[TokenEvent, Served | None], None]:
         """Token events as they come; the last one comes with its Served. Closing it frees the slot."""
-        self.check(req, user_id)
+        self.check(req, user_id, caller)
         iid = interaction_id or new_id()
         events = self.engine.stream(req, self.timeout(timeout_s))
         async with contextlib.aclosing(events):
@@ -331,7 +334,7 @@ class PolicyService:
     ) -> ServedPair:
         """Two answers to one prompt: two samples of the serving version, or serving (A) vs a candidate (B).
         `caller` is required: every route must say who asks, for check_candidate."""
-        self.check(req, user_id)
+        self.check(req, user_id, caller)
         self.check_candidate(candidate_version, caller)
         version = candidate_version or self.config.policy.pair_candidate_version
         serving = self.engine.info().version

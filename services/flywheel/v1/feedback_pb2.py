@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from flywheel.v1 import events_pb2 as flywheel_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lywheel/v1/feedback.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/events.proto\"\xfe\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x16\n\x0einteraction_id\x18\x02 \x01(\t\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_token\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x10\n\x06thumbs\x18\x06 \x01(\x05H\x00\x12\x10\n\x06rating\x18\x07 \x01(\x05H\x00\x12-\n\npreference\x18\x08 \x01(\x0e\x32\x17.flywheel.v1.PreferenceH\x00\x12\x17\n\rdemonstration\x18\t \x01(\tH\x00\x12\x0f\n\x07\x63omment\x18\n \x01(\tB\x07\n\x05value\"R\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.flywheel.v1.SubmitStatus\"A\n\x12SubmitBatchRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.flywheel.v1.FeedbackRequest\"g\n\x11SubmitBatchResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.flywheel.v1.FeedbackResponse\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"F\n\x13SubmitBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.flywheel.v1.SubmitBatchResult*\xa2\x01\n\x0cSubmitStatus\x12\x1d\n\x19SUBMIT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_STATUS_ACCEPTED\x10\x01\x12\x19\n\x15SUBMIT_STATUS_SPOOLED\x10\x02\x12\x1b\n\x17SUBMIT_STATUS_DUPLICATE\x10\x03\x12\x1f\n\x1bSUBMIT_STATUS_ALREADY_VOTED\x10\x04\x32\xa3\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x45\n\x06Submit\x12\x1c.flywheel.v1.FeedbackRequest\x1a\x1d.flywheel.v1.FeedbackResponse\x12P\n\x0bSubmitBatch\x12\x1f.flywheel.v1.SubmitBatchRequest\x1a .flywheel.v1.SubmitBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lywheel/v1/feedback.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/events.proto\"\xfe\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x16\n\x0einteraction_id\x18\x02 \x01(\t\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x65\x65\x64\x62\x61\x63k_token\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x10\n\x06thumbs\x18\x06 \x01(\x05H\x00\x12\x10\n\x06rating\x18\x07 \x01(\x05H\x00\x12-\n\npreference\x18\x08 \x01(\x0e\x32\x17.flywheel.v1.PreferenceH\x00\x12\x17\n\rdemonstration\x18\t \x01(\tH\x00\x12\x0f\n\x07\x63omment\x18\n \x01(\tB\x07\n\x05value\"R\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.flywheel.v1.SubmitStatus\"A\n\x12SubmitBatchRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.flywheel.v1.FeedbackRequest\"g\n\x11SubmitBatchResult\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.flywheel.v1.FeedbackResponse\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"F\n\x13SubmitBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.flywheel.v1.SubmitBatchResult\"6\n\x14\x43reateSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x05\"?\n\x07Session\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03*\xa2\x01\n\x0cSubmitStatus\x12\x1d\n\x19SUBMIT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_STATUS_ACCEPTED\x10\x01\x12\x19\n\x15SUBMIT_STATUS_SPOOLED\x10\x02\x12\x1b\n\x17SUBMIT_STATUS_DUPLICATE\x10\x03\x12\x1f\n\x1bSUBMIT_STATUS_ALREADY_VOTED\x10\x04\x32\xed\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x45\n\x06Submit\x12\x1c.flywheel.v1.FeedbackRequest\x1a\x1d.flywheel.v1.FeedbackResponse\x12P\n\x0bSubmitBatch\x12\x1f.flywheel.v1.SubmitBatchRequest\x1a .flywheel.v1.SubmitBatchResponse\x12H\n\rCreateSession\x12!.flywheel.v1.CreateSessionRequest\x1a\x14.flywheel.v1.Sessionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flywheel.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITSTATUS']._serialized_start=655
-  _globals['_SUBMITSTATUS']._serialized_end=817
+  _globals['_SUBMITSTATUS']._serialized_start=776
+  _globals['_SUBMITSTATUS']._serialized_end=938
   _globals['_FEEDBACKREQUEST']._serialized_start=70
   _globals['_FEEDBACKREQUEST']._serialized_end=324
   _globals['_FEEDBACKRESPONSE']._serialized_start=326
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITBATCHRESULT']._serialized_end=580
   _globals['_SUBMITBATCHRESPONSE']._serialized_start=582
   _globals['_SUBMITBATCHRESPONSE']._serialized_end=652
-  _globals['_FEEDBACK']._serialized_start=820
-  _globals['_FEEDBACK']._serialized_end=983
+  _globals['_CREATESESSIONREQUEST']._serialized_start=654
+  _globals['_CREATESESSIONREQUEST']._serialized_end=708
+  _globals['_SESSION']._serialized_start=710
+  _globals['_SESSION']._serialized_end=773
+  _globals['_FEEDBACK']._serialized_start=941
+  _globals['_FEEDBACK']._serialized_end=1178
 # @@protoc_insertion_point(module_scope)

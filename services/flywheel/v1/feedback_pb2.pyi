@@ -74,3 +74,21 @@ class SubmitBatchResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SubmitBatchResult]
     def __init__(self, results: _Optional[_Iterable[_Union[SubmitBatchResult, _Mapping]]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("user_id", "ttl_s")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    ttl_s: int
+    def __init__(self, user_id: _Optional[str] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session", "user_id", "expires_at")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    user_id: str
+    expires_at: int
+    def __init__(self, session: _Optional[str] = ..., user_id: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,11 @@ class FeedbackStub:
                 request_serializer=flywheel_dot_v1_dot_feedback__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=flywheel_dot_v1_dot_feedback__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/flywheel.v1.Feedback/CreateSession',
+                request_serializer=flywheel_dot_v1_dot_feedback__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_feedback__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer:
@@ -63,6 +68,16 @@ class FeedbackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSession(self, request, context):
+        """A short-lived signed session for one end user, minted server-side by an application with its
+        API key (or with none when no keys are configured) and handed to a browser instead of the key:
+        `authorization: Bearer <session>` then acts as that key with user_id pinned, on the policy and
+        the feedback service (docs/SECURITY.md, 'Sessions'). The admin token cannot mint one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +90,11 @@ def add_FeedbackServicer_to_server(servicer, server):
                     servicer.SubmitBatch,
                     request_deserializer=flywheel_dot_v1_dot_feedback__pb2.SubmitBatchRequest.FromString,
                     response_serializer=flywheel_dot_v1_dot_feedback__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=flywheel_dot_v1_dot_feedback__pb2.CreateSessionRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_feedback__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +151,33 @@ class Feedback:
             '/flywheel.v1.Feedback/SubmitBatch',
             flywheel_dot_v1_dot_feedback__pb2.SubmitBatchRequest.SerializeToString,
             flywheel_dot_v1_dot_feedback__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.Feedback/CreateSession',
+            flywheel_dot_v1_dot_feedback__pb2.CreateSessionRequest.SerializeToString,
+            flywheel_dot_v1_dot_feedback__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
