@@ -16,11 +16,10 @@ import random
 import signal
 import time
 import uuid
-from types import SimpleNamespace
 
 import pytest
 
-from flywheel.loop.panel import Panel, PanelClient, PanelConfig, Persona, answer_stats, features, utility
+from flywheel.loop.panel import Panel, Persona, answer_stats, features, utility
 from flywheel.policy import corpus
 
 GOOD = "thank you for asking! click forgot password on the login page and follow the link we email you to set a new password. hope this helps!"
@@ -84,45 +83,6 @@ def test_answer_stats_show_rambling_and_loops() -> None:
     s = answer_stats(["a b c d", "x x x x x x"], ["eos_token", "length"])
     assert s["eos_rate"] == 0.5 and s["max_words"] == 6
     assert s["distinct2"] < 0.8
-
-
-class _FakePolicy:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def _resp(self, text: str) -> SimpleNamespace:
-        self.n += 1
-        return SimpleNamespace(text=text, interaction_id=f"i{self.n}", feedback_token=f"tok{self.n}", policy_version=0)
-
-    def Generate(self, req, timeout=None):  # noqa: N802 - gRPC stub shape
-        return self._resp(GOOD)
-
-    def GeneratePair(self, req, timeout=None):  # noqa: N802
-        return SimpleNamespace(pair_id="p1", a=self._resp(BAD), b=self._resp(GOOD), feedback_token="pairtok")
-
-
-class _FakeFeedback:
-    def __init__(self) -> None:
-        self.got: list = []
-
-    def Submit(self, req, timeout=None):  # noqa: N802
-        self.got.append(req)
-
-
-def test_panel_client_uses_the_tokens_it_received() -> None:
-    from flywheel.v1 import events_pb2
-
-    strict = Persona("strict", {"polite": 1, "rude": -2, "concise": 1, "on_topic": 2, "closing": 0.5}, 0.0, 0.0)
-    client = PanelClient(Panel([strict]), PanelConfig(prompts=[PROMPT]), _FakePolicy(), _FakeFeedback())
-    for kind in ("pair", "thumbs", "rating", "demonstration"):
-        client.cfg.mix = {kind: 1.0}
-        client.one(random.Random(0))
-    pair, thumbs, rating, demo = client.feedback.got
-    assert pair.pair_id == "p1" and pair.feedback_token == "pairtok" and pair.preference == events_pb2.PREFERENCE_B
-    assert thumbs.thumbs == 1 and thumbs.feedback_token == thumbs.interaction_id.replace("i", "tok")
-    assert rating.rating == 3
-    assert demo.demonstration and demo.user_id.startswith("strict-")
-    assert client.events == 4 and len({r.feedback_id for r in client.feedback.got}) == 4
 
 
 # ---------------------------------------------------------------------------- processes

@@ -1,7 +1,7 @@
 """Simulated users: personas with hidden preferences over the starter corpus' answer styles.
 
-They use only the public APIs (Policy.Generate / GeneratePair, Feedback.Submit with the
-feedback_token each answer came with) and give thumbs, 1-3 ratings, pairwise choices and
+They use only the public APIs, through the application client `flywheel.client` (Policy.Generate
+/ GeneratePair, Feedback.Submit with the feedback_token each answer came with) and give thumbs, 1-3 ratings, pairwise choices and
 now and then a demonstration. What they like is hidden from the system: each persona scores
 an answer with a weighted sum of the features `corpus.classify` reads back from the text
 (tone, length, topic, closing), plus a penalty for malformed text. Personas disagree (one
@@ -19,11 +19,13 @@ import math
 import random
 import threading
 import time
-import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel.policy import corpus
+
+if TYPE_CHECKING:  # grpc loads only where the panel talks to services
+    from flywheel.client import Answer, Client, Receipt
 
 FEATURES = ("polite", "rude", "concise", "on_topic", "closing")
 
@@ -201,16 +203,12 @@ class PanelConfig:
 
 
 class PanelClient:
-    """The panel talking to running services over gRPC; `run(stop)` gives feedback until stopped."""
+    """The panel talking to running services through `flywheel.client.Client`, as any application
+    would; `run(stop)` gives feedback until stopped."""
 
-    def __init__(
-        self, panel: Panel, cfg: PanelConfig, policy: Any, feedback: Any, channels: Sequence[Any] = ()
-    ) -> None:
-        """`policy` and `feedback`: the services' stubs (or anything with their methods);
-        `channels`: what `close()` closes."""
-        self.panel, self.cfg = panel, cfg
-        self.policy, self.feedback = policy, feedback
-        self._channels = list(channels)
+    def __init__(self, panel: Panel, cfg: PanelConfig, client: Client) -> None:
+        """`client`: a Client of the policy and feedback services (closed by `close()`)."""
+        self.panel, self.cfg, self.client = panel, cfg, client
         self.events = 0
         self.errors: list[str] = []
         self.by_kind: dict[str, int] = {}
@@ -220,60 +218,45 @@ class PanelClient:
 
     @classmethod
     def connect(cls, panel: Panel, cfg: PanelConfig, policy_addr: str, feedback_addr: str) -> PanelClient:
-        """A client of the running services at these gRPC addresses."""
-        from flywheel.core.tls import channel
-        from flywheel.v1 import feedback_pb2_grpc, policy_pb2_grpc
+        """A client of the running services at these gRPC addresses (TLS as the `tls` section says).
+        No retries inside a call: a worker whose call failed records the error and tries again later
+        (`_worker`), so the demo's error count shows every refusal."""
+        from flywheel.client import NO_RETRY, Client
+        from flywheel.core.tls import load_tls
 
-        channels = [channel(policy_addr), channel(feedback_addr)]
-        policy, feedback = policy_pb2_grpc.PolicyStub(channels[0]), feedback_pb2_grpc.FeedbackStub(channels[1])
-        return cls(panel, cfg, policy, feedback, channels)
+        return cls(panel, cfg, Client(policy_addr, feedback_addr, tls=load_tls(), timeout_s=60, retry=NO_RETRY))
 
-    def request(self, prompt: str, user: str, seed: int | None = None) -> Any:
-        from flywheel.v1 import common_pb2, policy_pb2
+    def _sampling(self, seed: int | None) -> dict[str, Any]:
+        s: dict[str, Any] = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature}
+        return s | {"do_sample": True} | ({} if seed is None else {"seed": seed})
 
-        params = common_pb2.SamplingParams(
-            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, do_sample=True
-        )
-        if seed is not None:
-            params.seed = seed
-        return policy_pb2.GenerateRequest(prompt=prompt, params=params, user_id=user)
+    def generate(self, prompt: str, user: str = "panel-eval", seed: int | None = None) -> Answer:
+        return self.client.generate(prompt, user, timeout_s=60, **self._sampling(seed))
 
-    def generate(self, prompt: str, user: str = "panel-eval", seed: int | None = None) -> Any:
-        return self.policy.Generate(self.request(prompt, user, seed), timeout=60)
-
-    def _submit(self, kind: str, **fields: Any) -> None:
-        from flywheel.v1 import feedback_pb2
-
-        self.feedback.Submit(feedback_pb2.FeedbackRequest(feedback_id=uuid.uuid4().hex, **fields), timeout=30)
+    def _count(self, kind: str, receipt: Receipt) -> None:
         with self._lock:
             self.events += 1
             self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
 
     def one(self, rng: random.Random) -> None:
-        """One user, one prompt, one piece of feedback."""
-        from flywheel.v1 import events_pb2, policy_pb2
-
+        """One user, one prompt, one piece of feedback (the client sends the answer's id, token and user)."""
         p = self.panel.pick()
         user = f"{p.name}-{rng.randrange(1000)}"
         prompt = rng.choice(self.cfg.prompts)
         kind = rng.choices(list(self.cfg.mix), weights=list(self.cfg.mix.values()))[0]
+        c = self.client
         if kind == "pair":
-            pair = self.policy.GeneratePair(
-                policy_pb2.GeneratePairRequest(request=self.request(prompt, user)), timeout=60
-            )
+            pair = c.generate_pair(prompt, user, timeout_s=60, **self._sampling(None))
             choice = self.panel.prefer(p, prompt, pair.a.text, pair.b.text)
-            pref = {"A": events_pb2.PREFERENCE_A, "B": events_pb2.PREFERENCE_B, "TIE": events_pb2.PREFERENCE_TIE}
-            token = pair.feedback_token
-            self._submit(kind, pair_id=pair.pair_id, feedback_token=token, user_id=user, preference=pref[choice])
+            self._count(kind, c.prefer(pair, choice, timeout_s=30))  # type: ignore[arg-type]
             return
-        r = self.policy.Generate(self.request(prompt, user), timeout=60)
-        common = {"interaction_id": r.interaction_id, "feedback_token": r.feedback_token, "user_id": user}
+        r = self.generate(prompt, user)
         if kind == "thumbs":
-            self._submit(kind, thumbs=self.panel.thumbs(p, prompt, r.text), **common)
+            self._count(kind, c.thumbs(r, self.panel.thumbs(p, prompt, r.text) > 0, timeout_s=30))
         elif kind == "rating":
-            self._submit(kind, rating=self.panel.rating(p, prompt, r.text), **common)
+            self._count(kind, c.rate(r, self.panel.rating(p, prompt, r.text), timeout_s=30))
         else:
-            self._submit(kind, demonstration=self.panel.demonstration(p, prompt), **common)
+            self._count(kind, c.demonstrate(r, self.panel.demonstration(p, prompt), timeout_s=30))
 
     def _wait_turn(self, stop: threading.Event) -> bool:
         """A shared pacer: events_per_s across all workers; False once stopped or the budget is spent."""
@@ -286,15 +269,15 @@ class PanelClient:
         return not stop.wait(max(0.0, at - time.monotonic()))
 
     def _worker(self, i: int, stop: threading.Event) -> None:
-        import grpc
+        from flywheel.client import FlywheelError
 
         rng = random.Random(self.cfg.seed * 1000 + i)
         while self._wait_turn(stop):
             try:
                 self.one(rng)
-            except grpc.RpcError as e:  # a user whose call failed tries again later; the error is kept
+            except FlywheelError as e:  # a user whose call failed tries again later; the error is kept
                 with self._lock:
-                    self.errors.append(f"{e.code().name}: {e.details()}")
+                    self.errors.append(f"{e.code.name}: {e.message}")
                     self._turns -= 1
                 stop.wait(1.0)
 
@@ -308,8 +291,7 @@ class PanelClient:
         return threads
 
     def close(self) -> None:
-        for ch in self._channels:
-            ch.close()
+        self.client.close()
 
 
 def starter_bank(
