@@ -822,3 +822,72 @@ def test_dockerfile_installs_the_package_alone_and_checks_it_outside_the_source_
     # BuildKit's per-Dockerfile ignore file keeps a checkout's build leftovers out of services/.
     ignored = set((ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split())
     assert {"**/__pycache__", "**/*.egg-info"} <= ignored
+
+
+def page_env(objs: tuple[dict[str, Any], ...], svc: str) -> dict[str, str]:
+    """The page's settings in the env of service `svc`'s container."""
+    (workload,) = [o for n, o in workloads(objs).items() if n.endswith(f"-{svc}")]
+    env = workload["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e.get("value", "") for e in env if "CORS" in e["name"] or "PAGE" in e["name"]}
+
+
+def test_the_page_works_through_port_forward_by_default() -> None:
+    """No Ingress: the page (feedback, localhost:8082) calls the policy at localhost:8080, which allows it."""
+    objs = render("values.yaml")
+    assert not by_kind(objs, "Ingress")
+    assert page_env(objs, "feedback") == {
+        "FLYWHEEL_FEEDBACK_PAGE_ENABLED": "true",
+        "FLYWHEEL_FEEDBACK_PAGE_POLICY_URL": "http://localhost:8080",
+    }
+    assert page_env(objs, "policy") == {"FLYWHEEL_SERVER_CORS_ORIGINS": "http://localhost:8082"}
+
+
+def test_the_ingress_serves_the_page_and_its_policy_routes_under_one_host() -> None:
+    import kubernetes_validate
+
+    settings = ["ingress.enabled=true", "ingress.host=rate.example.com", "ingress.className=nginx"]
+    settings += [
+        "ingress.tls.enabled=true",
+        "ingress.tls.secretName=rate-tls",
+        "page.corsOrigins={https://app.example.com}",
+    ]
+    objs = render("values.yaml", *(a for s in settings for a in ("--set", s)))
+    (ing,) = by_kind(objs, "Ingress").values()
+    kubernetes_validate.validate(ing, K8S_VERSION, strict=True)
+    spec = ing["spec"]
+    assert spec["ingressClassName"] == "nginx" and spec["tls"] == [
+        {"hosts": ["rate.example.com"], "secretName": "rate-tls"}
+    ]
+    (rule,) = spec["rules"]
+    routes = [(p["path"], p["pathType"], p["backend"]["service"]["name"]) for p in rule["http"]["paths"]]
+    assert rule["host"] == "rate.example.com" and routes == [
+        ("/generate_stream", "Exact", "flywheel-policy"),
+        ("/generate_pair", "Exact", "flywheel-policy"),
+        ("/", "Prefix", "flywheel-feedback"),
+    ]
+    assert all(p["backend"]["service"]["port"] == {"name": "http"} for p in rule["http"]["paths"])
+    # Same origin: the page calls its own host; only the application's site (the widget) is a CORS origin.
+    assert page_env(objs, "feedback") == {
+        "FLYWHEEL_SERVER_CORS_ORIGINS": "https://app.example.com",
+        "FLYWHEEL_FEEDBACK_PAGE_ENABLED": "true",
+        "FLYWHEEL_FEEDBACK_PAGE_POLICY_URL": "",
+    }
+    assert page_env(objs, "policy") == {"FLYWHEEL_SERVER_CORS_ORIGINS": "https://app.example.com"}
+    # The policy on a host of its own: it allows the page's origin (the Ingress host).
+    objs = render("values.yaml", "--set", "ingress.enabled=true", "--set", "page.policyUrl=https://policy.example.com/")
+    assert page_env(objs, "feedback")["FLYWHEEL_FEEDBACK_PAGE_POLICY_URL"] == "https://policy.example.com"
+    assert page_env(objs, "policy") == {"FLYWHEEL_SERVER_CORS_ORIGINS": "http://flywheel.example.com"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ingress.tls.enabled=true", "ingress.tls.enabled needs ingress.tls.secretName"),
+        ("policy.enabled=false", "ingress.enabled routes to the policy and the feedback service"),
+        ("page.corsOrigins[0]=app.example.com", "corsOrigins"),
+        ("page.policyUrl=policy:8080", "policyUrl"),
+    ],
+)
+def test_page_values_that_cannot_work_fail_clearly(setting: str, message: str) -> None:
+    out = run_helm("template", "flywheel", str(CHART), "--set", "ingress.enabled=true", "--set", setting)
+    assert out.returncode != 0 and message in out.stderr, out.stderr

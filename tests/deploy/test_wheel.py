@@ -131,6 +131,7 @@ def test_the_wheel_holds_the_package_and_nothing_of_the_development_tree(install
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"flywheel", "rlhf_flywheel-0.1.0.dist-info"}, "no tools/, tests/, bench/ or protos/"
     assert "flywheel/py.typed" in names
+    assert "flywheel/feedback/ui/app.js" in names  # the feedback page ships in the wheel
     for proto in sorted((ROOT / "protos" / "flywheel" / "v1").glob("*.proto")):
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             assert f"flywheel/v1/{proto.stem}{suffix}" in names

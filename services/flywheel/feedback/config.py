@@ -56,6 +56,22 @@ class FeedbackConfig:
         5.0,
         "Wait this long for Kafka's ack (acks=all) before the event goes to the spool instead.",
     )
+    page_enabled: bool = setting(
+        True,
+        "Serve the feedback web page (GET / -> /ui/: chat, thumbs, ratings, edits, compare mode) and "
+        "/ui/widget.js, the script an application embeds (docs/PAGE.md).",
+    )
+    page_policy_url: str = setting(
+        "http://localhost:8080",
+        "The policy's HTTP base URL as the user's browser reaches it (the page streams answers from it; the "
+        "policy's server.cors_origins must list this page's origin). Empty: the page's own origin, for an "
+        "Ingress that routes the policy's routes and the page under one host.",
+    )
+    page_prompts: list[str] = setting(
+        [],
+        "Sample prompts the page's compare mode offers with 'next' (comma-separated). Empty: the prompts of "
+        "the starter policy's corpus.",
+    )
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -78,6 +94,15 @@ class FeedbackConfig:
         require(self.spool_max_mb >= 1, n, "spool_max_mb", self.spool_max_mb, "use 1 or more MiB")
         require(self.dedup_retention_s > 0, n, "dedup_retention_s", self.dedup_retention_s, "use a positive number")
         require(self.send_timeout_s > 0, n, "send_timeout_s", self.send_timeout_s, "use a positive number of seconds")
+        url = self.page_policy_url
+        require(
+            url == "" or (url.startswith(("http://", "https://")) and "?" not in url and "#" not in url),
+            n,
+            "page_policy_url",
+            url,
+            "use the policy's base URL such as https://policy.example.com (a path is fine; no query or fragment), or empty "
+            "for the page's own origin",
+        )
 
     def spool_file(self) -> str:
         return self.spool_path or f"{self.state_dir}/spool.sqlite"

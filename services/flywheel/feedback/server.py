@@ -1,4 +1,5 @@
-"""Front ends of the feedback service: a thin gRPC `Feedback` servicer and HTTP `POST /feedback`.
+"""Front ends of the feedback service: a thin gRPC `Feedback` servicer and HTTP `POST /feedback`,
+plus session minting (gRPC CreateSession, HTTP `POST /sessions`: core/sessions.py).
 
 Both only convert between the wire and `FeedbackRequest`, identify the caller, and call the
 FeedbackIntake engine; every rule lives in intake.py and the modules it uses (validation.py,
@@ -22,10 +23,10 @@ import grpc
 from aiohttp import web
 
 from flywheel.core import errors
-from flywheel.core.auth import AuthConfig, Authenticator
+from flywheel.core.auth import AuthConfig, Authenticator, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.http import read_json_object, shown
-from flywheel.core.limits import LimitsConfig
+from flywheel.core.limits import LimitsConfig, check_user_id
 from flywheel.core.server import ServerConfig, ServiceServer, run_blocking
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.intake import REJECTED, FeedbackIntake
@@ -43,6 +44,9 @@ STATUS_NAMES = {
     feedback_pb2.SUBMIT_STATUS_DUPLICATE: "duplicate",
     feedback_pb2.SUBMIT_STATUS_ALREADY_VOTED: "already_voted",
 }
+
+
+SESSION_FIELDS = ("user_id", "ttl_s")
 
 
 def _caller(auth: Authenticator, metadata: Any) -> Any:
@@ -81,6 +85,46 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             else:
                 out.results.add(response=r)
         return out
+
+    async def CreateSession(
+        self, request: feedback_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.Session:
+        caller = _caller(self.auth, context.invocation_metadata())
+        return mint_session(self.intake, self.auth, caller, request.user_id, request.ttl_s)
+
+
+def mint_session(
+    intake: FeedbackIntake, auth: Authenticator, caller: Caller, user_id: str, ttl_s: int
+) -> feedback_pb2.Session:
+    """A session for `user_id` (Authenticator.mint_session's rules), after the user id's limits and
+    the caller's rate limit (per_key_rate, shared with its feedback: minting is not free)."""
+    check_user_id(user_id, intake.limits)
+    intake.key_limits.take(caller.who, 1)
+    text, expires = auth.mint_session(caller, user_id, ttl_s)
+    return feedback_pb2.Session(session=text, user_id=user_id, expires_at=expires)
+
+
+def session_route(intake: FeedbackIntake, auth: Authenticator) -> Any:
+    """The aiohttp handler of POST /sessions: {"user_id", "ttl_s"?} -> {"session", "user_id", "expires_at"}."""
+
+    async def handle(request: web.Request) -> web.Response:
+        caller = _caller(auth, request.headers)
+        body = await read_json_object(request)
+        unknown = sorted(set(body) - set(SESSION_FIELDS))
+        if unknown:
+            names = ", ".join(repr(u[:40]) for u in unknown[:5])
+            raise errors.InvalidArgument(f"unknown field(s) {names}: the fields are {', '.join(SESSION_FIELDS)}")
+        user_id, ttl_s = body.get("user_id"), body.get("ttl_s")
+        if not isinstance(user_id, str) or not user_id:
+            raise errors.InvalidArgument(f"user_id must be a non-empty string (the end user), got {shown(user_id)}")
+        if ttl_s is None:
+            ttl_s = 0
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int):
+            raise errors.InvalidArgument(f"ttl_s must be an integer number of seconds, got {shown(ttl_s)}")
+        s = mint_session(intake, auth, caller, user_id, ttl_s)
+        return web.json_response({"session": s.session, "user_id": s.user_id, "expires_at": s.expires_at})
+
+    return handle
 
 
 def request_from_json(body: Any, rating_scale: int = 3) -> feedback_pb2.FeedbackRequest:
@@ -153,6 +197,10 @@ def build_server(
     server = ServiceServer(server_cfg, name="feedback")
     server.add_servicer(feedback_pb2_grpc.add_FeedbackServicer_to_server, FeedbackServicer(intake, authenticator))
     server.http_app.router.add_post("/feedback", feedback_route(intake, authenticator))
+    from flywheel.feedback.page import add_page_routes  # the web page and widget (docs/PAGE.md)
+
+    add_page_routes(server.http_app, config, auth)
+    server.http_app.router.add_post("/sessions", session_route(intake, authenticator))
     return server, intake
 
 

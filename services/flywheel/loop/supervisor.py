@@ -36,8 +36,9 @@ from typing import IO, Any
 
 from flywheel.core.auth import AuthConfig
 from flywheel.core.brokers import EmbeddedTansu, free_port
-from flywheel.core.config import DEFAULT_PORTS, KafkaConfig, env_value
+from flywheel.core.config import DEFAULT_PORTS, KafkaConfig, env_value, env_vars
 from flywheel.core.modelstore import ModelStoreConfig
+from flywheel.feedback.config import FeedbackConfig
 
 SERVICES = tuple(DEFAULT_PORTS)
 
@@ -324,11 +325,37 @@ class Supervisor:
         self._serving = True
 
     def child_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
-        """The shared environment with only the secrets service `name` uses."""
+        """The shared environment with only the secrets service `name` uses, and the settings that
+        make the feedback page work (page_settings)."""
         out = {k: v for k, v in env.items() if k not in SECRETS or k in SECRETS_OF[name]}
         if name in PUBLISHERS and self.signing_key:
             out["FLYWHEEL_MODEL_STORE_SIGNING_KEY"] = self.signing_key
+        out.update(self.page_settings(name, env))
         return out
+
+    def page_origins(self) -> list[str]:
+        """The origins a browser may load the feedback page from: the feedback service's HTTP port as
+        127.0.0.1 and as localhost (the services listen on 127.0.0.1 unless FLYWHEEL_SERVER_HOST says otherwise)."""
+        port = self.children["feedback"].http_port
+        return [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+
+    def page_settings(self, name: str, env: dict[str, str]) -> dict[str, str]:
+        """What service `name` needs for the page (served by feedback, streaming from the policy on
+        another port, so another origin): the policy allows the page's origins (CORS) besides any the
+        user set, and the page is told where the policy is unless the user said so."""
+        if "feedback" not in self.children or "policy" not in self.children:
+            return {}
+        if name == "policy":
+            from flywheel.core.server import ServerConfig  # grpc and aiohttp: imported only once needed
+
+            cors = env_vars(ServerConfig)["cors_origins"].name
+            given = [o.strip() for o in env.get(cors, "").split(",") if o.strip()]
+            return {cors: ",".join(dict.fromkeys(given + self.page_origins()))}
+        if name == "feedback":
+            url = env_vars(FeedbackConfig)["page_policy_url"].name
+            if url not in env:
+                return {url: f"http://127.0.0.1:{self.children['policy'].http_port}"}
+        return {}
 
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", f"flywheel.{child.name}", "--grpc-port", str(child.grpc_port)]
@@ -430,6 +457,7 @@ class Supervisor:
             *(f"{c.name:9s} {c.address:22s} http://127.0.0.1:{c.http_port}" for c in p.values()),
             f"broker    {self.bootstrap}",
             f"model store {self.store}; logs {self.run_dir / 'logs'}",
+            f"page      http://127.0.0.1:{fb.http_port}/  (ask, rate, compare answers in a browser: docs/PAGE.md)",
             "",
             "Try it (paste in order into one shell; grpcurl: scripts/grpcurl builds it; more in README.md):",
             f'  answer=$(grpcurl -plaintext -d \'{{"prompt": "how do I reset my password?", "user_id": "alice"}}\' '

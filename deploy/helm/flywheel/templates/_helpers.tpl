@@ -153,3 +153,19 @@ app.kubernetes.io/component: {{ .svc }}
 {{- define "flywheel.services" -}}
 policy feedback reward trainer
 {{- end }}
+
+{{/* The feedback page's origin (where browsers load it) and the policy URL it calls ("" = the
+same origin, through the Ingress), as YAML: page.policyUrl, else the Ingress host, else
+localhost ports for `kubectl port-forward`. */}}
+{{- define "flywheel.page" -}}
+{{- $ing := .Values.ingress }}
+{{- $origin := printf "http://localhost:%v" .Values.feedback.httpPort }}
+{{- $url := printf "http://localhost:%v" .Values.policy.httpPort }}
+{{- if $ing.enabled }}
+{{- $origin = printf "%s://%s" ($ing.tls.enabled | ternary "https" "http") $ing.host }}
+{{- $url = "" }}
+{{- end }}
+{{- with .Values.page.policyUrl }}{{ $url = trimSuffix "/" . }}{{ end }}
+origin: {{ $origin | quote }}
+policyUrl: {{ $url | quote }}
+{{- end }}
