@@ -3,7 +3,7 @@ model, the feedback service process, the real Kafka broker, API keys configured)
 
 - examples/chat.py as a subprocess with piped stdin: its answers and versions are printed and its
   thumbs and rating arrive on the feedback topic;
-- every Python block of docs/CLIENT.md marked `<!-- run by tests/integration/test_examples.py ... -->`
+- every Python block of docs/CLIENT.md and README.md marked `<!-- run by tests/integration/test_examples.py ... -->`
   (the client quick start, and the `openai` package reading the feedback token from a response,
   its headers and a stream's last chunk), with only its address and key lines replaced.
 """
@@ -56,11 +56,12 @@ def test_chat_example_serves_answers_and_sends_feedback(stack: Stack) -> None:
     assert all(e.policy_version == 0 for e in events)
 
 
-def doc_blocks() -> list[str]:
-    """The marked ```python blocks of docs/CLIENT.md, in order."""
-    text = (ROOT / "docs" / "CLIENT.md").read_text()
+def doc_blocks(doc: str = "docs/CLIENT.md", n: int = 2) -> list[str]:
+    """The marked ```python blocks of `doc`, in order (CLIENT.md: the client quick start and the openai
+    example; README.md: its application developers' snippet)."""
+    text = (ROOT / doc).read_text()
     blocks = re.findall(re.escape(MARK) + r"[^\n]*\n```python\n(.*?)\n```", text, re.S)
-    assert len(blocks) == 2, "docs/CLIENT.md should mark two blocks: the client quick start and the openai example"
+    assert len(blocks) == n, f"{doc} should mark {n} python block(s) as run by this test"
     return blocks
 
 
@@ -70,7 +71,7 @@ def run_block(code: str, constants: dict[str, str]) -> dict[str, Any]:
         code, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", code, flags=re.M)
         assert n == 1, f"the documented block has no line `{name} = ...` to point at the test's services"
     namespace: dict[str, Any] = {"__name__": "doc_example"}
-    exec(compile(code, "docs/CLIENT.md", "exec"), namespace)  # noqa: S102 - the documentation is the test
+    exec(compile(code, "a documented block", "exec"), namespace)  # noqa: S102 - the documentation is the test
     return namespace
 
 
@@ -85,6 +86,17 @@ def test_the_documented_client_quick_start(stack: Stack) -> None:
         (K.FEEDBACK_KIND_RATING, ns["streamed"].interaction_id),
         (K.FEEDBACK_KIND_PREFERENCE, ns["pair"].pair_id),
         (K.FEEDBACK_KIND_DEMONSTRATION, ns["pair"].a.interaction_id),
+    } <= events
+
+
+def test_the_readme_snippet_for_application_developers(stack: Stack) -> None:
+    (snippet,) = doc_blocks("README.md", 1)
+    feedback = f"127.0.0.1:{stack.feedback.grpc_port}"
+    ns = run_block(snippet, {"POLICY": stack.policy.grpc_addr, "FEEDBACK": feedback, "API_KEY": API_KEY, "USER": "bob"})
+    events = {(e.kind, e.interaction_id or e.pair_id) for e in _events_of(stack, "app:bob", 2)}
+    assert {
+        (K.FEEDBACK_KIND_THUMBS, ns["answer"].interaction_id),
+        (K.FEEDBACK_KIND_PREFERENCE, ns["pair"].pair_id),
     } <= events
 
 
