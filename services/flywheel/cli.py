@@ -99,7 +99,9 @@ def _models_list(args: argparse.Namespace) -> int:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
             parent = "-" if m.parent is None else f"v{m.parent}"
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
-            print(f"{name} v{m.version} parent={parent} {created}{flags}{gate} {metrics}".rstrip())
+            base = f" base={m.base.model}:v{m.base.version}" if m.base is not None else ""
+            kind = f"kind={m.kind}{base} bytes={m.bytes}"
+            print(f"{name} v{m.version} parent={parent} {kind} {created}{flags}{gate} {metrics}".rstrip())
     return 0
 
 
@@ -180,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="inspect the model store (FLYWHEEL_MODEL_STORE)")
     models.add_argument("--store", default=None, help="model store root (default: FLYWHEEL_MODEL_STORE)")
     models_sub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = models_sub.add_parser("list", help="versions with lineage, metrics and promotion")
+    listing = models_sub.add_parser(
+        "list", help="versions with kind (full/adapter), base, bytes, lineage, metrics and promotion"
+    )
     listing.add_argument("model", nargs="?", help="model name (default: all)")
     listing.set_defaults(run=_models_list)
     verify = models_sub.add_parser("verify", help="check every file of a version against its manifest's sha256")

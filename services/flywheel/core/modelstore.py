@@ -4,6 +4,9 @@ Layout (docs/ARCHITECTURE.md, 'Kafka carries pointers, not weights')::
 
     <root>/<model>/v000003/            save_pretrained safetensors, tokenizer, extra files
     <root>/<model>/v000003/manifest.json   version, parent, sha256 + size per file, metrics, ...
+    <root>/<model>/v000004/            an adapter version: adapter_model.safetensors and
+                                       adapter_config.json (PEFT's layout) and the tokenizer; its
+                                       manifest's extra["base"] names the full version it applies to
     <root>/<model>/.tmp-*              a publish in progress (or interrupted): never listed
     <root>/<model>/.lock               serialises version numbering between publishers
 
@@ -125,6 +128,36 @@ class ModelStoreConfig:
         return ModelStore(Path(self.root).expanduser(), signer=self.signer(), verifier=self.verifier())
 
 
+def files_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """sha256 over a version's (path, sha256, size) list: names its weights exactly, and does not change
+    when its manifest is rewritten (promotion, gate verdict, metrics)."""
+    rows = [[rel, d["sha256"], int(d["size"])] for rel, d in sorted(files.items())]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseRef:
+    """The full version an adapter version applies to: model, version and `files_digest` of its files."""
+
+    model: str
+    version: int
+    files_sha256: str
+
+    @classmethod
+    def of(cls, m: Manifest) -> BaseRef:
+        return cls(m.model, m.version, files_digest(m.files))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BaseRef:
+        return cls(str(d["model"]), int(d["version"]), str(d["files_sha256"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.model} v{self.version} (files sha256 {self.files_sha256[:12]})"
+
+
 @dataclasses.dataclass
 class Manifest:
     """What a version directory holds and where it came from; `manifest.json` on disk."""
@@ -140,6 +173,22 @@ class Manifest:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # lineage, trainer config, ...
     signature: dict[str, str] = dataclasses.field(default_factory=dict)  # flywheel.core.signing.Signature
     path: Path | None = dataclasses.field(default=None, compare=False)  # set when read from disk
+
+    @property
+    def base(self) -> BaseRef | None:
+        """The full version an adapter version applies to; None for full weights."""
+        b = self.extra.get("base")
+        return BaseRef.from_dict(b) if isinstance(b, dict) else None
+
+    @property
+    def kind(self) -> str:
+        """ "adapter" (a PEFT adapter over `base`) or "full" (whole weights)."""
+        return "adapter" if self.base is not None else "full"
+
+    @property
+    def bytes(self) -> int:
+        """What the version's files take in the store."""
+        return sum(int(d.get("size", 0)) for d in self.files.values())
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -305,8 +354,10 @@ def verify_digests(
 
 
 def announcement_fields(u: events_pb2.ModelUpdate) -> dict[str, Any]:
-    """What an announcement's signature covers (not its uri: each pod mounts the store elsewhere)."""
-    return {
+    """What an announcement's signature covers (not its uri: each pod mounts the store elsewhere).
+    An adapter's base is covered too (only when it is one, so whole-weight announcements signed
+    before adapters existed verify unchanged)."""
+    fields: dict[str, Any] = {
         "model": u.model,
         "version": u.version,
         "parent": u.parent,
@@ -315,6 +366,14 @@ def announcement_fields(u: events_pb2.ModelUpdate) -> dict[str, Any]:
         "created_at_ns": u.created_at.ToNanoseconds(),
         "reason": u.reason,
     }
+    if u.adapter:
+        fields["base"] = [u.base.model, u.base.version, u.base.files_sha256]
+    return fields
+
+
+def update_base(u: events_pb2.ModelUpdate) -> BaseRef | None:
+    """The base an announced adapter applies to; None for whole weights."""
+    return BaseRef(u.base.model, u.base.version, u.base.files_sha256) if u.adapter else None
 
 
 class ModelStore:
@@ -547,7 +606,8 @@ class ModelStore:
         return self.update(model, version, promoted=True, gate=gate, metrics=metrics)
 
     def retain(self, model: str, keep_last: int) -> list[int]:
-        """Delete old versions except the last `keep_last`, every promoted one and version 0.
+        """Delete old versions except the last `keep_last`, every promoted one, version 0, and every
+        base that a version kept here or any version of another model applies to (adapters).
 
         Returns the deleted versions. A version is first renamed to a .tmp-* name, so a reader
         never sees half of one.
@@ -557,9 +617,12 @@ class ModelStore:
         deleted = []
         with self._lock(model):
             versions = self._versions_on_disk(model)
-            keep = set(versions[-keep_last:]) | {0}
+            manifests = {v: self.get(model, v) for v in versions}
+            keep = set(versions[-keep_last:]) | {0} | {v for v, m in manifests.items() if m.promoted}
+            keep |= {b.version for v in keep if (b := manifests[v].base) is not None and b.model == model}
+            keep |= self._bases_used_by_other_models(model)
             for v in versions:
-                if v in keep or self.get(model, v).promoted:
+                if v in keep:
                     continue
                 src = self.version_path(model, v)
                 trash = self.model_dir(model) / f".tmp-{_HOST}-{os.getpid()}-deleting-{version_dir_name(v)}"
@@ -567,6 +630,16 @@ class ModelStore:
                 shutil.rmtree(trash, ignore_errors=True)
                 deleted.append(v)
         return deleted
+
+    def _bases_used_by_other_models(self, model: str) -> set[int]:
+        """Versions of `model` that a version of another model in this store applies to."""
+        out = set()
+        for other in self.models():
+            if other != model:
+                for m in self.list_versions(other):
+                    if m.base is not None and m.base.model == model:
+                        out.add(m.base.version)
+        return out
 
     # ------------------------------------------------------------------ announcements
 
@@ -585,6 +658,10 @@ class ModelStore:
             metrics=manifest.metrics,
             reason=reason,
         )
+        base = manifest.base
+        if base is not None:
+            msg.adapter = True
+            msg.base.model, msg.base.version, msg.base.files_sha256 = base.model, base.version, base.files_sha256
         msg.created_at.FromNanoseconds(int(manifest.created_at * 1e9))
         if self.signer is not None:
             sig = self.signer.sign("announcement", announcement_fields(msg))

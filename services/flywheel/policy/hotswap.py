@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flywheel.core import errors
 from flywheel.policy.chores import BetweenSteps
@@ -113,8 +114,14 @@ class HotSwap:
                 self.last_error = f"version {version} from {path}: {type(e).__name__}: {e}"
                 METRICS.swaps.labels("failed").inc()  # after the error is readable: watchers poll the count
                 log.error("hot swap refused: %s", self.last_error)
+                hint = ""
+                if (Path(path) / "adapter_config.json").is_file():  # what only `Swapper` merges onto its base
+                    hint = (
+                        ": it is a LoRA adapter version, which an engine loads only merged onto its base "
+                        "(policy/reload.py, merge_adapter), as a ModelUpdate does"
+                    )
                 raise errors.FailedPrecondition(
-                    f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}); "
+                    f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}){hint}; "
                     f"still serving version {cur.version if cur else None}"
                 ) from e
             mix = self._mixed_forward(cur, loaded, reloaded)

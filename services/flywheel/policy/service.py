@@ -239,7 +239,7 @@ class PolicyService:
                 starter_ready(self.store, cfg.policy.starter_steps, self._stopped)
             name = cfg.policy.model_name
             latest = self.store.latest(name, promoted_only=True) or self.store.get(name, 0)
-            self.engine.load_version(str(self.store.verify(name, latest.version)), latest.version)
+            self.swapper.load_from_store(latest.version)  # an adapter version is merged onto its base
         if kafka_ok:
             self.swapper.start()
         else:

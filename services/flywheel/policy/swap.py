@@ -13,7 +13,9 @@ serving. An announcement that is unsigned or signed by a key not trusted here (w
 are required, `ModelStoreConfig.require_signed`), whose signature does not match, or whose
 `file://` uri leads outside the store's root is refused the same way before a byte is read, and
 counted by reason (flywheel_policy_updates_refused_total{reason}, with the checkpoints that fail
-their sha256 or do not load). The announced version is applied whatever its number: an older one is a rollback. Each
+their sha256 or do not load). An adapter version (ModelUpdate.adapter) is applied only onto the
+base this replica serves (else refused, reason wrong_base), merged into a copy of the base's
+weights (`reload.merge_adapter`, the current limit; see docs/ARCHITECTURE.md, "LoRA adapter versions"). The announced version is applied whatever its number: an older one is a rollback. Each
 live switch observes its lag from the announcement record's timestamp
 (flywheel_policy_swap_lag_seconds: delivery, verify, load).
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -44,10 +47,10 @@ from prometheus_client import Counter
 
 from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
-from flywheel.core.modelstore import ModelStore
+from flywheel.core.modelstore import BaseRef, ModelStore
 from flywheel.policy.engine import Engine
 from flywheel.policy.metrics import METRICS
-from flywheel.policy.reload import MappedWeights, map_safetensors
+from flywheel.policy.reload import MappedWeights, map_safetensors, merge_adapter
 from flywheel.policy.swap_worker import Snapshot, SwapWorker, WorkerSettings, refusal_reason
 from flywheel.v1 import events_pb2
 
@@ -55,7 +58,8 @@ log = logging.getLogger(__name__)
 UPDATES_REFUSED = Counter(
     "flywheel_policy_updates_refused",
     "Model announcements refused while the serving version went on, by reason: unsigned, unknown_key, "
-    "bad_signature, outside_store, bad_uri, tampered (files), missing, unreadable, load_failed, invalid.",
+    "bad_signature, outside_store, bad_uri, tampered (files), missing, unreadable, load_failed, invalid, "
+    "wrong_base (an adapter for another base than the one served).",
     ["reason"],
 )
 
@@ -86,6 +90,7 @@ class Swapper:
         self._nice = engine.config.swap_nice
         self._verifier = ThreadPoolExecutor(1, "swap-verify", initializer=lower_cpu_priority, initargs=(self._nice,))
         self._loader_niced = False
+        self._merged: dict[str, BaseRef] = {}  # merged adapter directories (reload.merge_adapter) -> their base
 
     # ------------------------------------------------------------------ start-up
     def initial_target(self, timeout_s: float = 10.0) -> events_pb2.ModelUpdate | None:
@@ -170,6 +175,9 @@ class Swapper:
         if self._consumer is not None:
             self._consumer.stop()
         self._verifier.shutdown(wait=False, cancel_futures=True)
+        for d in self._merged:
+            shutil.rmtree(d, ignore_errors=True)
+        self._merged.clear()
 
     # ------------------------------------------------------------------ one announcement
     def _on_record(self, record: bus.Record) -> None:
@@ -210,9 +218,18 @@ class Swapper:
             path: Path = verified[0] if verified else self.store.locate(u)
         except errors.FlywheelError as e:  # e.g. unsigned, or the store has no such version
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused", refusal_reason(e))
+        if u.adapter:  # onto the base this replica serves, or refused (it keeps serving)
+            try:
+                path, verified = self._merged_adapter(u, path, verified is not None), None
+            except errors.FlywheelError as e:
+                why = e.message if e.reason == "wrong_base" else f"checkpoint failed verification: {e.message}"
+                return self._refuse(u, why, "refused", refusal_reason(e))
+            except Exception as e:  # noqa: BLE001 - an adapter peft cannot apply is a refusal, never a crash
+                return self._refuse(u, f"adapter did not load: {type(e).__name__}: {e}", "refused", "load_failed")
         # sha256 of every file against the announcement, in other threads while the engine reads
         # the new weights into a copy; nothing switches unless it passes.
-        hashing = None if verified else self._verifier.submit(modelstore.verify_digests, path, u.files)
+        checked = verified is not None or u.adapter  # an adapter's files were verified before its merge
+        hashing = None if checked else self._verifier.submit(modelstore.verify_digests, path, u.files)
         try:  # the error clears at the switch itself, so no answer of the new version sees it
             self.engine.load_version(
                 str(path),
@@ -230,9 +247,79 @@ class Swapper:
         except Exception as e:  # noqa: BLE001 - an unreadable store is a refusal too, never a crash
             return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused", "unreadable")
         self.last_error = ""  # also when it was already serving this version (no switch)
+        self._drop_merged(keep=str(path))
         self.last_swap_s = time.perf_counter() - t0
         log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)
         return True
+
+    # ------------------------------------------------------------------ adapter versions
+    def serving_base(self) -> BaseRef | None:
+        """The whole-weights version under what the engine serves: that version itself, or the base of
+        the adapter merged into it; None when it came from outside the store (e.g. a hub name)."""
+        cur = self.engine.serving_model
+        if cur is None:
+            return None
+        if cur.source in self._merged:
+            return self._merged[cur.source]
+        try:
+            m = self.store.get(self.model, cur.version)
+        except errors.FlywheelError:
+            return None
+        here = Path(cur.source).resolve() == self.store.version_path(self.model, cur.version).resolve()
+        return BaseRef.of(m) if here and m.base is None else None
+
+    def _merged_adapter(self, u: events_pb2.ModelUpdate, path: Path, files_verified: bool) -> Path:
+        """Check that `u` applies to the serving base (any base in the store while nothing serves yet),
+        verify its files (unless the worker did), and merge it into a copy of the base's weights."""
+        want = modelstore.update_base(u)
+        assert want is not None
+        self._check_base(u.version, want)
+        if not files_verified:
+            modelstore.verify_digests(path, u.files)
+        return self._merge_onto(want, path)
+
+    def _check_base(self, version: int, want: BaseRef) -> None:
+        have = self.serving_base()
+        if self.engine.serving_model is not None and want != have:
+            raise errors.FailedPrecondition(
+                f"adapter version {version} applies to base {want}, but this replica serves "
+                f"{have if have is not None else 'weights from outside the model store'}: announce a full version "
+                "or an adapter trained on the serving base",
+                reason="wrong_base",
+            )
+
+    def _merge_onto(self, base: BaseRef, adapter: Path) -> Path:
+        """`reload.merge_adapter` onto `base` from the store, checked to hold those very weights (the current
+        limit: merged, see docs/ARCHITECTURE.md, "LoRA adapter versions")."""
+        base_path = self.store.verify(base.model, base.version)
+        if BaseRef.of(self.store.get(base.model, base.version)) != base:
+            raise errors.IntegrityError(
+                f"the store's {base.model} v{base.version} holds other weights than base {base}", reason="tampered"
+            )
+        merged = merge_adapter(base_path, adapter)
+        self._merged[str(merged)] = base
+        return merged
+
+    def load_from_store(self, version: int) -> None:
+        """Serve store `version`, verified against its (signed) manifest: whole weights, or an adapter
+        merged onto its base (start-up without an announcement). Raises what the load raises."""
+        m = self.store.get(self.model, version)
+        path = self.store.verify(self.model, version)
+        if m.base is not None:
+            self._check_base(version, m.base)
+            path = self._merge_onto(m.base, path)
+        try:
+            self.engine.load_version(str(path), version)
+        finally:
+            self._drop_merged(keep=str(path))
+
+    def _drop_merged(self, keep: str) -> None:
+        """Delete merged directories nothing serves any more: all but `keep` and the engine's own."""
+        cur = self.engine.serving_model
+        for d in list(self._merged):
+            if d != keep and (cur is None or d != cur.source):
+                shutil.rmtree(d, ignore_errors=True)
+                del self._merged[d]
 
     def _switched(self, announced_at: float | None) -> None:
         self.last_error = ""
@@ -240,6 +327,7 @@ class Swapper:
             METRICS.swap_lag.observe(max(0.0, time.time() - announced_at))
 
     def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None, reason: str | None = None) -> bool:
+        self._drop_merged(keep="")
         serving = self.engine.info().version
         self.last_error = f"version {u.version} refused: {why}; still serving version {serving}"
         if outcome:  # counted once the error is readable: a watcher that sees the count reads the error

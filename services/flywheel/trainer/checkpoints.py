@@ -1,6 +1,7 @@
 """Checkpoints: the trainer's weights and state going into and out of the model store.
 
-A checkpoint is a model-store version (the weights the policy replicas load) plus the trainer
+A checkpoint is a model-store version (the weights the policy replicas load; with
+trainer.adapter = lora an adapter version naming its base, adapters.py) plus the trainer
 state saved next to it (state.py). `Checkpointer.save` publishes the version, saves the state
 and commits the consumed offsets (the Trainer then hands the version to the gate);
 `Checkpointer.restore` resumes from the last saved state, or publishes the starter and starts
@@ -13,13 +14,15 @@ import dataclasses
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import errors
-from flywheel.core.modelstore import Manifest, ModelStore, save_pretrained
+from flywheel.core.modelstore import BaseRef, Manifest, ModelStore, save_pretrained
 from flywheel.trainer import state
+from flywheel.trainer.adapters import adapter_state, save_adapter, set_adapter_state
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.prompt_sources import PromptSource
 from flywheel.trainer.reward_source import RewardSource
@@ -73,7 +76,16 @@ class Checkpointer:
             random.seed(cfg.seed)
             self.prompts.seek({})
             return Restored(st, ungated=None)
+        written_with = saved.config.get("adapter", "none")
+        if written_with != cfg.adapter:
+            raise errors.FailedPrecondition(
+                f"the trainer state in {self.dir / state.STATE_FILE} was written with trainer.adapter = "
+                f"{written_with}, the config says {cfg.adapter}: set it back, or move the file away to start "
+                "afresh from the serving version"
+            )
         st = build_training_state(cfg, self.store, saved.version)
+        if st.adapter is not None:
+            set_adapter_state(st.adapter, saved.adapter)
         st.step, st.serving_version, st.metrics = saved.step, saved.serving_version, dict(saved.metrics)
         st.value_head.load_state_dict(saved.value_head)
         st.optimizer.load_state_dict(saved.optimizer)
@@ -115,7 +127,7 @@ class Checkpointer:
         """Publish the policy as a new version, save state.pt, then commit the consumed offsets."""
         cfg = self.cfg
         parent = self.store.get(cfg.model, st.version)
-        extra = {
+        extra: dict[str, Any] = {
             "trainer_step": st.step,
             "algo": cfg.algo,
             "reference_version": cfg.reference_version,
@@ -123,9 +135,16 @@ class Checkpointer:
             "reward_version": int(getattr(self.reward, "version", -1)),  # a RewardSource need not know it
         }
         metrics = {f"train.{k}": v for k, v in st.metrics.items()}
+        adapter = st.adapter
+        if adapter is not None:  # an adapter version: only the adapter, naming the base it applies to
+            extra["base"] = BaseRef.of(self.store.get(cfg.model, cfg.reference_version)).to_dict()
         manifest = self.store.publish(
             cfg.model,
-            lambda d: save_pretrained(st.policy, st.tokenizer, d),
+            lambda d: (
+                save_pretrained(st.policy, st.tokenizer, d)
+                if adapter is None
+                else save_adapter(adapter, st.tokenizer, d)
+            ),
             parent=st.version,
             metrics=metrics,
             extra=extra,
@@ -146,6 +165,7 @@ class Checkpointer:
                 offsets=offsets,
                 metrics=st.metrics,
                 config=dataclasses.asdict(cfg),
+                adapter=adapter_state(adapter) if adapter is not None else {},
             ),
         )
         self.prompts.commit(offsets)  # only now is the consumed work durable

@@ -32,6 +32,11 @@ ALGOS: tuple[Algo, ...] = ("ppo", "rloo", "grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 REWARD_NORMS = ("info", "running", "none")
 PROMPT_SOURCES = ("kafka", "pool")
+Adapter = Literal["none", "lora"]
+ADAPTERS: tuple[Adapter, ...] = ("none", "lora")
+# Every linear layer of a Llama/Qwen-style decoder block (attention and MLP): LoRA on all of them
+# learns close to a full fine-tune at the same rank (Hu et al. 2021; QLoRA, Dettmers et al. 2023).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclasses.dataclass
@@ -55,6 +60,25 @@ class TrainerConfig:
         "localhost:50053",
         "gRPC address (host:port) of the reward service that scores rollouts.",
         alias="FLYWHEEL_REWARD_ADDR",
+    )
+
+    # --- adapters (docs/ARCHITECTURE.md, "LoRA adapter versions") ------------------------------
+    adapter: Adapter = setting(
+        "none",
+        "none: train and publish whole weights. lora: train a LoRA adapter (peft) over the reference version's "
+        "weights, which stay frozen and double as the KL reference (the adapter switched off: no second copy); "
+        "each checkpoint is an adapter version of a few MB that names that base.",
+    )
+    lora_rank: int = setting(16, "LoRA rank r (trainer.adapter = lora).")
+    lora_alpha: int = setting(32, "LoRA alpha: the adapter's update is scaled by alpha / rank.")
+    lora_dropout: float = setting(
+        0.05,
+        "Dropout on the LoRA path's input in the update's forwards (0: none, and PPO's ratio at the first "
+        "epoch is then exactly 1).",
+    )
+    lora_target_modules: list[str] = setting(
+        list(LORA_TARGETS),
+        "Module names (their last dotted part) that get a LoRA adapter; the default suits Llama/Qwen-style models.",
     )
 
     # --- algorithm --------------------------------------------------------------------------
@@ -209,6 +233,17 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         n = type(self).__name__
         require(self.algo in ALGOS, n, "algo", self.algo, f"use one of {', '.join(ALGOS)}")
+        require(self.adapter in ADAPTERS, n, "adapter", self.adapter, "use none (whole weights) or lora")
+        require(self.lora_rank >= 1, n, "lora_rank", self.lora_rank, "use 1 or more (16 is a good start)")
+        require(self.lora_alpha > 0, n, "lora_alpha", self.lora_alpha, "use 1 or more (e.g. 2 * lora_rank)")
+        require(0 <= self.lora_dropout < 1, n, "lora_dropout", self.lora_dropout, "use a probability in [0, 1)")
+        require(
+            bool(self.lora_target_modules) and all(m.strip() for m in self.lora_target_modules),
+            n,
+            "lora_target_modules",
+            self.lora_target_modules,
+            f"list module names, e.g. {','.join(LORA_TARGETS)}",
+        )
         require(self.batch_size >= 1, n, "batch_size", self.batch_size, "use 1 or more")
         require(self.group_size >= 1, n, "group_size", self.group_size, "use 1 or more")
         if self.algo in ("rloo", "grpo"):

@@ -21,9 +21,10 @@ import math
 from collections import Counter
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from flywheel.trainer import ppo
+from flywheel.trainer.adapters import Policy
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.reward_source import RewardSource, score_each
 from flywheel.trainer.rollout import forward, generate
@@ -57,8 +58,8 @@ def repetition(tokens: list[int]) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(
-    model: PreTrainedModel,
-    reference: PreTrainedModel,
+    model: Policy,
+    reference: Policy,
     tok: PreTrainedTokenizerBase,
     prompts: list[str],
     reward: RewardSource,

@@ -45,7 +45,7 @@ from flywheel.trainer.prompt_sources import PromptSource, ptx_examples
 from flywheel.trainer.reward_source import RewardInfo, RewardSource, not_ready, score_each
 from flywheel.trainer.rollout import forward, generate
 from flywheel.trainer.state import ActiveLock, load_control, save_control, trainer_dir
-from flywheel.trainer.training_state import TrainingState, load_lm
+from flywheel.trainer.training_state import TrainingState, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,8 @@ class Trainer:
         """After a rollback (or gate_patience failures), train on from those weights with a fresh optimizer."""
         version = self.promoter.take_restart()
         if version is not None:
-            self.state.restart_from(version, load_lm(self.checkpointer.store, self.cfg, version), self.cfg)
+            policy = load_policy(self.state, self.checkpointer.store, self.cfg, version)
+            self.state.restart_from(version, policy, self.cfg)
 
     # ------------------------------------------------------------------ the service loop
 

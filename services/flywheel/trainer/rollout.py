@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.core.masks import attention_mask_4d
+from flywheel.trainer.adapters import Policy, as_model
 from flywheel.trainer.ppo import entropy_from_logits, logprobs_from_logits
 
 
@@ -151,7 +152,7 @@ def sample(
 
 @torch.no_grad()
 def generate(
-    model: PreTrainedModel,
+    policy: Policy,
     tok: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int,
@@ -160,7 +161,24 @@ def generate(
     generator_seed: int | None = None,
     use_hf_generate: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt; `use_hf_generate` takes transformers' generate() instead of `sample`."""
+    """Sample one response per prompt; `use_hf_generate` takes transformers' generate() instead of `sample`.
+    `policy`: a model, or a LoRA policy's base with its adapter switched off (adapters.AdapterOff)."""
+    with as_model(policy) as model:
+        return _generate(
+            model, tok, prompts, max_new_tokens, temperature, max_prompt_tokens, generator_seed, use_hf_generate
+        )
+
+
+def _generate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    max_prompt_tokens: int,
+    generator_seed: int | None,
+    use_hf_generate: bool,
+) -> Rollout:
     device = next(model.parameters()).device
     query_ids, query_mask = encode_prompts(tok, prompts, max_prompt_tokens, device)
     state = None
@@ -201,6 +219,18 @@ def generate(
 
 
 def forward(
+    policy: Policy,
+    batch: Rollout,
+    temperature: float,
+    value_head: ValueHead | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`_forward` of a model, or of a LoRA policy's base with its adapter switched off (adapters.AdapterOff)."""
+    with as_model(policy) as model:
+        return _forward(model, batch, temperature, value_head, with_entropy)
+
+
+def _forward(
     model: PreTrainedModel,
     batch: Rollout,
     temperature: float,

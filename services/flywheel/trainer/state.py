@@ -6,8 +6,9 @@ load). Everything else the trainer needs to continue *exactly* lives next to it,
 a `SavedState`:
 
   step, the policy version the weights are, the serving version, value head, optimizer,
-  KL controller, reward-normalization moments, torch and Python RNG states, and the
-  consumed offsets (Kafka partitions and the prompt-pool cursor).
+  KL controller, reward-normalization moments, torch and Python RNG states, the
+  consumed offsets (Kafka partitions and the prompt-pool cursor), and with LoRA the adapter's
+  tensors (a few MB: the state is whole without reading the version back).
 
 state.pt lies on the shared store volume, which other pods can write, so it is never unpickled:
 it holds only tensors, numbers, strings and containers of them (`_plain`), and is read with
@@ -103,6 +104,7 @@ class SavedState:
     offsets: dict[str, int]  # consumed positions of the prompt source
     metrics: dict[str, float]  # of the last step
     config: dict[str, Any]  # the TrainerConfig that wrote it, for the record
+    adapter: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # LoRA tensors (else empty)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +119,7 @@ class SavedState:
             "offsets": self.offsets,
             "metrics": self.metrics,
             "config": self.config,
+            "adapter": self.adapter,
         }
 
     @classmethod
@@ -133,6 +136,7 @@ class SavedState:
             offsets={k: int(v) for k, v in d["offsets"].items()},
             metrics=dict(d.get("metrics", {})),
             config=dict(d.get("config", {})),
+            adapter=dict(d.get("adapter", {})),
         )
 
 

@@ -2,19 +2,25 @@
 
 `build_training_state` is the one place the models come from (the policy and the frozen
 reference out of the model store, a fresh value head and optimizer); `Checkpointer.restore`
-calls it, then loads a saved checkpoint's state into it when there is one.
+calls it, then loads a saved checkpoint's state into it when there is one. With
+trainer.adapter = lora (adapters.py) the policy is the reference version's weights with a LoRA
+adapter injected, and the reference is the same modules with the adapter switched off.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 from flywheel.core import errors
-from flywheel.core.modelstore import ModelStore
-from flywheel.trainer import ppo
+from flywheel.core.modelstore import BaseRef, Manifest, ModelStore
+from flywheel.trainer import adapters, ppo
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.rollout import ValueHead
 
@@ -23,8 +29,8 @@ from flywheel.trainer.rollout import ValueHead
 class TrainingState:
     """What `Trainer.train_step` reads and changes; saved by checkpoints (weights and state.pt)."""
 
-    policy: PreTrainedModel  # trained in place
-    reference: PreTrainedModel  # frozen: the KL anchor
+    policy: PreTrainedModel  # trained in place (with LoRA: the base with the adapter's layers injected)
+    reference: adapters.Policy  # frozen: the KL anchor (with LoRA: the policy with its adapter switched off)
     value_head: ValueHead  # the critic (PPO only)
     tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer  # over the policy and the value head
@@ -35,6 +41,7 @@ class TrainingState:
     serving_version: int  # what the policy replicas were last told to serve
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last step
     warmup_left: int = 0  # steps of learning-rate warmup still to take (after a restart)
+    adapter: PeftModel | None = None  # with trainer.adapter = lora: the peft model over the frozen base
 
     def restart_from(self, version: int, policy: PreTrainedModel, cfg: TrainerConfig) -> None:
         """Train on from `policy` (the weights of `version`) with a fresh, warmed-up optimizer."""
@@ -50,16 +57,70 @@ class TrainingState:
             group["lr"] = cfg.lr * (1.0 - 0.9 * frac)
 
 
-def load_lm(store: ModelStore, cfg: TrainerConfig, version: int) -> PreTrainedModel:
-    """A version of the trained model from the store (verified against its manifest), on cfg.device."""
-    path = store.load_path(cfg.model, version)
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def load_lm(store: ModelStore, cfg: TrainerConfig, version: int, model: str = "") -> PreTrainedModel:
+    """A version of the trained model (or of `model`) from the store (verified against its manifest), on
+    cfg.device. An adapter version comes merged into a copy of its base (the gate's serving copy)."""
+    name = model or cfg.model
+    m = store.get(name, version)
+    if m.base is not None:
+        base = adapters.base_of(store, m)
+        peft = adapters.load_adapter(
+            load_lm(store, cfg, base.version, base.model), store.load_path(name, version), False
+        )
+        merged: PreTrainedModel = peft.merge_and_unload()
+        return merged
+    path = store.load_path(name, version)
+    lm: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     # transformers wraps `to` with functools.wraps(nn.Module.to), which hides its bound signature.
-    return model.to(torch.device(cfg.device))  # type: ignore[arg-type]
+    return lm.to(torch.device(cfg.device))  # type: ignore[arg-type]
+
+
+def load_policy(st: TrainingState, store: ModelStore, cfg: TrainerConfig, version: int) -> PreTrainedModel:
+    """The policy at store `version`, for a restart: whole weights loaded anew, or with LoRA the adapter's
+    tensors set in place (the base stays; `version` is an adapter on it or the base itself)."""
+    if st.adapter is None:
+        return load_lm(store, cfg, version)
+    set_lora_weights(st.adapter, store, cfg, version)
+    return st.policy
+
+
+def set_lora_weights(peft: PeftModel, store: ModelStore, cfg: TrainerConfig, version: int) -> None:
+    """The adapter of store `version` into `peft` (a fresh one for the base version itself)."""
+    m, base = store.get(cfg.model, version), lora_base(store, cfg)
+    if m.base is None:
+        if version != cfg.reference_version:
+            raise errors.FailedPrecondition(
+                f"trainer.adapter = lora trains adapters on the reference version v{cfg.reference_version}, but "
+                f"v{version} holds whole weights (trained without an adapter): set trainer.reference_version = "
+                f"{version} to train adapters on it, or roll back to v{cfg.reference_version} or an adapter version"
+            )
+        adapters.reset_adapter(peft)
+        return
+    if m.base != BaseRef.of(base):
+        raise errors.FailedPrecondition(
+            f"{cfg.model} v{version} is an adapter for {m.base}, not for trainer.reference_version's "
+            f"{BaseRef.of(base)}: set trainer.reference_version to its base, or roll back to v{cfg.reference_version}"
+        )
+    path = store.load_path(cfg.model, version)
+    adapters.check_adapter_config(path, cfg, version)
+    adapters.set_adapter_state(peft, adapters.read_adapter(path))
+
+
+def lora_base(store: ModelStore, cfg: TrainerConfig) -> Manifest:
+    """The reference version's manifest, which LoRA adapters are trained on (whole weights)."""
+    base = store.get(cfg.model, cfg.reference_version)
+    if base.base is not None:
+        raise errors.FailedPrecondition(
+            f"trainer.reference_version = {cfg.reference_version} is an adapter version: with trainer.adapter = "
+            "lora it must be whole weights (the base the adapters are trained on)"
+        )
+    return base
 
 
 def new_optimizer(policy: PreTrainedModel, value_head: ValueHead, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    params = list(policy.parameters()) + list(value_head.parameters())
+    """AdamW over what trains: the whole policy, or with LoRA only the adapter (the frozen base has
+    requires_grad off and no optimizer state), plus the value head."""
+    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     # Huang et al. 2024: Adam eps 1e-5 (PyTorch's default 1e-8 differs from the TF original).
     return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
 
@@ -77,8 +138,23 @@ def build_training_state(cfg: TrainerConfig, store: ModelStore, start: int) -> T
         raise errors.FailedPrecondition(
             "the policy's tokenizer needs a pad token distinct from EOS (Huang et al. 2024)"
         )
-    policy = load_lm(store, cfg, start)
-    reference = load_lm(store, cfg, cfg.reference_version).eval().requires_grad_(False)
+    peft: PeftModel | None = None
+    reference: adapters.Policy
+    if cfg.adapter == "lora":
+        lora_base(store, cfg)
+        base = load_lm(store, cfg, cfg.reference_version)
+        dev = torch.device(cfg.device)
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)  # a fresh adapter's init is the seed's, whatever ran before in the process
+            peft = adapters.attach_lora(base, cfg)
+            set_lora_weights(peft, store, cfg, start)
+        # Train mode from the start: LoRA's dropout then acts in every update, not only after the first
+        # gate (which leaves the policy in train mode), so a resumed run takes the very same steps.
+        policy = adapters.base_model(peft).train()
+        reference = adapters.AdapterOff(peft)
+    else:
+        policy = load_lm(store, cfg, start)
+        reference = load_lm(store, cfg, cfg.reference_version).eval().requires_grad_(False)
     value_head = ValueHead(policy.config.hidden_size).to(torch.device(cfg.device))
     return TrainingState(
         policy=policy,
@@ -91,4 +167,5 @@ def build_training_state(cfg: TrainerConfig, store: ModelStore, start: int) -> T
         step=0,
         version=start,
         serving_version=start,
+        adapter=peft,
     )

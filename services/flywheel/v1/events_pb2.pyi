@@ -130,7 +130,7 @@ class FileDigest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ModelUpdate(_message.Message):
-    __slots__ = ("model", "version", "parent", "uri", "files", "metrics", "created_at", "reason", "signature", "signing_key_id")
+    __slots__ = ("model", "version", "parent", "uri", "files", "metrics", "created_at", "reason", "signature", "signing_key_id", "adapter", "base")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class ModelUpdate(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     parent: int
@@ -158,7 +160,19 @@ class ModelUpdate(_message.Message):
     reason: str
     signature: bytes
     signing_key_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., parent: _Optional[int] = ..., uri: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., signature: _Optional[bytes] = ..., signing_key_id: _Optional[str] = ...) -> None: ...
+    adapter: bool
+    base: BaseVersion
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., parent: _Optional[int] = ..., uri: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., signature: _Optional[bytes] = ..., signing_key_id: _Optional[str] = ..., adapter: _Optional[bool] = ..., base: _Optional[_Union[BaseVersion, _Mapping]] = ...) -> None: ...
+
+class BaseVersion(_message.Message):
+    __slots__ = ("model", "version", "files_sha256")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_SHA256_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    files_sha256: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., files_sha256: _Optional[str] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("topic", "partition", "offset", "key", "value", "consumer_group", "error_type", "error", "attempts", "failed_at")

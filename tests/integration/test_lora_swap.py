@@ -1,0 +1,146 @@
+"""LoRA adapter versions on the policy service (real Kafka, real gRPC): an adapter for the serving base
+is swapped in and answers report it; one for another base is refused (counted, reported) while the
+service keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flywheel.core import bus, errors
+from flywheel.core.config import KafkaConfig
+from flywheel.core.modelstore import BaseRef, Manifest, ModelStore
+from flywheel.testing import wait_for
+from flywheel.trainer.adapters import save_adapter
+from flywheel.trainer.config import TrainerConfig
+from flywheel.trainer.loop import build_trainer
+from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
+from flywheel.v1 import policy_pb2
+from tests.integration.test_policy_service import (
+    Running,
+    counter,
+    fresh_topics,
+    gen,
+    make_config,
+    make_store,
+    perturbed,
+)
+from tests.unit.test_lora_trainer import TargetReward
+from tests.unit.test_starter import tiny_starter
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+
+def adapter_on(store: ModelStore, base_version: int, seed: int) -> Callable[[Path], None]:
+    """A LoRA adapter (the trainer's defaults, its B matrices random so that it changes answers)
+    saved as the trainer saves one."""
+    from peft import get_peft_model
+
+    from flywheel.trainer.adapters import lora_config
+
+    def write(d: Path) -> None:
+        path = store.load_path("policy", base_version)
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora_config(TrainerConfig(adapter="lora")))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        save_adapter(peft, AutoTokenizer.from_pretrained(path), d)
+
+    return write
+
+
+def trained_adapter(store: ModelStore) -> Manifest:
+    """One PPO step of the LoRA trainer on the store's starter, checkpointed: an adapter version."""
+    cfg = TrainerConfig(
+        adapter="lora", algo="ppo", group_size=1, batch_size=4, max_new_tokens=8, lr=1e-2, prompt_source="pool"
+    )
+    reward = TargetReward()
+    t = build_trainer(cfg, store, reward, PoolPrompts(FALLBACK_PROMPTS), FALLBACK_PROMPTS)
+    t.setup()
+    try:
+        t.train_step()
+        return t.checkpointer.save(t.state)
+    finally:
+        t.active.release()
+
+
+def merged(store: ModelStore, version: int) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+
+    m = store.get("policy", version)
+    assert m.base is not None
+    base = AutoModelForCausalLM.from_pretrained(store.load_path("policy", m.base.version))
+    model = PeftModel.from_pretrained(base, str(store.load_path("policy", version))).merge_and_unload()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("swap_worker", [True, False], ids=["worker-process", "threads"])
+def test_adapter_versions_swap_in_on_their_base_and_are_refused_on_another(
+    kafka_bootstrap: str, tmp_path: Path, swap_worker: bool
+) -> None:
+    store = make_store(tmp_path / "store")
+    topics = fresh_topics()
+    config = make_config(kafka_bootstrap, topics, tmp_path / "store", tmp_path / "state", swap_worker=swap_worker)
+    running = Running(config)
+    kafka = KafkaConfig(bootstrap=kafka_bootstrap)
+    base0 = BaseRef.of(store.get("policy", 0))
+
+    def announce(version: int) -> None:
+        with bus.Producer(kafka) as prod:
+            prod.send_sync(topics.policy_updates, "policy", store.to_update(store.get("policy", version), "gate"))
+
+    def serving(v: int) -> Callable[[], bool]:
+        return lambda: running.stub.Generate(gen("hi", n=4)).policy_version == v
+
+    try:
+        v1 = trained_adapter(store)
+        assert v1.kind == "adapter" and v1.version == 1 and v1.base == base0
+        announce(v1.version)
+        wait_for(serving(1), 60, "answers from adapter version 1")
+        engine = running.service.engine
+        weights = engine.serving_model.model.state_dict()  # type: ignore[union-attr]
+        for k, v in merged(store, 1).items():  # the base with the adapter merged, exactly
+            torch.testing.assert_close(weights[k], v.to(weights[k].dtype), msg=k)
+        assert running.service.swapper.serving_base() == base0
+        # An adapter for another base: refused with the reason, counted, and version 1 keeps serving.
+        v2 = store.publish("policy", perturbed(tiny_starter(), 2), parent=0)
+        base2 = BaseRef.of(v2)
+        v3 = store.publish("policy", adapter_on(store, 2, 3), parent=2, extra={"base": base2.to_dict()})
+        refused = counter("flywheel_policy_updates_refused_total", reason="wrong_base")
+        announce(v3.version)
+        wait_for(
+            lambda: counter("flywheel_policy_updates_refused_total", reason="wrong_base") > refused, 30, "the refusal"
+        )
+        info = running.stub.GetInfo(policy_pb2.GetInfoRequest())
+        assert info.policy_version == 1
+        assert f"adapter version 3 applies to base {base2}, but this replica serves {base0}" in info.last_swap_error
+        assert running.stub.Generate(gen("where is my order?", n=4)).policy_version == 1
+        # Its base first, then the adapter: served.
+        announce(2)
+        wait_for(serving(2), 60, "answers from version 2")
+        announce(3)
+        wait_for(serving(3), 60, "answers from adapter version 3")
+        assert running.stub.GetInfo(policy_pb2.GetInfoRequest()).last_swap_error == ""
+        assert len(running.service.swapper._merged) == 1  # the merged copy of version 1 is gone
+        # A replica that starts now: the topic's last announcement is adapter v3, applied onto its base.
+        late = Running(make_config(kafka_bootstrap, topics, tmp_path / "store", tmp_path / "late", swap_worker=False))
+        try:
+            assert late.stub.Generate(gen("hi", n=4)).policy_version == 3
+            swapper = late.service.swapper
+            assert swapper.serving_base() == base2
+            with pytest.raises(errors.FailedPrecondition, match=r"adapter version 1 applies to base policy v0"):
+                swapper.load_from_store(1)  # from the store (start-up without Kafka): the same rule
+            swapper.load_from_store(0)
+            swapper.load_from_store(1)
+            assert late.stub.Generate(gen("hi", n=4)).policy_version == 1
+        finally:
+            late.close()
+    finally:
+        running.close()
+    assert not running.service.swapper._merged
