@@ -1,17 +1,21 @@
 """LoRA adapter versions on the policy service (real Kafka, real gRPC): an adapter for the serving base
 is swapped in and answers report it; one for another base is refused (counted, reported) while the
-service keeps serving."""
+service keeps serving. GeneratePair against an adapter candidate follows the same rule: merged onto
+the served base, or refused naming both bases."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import bus, errors
+from flywheel.core.auth import AuthConfig
 from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import BaseRef, Manifest, ModelStore
 from flywheel.testing import wait_for
@@ -21,6 +25,9 @@ from flywheel.trainer.loop import build_trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
 from flywheel.v1 import policy_pb2
 from tests.integration.test_policy_service import (
+    ADMIN,
+    ADMIN_TOKEN,
+    HMAC_KEY,
     Running,
     counter,
     fresh_topics,
@@ -144,3 +151,82 @@ def test_adapter_versions_swap_in_on_their_base_and_are_refused_on_another(
     finally:
         running.close()
     assert not running.service.swapper._merged
+
+
+def test_generate_pair_against_an_adapter_candidate_merges_it_onto_the_served_base(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Side B from an adapter version (the configured candidate): its base's weights with the adapter merged,
+    as a swap would serve them, in a directory that lives as long as the candidate engine. An adapter for
+    another base than the served one is refused with both bases named, and nothing is loaded for it."""
+    store = make_store(tmp_path / "store")
+    base0 = BaseRef.of(store.get("policy", 0))
+    v1 = store.publish("policy", adapter_on(store, 0, 1), parent=0, extra={"base": base0.to_dict()})
+    v2 = store.publish("policy", perturbed(tiny_starter(), 2), parent=0)
+    base2 = BaseRef.of(v2)
+    v3 = store.publish("policy", adapter_on(store, 2, 3), parent=2, extra={"base": base2.to_dict()})
+    assert (v1.kind, v3.kind) == ("adapter", "adapter")
+    config = make_config(kafka_bootstrap, fresh_topics(), tmp_path / "store", tmp_path / "state")
+    config.policy = dataclasses.replace(config.policy, pair_candidate_version=1)
+    config.auth = AuthConfig(hmac_key=HMAC_KEY, admin_token=ADMIN_TOKEN)
+    running = Running(config)
+    service = running.service
+    prompt = "where is my order?"
+
+    def pair(version: int, metadata: tuple = ()) -> policy_pb2.GeneratePairResponse:
+        req = policy_pb2.GeneratePairRequest(request=gen(prompt, n=12, logprobs=True), candidate_version=version)
+        return running.stub.GeneratePair(req, metadata=metadata)
+
+    try:
+        r = pair(0)  # the configured candidate: any caller
+        assert (r.a.policy_version, r.b.policy_version) == (0, 1)
+        assert service.candidate_loaded == 1
+        cand = service._candidate
+        assert cand is not None and cand.local.merged and cand.local.base == base0
+        merged_dir = cand.local.path
+        assert merged_dir.is_dir() and not merged_dir.is_relative_to(store.root)
+        weights = cand.engine.serving_model.model.state_dict()  # type: ignore[union-attr]
+        want = merged(store, 1)
+        for k, v in want.items():  # the base with the adapter merged, exactly
+            torch.testing.assert_close(weights[k], v.to(weights[k].dtype), msg=k)
+        # Side B's tokens are the merged weights' greedy answer (and not the base's: side A).
+        tok = AutoTokenizer.from_pretrained(store.load_path("policy", 0))
+        model = AutoModelForCausalLM.from_pretrained(store.load_path("policy", 0))
+        model.load_state_dict(want)
+        enc = tok(prompt, return_tensors="pt")
+        ref = model.generate(**enc, do_sample=False, max_new_tokens=12)[0, enc.input_ids.shape[1] :].tolist()
+        ids_b = [t.id for t in r.b.tokens]
+        assert ids_b == ref and ids_b != [t.id for t in r.a.tokens]
+        assert not service.swapper._merged  # the candidate's merged directory is the service's, not the swap's
+        assert pair(1, ADMIN).b.policy_version == 1 and service._candidate is cand  # cached
+
+        # An adapter for another base: refused naming both, the cached candidate untouched.
+        with pytest.raises(grpc.RpcError) as e:
+            pair(3, ADMIN)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"adapter version 3 applies to base {base2}, but this replica serves {base0}" in e.value.details()
+        assert service._candidate is cand and merged_dir.is_dir()
+        with pytest.raises(errors.FailedPrecondition, match=r"adapter version 3 applies to base policy v2"):
+            service.swapper.local_version(3, owned=True)  # the one rule, as the swap applies it
+
+        # Another candidate replaces it: its merged directory goes with its engine.
+        assert pair(2, ADMIN).b.policy_version == 2 and service.candidate_loaded == 2
+        assert not merged_dir.exists()
+        assert pair(1, ADMIN).b.tokens == r.b.tokens  # merged again, the same answer
+        merged_dir = service._candidate.local.path  # type: ignore[union-attr]
+        assert merged_dir.is_dir()
+
+        # The replica now serves base v2: the cached adapter candidate on v0 is refused at the next pair,
+        # and adapter v3 (on v2) is merged and answers side B.
+        service.swapper.load_from_store(2)
+        with pytest.raises(grpc.RpcError) as e:
+            pair(1, ADMIN)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"adapter version 1 applies to base {base0}, but this replica serves {base2}" in e.value.details()
+        r3 = pair(3, ADMIN)
+        assert (r3.a.policy_version, r3.b.policy_version) == (2, 3) and not merged_dir.exists()
+        merged_dir = service._candidate.local.path  # type: ignore[union-attr]
+        assert merged_dir.is_dir()
+    finally:
+        running.close()
+    assert not merged_dir.exists()  # the service stopped: deleted

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -38,7 +39,7 @@ from flywheel.policy.interactions import InteractionPublisher
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.requests import SEED_MAX, GenerationRequest, Result, TokenEvent, validate_request
 from flywheel.policy.starter import STEPS as STARTER_STEPS
-from flywheel.policy.swap import Swapper
+from flywheel.policy.swap import LocalVersion, Swapper
 from flywheel.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class PolicyService:
         self.swapper = Swapper(
             self.engine, self.store, config.kafka, config.topics.policy_updates, p.model_name, p.updates_group
         )
-        self._candidate: tuple[int, Engine] | None = None
+        self._candidate: Candidate | None = None
         self._candidate_lock: asyncio.Lock | None = None
         self._stopped = threading.Event()
 
@@ -269,7 +270,8 @@ class PolicyService:
         self.swapper.stop()
         self.engine.stop()
         if self._candidate is not None:
-            self._candidate[1].stop()
+            self._candidate.close()
+            self._candidate = None
         self.interactions.close()
 
     def info(self) -> dict[str, Any]:
@@ -385,31 +387,36 @@ class PolicyService:
     @property
     def candidate_loaded(self) -> int | None:
         """The version the second (candidate) engine holds, None when there is none."""
-        return self._candidate[0] if self._candidate is not None else None
+        return self._candidate.version if self._candidate is not None else None
 
     async def _candidate_engine(self, version: int) -> Engine:
-        """A second engine serving `version` from the model store (one cached; a third weight copy)."""
+        """A second engine serving `version` from the model store (one cached; a third weight copy). An
+        adapter version is merged onto its base as a swap would (`Swapper.local_version`): that base must be
+        the one served, at every pair (FailedPrecondition naming both bases otherwise), and the merged
+        directory lives as long as the candidate engine."""
         if self._candidate_lock is None:
             self._candidate_lock = asyncio.Lock()
         async with self._candidate_lock:
-            if self._candidate is not None and self._candidate[0] == version:
-                return self._candidate[1]
-            path = await run_blocking(self.store.load_path, self.config.policy.model_name, version)
-            engine = Engine(self.config.engine, limits=self.config.limits)
-            engine.start()
+            cached = self._candidate
+            if cached is not None and cached.version == version:
+                if cached.local.base is None or cached.local.base == await run_blocking(self.swapper.serving_base):
+                    return cached.engine
+            local = await run_blocking(self.swapper.local_version, version, owned=True)
+            candidate = Candidate(version, Engine(self.config.engine, limits=self.config.limits), local)
             try:
-                await run_blocking(engine.load_version, str(path), version)
+                candidate.engine.start()
+                await run_blocking(candidate.engine.load_version, str(local.path), version)
             except BaseException:
-                engine.stop()
+                await run_blocking(candidate.close)
                 raise
             finally:
                 serving = self.engine.info().version
                 if serving is not None:
                     METRICS.version.set(serving)  # the gauge is process-wide: keep it on the serving version
-            old, self._candidate = self._candidate, (version, engine)
+            old, self._candidate = self._candidate, candidate
             if old is not None:
-                await run_blocking(old[1].stop)
-            return engine
+                await run_blocking(old.close)
+            return candidate.engine
 
     # ------------------------------------------------------------------ answers
     def _finish(
@@ -442,6 +449,21 @@ class PolicyService:
         it.created_at.GetCurrentTime()
         self.interactions.publish(it)
         return Served(result, iid, token, user_id)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """GeneratePair's second engine: the store `version` it serves, loaded from `local` (a merged directory
+    for an adapter version, deleted with the engine)."""
+
+    version: int
+    engine: Engine
+    local: LocalVersion
+
+    def close(self) -> None:
+        self.engine.stop()
+        if self.local.merged:
+            shutil.rmtree(self.local.path, ignore_errors=True)
 
 
 def sampling_proto(req: GenerationRequest, seed: int | None = None) -> common_pb2.SamplingParams:

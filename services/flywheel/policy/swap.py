@@ -76,6 +76,16 @@ def lower_cpu_priority(nice: int) -> None:
         log.warning("could not lower the swap threads' CPU priority: %s", e)
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalVersion:
+    """What `Swapper.local_version` found to load: `path`, a merged temporary directory (`merged`) or the
+    store's own; `base`, the base an adapter version was merged onto (None for whole weights)."""
+
+    path: Path
+    merged: bool
+    base: BaseRef | None
+
+
 class Swapper:
     """Applies ModelUpdate announcements of `model` to `engine`."""
 
@@ -288,26 +298,38 @@ class Swapper:
                 reason="wrong_base",
             )
 
-    def _merge_onto(self, base: BaseRef, adapter: Path) -> Path:
+    def _merge_onto(self, base: BaseRef, adapter: Path, *, keep: bool = True) -> Path:
         """`reload.merge_adapter` onto `base` from the store, checked to hold those very weights (the current
-        limit: merged, see docs/ARCHITECTURE.md, "LoRA adapter versions")."""
+        limit: merged, see docs/ARCHITECTURE.md, "LoRA adapter versions"). `keep`: the Swapper deletes the
+        merged directory once nothing serves it (`_drop_merged`, `stop`); else the caller deletes it."""
         base_path = self.store.verify(base.model, base.version)
         if BaseRef.of(self.store.get(base.model, base.version)) != base:
             raise errors.IntegrityError(
                 f"the store's {base.model} v{base.version} holds other weights than base {base}", reason="tampered"
             )
         merged = merge_adapter(base_path, adapter)
-        self._merged[str(merged)] = base
+        if keep:
+            self._merged[str(merged)] = base
         return merged
+
+    def local_version(self, version: int, *, owned: bool = False) -> LocalVersion:
+        """The verified local directory to load for store `version` of our model: the version's own directory
+        for whole weights (every file checked against its signed manifest), or for an adapter version its
+        merge onto its base, which must be the base this replica serves (else FailedPrecondition, reason
+        wrong_base, naming both) and is checked the same way. A merged directory is the Swapper's to delete,
+        unless `owned`: then the caller deletes it (`LocalVersion.merged`), e.g. a GeneratePair candidate's."""
+        m = self.store.get(self.model, version)
+        if m.base is not None:  # before any file is hashed: the precise refusal comes first
+            self._check_base(version, m.base)
+        path = self.store.verify(self.model, version)
+        if m.base is None:
+            return LocalVersion(path, merged=False, base=None)
+        return LocalVersion(self._merge_onto(m.base, path, keep=not owned), merged=True, base=m.base)
 
     def load_from_store(self, version: int) -> None:
         """Serve store `version`, verified against its (signed) manifest: whole weights, or an adapter
         merged onto its base (start-up without an announcement). Raises what the load raises."""
-        m = self.store.get(self.model, version)
-        path = self.store.verify(self.model, version)
-        if m.base is not None:
-            self._check_base(version, m.base)
-            path = self._merge_onto(m.base, path)
+        path = self.local_version(version).path
         try:
             self.engine.load_version(str(path), version)
         finally:
