@@ -105,6 +105,25 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from flywheel.core.config import load
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.lineage import format_text, lineage
+    from flywheel.reward.config import RewardModelConfig
+
+    store = _models_store(args)
+    reward_model = args.reward_model or load(RewardModelConfig).name
+    try:
+        data = lineage(store, args.model, args.version, reward_model)
+    except FlywheelError as e:
+        print(f"flywheel models lineage: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else format_text(data))
+    return 0
+
+
 def _models_init(args: argparse.Namespace) -> int:
     from flywheel.core.config import load
     from flywheel.policy.service import ensure_starter as ensure_policy
@@ -191,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("model", help="model name, e.g. policy")
     verify.add_argument("version", type=int, nargs="?", default=None, help="version (default: latest)")
     verify.set_defaults(run=_models_verify)
+    lineage = models_sub.add_parser(
+        "lineage",
+        help="a version's parent chain back to the starter, its reward versions and the Kafka offsets each trained on",
+    )
+    lineage.add_argument("--store", default=argparse.SUPPRESS, help="model store root (as `models --store`)")
+    lineage.add_argument("model", help="model name, e.g. policy")
+    lineage.add_argument("version", type=int, help="version")
+    lineage.add_argument(
+        "--reward-model", default=None, help="the reward model's name in the store (default: reward_model.name)"
+    )
+    lineage.add_argument("--json", action="store_true", help="machine-readable output")
+    lineage.set_defaults(run=_models_lineage)
     init = models_sub.add_parser("init", help="build the starter policy and reward model (version 0) if missing")
     init.add_argument(
         "--policy-steps",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from flywheel.core.auth import AuthConfig
 from flywheel.core.config import ConfigError, KafkaConfig, TopicsConfig, load_section, read_yaml
 from flywheel.core.limits import LimitsConfig
+from flywheel.core.logs import configure_logging
 from flywheel.core.server import end_process, run_blocking, server_config
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.server import build_server, open_and_serve
@@ -31,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state-dir", default=None, help="directory of the spool and the store of accepted ids and votes"
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"), help="Flywheel's loggers (default INFO)"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     try:
+        configure_logging("feedback", args.log_level)
         sections = read_yaml()
         server_cfg = server_config(
             "feedback", sections.get("server"), grpc_port=args.grpc_port, http_port=args.http_port, host=args.host

@@ -9,11 +9,11 @@ starter policy, version 0 of "policy" in the model store, building it first if i
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from flywheel.core.config import ConfigError, read_yaml
+from flywheel.core.logs import adopt_library_handlers, configure_logging, set_context
 from flywheel.core.server import DEFAULT_PORTS, serve, server_config
 from flywheel.policy.service import ensure_starter
 
@@ -27,15 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=None, help=f"HTTP port (default {http_default}; 0: a free one)")
     p.add_argument("--host", default=None, help="interface to bind (default 0.0.0.0)")
     p.add_argument("--config", default=None, help="YAML config file (default: FLYWHEEL_CONFIG)")
-    p.add_argument("--log-level", default=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level", default=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"), help="Flywheel's loggers (default INFO)"
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        configure_logging("policy", args.log_level, args.config)
+    except ConfigError as e:
+        p.error(str(e))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from flywheel.policy.server import build_server
     from flywheel.policy.service import PolicyService, PolicyServiceConfig
 
+    adopt_library_handlers()  # transformers, imported just now, prints through a handler of its own
     try:
         config = PolicyServiceConfig.from_env(args.config)
         sections = read_yaml(args.config)
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     service = PolicyService(config)
+    set_context(lambda: {"version": getattr(service.engine.serving_model, "version", None)})
     server = build_server(service, scfg)
     return serve(server, service.setup, cleanup=service.stop)
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
+from flywheel.core.logs import configure_logging
 from flywheel.core.modelstore import ModelStore
 from flywheel.core.signing import Verifier
 from flywheel.v1 import events_pb2
@@ -163,10 +164,7 @@ def _serve(conn: Connection, s: WorkerSettings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s swap-worker %(name)s: %(message)s",
-    )
+    configure_logging("policy-swap-worker", os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"))  # the env its service had
     conn = Connection(int(sys.argv[1]))
     s = WorkerSettings(**conn.recv())
     if s.nice > 0:

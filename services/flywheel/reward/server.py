@@ -234,8 +234,25 @@ class RewardService:
         deadline = time.monotonic() + timeout_s
         futures = [self.producer.send(topic, p.pair_id, p) for p in pairs]
         self.producer.flush(timeout_s)
-        for f in futures:
-            self.producer.wait_ack(f, topic, max(0.0, deadline - time.monotonic()))
+        places = []
+        for p, f in zip(pairs, futures, strict=True):
+            md = self.producer.wait_ack(f, topic, max(0.0, deadline - time.monotonic()))
+            places.append((p.pair_id, md.partition, md.offset))
+        self.dataset.set_pair_offsets(places)  # each version's manifest names the offsets it trained on
+
+    def _join_batch(self, records: list[bus.Record]) -> None:
+        """The join, then the places of the pairs read from flywheel.preferences (others' pairs)."""
+        self.join.handle_batch(records)
+        self.dataset.set_pair_offsets(
+            [
+                (r.value.pair_id, r.partition, r.offset)
+                for r in records
+                if isinstance(r.value, events_pb2.PreferencePair)
+            ]
+        )
+
+    def _join_one(self, record: bus.Record) -> None:
+        self._join_batch([record])
 
     def _announce(self, update: events_pb2.ModelUpdate) -> None:
         self.producer.send_sync(self.config.topics.reward_updates, update.model, update)
@@ -309,8 +326,8 @@ class RewardService:
                 cfg.topics.feedback: events_pb2.FeedbackEvent,
                 cfg.topics.preferences: events_pb2.PreferencePair,
             },
-            self.join.handle,
-            batch_handler=self.join.handle_batch,
+            self._join_one,
+            batch_handler=self._join_batch,
             batch_size=cfg.join.batch_records,
             dlq_topic=cfg.topics.dlq,
             producer=self.producer,
@@ -320,7 +337,9 @@ class RewardService:
             c.start()
         self.join.flush()  # pairs stored but not acknowledged before a crash
         if cfg.train.enabled:
-            self.trainer = OnlineTrainer(cfg.train, cfg.model, self.store, self.dataset, self._announce)
+            self.trainer = OnlineTrainer(
+                cfg.train, cfg.model, self.store, self.dataset, self._announce, cfg.topics.preferences
+            )
             self.trainer.start()
         self._expiry = threading.Thread(target=self._expire_loop, name="reward-join-expiry", daemon=True)
         self._expiry.start()

@@ -49,7 +49,8 @@ CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(status, interaction_id, 
 {_PER_USER_TABLES["votes"]};
 CREATE TABLE IF NOT EXISTS pairs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT UNIQUE NOT NULL, split TEXT NOT NULL,
-  published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL);
+  published INTEGER NOT NULL, source TEXT, weight REAL, margin REAL, message BLOB NOT NULL,
+  kafka_partition INTEGER, kafka_offset INTEGER);
 CREATE INDEX IF NOT EXISTS pairs_unpublished ON pairs(seq) WHERE published = 0;
 {_PER_USER_TABLES["labels"]};
 CREATE INDEX IF NOT EXISTS labels_prompt ON labels(prompt, kind);
@@ -125,6 +126,7 @@ class PreferenceStore:
         self.conn.execute("PRAGMA synchronous=FULL")
         self._migrate_to_v1()
         self.conn.executescript(_SCHEMA)
+        self._add_offset_columns()
         if self.conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # a write: only once
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.lock = threading.RLock()
@@ -147,6 +149,18 @@ class PreferenceStore:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def _add_offset_columns(self) -> None:
+        """A store from before pairs knew their place on flywheel.preferences gets the two columns
+        (left NULL for the pairs it has: their ranges stay unknown)."""
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(pairs)")}
+        for column in ("kafka_partition", "kafka_offset"):
+            if column not in have:
+                try:
+                    self.conn.execute(f"ALTER TABLE pairs ADD COLUMN {column} INTEGER")
+                except sqlite3.OperationalError as e:  # another process added it meanwhile
+                    if "duplicate column" not in str(e):
+                        raise
 
     def _is_v0(self) -> bool:
         """A feedback table without user_id: a store from before per-user feedback ids."""
@@ -223,6 +237,27 @@ class PreferenceStore:
                 f"SELECT seq, split, message FROM pairs WHERE {where} ORDER BY seq LIMIT {int(limit)}", args
             )
         ]
+
+    def set_pair_offsets(self, places: Sequence[tuple[str, int, int]]) -> None:
+        """Record (pair_id, partition, offset) of pairs on flywheel.preferences; a pair keeps its
+        first place (a copy sent again after a crash lands later)."""
+        if not places:
+            return
+        with self.lock:
+            self.conn.executemany(
+                "UPDATE pairs SET kafka_partition = ?, kafka_offset = ? WHERE pair_id = ? AND kafka_offset IS NULL",
+                [(partition, offset, pair_id) for pair_id, partition, offset in places],
+            )
+
+    def offset_ranges(self, after_seq: int, upto_seq: int, split: str = "train") -> dict[int, tuple[int, int, int]]:
+        """partition -> (lowest offset, highest offset + 1, pairs) of the pairs of `split` with
+        after_seq < seq <= upto_seq whose place on flywheel.preferences is known."""
+        rows = self._q(
+            "SELECT kafka_partition, MIN(kafka_offset), MAX(kafka_offset), COUNT(*) FROM pairs "
+            "WHERE seq > ? AND seq <= ? AND split = ? AND kafka_offset IS NOT NULL GROUP BY kafka_partition",
+            (after_seq, upto_seq, split),
+        )
+        return {int(p): (int(lo), int(hi) + 1, int(n)) for p, lo, hi, n in rows}
 
     def count_pairs(self, split: str | None = None) -> int:
         if split is None:

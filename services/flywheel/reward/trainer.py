@@ -11,7 +11,10 @@ The loop, top to bottom:
 3. every `publish_every_steps` steps and at the end of a round: evaluate pairwise accuracy on
    the held-out split, and unless it fell more than `max_accuracy_drop` below the last
    published version, publish a version (parent lineage, metrics) and announce it on
-   flywheel.reward.updates.
+   flywheel.reward.updates. Its manifest records `extra.pair_seq` and `extra.offsets`: per
+   "topic:partition" of flywheel.preferences, the range [from, to) of offsets of the training
+   pairs it took in since the version before (as far as the dataset knows their places;
+   `flywheel models lineage` prints them).
 
 Each version also reports its *online* accuracy: over the latest `online_window` training pairs,
 the share the model ranked right in the step that first trained on them, before the update
@@ -72,9 +75,10 @@ class OnlineTrainer:
         store: ModelStore,
         dataset: PreferenceStore,
         announce: Callable[[events_pb2.ModelUpdate], None] | None = None,
+        preferences_topic: str = "flywheel.preferences",
     ) -> None:
         self.config, self.model_config, self.store, self.dataset = config, model_config, store, dataset
-        self.announce = announce
+        self.announce, self.preferences_topic = announce, preferences_topic
         self.rng = random.Random(config.seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,6 +86,7 @@ class OnlineTrainer:
         self.rm: RewardModel | None = None
         self.replay: list[PairRow] = []
         self.cursor = 0  # dataset seq of the last pair taken into training
+        self.published_cursor = 0  # ... as of the last published version
         self.version = 0  # version the weights in memory descend from
         self.steps = 0
         self.last_accuracy = -1.0  # of the last published version
@@ -102,7 +107,7 @@ class OnlineTrainer:
         trained = train_only_top_layers(self.rm.model, self.config.trainable_layers)
         self.optimizer = torch.optim.AdamW(trained, lr=self.config.lr, eps=1e-5)
         self.version = m.version
-        self.cursor = int(m.extra.get("pair_seq", 0))
+        self.cursor = self.published_cursor = int(m.extra.get("pair_seq", 0))
         self.steps = int(m.metrics.get("training_steps", 0))
         self.last_accuracy = m.metrics.get("heldout_accuracy", -1.0)
         self.last_heldout = int(m.metrics.get("pairs_heldout", 0))
@@ -232,14 +237,16 @@ class OnlineTrainer:
             "train_loss": self.last_loss,
         }
         cfg = dataclasses.asdict(self.config)
+        ranges = self.dataset.offset_ranges(self.published_cursor, self.cursor)
+        offsets = {f"{self.preferences_topic}:{p}": [lo, hi] for p, (lo, hi, _) in sorted(ranges.items())}
         m = self.store.publish(
             self.model_config.name,
             self.rm.save,
             parent=self.version,
             metrics=metrics,
-            extra={"pair_seq": self.cursor, "train_config": cfg},
+            extra={"pair_seq": self.cursor, "train_config": cfg, "offsets": offsets},
         )
-        self.version, self.last_accuracy = m.version, acc
+        self.version, self.last_accuracy, self.published_cursor = m.version, acc, self.cursor
         self.last_heldout = int(metrics["pairs_heldout"])
         PUBLISHED.labels("published").inc()
         log.info(

@@ -18,8 +18,9 @@ import threading
 from typing import Any
 
 from flywheel.core.auth import AuthConfig, Authenticator
-from flywheel.core.config import KafkaConfig, TopicsConfig, load_section
+from flywheel.core.config import ConfigError, KafkaConfig, TopicsConfig, load_section
 from flywheel.core.errors import FlywheelError
+from flywheel.core.logs import configure_logging, set_context
 from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServiceServer, serve, server_config
 from flywheel.ops.lease import elector_from_env
@@ -80,14 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50054)")
     p.add_argument("--http-port", type=int, default=None, help="HTTP port for /metrics and /health (default 8084)")
     p.add_argument("--config", default=None, help="YAML config file (default: FLYWHEEL_CONFIG)")
+    p.add_argument(
+        "--log-level", default=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"), help="Flywheel's loggers (default INFO)"
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FLYWHEEL_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    try:
+        configure_logging("trainer", args.log_level, args.config)
+    except ConfigError as e:
+        p.error(str(e))
     server = ServiceServer(server_config("trainer", grpc_port=args.grpc_port, http_port=args.http_port), name="trainer")
     try:
         trainer, auth = build(args.config)
     except FlywheelError as e:
         print(f"flywheel trainer: {e}", file=sys.stderr)
         return 2
+    set_context(lambda: {"version": trainer.version, "serving_version": trainer.serving_version})
     server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer, auth))
     stop = threading.Event()
     died: list[BaseException] = []

@@ -6,6 +6,11 @@ state saved next to it (state.py). `Checkpointer.save` publishes the version, sa
 and commits the consumed offsets (the Trainer then hands the version to the gate);
 `Checkpointer.restore` resumes from the last saved state, or publishes the starter and starts
 fresh on a first run, and cleans up after a crash between publishing and saving.
+
+Each version's manifest records its lineage (`extra.lineage`, its ancestors; `reward_version`)
+and `extra.offsets`: per "topic:partition" of the prompt source (and "pool", the cursor in the
+fixed pool), the range [from, to) of offsets consumed since the previous checkpoint (or since
+start-up), `from` None where it could not be read. `flywheel models lineage` prints them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Checkpointer:
     ) -> None:
         self.cfg, self.store, self.prompts, self.reward = cfg, store, prompts, reward
         self.dir, self.keep_last = directory, keep_last
+        self._since: dict[str, int] = {}  # the prompt source's position at the last checkpoint (or start)
 
     # ------------------------------------------------------------------ restore
 
@@ -75,6 +81,7 @@ class Checkpointer:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             self.prompts.seek({})
+            self._since = self._position()
             return Restored(st, ungated=None)
         written_with = saved.config.get("adapter", "none")
         if written_with != cfg.adapter:
@@ -92,11 +99,20 @@ class Checkpointer:
         st.kl_ctl.load_state_dict(saved.kl_ctl)
         st.moments.load_state_dict(saved.moments)
         self.prompts.seek(saved.offsets)
+        self._since = dict(saved.offsets)
         saved.rng.restore()
         self._mark_orphans(saved.version)
         last = self.store.get(cfg.model, saved.version)
         ungated = last if last.version != cfg.reference_version and not last.gate else None
         return Restored(st, ungated)
+
+    def _position(self) -> dict[str, int]:
+        """Where the prompt source starts reading (a Kafka call on a fresh start: it may fail)."""
+        try:
+            return dict(self.prompts.position())
+        except Exception as e:  # only the lineage record loses its start
+            log.warning("the prompt source's start position is unknown (%s): lineage ranges start unknown", e)
+            return {}
 
     def _publish_starter(self, path: str) -> None:
         tok = AutoTokenizer.from_pretrained(path)
@@ -127,12 +143,14 @@ class Checkpointer:
         """Publish the policy as a new version, save state.pt, then commit the consumed offsets."""
         cfg = self.cfg
         parent = self.store.get(cfg.model, st.version)
+        offsets = self.prompts.position()
         extra: dict[str, Any] = {
             "trainer_step": st.step,
             "algo": cfg.algo,
             "reference_version": cfg.reference_version,
             "lineage": [*parent.extra.get("lineage", []), parent.version],
             "reward_version": int(getattr(self.reward, "version", -1)),  # a RewardSource need not know it
+            "offsets": {key: [self._since.get(key), end] for key, end in sorted(offsets.items())},
         }
         metrics = {f"train.{k}": v for k, v in st.metrics.items()}
         adapter = st.adapter
@@ -150,7 +168,6 @@ class Checkpointer:
             extra=extra,
         )
         st.version = manifest.version
-        offsets = self.prompts.position()
         state.save_state(
             self.dir,
             state.SavedState(
@@ -169,6 +186,7 @@ class Checkpointer:
             ),
         )
         self.prompts.commit(offsets)  # only now is the consumed work durable
+        self._since = dict(offsets)
         return manifest
 
     def retain(self) -> None:
