@@ -28,6 +28,8 @@ CLASSES: list[tuple[str, str]] = [
     ("Model store", "flywheel.core.modelstore:ModelStoreConfig"),
     ("Auth", "flywheel.core.auth:AuthConfig"),
     ("gRPC and HTTP server (every service)", "flywheel.core.server:ServerConfig"),
+    ("Logs (every service)", "flywheel.core.logs:LogConfig"),
+    ("Tracing (every service)", "flywheel.core.tracing:TracingConfig"),
     ("TLS (every gRPC and HTTP server, every client)", "flywheel.core.tls:TlsConfig"),
     ("Request limits (policy and feedback)", "flywheel.core.limits:LimitsConfig"),
     ("Policy engine", "flywheel.policy.config:EngineConfig"),

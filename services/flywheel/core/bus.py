@@ -5,7 +5,9 @@ The rules (docs/ARCHITECTURE.md, 'Rules that hold everywhere'):
 - a consumer commits a record's offset only after its handler returned (the effect is
   durable); a handler that keeps failing is retried with exponential backoff, then the
   record goes to the dead-letter topic with the error, and the consumer moves on;
-- every event has an id and applying it twice changes nothing: `SeenIds` helps with that.
+- every event has an id and applying it twice changes nothing: `SeenIds` helps with that;
+- a record carries the W3C trace context of the request that made it in its `traceparent`
+  header (core/tracing.py), so a consumer's span joins that request's trace.
 
 kafka-python speaks only the classic consumer-group protocol (not KIP-848), which is what
 both Apache Kafka and the embedded Tansu broker serve here.
@@ -31,7 +33,7 @@ from kafka import errors as kerrors
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
-from flywheel.core import errors
+from flywheel.core import errors, tracing
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.v1 import events_pb2
 
@@ -317,10 +319,13 @@ class Producer:
         """Send bytes as they are; returns kafka-python's future.
 
         RecordRefused when the client refuses this record for good (nothing was queued);
-        errors.Unavailable when Kafka cannot take records now.
+        errors.Unavailable when Kafka cannot take records now. The current trace context goes
+        into the record's headers unless they carry one already (`tracing.with_context`).
         """
         try:
-            fut = self.client.send(topic, value=value, key=key, headers=_headers(headers) if headers else None)
+            fut = self.client.send(
+                topic, value=value, key=key, headers=tracing.with_context(_headers(headers) if headers else None)
+            )
         except (kerrors.KafkaError, TypeError, ValueError) as e:
             PRODUCE_ERRORS.labels(topic).inc()
             refused = self._refused(topic, key, value, e)

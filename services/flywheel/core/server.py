@@ -14,7 +14,10 @@ One `ServiceServer` owns, in one asyncio event loop:
   * TLS on both ports once the `tls` section has a certificate, mutual TLS with a client CA
     (core/tls.py: certificates re-read when their files change);
   * browser access by an allow-list of origins (`cors_origins`, core/cors.py) and
-    `X-Content-Type-Options: nosniff` on every HTTP answer.
+    `X-Content-Type-Options: nosniff` on every HTTP answer;
+  * one OpenTelemetry SERVER span per RPC and per HTTP request (core/tracing.py; probes,
+    reflection and /metrics excepted), a child of the caller's `traceparent`; an HTTP answer
+    carries its span's `traceparent` header.
 
 Overload: at most `max_concurrent_rpcs` RPCs (a stream counts until it ends) and
 `max_concurrent_http` HTTP requests (a streamed answer counts until it ends) are handled at
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -52,15 +56,16 @@ import math
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
-from flywheel.core import cors, errors, metrics
+from flywheel.core import cors, errors, metrics, tracing
 from flywheel.core.config import DEFAULT_PORTS, require, setting
 from flywheel.core.errors import (
     INTERNAL_CODES,
@@ -364,12 +369,21 @@ def _refuse_undecodable(request: Any) -> None:
         )
 
 
+def _end_rpc_span(span: Any, code: grpc.StatusCode) -> None:
+    """Record an RPC's status code on its span; any code but OK marks the span as an error."""
+    if span is None or not span.is_recording():
+        return
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to status codes, records request metrics and, with a `limit`, bounds the
     RPCs in flight (health and reflection excepted), for every RPC kind."""
 
-    def __init__(self, limit: InFlightLimit | None = None) -> None:
-        self.limit = limit
+    def __init__(self, limit: InFlightLimit | None = None, service: str = "flywheel") -> None:
+        self.limit, self.service = limit, service
 
     async def intercept_service(
         self,
@@ -382,6 +396,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         service, name = metrics.split_method(method)
         limit = None if method.startswith(UNLIMITED_GRPC_PREFIXES) else self.limit
+        traced = not method.startswith(UNLIMITED_GRPC_PREFIXES)  # probes and reflection: no spans
+        tracer_of = self.service
+
+        def rpc_span(context: grpc.aio.ServicerContext) -> Any:
+            if not traced:
+                return contextlib.nullcontext(None)
+            return tracing.span(
+                tracer_of,
+                method.lstrip("/"),
+                context=tracing.context_of(context.invocation_metadata()),
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                record_errors=False,
+            )
 
         def observe(code: grpc.StatusCode, started: float) -> None:
             metrics.GRPC_IN_FLIGHT.labels(service, name).dec()
@@ -390,6 +418,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         def unary_response(behavior: Callable[..., Any], limit: InFlightLimit | None) -> Callable[..., Awaitable[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with rpc_span(context) as span:
+                    return await traced_unary(request, context, span)
+
+            async def traced_unary(request: Any, context: grpc.aio.ServicerContext, span: Any) -> Any:
                 started, code, entered = time.perf_counter(), grpc.StatusCode.OK, None
                 metrics.GRPC_IN_FLIGHT.labels(service, name).inc()
                 try:
@@ -415,6 +447,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if entered is not None:
                         entered.leave()
                     observe(code, started)
+                    _end_rpc_span(span, code)
 
             return wrapper
 
@@ -422,6 +455,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             behavior: Callable[..., Any], limit: InFlightLimit | None
         ) -> Callable[..., AsyncIterator[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with rpc_span(context) as span:
+                    # aclosing: a cancelled stream closes the inner one now, so its finally
+                    # (the in-flight count, metrics, the span's code) runs before the span ends
+                    async with contextlib.aclosing(traced_stream(request, context, span)) as items:
+                        async for item in items:
+                            yield item
+
+            async def traced_stream(
+                request: Any, context: grpc.aio.ServicerContext, span: Any
+            ) -> AsyncGenerator[Any, None]:
                 started, code, entered = time.perf_counter(), grpc.StatusCode.OK, None
                 metrics.GRPC_IN_FLIGHT.labels(service, name).inc()
                 try:
@@ -452,6 +495,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if entered is not None:
                         entered.leave()
                     observe(code, started)
+                    _end_rpc_span(span, code)
 
             return wrapper
 
@@ -529,6 +573,48 @@ def _limit_middleware(limit: InFlightLimit) -> Any:
     return limit_in_flight
 
 
+TRACEPARENT_KEY: web.RequestKey[str] = web.RequestKey("flywheel.traceparent", str)
+
+
+def _trace_middleware(service: str) -> Any:
+    """One SERVER span per HTTP request (probes and scrapes excepted), child of the request's
+    `traceparent`; a 5xx marks it as an error. Its traceparent goes back on the answer's headers
+    (`_traceparent_header`), so a client can send it with the feedback on that answer."""
+
+    @web.middleware
+    async def trace_request(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in UNLIMITED_HTTP_PATHS or request.method == "OPTIONS":
+            return await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path  # /models/{model}, not each name
+        with tracing.span(
+            service,
+            f"{request.method} {route}",
+            context=tracing.context_of(request.headers),
+            kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "url.path": request.path},
+        ) as span:
+            value = tracing.traceparent_of(span)
+            if value is not None:
+                request[TRACEPARENT_KEY] = value
+            response = await handler(request)
+            if span.is_recording():
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(response.status)))
+            return response
+
+    return trace_request
+
+
+async def _traceparent_header(request: web.Request, response: web.StreamResponse) -> None:
+    value = request.get(TRACEPARENT_KEY)
+    if value is not None and tracing.TRACEPARENT not in response.headers:
+        response.headers[tracing.TRACEPARENT] = value
+
+
 # ---------------------------------------------------------------- the server
 
 
@@ -552,9 +638,17 @@ class ServiceServer:
         await server.wait()                                     # until SIGTERM or stop()
     """
 
-    def __init__(self, config: ServerConfig, name: str = "flywheel", tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        name: str = "flywheel",
+        tls: TlsConfig | None = None,
+        tracing_config: tracing.TracingConfig | None = None,
+    ) -> None:
         """`tls`: TLS of both ports; None reads the `tls` config section (FLYWHEEL_TLS_* variables),
-        so every service serves TLS once it is configured; `TlsConfig()` is plaintext."""
+        so every service serves TLS once it is configured; `TlsConfig()` is plaintext.
+        `tracing_config`: None reads the `tracing` section; the service's spans are named `name`
+        (`tracing.ensure`: a process that set up `name`'s tracing before keeps that)."""
         self.config = config
         self.name = name
         self.tls = load_tls() if tls is None else tls
@@ -565,15 +659,17 @@ class ServiceServer:
         self.http_limit = InFlightLimit(
             config.max_concurrent_http, name, "HTTP requests", "max_concurrent_http", retry_after
         )
-        middlewares = [error_middleware, cors.preflight_middleware(config.cors_origins)]
+        tracing.ensure(name, tracing_config)
+        middlewares = [_trace_middleware(name), error_middleware, cors.preflight_middleware(config.cors_origins)]
         middlewares.append(_limit_middleware(self.http_limit))
         if self.certificates is not None and self.certificates.mutual:
-            middlewares.insert(1, self.certificates.http_middleware(MTLS_EXEMPT_HTTP_PATHS))
+            middlewares.insert(2, self.certificates.http_middleware(MTLS_EXEMPT_HTTP_PATHS))
         self.http_app = web.Application(
             middlewares=middlewares,
             client_max_size=config.max_http_body_mb * 1024**2,
         )
         self.http_app.on_response_prepare.append(cors.response_headers(config.cors_origins))
+        self.http_app.on_response_prepare.append(_traceparent_header)
         self.http_app[SERVER_KEY] = self
         self.http_app.router.add_get("/health", _health_route)
         self.http_app.router.add_get("/live", _live_route)
@@ -642,7 +738,7 @@ class ServiceServer:
             raise RuntimeError("start() called twice")
         cfg = self.config
         self._grpc = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.rpc_limit)],
+            interceptors=[ErrorInterceptor(self.rpc_limit, self.name)],
             options=cfg.grpc_options(),
             maximum_concurrent_rpcs=cfg.grpc_hard_limit,  # a backstop; the interceptor's limit answers first
         )

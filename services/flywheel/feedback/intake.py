@@ -63,7 +63,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
-from flywheel.core import bus, errors
+from flywheel.core import bus, errors, tracing
 from flywheel.core.auth import AuthConfig, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig
 from flywheel.core.limits import LimitsConfig
@@ -159,6 +159,11 @@ class _Item:
     key: str
     value: bytes
     claim: Claim  # (id_key, vote_key): per user, see dedup.py
+    trace: list[tuple[str, bytes]]  # the request's trace context (core/tracing.py), as record headers
+
+    @property
+    def headers(self) -> list[tuple[str, str | bytes]]:
+        return [(H_EVENT_ID, self.feedback_id), *self.trace]
 
 
 class FeedbackIntake:
@@ -324,7 +329,7 @@ class FeedbackIntake:
         self.user_limits.take(user, 1)
         event = build_event(req, kind, verified, self.config.rating_scale, now)
         claim = (id_key(user, req.feedback_id), vote_key(user, kind, subject))
-        return _Item(index, req.feedback_id, kind, subject, event.SerializeToString(), claim)
+        return _Item(index, req.feedback_id, kind, subject, event.SerializeToString(), claim, tracing.record_headers())
 
     @staticmethod
     def _answer(it: _Item, mark: Any) -> feedback_pb2.FeedbackResponse | errors.FlywheelError:
@@ -438,7 +443,7 @@ class FeedbackIntake:
         try:
             for it in fresh:
                 try:
-                    out.append(send(topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)]))
+                    out.append(send(topic, it.key.encode(), it.value, it.headers))
                 except bus.RecordRefused as e:  # this event alone: the others go on
                     out.append(e)
                 except errors.FlywheelError as e:  # no connection, or no metadata within send_timeout_s
@@ -462,9 +467,7 @@ class FeedbackIntake:
                 out.append(None)
                 continue
             try:
-                self.producer.deliver_alone(
-                    topic, it.key.encode(), it.value, [(H_EVENT_ID, it.feedback_id)], self.config.send_timeout_s
-                )
+                self.producer.deliver_alone(topic, it.key.encode(), it.value, it.headers, self.config.send_timeout_s)
                 out.append(ACCEPTED_S)
             except bus.RecordRefused as e:
                 out.append(e)
@@ -509,7 +512,7 @@ class FeedbackIntake:
                 to_spool.sort()
         if to_spool:
             topic = self.topics.feedback
-            records = [(topic, items[i].key, items[i].value, [(H_EVENT_ID, items[i].feedback_id)]) for i in to_spool]
+            records = [(topic, items[i].key, items[i].value, items[i].headers) for i in to_spool]
 
             def adopt(seqs: list[int]) -> None:  # before the drain thread can see the records
                 for i, seq in zip(to_spool, seqs, strict=True):

@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from flywheel.core import errors
+from flywheel.core import errors, tracing
 from flywheel.core.bus import Producer
 from flywheel.core.config import KafkaConfig
 from flywheel.core.spool import DurableSpool, ProducerSender
@@ -65,7 +65,8 @@ class InteractionPublisher:
             spool_path, name="policy-interactions", max_records=spool_max_records, max_bytes=spool_max_bytes
         )
         self.sender = ProducerSender(self.producer, timeout_s=send_timeout_s, source="policy-interactions")
-        self._queue: queue.Queue[events_pb2.Interaction] = queue.Queue(max_queue)
+        # each with the trace context of the request that made it (record headers, core/tracing.py)
+        self._queue: queue.Queue[tuple[events_pb2.Interaction, list[tuple[str, bytes]]]] = queue.Queue(max_queue)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
@@ -82,7 +83,7 @@ class InteractionPublisher:
         """Queue one interaction (never blocks); False when the queue is full and it was dropped."""
         try:
             self._idle.clear()
-            self._queue.put_nowait(interaction)
+            self._queue.put_nowait((interaction, tracing.record_headers()))
             return True
         except queue.Full:
             self._dropped.inc()
@@ -98,7 +99,7 @@ class InteractionPublisher:
         return self._idle.wait(timeout_s)
 
     # ------------------------------------------------------------------ worker thread
-    def _take(self) -> list[events_pb2.Interaction]:
+    def _take(self) -> list[tuple[events_pb2.Interaction, list[tuple[str, bytes]]]]:
         try:
             items = [self._queue.get(timeout=0.2)]
         except queue.Empty:
@@ -125,15 +126,15 @@ class InteractionPublisher:
             if self._queue.empty():
                 self._idle.set()
 
-    def _send(self, items: list[events_pb2.Interaction]) -> None:
-        records = [(self.topic, it.interaction_id, it.SerializeToString(), None) for it in items]
+    def _send(self, items: list[tuple[events_pb2.Interaction, list[tuple[str, bytes]]]]) -> None:
+        records = [(self.topic, it.interaction_id, it.SerializeToString(), headers) for it, headers in items]
         if self.spool.depth() > 0:  # Kafka was away: keep the order, go behind what waits
             self._to_spool(records, [None] * len(records))
             return
         futures: list[Any] = []
         try:
-            for _, key, value, _ in records:
-                futures.append(self.producer.send_raw(self.topic, key.encode(), value))
+            for _, key, value, headers in records:
+                futures.append(self.producer.send_raw(self.topic, key.encode(), value, headers))
         except errors.FlywheelError as e:  # unreachable, or refused for good: the spool's drain settles it
             log.warning("Kafka did not take an interaction (%s): spooling %d", e, len(records) - len(futures))
         deadline = time.monotonic() + self.send_timeout_s

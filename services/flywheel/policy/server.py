@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from flywheel.core import errors
+from flywheel.core import errors, tracing
 from flywheel.core.auth import Caller
 from flywheel.core.server import ServerConfig, ServiceServer
 from flywheel.policy.requests import GenerationRequest, Token
@@ -66,6 +66,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if left is None else max(0.0, left)
 
 
+async def _send_trace(context: grpc.aio.ServicerContext) -> None:
+    """The answer's trace context as initial metadata (`traceparent`): a client sends it back with
+    its feedback, which then joins this answer's trace (docs/ARCHITECTURE.md, 'Tracing')."""
+    fields = tracing.current_fields()
+    if fields:
+        await context.send_initial_metadata(tuple(fields.items()))
+
+
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     def __init__(self, service: PolicyService) -> None:
         self.service = service
@@ -79,6 +87,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
     async def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
         user, caller = self._user(request, context)
+        await _send_trace(context)
         served = await self.service.generate(request_from_proto(request), user, _deadline(context), caller=caller)
         return response_proto(served, request.params.logprobs)
 
@@ -86,6 +95,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
         user, caller = self._user(request, context)
+        await _send_trace(context)
         req = request_from_proto(request)
         async for ev, served in self.service.stream(req, user, _deadline(context), caller=caller):
             out = policy_pb2.GenerateStreamResponse(token=token_proto(ev.token) if ev.token else None, text=ev.text)
@@ -95,6 +105,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
     async def GeneratePair(self, request: policy_pb2.GeneratePairRequest, context: grpc.aio.ServicerContext) -> Any:
         user, caller = self._user(request.request, context)  # the caller: a candidate_version may need admin
+        await _send_trace(context)
         req = request_from_proto(request.request)
         pair = await self.service.pair(req, user, request.candidate_version, _deadline(context), caller=caller)
         logprobs = request.request.params.logprobs

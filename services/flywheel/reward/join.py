@@ -34,6 +34,12 @@ again by the next flush (also at start) as the same stored bytes under the same 
 on the topic is an identical one and the dataset holds each pair once.
 The held-out split is a hash of the pair's source feedback ids (so both halves of a tie, and
 every pair that uses a held-out label, land on the same side).
+
+Tracing (core/tracing.py): each record is applied under a CONSUMER span that is a child of the
+trace context in its headers (the answer's trace for an interaction, the feedback request's for
+feedback, which a client sends with the answer's traceparent). A record that makes pairs gets a
+`join pair` span below it, linked to the context of every interaction and feedback the pairs
+came from that this process saw lately (an in-memory, bounded map: a restart forgets it).
 """
 
 from __future__ import annotations
@@ -43,12 +49,13 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
-from flywheel.core import bus
+from flywheel.core import bus, tracing
 from flywheel.reward.config import JoinConfig
 from flywheel.reward.store import JoinWrites, PreferenceStore, StoredInteraction, subject_of
 from flywheel.v1 import events_pb2
@@ -82,6 +89,8 @@ MEAN_RATING = Gauge("flywheel_live_mean_rating", "Mean rating normalized to 0..1
 WIN_RATE = Gauge("flywheel_live_win_rate", "Pairwise win rate (ties count half).", ["policy_version"])
 
 MAX_PARTNERS = 32  # pairs inferred per new thumbs/rating label, against the most recent others
+TRACED_SOURCES = 10_000  # span contexts of recent interactions and feedback kept for the pair spans' links
+SERVICE = "reward"  # the tracer: the reward service runs the join
 
 
 def _h(*parts: str) -> str:
@@ -119,6 +128,7 @@ class PreferenceJoin:
         self.config, self.store, self.publish = config, store, publish
         self._live: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._flushing = threading.Lock()  # one flush at a time: two would both send the same rows
+        self._sources: OrderedDict[str, trace.SpanContext] = OrderedDict()  # event id -> its record's context
         PENDING.set(store.pending_count())
 
     # ------------------------------------------------------------------ entry points
@@ -130,13 +140,58 @@ class PreferenceJoin:
         """
         with self.store.transaction() as tx:
             for r in records:
-                self._apply(tx, r.value)
+                self._traced_apply(tx, r)
         PENDING.set(self.store.pending_count())
         self.flush()
 
     def handle(self, record: bus.Record) -> None:
         """bus.Consumer handler (one record): the effect is durable and the pairs acknowledged when it returns."""
         self.handle_batch([record])
+
+    def _traced_apply(self, tx: JoinWrites, r: bus.Record) -> None:
+        """`_apply` under a span that continues the record's trace (see the module doc)."""
+        context = tracing.context_of(r.headers)
+        with tracing.span(
+            SERVICE,
+            f"join {r.topic}",
+            context=context,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.destination.name": r.topic, "messaging.kafka.offset": r.offset},
+        ) as span:
+            if not span.is_recording():
+                self._apply(tx, r.value)
+                return
+            self._remember(r.value, trace.get_current_span(context).get_span_context())
+            pairs = self._apply(tx, r.value)
+            if pairs:
+                links = self._links(pairs)
+                with tracing.span(SERVICE, "join pair", links=links) as pair_span:
+                    pair_span.set_attribute("flywheel.pair_ids", [p.pair_id for p in pairs])
+
+    def _remember(self, msg: object, context: trace.SpanContext) -> None:
+        if not context.is_valid:
+            return
+        if isinstance(msg, events_pb2.Interaction):
+            ids = [msg.interaction_id]
+        elif isinstance(msg, events_pb2.FeedbackEvent):
+            ids = [msg.feedback_id]
+        else:
+            return
+        for i in ids:
+            self._sources[i] = context
+            self._sources.move_to_end(i)
+        while len(self._sources) > TRACED_SOURCES:
+            self._sources.popitem(last=False)
+
+    def _links(self, pairs: list[events_pb2.PreferencePair]) -> list[trace.Link]:
+        """Links to the records the pairs came from: both interactions and the feedback."""
+        seen: dict[str, trace.SpanContext] = {}
+        for p in pairs:
+            for i in (p.chosen_interaction_id, p.rejected_interaction_id, *p.source_feedback_ids):
+                ctx = self._sources.get(i)
+                if ctx is not None:
+                    seen[i] = ctx
+        return [trace.Link(ctx, {"flywheel.source_id": i}) for i, ctx in seen.items()]
 
     def _apply(self, tx: JoinWrites, msg: object) -> list[events_pb2.PreferencePair]:
         if isinstance(msg, events_pb2.Interaction):

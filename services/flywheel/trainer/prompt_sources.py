@@ -4,7 +4,8 @@ held-out gate split) or Kafka.
 A prompt source hands out prompts and keeps a consumed position that the trainer's checkpoint
 saves (`position`, `seek`) and then commits (`commit`), so a restart neither repeats nor skips
 work. `KafkaPrompts` reads served prompts (and demonstrations for PPO-ptx) and tops up from
-the pool when traffic is thin.
+the pool when traffic is thin. A take that used live prompts is a `trainer take prompts` span
+linked to the trace of each answer whose prompt it took (core/tracing.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import logging
 import random
 from typing import Any, Protocol
 
-from flywheel.core import errors
+from opentelemetry import trace
+
+from flywheel.core import errors, tracing
 
 log = logging.getLogger(__name__)
+SERVICE = "trainer"  # the tracer: the trainer service reads the prompts
+MAX_LINKS = 128  # links of one take span (OpenTelemetry's default span limit)
 
 FALLBACK_PROMPTS = [
     "how do I reset my password?",
@@ -166,6 +171,7 @@ class KafkaPrompts(PoolPrompts):
         from flywheel.v1 import events_pb2
 
         live: list[str] = []
+        links: list[Any] = []
         try:
             batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=n)
         except KafkaError as e:  # the training loop backs off and retries the step
@@ -177,12 +183,18 @@ class KafkaPrompts(PoolPrompts):
                         ev = events_pb2.Interaction.FromString(msg.value)
                         if ev.prompt and (not ev.model or ev.model == self.model):
                             live.append(ev.prompt)
+                            context = tracing.span_context_of(msg.headers) if len(links) < MAX_LINKS else None
+                            if context is not None:
+                                links.append(trace.Link(context))
                     else:
                         pair = events_pb2.PreferencePair.FromString(msg.value)
                         if pair.source == "demonstration" and pair.prompt and pair.chosen:
                             self._demos = (self._demos + [(pair.prompt, pair.chosen)])[-256:]
                 except Exception:  # an undecodable record is skipped, never fatal
                     continue
+        if links:
+            with tracing.span(SERVICE, "trainer take prompts", links=links) as span:
+                span.set_attribute("flywheel.live_prompts", len(live))
         return live[:n] + (super().take(n - len(live)) if len(live) < n else [])
 
     def demonstrations(self) -> list[tuple[str, str]]:
