@@ -292,3 +292,71 @@ def test_http_answer_carries_its_traceparent(world: dict[str, Any]) -> None:
     (span,) = [s for s in spans.get_finished_spans() if s.name == "POST /generate"]
     assert service_of(span) == "policy" and span.attributes["http.response.status_code"] == 200
     assert f"{span.context.span_id:016x}" == returned.split("-")[2]
+
+
+SUBMIT = "flywheel.v1.Feedback/Submit"
+
+
+def submit_span_under(spans: InMemorySpanExporter, traceparent: str) -> ReadableSpan:
+    """The one feedback Submit span in `traceparent`'s trace, checked to be a child of that span."""
+    _, trace_hex, span_hex, _ = traceparent.split("-")
+
+    def submits() -> list[ReadableSpan]:
+        finished = spans.get_finished_spans()
+        return [s for s in finished if s.name == SUBMIT and s.context.trace_id == int(trace_hex, 16)]
+
+    wait_for(lambda: submits(), 30, f"a Submit span in the trace of {traceparent}")
+    (span,) = submits()
+    assert service_of(span) == "feedback" and span.parent is not None and span.parent.span_id == int(span_hex, 16)
+    return span
+
+
+def test_the_client_links_feedback_to_the_answers_trace(world: dict[str, Any]) -> None:
+    """flywheel.client keeps each answer's (and pair's) traceparent and sends it with its feedback."""
+    from flywheel.client import Client
+
+    spans = InMemorySpanExporter()
+    trace_on(spans)
+    addrs = world["policy"].grpc_addr, f"127.0.0.1:{world['feedback'].server.grpc_port}"
+    with Client(*addrs) as client:
+        answer = client.generate("how do I bake bread?", "erin", max_new_tokens=4)
+        assert client.thumbs(answer, up=True).status == "accepted"
+        *_, last = client.stream("where is my order?", "erin", max_new_tokens=4)
+        streamed = last.answer
+        assert streamed is not None and client.rate(streamed, 2).status == "accepted"
+        pair = client.generate_pair("do you like coffee?", "erin", max_new_tokens=4)
+        assert pair.a.traceparent == pair.b.traceparent == pair.traceparent
+        assert client.prefer(pair, "A").status == "accepted"
+    traces = {answer.traceparent, streamed.traceparent, pair.traceparent}
+    assert len(traces) == 3 and all(t.startswith("00-") for t in traces)  # one trace per answer
+    for traceparent in traces:
+        submit_span_under(spans, traceparent)
+
+    trace_on(spans, tracing.TracingConfig())  # tracing off: no traceparent, and feedback works as before
+    with Client(*addrs) as client:
+        quiet = client.generate("hello, how are you today?", "erin", max_new_tokens=4)
+        assert quiet.traceparent == "" and client.thumbs(quiet, up=False).status == "accepted"
+
+
+def test_the_async_client_links_feedback_to_the_answers_trace(world: dict[str, Any]) -> None:
+    from flywheel.client import AsyncClient
+
+    spans = InMemorySpanExporter()
+    trace_on(spans)
+    addrs = world["policy"].grpc_addr, f"127.0.0.1:{world['feedback'].server.grpc_port}"
+
+    async def main() -> list[str]:
+        async with AsyncClient(*addrs) as client:
+            answer = await client.generate("how can I get a refund?", "frank", max_new_tokens=4)
+            assert (await client.thumbs(answer, up=True)).status == "accepted"
+            chunks = [c async for c in client.stream("I need an invoice.", "frank", max_new_tokens=4)]
+            streamed = chunks[-1].answer
+            assert streamed is not None and (await client.demonstrate(streamed, "Here it is.")).status == "accepted"
+            pair = await client.generate_pair("do you like tea?", "frank", max_new_tokens=4)
+            assert (await client.prefer(pair, "TIE")).status == "accepted"
+            return [answer.traceparent, streamed.traceparent, pair.traceparent]
+
+    traces = asyncio.run(main())
+    assert len(set(traces)) == 3 and all(traces)
+    for traceparent in traces:
+        submit_span_under(spans, traceparent)

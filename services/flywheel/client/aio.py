@@ -27,6 +27,8 @@ class AsyncClient:
             print(chunk.text, end="")
         pair = await client.generate_pair("hi", "alice")
         await client.prefer(pair, "A")
+
+    Answers and pairs keep the policy's `traceparent`, and feedback on them sends it back (see Client).
     """
 
     def __init__(
@@ -57,8 +59,8 @@ class AsyncClient:
     ) -> Answer:
         """One complete answer (see Client.generate)."""
         req = wire.generate_request(prompt, user_id, sampling)
-        msg, _ = await self._call(self._policy.Generate, req, timeout_s)
-        return Answer.from_proto(msg, user_id)
+        msg, _, traceparent = await self._call(self._policy.Generate, req, timeout_s)
+        return Answer.from_proto(msg, user_id, traceparent)
 
     async def stream(
         self, prompt: Prompt, user_id: str, *, timeout_s: float | None = None, **sampling: Unpack[Sampling]
@@ -70,11 +72,12 @@ class AsyncClient:
         while True:
             attempt += 1
             call = self._policy.GenerateStream(req, timeout=timeout_s or self.settings.timeout_s, metadata=self._md)
-            started = False
+            started, traceparent = False, ""
             try:
                 async for msg in call:
-                    started = True
-                    yield Chunk.from_proto(msg, user_id)
+                    if not started:  # the initial metadata came before the first message
+                        started, traceparent = True, wire.traceparent(await call.initial_metadata())
+                    yield Chunk.from_proto(msg, user_id, traceparent)
                 return
             except grpc.RpcError as e:
                 wait = None if started else self.settings.retry.delay_s(attempt, e.code(), retry_after_s(e))
@@ -95,8 +98,8 @@ class AsyncClient:
     ) -> Pair:
         """Two answers to one prompt (see Client.generate_pair)."""
         req = wire.pair_request(prompt, user_id, candidate_version, sampling)
-        msg, _ = await self._call(self._policy.GeneratePair, req, timeout_s)
-        return Pair.from_proto(msg, user_id)
+        msg, _, traceparent = await self._call(self._policy.GeneratePair, req, timeout_s)
+        return Pair.from_proto(msg, user_id, traceparent)
 
     async def thumbs(
         self,
@@ -108,7 +111,7 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> Receipt:
         """Thumbs up or down on `answer` (see Client.thumbs)."""
-        return await self._submit(wire.thumbs_request(answer, up, comment, feedback_id), timeout_s)
+        return await self._submit(answer, wire.thumbs_request(answer, up, comment, feedback_id), timeout_s)
 
     async def rate(
         self,
@@ -120,7 +123,7 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> Receipt:
         """A rating, 1..the service's rating scale (see Client.rate)."""
-        return await self._submit(wire.rating_request(answer, stars, comment, feedback_id), timeout_s)
+        return await self._submit(answer, wire.rating_request(answer, stars, comment, feedback_id), timeout_s)
 
     async def prefer(
         self,
@@ -132,7 +135,7 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> Receipt:
         """ "A", "B" or "TIE" on `pair` (see Client.prefer)."""
-        return await self._submit(wire.preference_request(pair, choice, comment, feedback_id), timeout_s)
+        return await self._submit(pair, wire.preference_request(pair, choice, comment, feedback_id), timeout_s)
 
     async def demonstrate(
         self,
@@ -144,11 +147,15 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> Receipt:
         """The answer the user wanted (see Client.demonstrate)."""
-        return await self._submit(wire.demonstration_request(answer, text, comment, feedback_id), timeout_s)
+        return await self._submit(answer, wire.demonstration_request(answer, text, comment, feedback_id), timeout_s)
 
-    async def _submit(self, req: feedback_pb2.FeedbackRequest, timeout_s: float | None) -> Receipt:
-        """One feedback_id for every attempt; a DUPLICATE answer to a retry is reported as "accepted"."""
-        msg, attempts = await self._call(self._feedback.Submit, req, timeout_s, feedback_id=req.feedback_id)
+    async def _submit(
+        self, target: Answer | Pair, req: feedback_pb2.FeedbackRequest, timeout_s: float | None
+    ) -> Receipt:
+        """One feedback_id for every attempt; a DUPLICATE answer to a retry is reported as "accepted".
+        `target`'s traceparent goes along in the metadata."""
+        md = wire.submit_metadata(self._md, target)
+        msg, attempts, _ = await self._call(self._feedback.Submit, req, timeout_s, req.feedback_id, md)
         status = STATUS.get(msg.status, "accepted")
         if attempts > 1 and status == "duplicate":
             status = "accepted"
@@ -157,7 +164,7 @@ class AsyncClient:
     async def create_session(self, user_id: str, ttl_s: int | None = None) -> Session:
         """A short-lived session for `user_id` (see Client.create_session)."""
         req = feedback_pb2.CreateSessionRequest(user_id=user_id, ttl_s=ttl_s or 0)
-        msg, _ = await self._call(self._feedback.CreateSession, req, None)
+        msg, _, _ = await self._call(self._feedback.CreateSession, req, None)
         return Session.from_proto(msg)
 
     @property
@@ -165,13 +172,22 @@ class AsyncClient:
         return self.settings.metadata
 
     async def _call(
-        self, rpc: Callable[..., Any], req: Any, timeout_s: float | None, feedback_id: str | None = None
-    ) -> tuple[Any, int]:
+        self,
+        rpc: Callable[..., Any],
+        req: Any,
+        timeout_s: float | None,
+        feedback_id: str | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> tuple[Any, int, str]:
+        """(response, attempts, traceparent of its initial metadata), as Client._call."""
+        timeout, md = timeout_s or self.settings.timeout_s, self._md if metadata is None else metadata
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await rpc(req, timeout=timeout_s or self.settings.timeout_s, metadata=self._md), attempt
+                call = rpc(req, timeout=timeout, metadata=md)
+                msg = await call
+                return msg, attempt, wire.traceparent(await call.initial_metadata())
             except grpc.RpcError as e:
                 wait = self.settings.retry.delay_s(attempt, e.code(), retry_after_s(e))
                 if wait is None:

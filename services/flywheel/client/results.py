@@ -1,7 +1,8 @@
 """What the client returns: frozen dataclasses, never protobuf messages.
 
-An `Answer` (and each side of a `Pair`) keeps the user it was served to and its feedback token,
-so the feedback helpers can send them back without the application carrying either around.
+An `Answer` (and each side of a `Pair`) keeps the user it was served to, its feedback token and
+the trace it was served in (`traceparent`), so the feedback helpers can send them back without the
+application carrying any of them around.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Token:
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """One served answer, with what feedback on it needs (`interaction_id`, `feedback_token`, `user_id`)."""
+    """One served answer, with what feedback on it needs (`interaction_id`, `feedback_token`, `user_id`,
+    and `traceparent`, which links the feedback to the answer's trace)."""
 
     text: str
     interaction_id: str
@@ -45,10 +47,11 @@ class Answer:
     generated_tokens: int
     user_id: str  # the end user it was served to: feedback on it must come from the same one
     tokens: tuple[Token, ...] = ()
+    traceparent: str = ""  # the answer's W3C trace context from the server ("" when it sent none)
 
     @classmethod
-    def from_proto(cls, msg: Any, user_id: str) -> Answer:
-        """From a flywheel.v1.GenerateResponse."""
+    def from_proto(cls, msg: Any, user_id: str, traceparent: str = "") -> Answer:
+        """From a flywheel.v1.GenerateResponse and the traceparent of the call's initial metadata."""
         return cls(
             text=msg.text,
             interaction_id=msg.interaction_id,
@@ -59,6 +62,7 @@ class Answer:
             generated_tokens=msg.generated_tokens,
             user_id=user_id,
             tokens=tuple(Token(t.id, t.text, t.logprob, t.special) for t in msg.tokens),
+            traceparent=traceparent,
         )
 
 
@@ -71,11 +75,11 @@ class Chunk:
     answer: Answer | None = None  # set on the last chunk only: the whole answer with its ids and token
 
     @classmethod
-    def from_proto(cls, msg: Any, user_id: str) -> Chunk:
-        """From a flywheel.v1.GenerateStreamResponse."""
+    def from_proto(cls, msg: Any, user_id: str, traceparent: str = "") -> Chunk:
+        """From a flywheel.v1.GenerateStreamResponse (and the stream's traceparent, for `answer`)."""
         t = msg.token if msg.HasField("token") else None
         token = Token(t.id, t.text, t.logprob, t.special) if t is not None else None
-        answer = Answer.from_proto(msg.final, user_id) if msg.HasField("final") else None
+        answer = Answer.from_proto(msg.final, user_id, traceparent) if msg.HasField("final") else None
         return cls(msg.text, token, answer)
 
 
@@ -88,12 +92,13 @@ class Pair:
     b: Answer
     feedback_token: str  # the pair's own token: a preference sends this one, not a side's
     user_id: str
+    traceparent: str = ""  # the pair's W3C trace context ("" when the server sent none); both sides share it
 
     @classmethod
-    def from_proto(cls, msg: Any, user_id: str) -> Pair:
-        """From a flywheel.v1.GeneratePairResponse."""
-        a, b = Answer.from_proto(msg.a, user_id), Answer.from_proto(msg.b, user_id)
-        return cls(msg.pair_id, a, b, msg.feedback_token, user_id)
+    def from_proto(cls, msg: Any, user_id: str, traceparent: str = "") -> Pair:
+        """From a flywheel.v1.GeneratePairResponse and the traceparent of the call's initial metadata."""
+        a, b = Answer.from_proto(msg.a, user_id, traceparent), Answer.from_proto(msg.b, user_id, traceparent)
+        return cls(msg.pair_id, a, b, msg.feedback_token, user_id, traceparent)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar, Unpack
+from collections.abc import Iterator, Sequence
+from typing import Any, Unpack
 
 import grpc
 
@@ -16,8 +16,6 @@ from flywheel.client.wire import Prompt, Sampling
 from flywheel.core.tls import TlsConfig, channel
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc, policy_pb2_grpc
 
-T = TypeVar("T")
-
 
 class Client:
     """Answers from the policy service and feedback to the feedback service, over gRPC.
@@ -25,7 +23,7 @@ class Client:
         with Client("policy:50051", "feedback:50052", api_key=KEY) as client:
             answer = client.generate("where is my order?", user_id="alice", max_new_tokens=64)
             print(answer.text, answer.policy_version)
-            client.thumbs(answer, up=True)                 # carries answer's id, token and user
+            client.thumbs(answer, up=True)                 # carries answer's id, token, user and trace
             for chunk in client.stream("hi", user_id="alice"):
                 print(chunk.text, end="")                   # the last chunk has chunk.answer
             pair = client.generate_pair("hi", user_id="alice")
@@ -41,6 +39,8 @@ class Client:
     timeout_s: each call's deadline (one attempt; retries get their own).
     retry: RetryPolicy (UNAVAILABLE and RESOURCE_EXHAUSTED only; `RetryPolicy(max_attempts=1)`: none).
     Errors are flywheel.client.errors classes (FlywheelError and its subclasses) with the server's message.
+    Answers and pairs keep the `traceparent` the policy returned; feedback on them sends it back, so
+    the feedback joins the answer's trace (docs/ARCHITECTURE.md, "Tracing").
     """
 
     def __init__(
@@ -77,8 +77,8 @@ class Client:
             answer = client.generate("how do I bake bread?", "alice", max_new_tokens=48, temperature=0.7, seed=1)
         """
         req = wire.generate_request(prompt, user_id, sampling)
-        msg, _ = self._call(self._policy.Generate, req, timeout_s)
-        return Answer.from_proto(msg, user_id)
+        msg, _, traceparent = self._call(self._policy.Generate, req, timeout_s)
+        return Answer.from_proto(msg, user_id, traceparent)
 
     def stream(
         self, prompt: Prompt, user_id: str, *, timeout_s: float | None = None, **sampling: Unpack[Sampling]
@@ -96,11 +96,12 @@ class Client:
         while True:
             attempt += 1
             call = self._policy.GenerateStream(req, timeout=timeout_s or self.settings.timeout_s, metadata=self._md)
-            started = False
+            started, traceparent = False, ""
             try:
                 for msg in call:
-                    started = True
-                    yield Chunk.from_proto(msg, user_id)
+                    if not started:  # the initial metadata came before the first message
+                        started, traceparent = True, wire.traceparent(call.initial_metadata())
+                    yield Chunk.from_proto(msg, user_id, traceparent)
                 return
             except grpc.RpcError as e:
                 wait = None if started else self.settings.retry.delay_s(attempt, e.code(), retry_after_s(e))
@@ -126,8 +127,8 @@ class Client:
             show(pair.a.text, pair.b.text); client.prefer(pair, "A")
         """
         req = wire.pair_request(prompt, user_id, candidate_version, sampling)
-        msg, _ = self._call(self._policy.GeneratePair, req, timeout_s)
-        return Pair.from_proto(msg, user_id)
+        msg, _, traceparent = self._call(self._policy.GeneratePair, req, timeout_s)
+        return Pair.from_proto(msg, user_id, traceparent)
 
     # ------------------------------------------------------------------ feedback
     def thumbs(
@@ -139,12 +140,12 @@ class Client:
         feedback_id: str | None = None,
         timeout_s: float | None = None,
     ) -> Receipt:
-        """Thumbs up (up=True) or down on `answer`, from the user it was served to.
+        """Thumbs up (up=True) or down on `answer`, from the user it was served to (and in its trace).
 
         receipt = client.thumbs(answer, up=False, comment="wrong topic")
         receipt.status  # "accepted", "spooled", "duplicate" or "already_voted"
         """
-        return self._submit(wire.thumbs_request(answer, up, comment, feedback_id), timeout_s)
+        return self._submit(answer, wire.thumbs_request(answer, up, comment, feedback_id), timeout_s)
 
     def rate(
         self,
@@ -156,7 +157,7 @@ class Client:
         timeout_s: float | None = None,
     ) -> Receipt:
         """A rating, 1..the service's rating scale (3 by default): `client.rate(answer, 3)`."""
-        return self._submit(wire.rating_request(answer, stars, comment, feedback_id), timeout_s)
+        return self._submit(answer, wire.rating_request(answer, stars, comment, feedback_id), timeout_s)
 
     def prefer(
         self,
@@ -168,7 +169,7 @@ class Client:
         timeout_s: float | None = None,
     ) -> Receipt:
         """Which side of `pair` the user preferred: "A", "B" or "TIE": `client.prefer(pair, "TIE")`."""
-        return self._submit(wire.preference_request(pair, choice, comment, feedback_id), timeout_s)
+        return self._submit(pair, wire.preference_request(pair, choice, comment, feedback_id), timeout_s)
 
     def demonstrate(
         self,
@@ -180,12 +181,14 @@ class Client:
         timeout_s: float | None = None,
     ) -> Receipt:
         """The answer the user wanted instead of `answer`: `client.demonstrate(answer, "Click 'Forgot password'.")`."""
-        return self._submit(wire.demonstration_request(answer, text, comment, feedback_id), timeout_s)
+        return self._submit(answer, wire.demonstration_request(answer, text, comment, feedback_id), timeout_s)
 
-    def _submit(self, req: feedback_pb2.FeedbackRequest, timeout_s: float | None) -> Receipt:
+    def _submit(self, target: Answer | Pair, req: feedback_pb2.FeedbackRequest, timeout_s: float | None) -> Receipt:
         """One feedback_id for every attempt: the service records it once. A DUPLICATE answer to a
-        retry means an earlier attempt landed: it is reported as "accepted"."""
-        msg, attempts = self._call(self._feedback.Submit, req, timeout_s, feedback_id=req.feedback_id)
+        retry means an earlier attempt landed: it is reported as "accepted". `target`'s traceparent
+        goes along in the metadata."""
+        md = wire.submit_metadata(self._md, target)
+        msg, attempts, _ = self._call(self._feedback.Submit, req, timeout_s, req.feedback_id, md)
         status = STATUS.get(msg.status, "accepted")
         if attempts > 1 and status == "duplicate":
             status = "accepted"
@@ -202,7 +205,7 @@ class Client:
             url = f"https://flywheel.example.com/ui/?session={s.session}"
         """
         req = feedback_pb2.CreateSessionRequest(user_id=user_id, ttl_s=ttl_s or 0)
-        msg, _ = self._call(self._feedback.CreateSession, req, None)
+        msg, _, _ = self._call(self._feedback.CreateSession, req, None)
         return Session.from_proto(msg)
 
     # ------------------------------------------------------------------ plumbing
@@ -211,14 +214,22 @@ class Client:
         return self.settings.metadata
 
     def _call(
-        self, rpc: Callable[..., T], req: Any, timeout_s: float | None, feedback_id: str | None = None
-    ) -> tuple[T, int]:
-        """(response, attempts): `rpc(req)` with the retry policy; a FlywheelError once it gives up."""
+        self,
+        rpc: Any,
+        req: Any,
+        timeout_s: float | None,
+        feedback_id: str | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> tuple[Any, int, str]:
+        """(response, attempts, traceparent of its initial metadata): `rpc(req)` with the retry
+        policy, with the client's metadata unless `metadata` is given; a FlywheelError once it gives up."""
+        timeout, md = timeout_s or self.settings.timeout_s, self._md if metadata is None else metadata
         attempt = 0
         while True:
             attempt += 1
             try:
-                return rpc(req, timeout=timeout_s or self.settings.timeout_s, metadata=self._md), attempt
+                msg, call = rpc.with_call(req, timeout=timeout, metadata=md)
+                return msg, attempt, wire.traceparent(call.initial_metadata())
             except grpc.RpcError as e:
                 wait = self.settings.retry.delay_s(attempt, e.code(), retry_after_s(e))
                 if wait is None:

@@ -1,5 +1,6 @@
-"""What the sync and asyncio clients share: their settings, and the protobuf requests built from the
-helpers' arguments (so both send byte for byte the same thing)."""
+"""What the sync and asyncio clients share: their settings, the protobuf requests built from the
+helpers' arguments, and the trace context an answer came with and its feedback sends back (so both
+send byte for byte the same thing)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,21 @@ def feedback_request(
     if isinstance(target, Pair):
         return feedback_pb2.FeedbackRequest(pair_id=target.pair_id, **common, **value)
     return feedback_pb2.FeedbackRequest(interaction_id=target.interaction_id, **common, **value)
+
+
+def traceparent(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The W3C `traceparent` in a call's initial metadata: the answer's trace ("" when the server
+    sent none, as with tracing off)."""
+    for key, value in metadata or ():
+        if key == "traceparent":
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
+
+def submit_metadata(base: tuple[tuple[str, str], ...], target: Answer | Pair) -> tuple[tuple[str, str], ...]:
+    """A feedback Submit's metadata: the client's own (`base`), plus `target`'s traceparent when it
+    has one, so the feedback joins the answer's trace (docs/ARCHITECTURE.md, "Tracing")."""
+    return (*base, ("traceparent", target.traceparent)) if target.traceparent else base
 
 
 def thumbs_request(answer: Answer, up: bool, comment: str | None, feedback_id: str | None) -> Any:
