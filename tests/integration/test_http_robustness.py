@@ -1,5 +1,5 @@
-"""Malformed input against the real services: every JSON route of the policy (TGI and OpenAI) and
-of the feedback service answers a precise 4xx, never a 5xx, and serves the next good request; an
+"""Malformed input against the real services: every JSON route of the policy (TGI, OpenAI and
+/generate_pair) and of the feedback service (/feedback, /sessions) answers a precise 4xx, never a 5xx, and serves the next good request; an
 unknown enum number in a SubmitBatch fails its item only; random bodies (hypothesis) never get a
 5xx. The policy runs in-process with the tiny model, the feedback service as its own process.
 """
@@ -78,7 +78,9 @@ POLICY_ROUTES = {
     "/": {"inputs": "hi", "parameters": {"max_new_tokens": 1}},
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    "/generate_pair": {"inputs": "hi", "parameters": {"max_new_tokens": 1}},
 }
+FEEDBACK_ROUTES = ("/feedback", "/sessions")
 BOMB = gzip.compress(b" " * (40 << 20))  # 40 MiB of JSON whitespace in 40 KiB: over any body limit once inflated
 
 # (what, body bytes, extra headers (None: drop Content-Type), expected status). Each runs on every route.
@@ -115,7 +117,9 @@ WRONG_TYPE = {
     "/": ({"inputs": "hi", "parameters": []}, "`parameters` must be a JSON object"),
     "/v1/completions": ({"prompt": "hi", "stream_options": 1}, "`stream_options` must be an object"),
     "/v1/chat/completions": ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role must be"),
+    "/generate_pair": ({"inputs": "hi", "candidate_version": 2**70}, "candidate_version = 1180591620717411303424"),
     "/feedback": ({"feedback_id": {"a": 1}}, "feedback_id must be a string, got an object"),
+    "/sessions": ({"user_id": "u", "ttl_s": "1h"}, "ttl_s must be an integer number of seconds"),
 }
 
 
@@ -130,23 +134,32 @@ def assert_refused(r: requests.Response, status: int, what: str) -> None:
     assert "Traceback" not in body["error"] and ".py" not in body["error"], body
 
 
+def good_body(route: str) -> dict[str, Any]:
+    if route == "/feedback":
+        return good_feedback()
+    if route == "/sessions":
+        return {"user_id": f"u-{uuid.uuid4().hex[:8]}", "ttl_s": 60}
+    return POLICY_ROUTES[route]
+
+
 def assert_good(session: requests.Session, base: str, route: str) -> None:
-    body = good_feedback() if route == "/feedback" else POLICY_ROUTES[route]
-    r = session.post(base + route, json=body, timeout=30)
+    r = session.post(base + route, json=good_body(route), timeout=30)
     assert r.status_code == 200, (route, r.status_code, r.text[:300])
     if route == "/feedback":
         assert r.json()["status"] == "accepted"
+    elif route == "/sessions":
+        assert r.json()["session"].startswith("fws1.")
     elif "stream" in route:
         assert b"feedback_token" in r.content and b'"error"' not in r.content, r.content[-300:]
     else:
         assert "feedback_token" in r.text
 
 
-@pytest.mark.parametrize("route", [*POLICY_ROUTES, "/feedback"])
+@pytest.mark.parametrize("route", [*POLICY_ROUTES, *FEEDBACK_ROUTES])
 def test_malformed_bodies_are_4xx_and_the_next_request_is_served(
     route: str, policy: Running, feedback: Service
 ) -> None:
-    base = f"http://127.0.0.1:{feedback.http_port}" if route == "/feedback" else policy.http
+    base = f"http://127.0.0.1:{feedback.http_port}" if route in FEEDBACK_ROUTES else policy.http
     cases = [*MALFORMED, ("wrong field type", json.dumps(WRONG_TYPE[route][0]).encode(), JSON, 422)]
     if route == "/feedback":  # its limit is 1 MiB here: a plain body over it, announced or chunked
         big = b'{"comment": "' + b"x" * (FEEDBACK_LIMIT_MB << 20) + b'"}'
@@ -240,8 +253,34 @@ def test_random_bodies_never_get_a_5xx_from_feedback(feedback: Service) -> None:
         assert_good(session, f"http://127.0.0.1:{feedback.http_port}", "/feedback")
 
 
+SESSION_BODIES = st.one_of(
+    st.binary(max_size=100),
+    mutated_json(),
+    objects(("user_id", "ttl_s")).map(lambda v: json.dumps(v).encode()),
+    off_by_some({"user_id": "u-1", "ttl_s": 60}, ["user_id", "ttl_s"]).map(lambda v: json.dumps(v).encode()),
+)
+
+
+def test_random_bodies_never_get_a_5xx_from_sessions(feedback: Service) -> None:
+    base = f"http://127.0.0.1:{feedback.http_port}"
+    session = requests.Session()
+    seen: collections.Counter[int] = collections.Counter()
+
+    @LIVE
+    @given(SESSION_BODIES)
+    def never_5xx(raw: bytes) -> None:
+        r = session.post(base + "/sessions", data=raw, headers=JSON, timeout=30)
+        seen[r.status_code] += 1
+        assert r.status_code < 500, (raw[:200], r.status_code, r.text[:300])
+
+    with session:
+        never_5xx()
+        assert sum(seen.values()) >= 100 and seen[400] and seen[422], seen
+        assert_good(session, base, "/sessions")
+
+
 POLICY_BODIES = st.tuples(
-    st.sampled_from(list(POLICY_ROUTES)),
+    st.sampled_from([r for r in POLICY_ROUTES if r != "/generate_pair"]),  # pairs: PAIR_BODIES
     st.one_of(
         st.binary(max_size=100),
         mutated_json(),
@@ -254,6 +293,22 @@ POLICY_BODIES = st.tuples(
         off_by_some(POLICY_ROUTES["/v1/chat/completions"], ["messages", "temperature", "top_k", "stop", "n"]).map(
             lambda v: json.dumps(v).encode()
         ),
+    ),
+)
+
+
+PAIR_BODIES = st.one_of(
+    st.binary(max_size=100),
+    mutated_json(),
+    off_by_some(
+        {"inputs": "hi", "parameters": {"max_new_tokens": 1}, "candidate_version": 0},
+        ["inputs", "parameters", "candidate_version"],
+    ).map(lambda v: json.dumps(v).encode()),
+    off_by_some({"max_new_tokens": 1}, ["temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"]).map(
+        lambda p: json.dumps({"inputs": "hi", "parameters": p}).encode()
+    ),
+    st.integers(0, 2**64 - 1).map(  # valid ones too: the answer path is reached
+        lambda seed: json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 1, "seed": seed}}).encode()
     ),
 )
 
@@ -277,3 +332,20 @@ def test_random_bodies_never_get_a_5xx_from_policy(policy: Running) -> None:
         assert sum(seen.values()) >= 100 and seen[400] and seen[422] and seen[200], seen
         for route in POLICY_ROUTES:
             assert_good(session, policy.http, route)
+
+
+def test_random_pair_bodies_never_get_a_5xx(policy: Running) -> None:
+    session = requests.Session()
+    seen: collections.Counter[int] = collections.Counter()
+
+    @LIVE
+    @given(PAIR_BODIES)
+    def never_5xx(raw: bytes) -> None:
+        r = session.post(policy.http + "/generate_pair", data=raw, headers=JSON, timeout=60)
+        seen[r.status_code] += 1
+        assert r.status_code < 500, (raw[:200], r.status_code, r.text[:300])
+
+    with session:
+        never_5xx()
+        assert sum(seen.values()) >= 100 and seen[400] and seen[422] and seen[200], seen
+        assert_good(session, policy.http, "/generate_pair")
