@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+from flywheel.core import tracing
 from flywheel.core.config import ConfigError, load_section, require, setting
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s {service} %(name)s: %(message)s"  # one stream may hold two processes
@@ -77,18 +78,6 @@ def set_context(fields: Callable[[], Mapping[str, Any]] | None) -> None:
     _context = fields
 
 
-def _trace_ids() -> dict[str, str]:
-    """trace_id and span_id of the current OpenTelemetry span, or nothing (no span, no API)."""
-    try:
-        from opentelemetry import trace
-    except ImportError:
-        return {}
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return {}
-    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
@@ -110,7 +99,7 @@ class JsonFormatter(logging.Formatter):
                 out.update({k: v for k, v in _context().items() if v is not None})
             except Exception as e:  # a log line never fails for its context
                 out["context_error"] = repr(e)
-        out.update(_trace_ids())
+        out.update(tracing.current_ids())
         if record.exc_info and record.exc_info[0] is not None:
             out["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
             out["exception_type"] = record.exc_info[0].__name__

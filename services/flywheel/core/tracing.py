@@ -180,6 +180,14 @@ def current_fields(context: Context | None = None) -> dict[str, str]:
     return out
 
 
+def current_ids() -> dict[str, str]:
+    """trace_id and span_id (hex) of the current span, for a log line; {} without a valid one."""
+    sc = trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return {}
+    return {"trace_id": format(sc.trace_id, "032x"), "span_id": format(sc.span_id, "016x")}
+
+
 def record_headers(context: Context | None = None) -> list[tuple[str, bytes]]:
     """Kafka record headers carrying the current (or given) trace context; [] without one."""
     return [(k, v.encode("latin-1")) for k, v in current_fields(context).items()]
