@@ -14,6 +14,8 @@ shows as a console error, and every test fails on one.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import shutil
 import time
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import requests
 from aiohttp import web
@@ -35,8 +38,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 CHROMIUM = "/usr/bin/chromium"
 STRICT_TTL_S = 4
 DESKTOP = {"viewport": {"width": 1280, "height": 800}}
-# Answers of 160 tokens at a few ms each: a stream lasts longer than a busy browser takes to read.
 LONG_ANSWERS = {"default_max_new_tokens": 160, "max_new_tokens_cap": 160, "max_input_tokens": 64}
+STREAMING_WITH_TEXT = """() => {
+  const a = document.querySelector("#answer-1");
+  return a !== null && a.dataset.state === "streaming" && a.querySelector(".text").textContent.trim() !== "";
+}"""
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
 
 if not Path(CHROMIUM).is_file():  # scripts/test installs it
@@ -47,8 +53,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 class Stack:
     """The running services and where the browser finds them."""
 
-    def __init__(self, stack: PageStack, reward: Any, **urls: str) -> None:
-        self.stack, self.reward = stack, reward
+    def __init__(self, stack: PageStack, reward: Any, tap: StreamTap, **urls: str) -> None:
+        self.stack, self.reward, self.tap = stack, reward, tap
         self.policy, self.page, self.strict_page, self.app = urls["policy"], urls["page"], urls["strict"], urls["app"]
 
     def read(self, topic: str, cls: Any, want: Callable[[list[Any]], bool], timeout_s: float = 30) -> list[Any]:
@@ -104,9 +110,72 @@ async def embed_js(request: web.Request) -> web.Response:
     return web.Response(text=EMBED_JS, content_type="text/javascript")
 
 
+HOP_BY_HOP = {"host", "content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive"}
+
+
+class StreamTap:
+    """A pass-through proxy in front of the policy (the page's policy URL) that, when armed, holds
+    the next streamed answer after its first visible token until the test has seen that token on
+    the page. That proves the page renders tokens as they come whatever the machine's speed: on a
+    busy machine the browser may read a whole short stream in one go."""
+
+    def __init__(self, stack: PageStack, port: int, upstream: str) -> None:
+        self.loop, self.upstream, self.url = stack.loop, upstream, f"http://{HOST}:{port}"
+        self.held: asyncio.Event | None = None
+
+        async def start() -> None:
+            self.session = aiohttp.ClientSession()
+            app = web.Application()
+            app.router.add_route("*", "/{path:.*}", self.forward)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, HOST, port).start()
+
+            async def stop() -> None:
+                await self.session.close()
+                await runner.cleanup()
+
+            stack.on_close(lambda: stack.loop.call(stop()))
+
+        stack.loop.call(start())
+
+    def hold_next(self) -> None:
+        self.held = asyncio.Event()
+
+    def release(self) -> None:
+        held = self.held
+        assert held is not None, "hold_next() first"
+        self.loop.loop.call_soon_threadsafe(held.set)
+        self.held = None
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        hold = self.held if request.path == "/generate_stream" else None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        async with self.session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=await request.read()
+        ) as up:
+            out = web.StreamResponse(
+                status=up.status, headers={k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP}
+            )
+            await out.prepare(request)
+            shown = False  # the event being forwarded carries a visible token
+            async for line in up.content:  # SSE: "data: {...}" lines, each event ended by a blank line
+                await out.write(line)
+                shown = shown or (line.startswith(b"data:") and visible_token(line[5:]))
+                if hold is not None and shown and not line.strip():
+                    await hold.wait()
+                    hold = None
+            await out.write_eof()
+            return out
+
+
+def visible_token(data: bytes) -> bool:
+    token = json.loads(data).get("token") or {}
+    return bool(token.get("text", "").strip()) and not token.get("special")
+
+
 def start_app(stack: PageStack, port: int, policy: str, feedback: str) -> None:
     """The application on its own origin (another port)."""
-    import aiohttp
 
     async def start() -> None:
         app = web.Application()
@@ -132,18 +201,19 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     # Slow enough (a few ms a token) and never ending early, so an answer streams for a while.
     slow_without_eos(tiny_policy(tmp / "tiny"))(tmp / "slow")
     s = PageStack(kafka_bootstrap, tmp, tmp / "slow")
-    ports = {name: s.port() for name in ("policy", "strict_policy", "page", "strict", "app")}
+    ports = {name: s.port() for name in ("policy", "tap", "strict_policy", "page", "strict", "app")}
     origin = {name: f"http://{HOST}:{port}" for name, port in ports.items()}
     try:
         # Models load one at a time (transformers' loading is not thread-safe); the rest meanwhile.
         policy_url, strict_url = f"http://{HOST}:{ports['policy']}", f"http://{HOST}:{ports['strict_policy']}"
-        s.feedback(ports["page"], policy_url, [origin["app"]], wait=False)
+        tap = StreamTap(s, ports["tap"], policy_url)  # the page talks to the policy through it
+        s.feedback(ports["page"], tap.url, [origin["app"]], wait=False)
         s.feedback(ports["strict"], strict_url, [], per_user_rate=0.01, per_user_burst=1, wait=False)
         s.policy(ports["policy"], [origin["page"]], **LONG_ANSWERS)
         s.policy(ports["strict_policy"], [origin["strict"]], token_ttl_s=STRICT_TTL_S, **LONG_ANSWERS)
         reward = s.reward_join(tiny_reward_model(tmp / "reward-base"))
         start_app(s, ports["app"], policy_url, origin["page"])
-        yield Stack(s, reward, policy=policy_url, page=origin["page"], strict=origin["strict"], app=origin["app"])
+        yield Stack(s, reward, tap, policy=tap.url, page=origin["page"], strict=origin["strict"], app=origin["app"])
     finally:
         s.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,9 +253,10 @@ class Page:
         self.page.wait_for_selector(f"#status[data-kind={kind}]", timeout=timeout_ms)
         return self.page.inner_text("#status")
 
-    def ask(self, prompt: str, n: int) -> Any:
+    def ask(self, prompt: str, n: int, while_streaming: Callable[[], None] = lambda: None) -> Any:
         self.page.fill("#prompt", prompt)
         self.page.press("#prompt", "Enter")
+        while_streaming()
         self.page.wait_for_selector(f"#answer-{n}[data-state=done]", timeout=30_000)
         return self.page.locator(f"#answer-{n}")
 
@@ -209,8 +280,13 @@ def test_chat_streams_and_takes_thumbs_rating_comment_and_edit(stack: Stack, bro
     p = Page(browser, stack.page + "/", **DESKTOP)
     assert p.page.url == stack.page + "/ui/"  # GET / redirects
     user = p.ready()
-    answer = p.ask("how do I reset my password?", 1)
-    assert int(answer.get_attribute("data-updates") or 0) > 1, "the answer arrived in one piece, not streamed"
+
+    def first_token_shows_before_the_rest() -> None:
+        p.page.wait_for_function(STREAMING_WITH_TEXT, timeout=30_000)  # the tap holds the rest back
+        stack.tap.release()
+
+    stack.tap.hold_next()
+    answer = p.ask("how do I reset my password?", 1, first_token_shows_before_the_rest)
     assert answer.locator(".meta").inner_text() == "policy version 0"
     iid = answer.get_attribute("data-interaction-id")
     answer.get_by_role("button", name="Good answer").click()

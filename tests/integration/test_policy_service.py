@@ -91,8 +91,9 @@ def perturbed(src: Path, seed: int, scale: float = 0.3) -> Callable[[Path], None
 
 
 def slow_without_eos(src: Path) -> Callable[[Path], None]:
-    """A random 6-layer model (a few ms per token) on src's tokenizer with <unk> as EOS and a zero
-    <unk> embedding, so greedy decoding never ends early: every answer runs to max_new_tokens."""
+    """A random 6-layer model (a few ms per token) on src's tokenizer with <unk> as EOS, whose output
+    row for <unk> is zero (logit 0) among logits of about +-16: neither greedy decoding nor sampling
+    at temperature 1 ever picks it (p < e^-30), so every answer runs to max_new_tokens."""
 
     def write(d: Path) -> None:
         tok = AutoTokenizer.from_pretrained(src)
@@ -100,9 +101,12 @@ def slow_without_eos(src: Path) -> Callable[[Path], None]:
         torch.manual_seed(0)
         cfg = model_config(tok, 256, 6)
         cfg.eos_token_id = tok.unk_token_id
+        cfg.tie_word_embeddings = False
         model = LlamaForCausalLM(cfg)
         with torch.no_grad():
-            model.get_input_embeddings().weight[tok.unk_token_id].zero_()
+            head = model.get_output_embeddings().weight
+            head.normal_(0.0, 1.0)  # the final norm's output has norm ~16 (sqrt of the width)
+            head[tok.unk_token_id].zero_()
         model.generation_config.eos_token_id = tok.unk_token_id
         model.save_pretrained(d)
         tok.save_pretrained(d)

@@ -188,7 +188,6 @@
     const li = $("answer-template").content.firstElementChild.cloneNode(true);
     li.id = `answer-${n}`;
     li.dataset.state = "streaming";
-    li.dataset.updates = "0";
     li.querySelector(".question").textContent = prompt;
     li.querySelector(".feedback").setAttribute("aria-label", `Feedback on answer ${n}`);
     const rating = li.querySelector(".rating");
@@ -248,7 +247,6 @@
       return;
     }
     let last = null;
-    let updates = 0;
     try {
       for await (const batch of sseBatches(resp)) {
         for (const ev of batch) {
@@ -256,7 +254,6 @@
           if (ev.token && !ev.token.special) text.textContent += ev.token.text;
           if (ev.interaction_id) last = ev;
         }
-        if (!last) li.dataset.updates = String(++updates); // text shown before the last event
       }
     } catch (e) {
       li.dataset.state = "error";
