@@ -10,11 +10,11 @@
    (VmHWM) of a fresh subprocess per variant, and the RSS after imports alone; the issue expects well under
    0.5x.
 3. swap cost: `Swapper.apply` of the store's announcement (`ModelStore.to_update`, no Kafka) into
-   a running Engine serving the base: verify + (for an adapter, the current merge onto the base,
-   `reload.merge_adapter`) + load + switch, adapter version vs full version, --swaps of each. The
-   adapter is merged before it is served (the current limit, docs/ARCHITECTURE.md, "LoRA adapter
-   versions"), so it is expected to be slower than a full swap today; the issue's target
-   (<= 0.1x) needs unmerged serving on a shared base, which is not built.
+   a running Engine serving the base: verify + load + switch, adapter version (served unmerged on
+   the base in memory, `flywheel.policy.lora`) vs full version, --swaps of each; target <= 0.1x.
+4. the price of unmerged serving: a decode step of --batch rows on the adapter against the same
+   step on whole weights, and a swap's drain step (half the rows on the base, half on the adapter,
+   one forward: `lora.AdapterMix`) against the adapter's steady step; medians of --steps steps.
 
   .venv/bin/python bench/lora.py                                  # ~0.47B, float32, CPU
   .venv/bin/python bench/lora.py --layers 12                      # half the layers
@@ -188,12 +188,11 @@ def measure_train(variant: str, model_dir: Path, args: argparse.Namespace) -> di
 
 # ---------------------------------------------------------------------- 3. swap cost
 def measure_swaps(store: ModelStore, swaps: int) -> dict:
-    """An Engine serving v0; then `swaps` rounds of: the adapter (v2, merged onto v0), the full v1,
-    the full v0 again. Each is `Swapper.apply` of the store's own announcement (no Kafka)."""
+    """An Engine serving v0; then `swaps` rounds of: the adapter (v2, on v0), the full v1, the full
+    v0 again. Each is `Swapper.apply` of the store's own announcement (no Kafka)."""
     from flywheel.core.config import KafkaConfig
     from flywheel.policy.config import EngineConfig
     from flywheel.policy.engine import Engine
-    from flywheel.policy.reload import merge_adapter
     from flywheel.policy.swap import Swapper
 
     engine = Engine(EngineConfig(device="cpu", dtype="float32", swap_worker=False))
@@ -213,15 +212,51 @@ def measure_swaps(store: ModelStore, swaps: int) -> dict:
                 if not ok or engine.info().version != v:
                     raise RuntimeError(f"swap to v{v} failed: {swapper.last_error}")
                 times[kind].append(dt)
-        base_dir, adapter_dir = store.version_path(MODEL, 0), store.version_path(MODEL, 2)
-        t0 = time.perf_counter()  # the merge alone (part of every adapter swap above, with the base's sha256)
-        merged = merge_adapter(base_dir, adapter_dir)
-        merge_s = time.perf_counter() - t0
-        shutil.rmtree(merged, ignore_errors=True)
-        return {"first_load_s": first_load_s, "merge_adapter_alone_s": merge_s, **times}
+        return {"first_load_s": first_load_s, **times}
     finally:
         swapper.stop()
         engine.stop()
+
+
+# ---------------------------------------------------------------------- 4. decode with an unmerged adapter
+class _Row:  # what kvbatch.Batch reads of a sequence
+    def __init__(self, prompt_ids: list[int], model: object) -> None:
+        self.prompt_ids, self.model = prompt_ids, model
+
+
+def measure_decode(store: ModelStore, rows: int, steps: int) -> dict:
+    """Median decode-step seconds over `rows` rows: whole weights (v0), the adapter v2 on v0, and a
+    drain of rows/2 base rows and rows/2 adapter rows in one forward."""
+    import dataclasses
+    import statistics
+
+    from flywheel.policy.config import EngineConfig
+    from flywheel.policy.kvbatch import Batch, load_model
+    from flywheel.policy.lora import AdapterMix, LoraAdapter
+
+    base = load_model(str(store.version_path(MODEL, 0)), 0, EngineConfig(device="cpu", dtype="float32"))
+    adapter = LoraAdapter.load(store.version_path(MODEL, 2), base.model, base.device, base.dtype)
+    on = dataclasses.replace(base, version=2, adapter=adapter)
+    prompts = [[5 + i, 6 + i, 7 + i, 8 + i] for i in range(rows)]
+
+    def step_times(first, rest=None) -> float:
+        half = rows // 2 if rest is not None else rows
+        batch = Batch.prefill(first, [_Row(p, first) for p in prompts[:half]])
+        batch.next_ids = batch.last_logits.argmax(-1)
+        if rest is not None:
+            batch.adopt(AdapterMix(first, rest))
+            more = Batch.prefill(rest, [_Row(p, rest) for p in prompts[half:]])
+            more.next_ids = more.last_logits.argmax(-1)
+            batch.merge(more)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            batch.next_ids = batch.decode().argmax(-1)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    step_times(base)  # warm-up
+    return {"whole_s": step_times(base), "adapter_s": step_times(on), "drain_s": step_times(base, on)}
 
 
 def main() -> None:
@@ -235,6 +270,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences in the trainer step")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence in the trainer step")
     ap.add_argument("--swaps", type=int, default=2, help="rounds of (adapter, full, full) swaps")
+    ap.add_argument("--rows", type=int, default=4, help="rows of the decode-step measurement")
+    ap.add_argument("--steps", type=int, default=20, help="decode steps measured per variant")
     ap.add_argument("--skip-train", action="store_true", help="leave out the trainer-memory measurement")
     ap.add_argument("--out", default="")
     ap.add_argument("--child", choices=("full", "lora"), help=argparse.SUPPRESS)
@@ -277,8 +314,14 @@ def main() -> None:
         s = measure_swaps(store, args.swaps)
         ad, fu = sum(s["adapter"]) / len(s["adapter"]), sum(s["full"]) / len(s["full"])
         print(
-            f"swap (verify + merge + load + switch): adapter {ad:.2f}s, full {fu:.2f}s -> {ad / fu:.2f}x"
-            " (target <= 0.1x needs unmerged serving, not built: the adapter is merged onto its base first)",
+            f"swap (verify + load + switch): adapter {ad:.3f}s, full {fu:.2f}s -> {ad / fu:.3f}x (target <= 0.1x)",
+            flush=True,
+        )
+        d = measure_decode(store, args.rows, args.steps)
+        print(
+            f"decode step of {args.rows} rows: whole weights {1e3 * d['whole_s']:.1f} ms, adapter unmerged"
+            f" {1e3 * d['adapter_s']:.1f} ms ({d['adapter_s'] / d['whole_s']:.2f}x); a drain's mixed step"
+            f" {1e3 * d['drain_s']:.1f} ms ({d['drain_s'] / d['adapter_s']:.2f}x the adapter's)",
             flush=True,
         )
         out = {
@@ -304,9 +347,10 @@ def main() -> None:
                 else None
             ),
             "swap_s": {k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 3) for k, v in s.items()},
-            "swap_adapter_over_full": round(ad / fu, 2),
-            "swap_note": "adapter versions are merged onto the base before loading (policy/reload.py merge_adapter);"
-            " unmerged serving on a shared base (the issue's <= 0.1x) is not built",
+            "swap_adapter_over_full": round(ad / fu, 3),
+            "decode_step": {"rows": args.rows, "steps": args.steps, **{k: round(v, 5) for k, v in d.items()}},
+            "decode_adapter_over_whole": round(d["adapter_s"] / d["whole_s"], 3),
+            "decode_drain_over_adapter": round(d["drain_s"] / d["adapter_s"], 3),
         }
         print(json.dumps(out, indent=2))
         if args.out:

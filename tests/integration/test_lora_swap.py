@@ -1,7 +1,8 @@
 """LoRA adapter versions on the policy service (real Kafka, real gRPC): an adapter for the serving base
 is swapped in and answers report it; one for another base is refused (counted, reported) while the
-service keeps serving. GeneratePair against an adapter candidate follows the same rule: merged onto
-the served base, or refused naming both bases."""
+service keeps serving. An adapter is served unmerged, on the very module tree of the base in memory, and
+answers what its merge into the base answers. GeneratePair against an adapter candidate follows the same
+rule: on the served base, or refused naming both bases."""
 
 from __future__ import annotations
 
@@ -77,14 +78,17 @@ def trained_adapter(store: ModelStore) -> Manifest:
         t.active.release()
 
 
-def merged(store: ModelStore, version: int) -> dict[str, torch.Tensor]:
+def merged_greedy(store: ModelStore, version: int, prompt: str, n: int) -> list[int]:
+    """The greedy answer of adapter `version` merged into its base by PEFT itself."""
     from peft import PeftModel
 
     m = store.get("policy", version)
     assert m.base is not None
     base = AutoModelForCausalLM.from_pretrained(store.load_path("policy", m.base.version))
     model = PeftModel.from_pretrained(base, str(store.load_path("policy", version))).merge_and_unload()
-    return model.state_dict()
+    tok = AutoTokenizer.from_pretrained(store.load_path("policy", m.base.version))
+    enc = tok(prompt, return_tensors="pt")
+    return list(model.generate(**enc, do_sample=False, max_new_tokens=n)[0, enc.input_ids.shape[1] :].tolist())
 
 
 @pytest.mark.parametrize("swap_worker", [True, False], ids=["worker-process", "threads"])
@@ -108,12 +112,13 @@ def test_adapter_versions_swap_in_on_their_base_and_are_refused_on_another(
     try:
         v1 = trained_adapter(store)
         assert v1.kind == "adapter" and v1.version == 1 and v1.base == base0
+        engine = running.service.engine
+        tree0 = engine.serving_model.model  # type: ignore[union-attr]
         announce(v1.version)
         wait_for(serving(1), 60, "answers from adapter version 1")
-        engine = running.service.engine
-        weights = engine.serving_model.model.state_dict()  # type: ignore[union-attr]
-        for k, v in merged(store, 1).items():  # the base with the adapter merged, exactly
-            torch.testing.assert_close(weights[k], v.to(weights[k].dtype), msg=k)
+        assert engine.serving_model.model is tree0 and engine.serving_model.adapter is not None  # type: ignore[union-attr]
+        answer = running.stub.Generate(gen("where is my order?", n=12, logprobs=True))
+        assert [t.id for t in answer.tokens] == merged_greedy(store, 1, "where is my order?", 12)
         assert running.service.swapper.serving_base() == base0
         # An adapter for another base: refused with the reason, counted, and version 1 keeps serving.
         v2 = store.publish("policy", perturbed(tiny_starter(), 2), parent=0)
@@ -131,10 +136,11 @@ def test_adapter_versions_swap_in_on_their_base_and_are_refused_on_another(
         # Its base first, then the adapter: served.
         announce(2)
         wait_for(serving(2), 60, "answers from version 2")
+        tree2 = engine.serving_model.model  # type: ignore[union-attr]
         announce(3)
         wait_for(serving(3), 60, "answers from adapter version 3")
         assert running.stub.GetInfo(policy_pb2.GetInfoRequest()).last_swap_error == ""
-        assert len(running.service.swapper._merged) == 1  # the merged copy of version 1 is gone
+        assert engine.serving_model.model is tree2 and running.service.swapper.serving_base() == base2  # type: ignore[union-attr]
         # A replica that starts now: the topic's last announcement is adapter v3, applied onto its base.
         late = Running(make_config(kafka_bootstrap, topics, tmp_path / "store", tmp_path / "late", swap_worker=False))
         try:
@@ -150,15 +156,14 @@ def test_adapter_versions_swap_in_on_their_base_and_are_refused_on_another(
             late.close()
     finally:
         running.close()
-    assert not running.service.swapper._merged
 
 
-def test_generate_pair_against_an_adapter_candidate_merges_it_onto_the_served_base(
+def test_generate_pair_against_an_adapter_candidate_serves_it_on_the_served_base(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """Side B from an adapter version (the configured candidate): its base's weights with the adapter merged,
-    as a swap would serve them, in a directory that lives as long as the candidate engine. An adapter for
-    another base than the served one is refused with both bases named, and nothing is loaded for it."""
+    """Side B from an adapter version (the configured candidate): the adapter on its base, as a swap would
+    serve it. An adapter for another base than the served one is refused with both bases named, and nothing
+    is loaded for it."""
     store = make_store(tmp_path / "store")
     base0 = BaseRef.of(store.get("policy", 0))
     v1 = store.publish("policy", adapter_on(store, 0, 1), parent=0, extra={"base": base0.to_dict()})
@@ -182,22 +187,11 @@ def test_generate_pair_against_an_adapter_candidate_merges_it_onto_the_served_ba
         assert (r.a.policy_version, r.b.policy_version) == (0, 1)
         assert service.candidate_loaded == 1
         cand = service._candidate
-        assert cand is not None and cand.local.merged and cand.local.base == base0
-        merged_dir = cand.local.path
-        assert merged_dir.is_dir() and not merged_dir.is_relative_to(store.root)
-        weights = cand.engine.serving_model.model.state_dict()  # type: ignore[union-attr]
-        want = merged(store, 1)
-        for k, v in want.items():  # the base with the adapter merged, exactly
-            torch.testing.assert_close(weights[k], v.to(weights[k].dtype), msg=k)
+        assert cand is not None and cand.base == base0
+        assert cand.engine.serving_model.adapter is not None  # type: ignore[union-attr]
         # Side B's tokens are the merged weights' greedy answer (and not the base's: side A).
-        tok = AutoTokenizer.from_pretrained(store.load_path("policy", 0))
-        model = AutoModelForCausalLM.from_pretrained(store.load_path("policy", 0))
-        model.load_state_dict(want)
-        enc = tok(prompt, return_tensors="pt")
-        ref = model.generate(**enc, do_sample=False, max_new_tokens=12)[0, enc.input_ids.shape[1] :].tolist()
         ids_b = [t.id for t in r.b.tokens]
-        assert ids_b == ref and ids_b != [t.id for t in r.a.tokens]
-        assert not service.swapper._merged  # the candidate's merged directory is the service's, not the swap's
+        assert ids_b == merged_greedy(store, 1, prompt, 12) and ids_b != [t.id for t in r.a.tokens]
         assert pair(1, ADMIN).b.policy_version == 1 and service._candidate is cand  # cached
 
         # An adapter for another base: refused naming both, the cached candidate untouched.
@@ -205,28 +199,24 @@ def test_generate_pair_against_an_adapter_candidate_merges_it_onto_the_served_ba
             pair(3, ADMIN)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"adapter version 3 applies to base {base2}, but this replica serves {base0}" in e.value.details()
-        assert service._candidate is cand and merged_dir.is_dir()
+        assert service._candidate is cand
         with pytest.raises(errors.FailedPrecondition, match=r"adapter version 3 applies to base policy v2"):
-            service.swapper.local_version(3, owned=True)  # the one rule, as the swap applies it
+            service.swapper.load_into(cand.engine, 3)  # the one rule, as the swap applies it
+        assert cand.engine.info().version == 1
 
-        # Another candidate replaces it: its merged directory goes with its engine.
+        # Another candidate replaces it; the adapter again gives the same answer.
         assert pair(2, ADMIN).b.policy_version == 2 and service.candidate_loaded == 2
-        assert not merged_dir.exists()
-        assert pair(1, ADMIN).b.tokens == r.b.tokens  # merged again, the same answer
-        merged_dir = service._candidate.local.path  # type: ignore[union-attr]
-        assert merged_dir.is_dir()
+        assert pair(1, ADMIN).b.tokens == r.b.tokens
 
         # The replica now serves base v2: the cached adapter candidate on v0 is refused at the next pair,
-        # and adapter v3 (on v2) is merged and answers side B.
+        # and adapter v3 (on v2) answers side B.
         service.swapper.load_from_store(2)
         with pytest.raises(grpc.RpcError) as e:
             pair(1, ADMIN)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"adapter version 1 applies to base {base0}, but this replica serves {base2}" in e.value.details()
         r3 = pair(3, ADMIN)
-        assert (r3.a.policy_version, r3.b.policy_version) == (2, 3) and not merged_dir.exists()
-        merged_dir = service._candidate.local.path  # type: ignore[union-attr]
-        assert merged_dir.is_dir()
+        assert (r3.a.policy_version, r3.b.policy_version) == (2, 3)
+        assert [t.id for t in r3.b.tokens] == merged_greedy(store, 3, prompt, 12)
     finally:
         running.close()
-    assert not merged_dir.exists()  # the service stopped: deleted

@@ -435,8 +435,8 @@ def poison_rows_past(monkeypatch, position: int) -> None:
     a model that breaks down on one answer (only the victim's row gets that far)."""
     fwd = LoadedModel.forward
 
-    def poisoned(self, input_ids, attention_mask, position_ids, cache):
-        out = fwd(self, input_ids, attention_mask, position_ids, cache)
+    def poisoned(self, input_ids, attention_mask, position_ids, cache, **kw):
+        out = fwd(self, input_ids, attention_mask, position_ids, cache, **kw)
         bad = position_ids[:, -1] >= position
         if bool(bad.any()):
             with torch.inference_mode():

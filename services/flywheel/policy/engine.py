@@ -184,6 +184,23 @@ class Engine:
         self._swap.load(path, version, on_switch, verify, weights)
         return self.info()
 
+    def load_adapter(
+        self,
+        path: str,
+        version: int,
+        base: Callable[[], tuple[str, int]],
+        on_switch: Callable[[], None] | None = None,
+    ) -> EngineInfo:
+        """Serve the LoRA adapter version at `path` (PEFT's layout) on the weights this engine serves,
+        unmerged (`flywheel.policy.lora`): nothing of the base is copied or read again, and the answers
+        in flight finish on the previous version in the same forwards. The caller checks that those
+        weights are the adapter's base; `base()` names them (path, version) for an engine that serves
+        nothing yet, which loads them first. Otherwise as `load_version`: blocking, a no-op for the
+        version already served, FailedPrecondition (the current version serving on) if it cannot load.
+        """
+        self._swap.load_adapter(path, version, base, on_switch)
+        return self.info()
+
     # ------------------------------------------------------------------ public API
     async def generate(self, req: GenerationRequest, timeout_s: float | None = None) -> Result:
         """The whole answer, or DeadlineExceeded after `timeout_s`. Cancelling the awaiting task frees

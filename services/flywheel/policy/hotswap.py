@@ -13,19 +13,20 @@ than two copies.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from flywheel.core import errors
 from flywheel.policy.chores import BetweenSteps
 from flywheel.policy.config import EngineConfig
-from flywheel.policy.kvbatch import LoadedModel, load_model
+from flywheel.policy.kvbatch import LoadedModel, load_model, smoke_test
+from flywheel.policy.lora import AdapterMix, LoraAdapter
 from flywheel.policy.metrics import METRICS
-from flywheel.policy.mixed import MixedForward
+from flywheel.policy.mixed import DrainForward, MixedForward
 from flywheel.policy.reload import MappedWeights, try_reload
 from flywheel.policy.running import RunningBatches
 from flywheel.policy.scheduler import Scheduler
@@ -75,7 +76,7 @@ class HotSwap:
         self._between_steps = between_steps
         # What the scheduler switches to at its next step; guarded by _lock.
         self._pending: LoadedModel | None = None
-        self._pending_mix: MixedForward | None = None  # the old and pending versions' shared forward
+        self._pending_mix: DrainForward | None = None  # the old and pending versions' shared forward
         self._on_switch: Callable[[], None] | None = None
         self._switched = threading.Event()
         self._loading = threading.Lock()  # one load at a time
@@ -102,47 +103,90 @@ class HotSwap:
                 return
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
+            if cur is not None and cur.base is not None and (cur.base.version, cur.base.source) == (version, str(path)):
+                if verify is not None:  # back from an adapter to its base, which is in memory
+                    verify()
+                mix = AdapterMix(cur, cur.base) if self.config.mixed_drain else None
+                self._switch_to(cur, cur.base, mix, on_switch, t0)
+                return
             loaded = cur and try_reload(
-                cur, str(path), version, between_steps=self._between_steps, weights=weights
-            )  # None on any error
+                cur.base or cur, str(path), version, between_steps=self._between_steps, weights=weights
+            )  # None on any error; from an adapter version, a copy of its base's tree
             reloaded = loaded is not None
             if verify is not None:
                 verify()  # what it raises goes to the caller (who reports it); nothing has switched
             try:
                 loaded = loaded or load_model(str(path), version, self.config)
             except Exception as e:  # noqa: BLE001 - any failure to load is a refused checkpoint
-                self.last_error = f"version {version} from {path}: {type(e).__name__}: {e}"
-                METRICS.swaps.labels("failed").inc()  # after the error is readable: watchers poll the count
-                log.error("hot swap refused: %s", self.last_error)
-                hint = ""
-                if (Path(path) / "adapter_config.json").is_file():  # what only `Swapper` merges onto its base
-                    hint = (
-                        ": it is a LoRA adapter version, which an engine loads only merged onto its base "
-                        "(policy/reload.py, merge_adapter), as a ModelUpdate does"
-                    )
-                raise errors.FailedPrecondition(
-                    f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}){hint}; "
-                    f"still serving version {cur.version if cur else None}"
-                ) from e
-            mix = self._mixed_forward(cur, loaded, reloaded)
-            self._switched.clear()
-            with self._lock:
-                self._pending, self._pending_mix, self._on_switch = loaded, mix, on_switch
-                self._lock.notify_all()
-            while not self._switched.wait(0.05):
-                if not self._between_steps.scheduler_alive:
-                    self.switch_if_pending()  # no scheduler (not started or stopped): nothing runs, switch here
-            if cur is None:
-                _freeze_startup_objects()
-            METRICS.swaps.labels("ok").inc()
-            METRICS.swap_seconds.observe(time.perf_counter() - t0)
-            METRICS.version.set(version)
-            log.info("serving policy version %s from %s", version, path)
+                raise self._refused(path, version, cur, e) from e
+            self._switch_to(cur, loaded, self._mixed_forward(cur, loaded, reloaded), on_switch, t0)
+
+    def load_adapter(
+        self,
+        path: str,
+        version: int,
+        base: Callable[[], tuple[str, int]],
+        on_switch: Callable[[], None] | None = None,
+    ) -> None:
+        """`Engine.load_adapter` (which see): the adapter's deltas on the serving module tree, switched
+        to like any version; its drain shares one forward with the previous version (`lora.AdapterMix`)."""
+        with self._loading:
+            cur = self._batches.serving
+            if cur is not None and cur.version == version and cur.source == str(path):
+                return
+            self._wait_for_drain()
+            t0 = time.perf_counter()
+            try:
+                if cur is None:
+                    base_path, base_version = base()
+                    under = load_model(base_path, base_version, self.config)
+                else:
+                    under = cur.base or cur  # the whole weights in memory
+                adapter = LoraAdapter.load(path, under.model, under.device, under.dtype)
+                loaded = dataclasses.replace(under, source=str(path), version=version, adapter=adapter, base=under)
+                self._between_steps(lambda: smoke_test(loaded))  # the tree is the serving one: between steps
+            except Exception as e:  # noqa: BLE001 - any failure to load is a refused version
+                raise self._refused(path, version, cur, e) from e
+            mix = AdapterMix(cur, loaded) if cur is not None and self.config.mixed_drain else None
+            self._switch_to(cur, loaded, mix, on_switch, t0)
+
+    def _refused(self, path: str, version: int, cur: LoadedModel | None, e: Exception) -> errors.FlywheelError:
+        self.last_error = f"version {version} from {path}: {type(e).__name__}: {e}"
+        METRICS.swaps.labels("failed").inc()  # after the error is readable: watchers poll the count
+        log.error("hot swap refused: %s", self.last_error)
+        return errors.FailedPrecondition(
+            f"could not load policy version {version} from {path!r} ({type(e).__name__}: {e}); "
+            f"still serving version {cur.version if cur else None}"
+        )
+
+    def _switch_to(
+        self,
+        cur: LoadedModel | None,
+        loaded: LoadedModel,
+        mix: DrainForward | None,
+        on_switch: Callable[[], None] | None,
+        t0: float,
+    ) -> None:
+        """Hand `loaded` to the scheduler thread and return once it switched."""
+        self._switched.clear()
+        with self._lock:
+            self._pending, self._pending_mix, self._on_switch = loaded, mix, on_switch
+            self._lock.notify_all()
+        while not self._switched.wait(0.05):
+            if not self._between_steps.scheduler_alive:
+                self.switch_if_pending()  # no scheduler (not started or stopped): nothing runs, switch here
+        if cur is None:
+            _freeze_startup_objects()
+        METRICS.swaps.labels("ok").inc()
+        METRICS.swap_seconds.observe(time.perf_counter() - t0)
+        METRICS.version.set(loaded.version)
+        log.info("serving policy version %s from %s", loaded.version, loaded.source)
 
     def _mixed_forward(self, cur: LoadedModel | None, new: LoadedModel, reloaded: bool) -> MixedForward | None:
         """One forward for both versions during the drain, if they can share one (`flywheel.policy.mixed`).
-        `reloaded`: new is a copy of cur's module tree with other weights (`flywheel.policy.reload`)."""
-        if cur is None or not self.config.mixed_drain:
+        `reloaded`: new is a copy of cur's module tree with other weights (`flywheel.policy.reload`).
+        Not from an adapter version: the twin modules would run its rows without its deltas."""
+        if cur is None or not self.config.mixed_drain or cur.adapter is not None:
             return None
         mix = MixedForward.pair(cur, new, same_tree=reloaded)
         if mix is None:

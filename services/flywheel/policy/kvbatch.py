@@ -29,12 +29,14 @@ from transformers import (
 
 from flywheel.core.masks import attention_mask_4d
 from flywheel.policy.config import EngineConfig
+from flywheel.policy.lora import LoraAdapter, rows_on
 from flywheel.policy.mixed import routable_modules
 
 if TYPE_CHECKING:
-    from flywheel.policy.mixed import MixedForward
+    from flywheel.policy.mixed import DrainForward
     from flywheel.policy.sequence import Sequence
 
+_NO_ADAPTER = _NO_SPLIT = contextlib.nullcontext()
 DEFAULT_CONTEXT = 4096
 PREFILL_MASK_MAX = 1 << 22  # elements of a 4D prefill mask we build ourselves (16 MB in float32)
 
@@ -60,6 +62,10 @@ class LoadedModel:
     # them (`flywheel.policy.mixed`); None where it cannot. Checked at load.
     routable_modules: tuple[str, ...] | None = None
     row_weighted: tuple[str, ...] = ()  # of those, the norms that take a weight per row (`mixed.scales_rows`)
+    # A LoRA adapter version: the base's module tree (shared with the LoadedModel of the base or of
+    # another adapter on it) plus this adapter's deltas, added in each forward (`flywheel.policy.lora`).
+    adapter: LoraAdapter | None = None
+    base: LoadedModel | None = None  # with an adapter: the whole-weights version its module tree holds
     _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
     _backend_decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False)
 
@@ -136,16 +142,25 @@ class LoadedModel:
         return bool(torch.isfinite(got).all() and torch.allclose(want, got, atol=tol, rtol=tol))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        own_adapter: bool = True,  # False: a drain's mixed forward routes the adapters (`Batch.decode`)
+    ):
         kw = {"logits_to_keep": 1} if self.logits_to_keep else {}
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            **kw,
-        )
+        on_adapter = rows_on([(self.adapter, 0)]) if own_adapter and self.adapter is not None else _NO_ADAPTER
+        with on_adapter:
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **kw,
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,10 +252,10 @@ class Batch:
         self.model, self.seqs, self.cache, self.mask = model, seqs, cache, mask  # mask (B, L) long
         self.next_ids: torch.Tensor | None = None  # (B,) sampled, not yet in the cache
         self.last_logits: torch.Tensor | None = None
-        self.mix: MixedForward | None = None  # while rows of mix.old remain
+        self.mix: DrainForward | None = None  # while rows of mix.old remain
         self.old_rows = 0  # the first rows, on mix.old's weights
 
-    def adopt(self, mix: MixedForward) -> None:
+    def adopt(self, mix: DrainForward) -> None:
         """Go on with mix.new: the rows so far finish on mix.old's weights, new rows merge after them."""
         assert mix.old is self.model
         self.model, self.mix, self.old_rows = mix.new, mix, len(self.seqs)
@@ -269,13 +284,14 @@ class Batch:
         pos = self.mask.sum(-1, keepdim=True)  # real tokens so far = position of the new one
         mask = torch.cat([self.mask, ones], dim=1)
         model = self.model
-        split: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        split: contextlib.AbstractContextManager[None] = _NO_SPLIT
         if self.mix is not None and self.old_rows == len(self.seqs):
             model = self.mix.old  # no new rows yet: the old weights' own forward
         elif self.mix is not None:
             split = self.mix.split(self.old_rows, len(self.seqs))
-        with split:
-            out = model.forward(self.next_ids[:, None], model.decode_mask(mask), pos, self.cache)
+        with split:  # a split routes each row's adapter itself
+            step_mask, ids = model.decode_mask(mask), self.next_ids[:, None]
+            out = model.forward(ids, step_mask, pos, self.cache, own_adapter=split is _NO_SPLIT)
         self.cache, self.mask = out.past_key_values, mask
         return out.logits[:, -1, :]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from flywheel.policy.kvbatch import LoadedModel
 
 _IGNORED_CONFIG = ("_name_or_path", "transformers_version")
+
+
+class DrainForward(Protocol):
+    """One forward over a batch whose first rows run on `old` and the rest on `new`: `MixedForward`
+    for two module trees, `flywheel.policy.lora.AdapterMix` for adapter versions of one base."""
+
+    old: LoadedModel
+    new: LoadedModel
+
+    def split(self, old_rows: int, rows: int) -> contextlib.AbstractContextManager[None]:
+        """Within: a forward of `new` over `rows` rows runs the first `old_rows` as `old`."""
+        ...
 
 
 class NotRowwise(RuntimeError):

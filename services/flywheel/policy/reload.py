@@ -21,8 +21,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,39 +86,11 @@ def reload_weights(
             seen.add(k)
     if not seen >= params.keys():
         return None  # a parameter the files do not set: let from_pretrained decide
-    loaded = dataclasses.replace(cur, source=path, version=version, model=model, tokenizer=tok)
+    loaded = dataclasses.replace(cur, source=path, version=version, model=model, tokenizer=tok, adapter=None)
     if tok is not cur.tokenizer:  # caches of the old tokenizer
         loaded = dataclasses.replace(loaded, _token_text={}, _backend_decode=None)
     between_steps(lambda: smoke_test(loaded))
     return loaded
-
-
-def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike) -> Path:
-    """A whole-weights directory for an adapter version: `base`'s files with the adapter (PEFT's
-    layout) merged into a copy of its weights, in a new temporary directory the caller deletes.
-
-    The current limit of adapter versions on the policy (docs/ARCHITECTURE.md, "LoRA adapter
-    versions"): the engine serves merged weights, so a swap to an adapter costs a read of the
-    base and a write of merged weights, and memory holds the merged copy beside the serving one,
-    as for whole weights. Its config and tokenizer files are the base's, byte for byte, so the
-    engine's `reload_weights` takes the fast path (same architecture, new tensors)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from flywheel.core.modelstore import MAX_SHARD_SIZE
-
-    base, out = Path(base), Path(tempfile.mkdtemp(prefix="flywheel-merged-"))
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-        merged = PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
-        merged.save_pretrained(str(out), safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
-        for f in base.iterdir():  # config, generation config and tokenizer exactly as the base has them
-            if f.is_file() and f.name != MANIFEST and not f.name.endswith((".safetensors", ".safetensors.index.json")):
-                shutil.copyfile(f, out / f.name)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    return out
 
 
 def try_reload(cur: LoadedModel, path: str, version: int, **options: Any) -> LoadedModel | None:

@@ -19,7 +19,6 @@ import fcntl
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Authenticator, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, require, section, setting
 from flywheel.core.limits import LimitsConfig, check_user_id
-from flywheel.core.modelstore import ModelStore, ModelStoreConfig
+from flywheel.core.modelstore import BaseRef, ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.engine import Engine
@@ -39,7 +38,7 @@ from flywheel.policy.interactions import InteractionPublisher
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.requests import SEED_MAX, GenerationRequest, Result, TokenEvent, validate_request
 from flywheel.policy.starter import STEPS as STARTER_STEPS
-from flywheel.policy.swap import LocalVersion, Swapper
+from flywheel.policy.swap import Swapper
 from flywheel.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
@@ -240,7 +239,7 @@ class PolicyService:
                 starter_ready(self.store, cfg.policy.starter_steps, self._stopped)
             name = cfg.policy.model_name
             latest = self.store.latest(name, promoted_only=True) or self.store.get(name, 0)
-            self.swapper.load_from_store(latest.version)  # an adapter version is merged onto its base
+            self.swapper.load_from_store(latest.version)  # an adapter version on its base
         if kafka_ok:
             self.swapper.start()
         else:
@@ -391,28 +390,27 @@ class PolicyService:
 
     async def _candidate_engine(self, version: int) -> Engine:
         """A second engine serving `version` from the model store (one cached; a third weight copy). An
-        adapter version is merged onto its base as a swap would (`Swapper.local_version`): that base must be
-        the one served, at every pair (FailedPrecondition naming both bases otherwise), and the merged
-        directory lives as long as the candidate engine."""
+        adapter version is loaded on its base as a swap would (`Swapper.load_into`): that base must be the
+        one served, at every pair (FailedPrecondition naming both bases otherwise)."""
         if self._candidate_lock is None:
             self._candidate_lock = asyncio.Lock()
         async with self._candidate_lock:
             cached = self._candidate
             if cached is not None and cached.version == version:
-                if cached.local.base is None or cached.local.base == await run_blocking(self.swapper.serving_base):
+                if cached.base is None or cached.base == await run_blocking(self.swapper.serving_base):
                     return cached.engine
-            local = await run_blocking(self.swapper.local_version, version, owned=True)
-            candidate = Candidate(version, Engine(self.config.engine, limits=self.config.limits), local)
+            engine = Engine(self.config.engine, limits=self.config.limits)
             try:
-                candidate.engine.start()
-                await run_blocking(candidate.engine.load_version, str(local.path), version)
+                engine.start()
+                base = await run_blocking(self.swapper.load_into, engine, version)
             except BaseException:
-                await run_blocking(candidate.close)
+                await run_blocking(engine.stop)
                 raise
             finally:
                 serving = self.engine.info().version
                 if serving is not None:
                     METRICS.version.set(serving)  # the gauge is process-wide: keep it on the serving version
+            candidate = Candidate(version, engine, base)
             old, self._candidate = self._candidate, candidate
             if old is not None:
                 await run_blocking(old.close)
@@ -453,17 +451,15 @@ class PolicyService:
 
 @dataclasses.dataclass
 class Candidate:
-    """GeneratePair's second engine: the store `version` it serves, loaded from `local` (a merged directory
-    for an adapter version, deleted with the engine)."""
+    """GeneratePair's second engine: the store `version` it serves, and that version's base (None for whole
+    weights)."""
 
     version: int
     engine: Engine
-    local: LocalVersion
+    base: BaseRef | None
 
     def close(self) -> None:
         self.engine.stop()
-        if self.local.merged:
-            shutil.rmtree(self.local.path, ignore_errors=True)
 
 
 def sampling_proto(req: GenerationRequest, seed: int | None = None) -> common_pb2.SamplingParams:

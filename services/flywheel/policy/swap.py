@@ -14,8 +14,9 @@ are required, `ModelStoreConfig.require_signed`), whose signature does not match
 `file://` uri leads outside the store's root is refused the same way before a byte is read, and
 counted by reason (flywheel_policy_updates_refused_total{reason}, with the checkpoints that fail
 their sha256 or do not load). An adapter version (ModelUpdate.adapter) is applied only onto the
-base this replica serves (else refused, reason wrong_base), merged into a copy of the base's
-weights (`reload.merge_adapter`, the current limit; see docs/ARCHITECTURE.md, "LoRA adapter versions"). The announced version is applied whatever its number: an older one is a rollback. Each
+base this replica serves (else refused, reason wrong_base), unmerged on the weights already in
+memory (`Engine.load_adapter`, `flywheel.policy.lora`): only its own files are read and hashed.
+The announced version is applied whatever its number: an older one is a rollback. Each
 live switch observes its lag from the announcement record's timestamp
 (flywheel_policy_swap_lag_seconds: delivery, verify, load).
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -50,7 +50,7 @@ from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import BaseRef, ModelStore
 from flywheel.policy.engine import Engine
 from flywheel.policy.metrics import METRICS
-from flywheel.policy.reload import MappedWeights, map_safetensors, merge_adapter
+from flywheel.policy.reload import MappedWeights, map_safetensors
 from flywheel.policy.swap_worker import Snapshot, SwapWorker, WorkerSettings, refusal_reason
 from flywheel.v1 import events_pb2
 
@@ -76,16 +76,6 @@ def lower_cpu_priority(nice: int) -> None:
         log.warning("could not lower the swap threads' CPU priority: %s", e)
 
 
-@dataclasses.dataclass(frozen=True)
-class LocalVersion:
-    """What `Swapper.local_version` found to load: `path`, a merged temporary directory (`merged`) or the
-    store's own; `base`, the base an adapter version was merged onto (None for whole weights)."""
-
-    path: Path
-    merged: bool
-    base: BaseRef | None
-
-
 class Swapper:
     """Applies ModelUpdate announcements of `model` to `engine`."""
 
@@ -100,7 +90,6 @@ class Swapper:
         self._nice = engine.config.swap_nice
         self._verifier = ThreadPoolExecutor(1, "swap-verify", initializer=lower_cpu_priority, initargs=(self._nice,))
         self._loader_niced = False
-        self._merged: dict[str, BaseRef] = {}  # merged adapter directories (reload.merge_adapter) -> their base
 
     # ------------------------------------------------------------------ start-up
     def initial_target(self, timeout_s: float = 10.0) -> events_pb2.ModelUpdate | None:
@@ -185,9 +174,6 @@ class Swapper:
         if self._consumer is not None:
             self._consumer.stop()
         self._verifier.shutdown(wait=False, cancel_futures=True)
-        for d in self._merged:
-            shutil.rmtree(d, ignore_errors=True)
-        self._merged.clear()
 
     # ------------------------------------------------------------------ one announcement
     def _on_record(self, record: bus.Record) -> None:
@@ -228,26 +214,39 @@ class Swapper:
             path: Path = verified[0] if verified else self.store.locate(u)
         except errors.FlywheelError as e:  # e.g. unsigned, or the store has no such version
             return self._refuse(u, f"checkpoint failed verification: {e.message}", "refused", refusal_reason(e))
+        on_switch = lambda: self._switched(announced_at)  # noqa: E731
+        hashing = None
         if u.adapter:  # onto the base this replica serves, or refused (it keeps serving)
+            base = modelstore.update_base(u)
+            assert base is not None
             try:
-                path, verified = self._merged_adapter(u, path, verified is not None), None
+                self._check_base(u.version, base)
+                if verified is None:  # its few files, before anything loads
+                    modelstore.verify_digests(path, u.files)
             except errors.FlywheelError as e:
                 why = e.message if e.reason == "wrong_base" else f"checkpoint failed verification: {e.message}"
                 return self._refuse(u, why, "refused", refusal_reason(e))
-            except Exception as e:  # noqa: BLE001 - an adapter peft cannot apply is a refusal, never a crash
-                return self._refuse(u, f"adapter did not load: {type(e).__name__}: {e}", "refused", "load_failed")
-        # sha256 of every file against the announcement, in other threads while the engine reads
-        # the new weights into a copy; nothing switches unless it passes.
-        checked = verified is not None or u.adapter  # an adapter's files were verified before its merge
-        hashing = None if checked else self._verifier.submit(modelstore.verify_digests, path, u.files)
+
+            def load() -> None:
+                self.engine.load_adapter(str(path), u.version, lambda: self._base_path(base), on_switch)
+
+        else:
+            # sha256 of every file against the announcement, in other threads while the engine reads
+            # the new weights into a copy; nothing switches unless it passes.
+            if verified is None:
+                hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
+
+            def load() -> None:
+                self.engine.load_version(
+                    str(path),
+                    u.version,
+                    on_switch=on_switch,
+                    verify=hashing.result if hashing else None,
+                    weights=verified[1] if verified else None,
+                )
+
         try:  # the error clears at the switch itself, so no answer of the new version sees it
-            self.engine.load_version(
-                str(path),
-                u.version,
-                on_switch=lambda: self._switched(announced_at),
-                verify=hashing.result if hashing else None,
-                weights=verified[1] if verified else None,
-            )
+            load()
             if hashing:
                 hashing.result()  # also when the engine had nothing to load (it serves this version already)
         except errors.IntegrityError as e:
@@ -257,7 +256,6 @@ class Swapper:
         except Exception as e:  # noqa: BLE001 - an unreadable store is a refusal too, never a crash
             return self._refuse(u, f"checkpoint unreadable: {type(e).__name__}: {e}", "refused", "unreadable")
         self.last_error = ""  # also when it was already serving this version (no switch)
-        self._drop_merged(keep=str(path))
         self.last_swap_s = time.perf_counter() - t0
         log.info("policy %s to version %d (%s) in %.2fs", kind, u.version, u.reason or "-", self.last_swap_s)
         return True
@@ -265,28 +263,18 @@ class Swapper:
     # ------------------------------------------------------------------ adapter versions
     def serving_base(self) -> BaseRef | None:
         """The whole-weights version under what the engine serves: that version itself, or the base of
-        the adapter merged into it; None when it came from outside the store (e.g. a hub name)."""
+        the adapter version it serves; None when it came from outside the store (e.g. a hub name)."""
         cur = self.engine.serving_model
         if cur is None:
             return None
-        if cur.source in self._merged:
-            return self._merged[cur.source]
         try:
             m = self.store.get(self.model, cur.version)
         except errors.FlywheelError:
             return None
         here = Path(cur.source).resolve() == self.store.version_path(self.model, cur.version).resolve()
-        return BaseRef.of(m) if here and m.base is None else None
-
-    def _merged_adapter(self, u: events_pb2.ModelUpdate, path: Path, files_verified: bool) -> Path:
-        """Check that `u` applies to the serving base (any base in the store while nothing serves yet),
-        verify its files (unless the worker did), and merge it into a copy of the base's weights."""
-        want = modelstore.update_base(u)
-        assert want is not None
-        self._check_base(u.version, want)
-        if not files_verified:
-            modelstore.verify_digests(path, u.files)
-        return self._merge_onto(want, path)
+        if not here:
+            return None
+        return m.base if cur.adapter is not None else BaseRef.of(m) if m.base is None else None
 
     def _check_base(self, version: int, want: BaseRef) -> None:
         have = self.serving_base()
@@ -298,50 +286,36 @@ class Swapper:
                 reason="wrong_base",
             )
 
-    def _merge_onto(self, base: BaseRef, adapter: Path, *, keep: bool = True) -> Path:
-        """`reload.merge_adapter` onto `base` from the store, checked to hold those very weights (the current
-        limit: merged, see docs/ARCHITECTURE.md, "LoRA adapter versions"). `keep`: the Swapper deletes the
-        merged directory once nothing serves it (`_drop_merged`, `stop`); else the caller deletes it."""
-        base_path = self.store.verify(base.model, base.version)
+    def _base_path(self, base: BaseRef) -> tuple[str, int]:
+        """Where the store holds `base`, verified to be those very weights: for an engine that serves
+        nothing yet (start-up, a GeneratePair candidate), which loads the base before the adapter."""
+        path = self.store.verify(base.model, base.version)
         if BaseRef.of(self.store.get(base.model, base.version)) != base:
             raise errors.IntegrityError(
                 f"the store's {base.model} v{base.version} holds other weights than base {base}", reason="tampered"
             )
-        merged = merge_adapter(base_path, adapter)
-        if keep:
-            self._merged[str(merged)] = base
-        return merged
+        return str(path), base.version
 
-    def local_version(self, version: int, *, owned: bool = False) -> LocalVersion:
-        """The verified local directory to load for store `version` of our model: the version's own directory
-        for whole weights (every file checked against its signed manifest), or for an adapter version its
-        merge onto its base, which must be the base this replica serves (else FailedPrecondition, reason
-        wrong_base, naming both) and is checked the same way. A merged directory is the Swapper's to delete,
-        unless `owned`: then the caller deletes it (`LocalVersion.merged`), e.g. a GeneratePair candidate's."""
+    def load_into(self, engine: Engine, version: int) -> BaseRef | None:
+        """Load store `version` of our model into `engine` (this replica's, or a GeneratePair candidate's),
+        verified against its (signed) manifest: whole weights, or an adapter version on its base, which must
+        be the base this replica serves (else FailedPrecondition, reason wrong_base, naming both; any base of
+        the store while nothing serves yet). Returns that base (None for whole weights); raises what the load
+        raises."""
         m = self.store.get(self.model, version)
         if m.base is not None:  # before any file is hashed: the precise refusal comes first
             self._check_base(version, m.base)
         path = self.store.verify(self.model, version)
         if m.base is None:
-            return LocalVersion(path, merged=False, base=None)
-        return LocalVersion(self._merge_onto(m.base, path, keep=not owned), merged=True, base=m.base)
+            engine.load_version(str(path), version)
+        else:
+            base = m.base
+            engine.load_adapter(str(path), version, lambda: self._base_path(base))
+        return m.base
 
     def load_from_store(self, version: int) -> None:
-        """Serve store `version`, verified against its (signed) manifest: whole weights, or an adapter
-        merged onto its base (start-up without an announcement). Raises what the load raises."""
-        path = self.local_version(version).path
-        try:
-            self.engine.load_version(str(path), version)
-        finally:
-            self._drop_merged(keep=str(path))
-
-    def _drop_merged(self, keep: str) -> None:
-        """Delete merged directories nothing serves any more: all but `keep` and the engine's own."""
-        cur = self.engine.serving_model
-        for d in list(self._merged):
-            if d != keep and (cur is None or d != cur.source):
-                shutil.rmtree(d, ignore_errors=True)
-                del self._merged[d]
+        """Serve store `version` (start-up without an announcement): `load_into` this replica's engine."""
+        self.load_into(self.engine, version)
 
     def _switched(self, announced_at: float | None) -> None:
         self.last_error = ""
@@ -349,7 +323,6 @@ class Swapper:
             METRICS.swap_lag.observe(max(0.0, time.time() - announced_at))
 
     def _refuse(self, u: events_pb2.ModelUpdate, why: str, outcome: str | None, reason: str | None = None) -> bool:
-        self._drop_merged(keep="")
         serving = self.engine.info().version
         self.last_error = f"version {u.version} refused: {why}; still serving version {serving}"
         if outcome:  # counted once the error is readable: a watcher that sees the count reads the error
