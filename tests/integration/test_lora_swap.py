@@ -158,12 +158,12 @@ def test_adapter_versions_swap_in_on_their_base_and_are_refused_on_another(
         running.close()
 
 
-def test_generate_pair_against_an_adapter_candidate_serves_it_on_the_served_base(
+def test_generate_pair_against_an_adapter_candidate_runs_it_on_the_serving_weights(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """Side B from an adapter version (the configured candidate): the adapter on its base, as a swap would
-    serve it. An adapter for another base than the served one is refused with both bases named, and nothing
-    is loaded for it."""
+    """Side B from an adapter version (the configured candidate): the adapter's deltas on the serving engine's
+    own weights, no second engine. An adapter for another base than the served one is refused with both bases
+    named, and nothing is loaded for it."""
     store = make_store(tmp_path / "store")
     base0 = BaseRef.of(store.get("policy", 0))
     v1 = store.publish("policy", adapter_on(store, 0, 1), parent=0, extra={"base": base0.to_dict()})
@@ -186,27 +186,29 @@ def test_generate_pair_against_an_adapter_candidate_serves_it_on_the_served_base
         r = pair(0)  # the configured candidate: any caller
         assert (r.a.policy_version, r.b.policy_version) == (0, 1)
         assert service.candidate_loaded == 1
-        cand = service._candidate
-        assert cand is not None and cand.base == base0
-        assert cand.engine.serving_model.adapter is not None  # type: ignore[union-attr]
+        # No second engine: side B ran on the serving engine's own weights with the adapter's deltas.
+        variant, serving = service._variant, service.engine.serving_model
+        assert service._candidate is None and variant is not None and serving is not None
+        assert variant.model is serving.model and variant.adapter is not None and variant.base is serving
         # Side B's tokens are the merged weights' greedy answer (and not the base's: side A).
         ids_b = [t.id for t in r.b.tokens]
         assert ids_b == merged_greedy(store, 1, prompt, 12) and ids_b != [t.id for t in r.a.tokens]
-        assert pair(1, ADMIN).b.policy_version == 1 and service._candidate is cand  # cached
+        assert pair(1, ADMIN).b.policy_version == 1 and service._variant is variant  # cached
 
         # An adapter for another base: refused naming both, the cached candidate untouched.
         with pytest.raises(grpc.RpcError) as e:
             pair(3, ADMIN)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"adapter version 3 applies to base {base2}, but this replica serves {base0}" in e.value.details()
-        assert service._candidate is cand
+        assert service._variant is variant
         with pytest.raises(errors.FailedPrecondition, match=r"adapter version 3 applies to base policy v2"):
-            service.swapper.load_into(cand.engine, 3)  # the one rule, as the swap applies it
-        assert cand.engine.info().version == 1
+            service.swapper.variant(3)  # the one rule, as the swap applies it
 
-        # Another candidate replaces it; the adapter again gives the same answer.
+        # A whole-weights candidate is a second engine, which the adapter candidate then replaces.
         assert pair(2, ADMIN).b.policy_version == 2 and service.candidate_loaded == 2
+        assert service._candidate is not None and service._variant is None
         assert pair(1, ADMIN).b.tokens == r.b.tokens
+        assert service._candidate is None and service.candidate_loaded == 1
 
         # The replica now serves base v2: the cached adapter candidate on v0 is refused at the next pair,
         # and adapter v3 (on v2) answers side B.

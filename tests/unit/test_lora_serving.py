@@ -182,3 +182,32 @@ async def until_mixed(e) -> None:
             return
         await asyncio.sleep(0.002)
     raise AssertionError(f"no mixed batch: {snap}")
+
+
+def test_requests_pinned_to_an_adapter_variant_run_beside_the_serving_version(v0, adapters, slow):  # noqa: F811
+    """A GeneratePair candidate without a second engine: rows pinned to an adapter on the serving weights
+    answer exactly as that adapter, in their own batch, while the serving version answers the others; a
+    swap meanwhile leaves them be. Nothing of the base is copied and nothing counts as a drain."""
+    a1, a2, m1, m2 = adapters
+    with engine(m1, 1) as ref:
+        want = [ids(asyncio.run(ref.generate(greedy(q, 60)))) for q in QUESTIONS[:2]]
+    with engine(v0) as e:
+        base_answers = [ids(asyncio.run(e.generate(greedy(q, 60)))) for q in QUESTIONS[:2]]
+        variant = e.adapter_variant(str(a1), 1)
+        assert variant.model is e.serving_model.model and e.info().version == 0  # type: ignore[union-attr]
+
+        async def side_by_side():
+            pinned = [asyncio.create_task(e.generate(greedy(q, 60), on=variant)) for q in QUESTIONS[:2]]
+            served = [asyncio.create_task(e.generate(greedy(q, 60))) for q in QUESTIONS[:2]]
+            for _ in range(2000):
+                snap = await asyncio.to_thread(e.snapshot)
+                if sorted(b.version for b in snap.batches) == [0, 1]:
+                    break
+                await asyncio.sleep(0.002)
+            assert sorted(b.version for b in snap.batches) == [0, 1] and not snap.draining
+            await asyncio.to_thread(e.load_adapter, str(a2), 2, lambda: (v0, 0))  # not held up by the pinned rows
+            return await asyncio.gather(*pinned), await asyncio.gather(*served)
+
+        pinned, served = asyncio.run(side_by_side())
+        assert [r.version for r in pinned] == [1, 1] and [ids(r) for r in pinned] == want
+        assert [r.version for r in served] == [0, 0] and [ids(r) for r in served] == base_answers

@@ -201,11 +201,20 @@ class Engine:
         self._swap.load_adapter(path, version, base, on_switch)
         return self.info()
 
+    def adapter_variant(self, path: str, version: int) -> LoadedModel:
+        """The LoRA adapter version at `path` on the whole weights this engine serves, without serving it:
+        requests pinned to it (`generate(..., on=)`, e.g. a GeneratePair candidate) run on the serving module
+        tree with its deltas, in a batch of their own. Blocking; the caller checks the base. FailedPrecondition
+        if it cannot load."""
+        return self._swap.variant(path, version)
+
     # ------------------------------------------------------------------ public API
-    async def generate(self, req: GenerationRequest, timeout_s: float | None = None) -> Result:
+    async def generate(
+        self, req: GenerationRequest, timeout_s: float | None = None, on: LoadedModel | None = None
+    ) -> Result:
         """The whole answer, or DeadlineExceeded after `timeout_s`. Cancelling the awaiting task frees
-        the sequence's slot."""
-        seq = self._submit(req, stream=False, timeout_s=timeout_s)
+        the sequence's slot. `on`: a version from `adapter_variant` to answer with instead of the serving one."""
+        seq = self._submit(req, stream=False, timeout_s=timeout_s, on=on)
         try:
             while True:
                 ev = await seq.queue.get()
@@ -233,9 +242,11 @@ class Engine:
         finally:
             self._cancel(seq)
 
-    def _submit(self, req: GenerationRequest, stream: bool, timeout_s: float | None = None) -> Sequence:
+    def _submit(
+        self, req: GenerationRequest, stream: bool, timeout_s: float | None = None, on: LoadedModel | None = None
+    ) -> Sequence:
         try:
-            loaded = self._batches.serving
+            loaded = on or self._batches.serving
             if loaded is None:
                 raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
             if not self.ready:
@@ -244,7 +255,7 @@ class Engine:
             max_new = validate_request(req, self.limits, c.default_max_new_tokens, c.max_new_tokens_cap)
             ids = prompt_ids(req, loaded)
             check_length(len(ids), max_new, self.config.max_input_tokens, loaded)
-            seq = Sequence(req, ids, loaded, max_new, stream)
+            seq = Sequence(req, ids, loaded, max_new, stream, pinned=on)
             with self._cv:
                 self._scheduler.add(seq)
                 self._cv.notify_all()
@@ -313,16 +324,20 @@ class Engine:
         batches = self._batches
         batches.drop_cancelled()
         admitted = self._admitted = self._admit()  # held here until merged, so a failure can fail them
-        new_batch = None
-        if admitted:
-            assert batches.serving is not None  # requests are refused until a model is loaded
-            new_batch = Batch.prefill(batches.serving, admitted)
+        by_model: dict[int, list[Sequence]] = {}  # the serving version's, and any pinned version's
+        for seq in admitted:
+            by_model.setdefault(id(seq.model), []).append(seq)
+        new_batches = []
+        for seqs in by_model.values():
+            assert seqs[0].model is not None  # admitted
+            new_batch = Batch.prefill(seqs[0].model, seqs)
             logits = new_batch.last_logits
             assert logits is not None  # what the prefill left
             batches.running -= sample_and_emit(new_batch, logits, self._outbox)
+            new_batches.append(new_batch)
         for batch in list(batches.by_model.values()):
             batches.running -= sample_and_emit(batch, batch.decode(), self._outbox)
-        if new_batch is not None:
+        for new_batch in new_batches:
             batches.add(new_batch)
         self._admitted = []
         batches.drop_finished()
@@ -338,14 +353,14 @@ class Engine:
         self._batches.running += len(admitted)
         now = time.perf_counter()
         for seq in admitted:
-            seq.admit(cur, now)
+            seq.admit(seq.pinned or cur, now)
             METRICS.queue_seconds.observe(now - seq.t_submit)
             METRICS.prompt_tokens.inc(len(seq.prompt_ids))
         return admitted
 
     def _prepare(self, seq: Sequence) -> bool:
         """Ready a request at the head of the queue for the serving model; False if it refuses it."""
-        cur = self._batches.serving
+        cur = seq.pinned or self._batches.serving
         if cur is not None and seq.tokenized_by is not cur:  # a swap may bring another tokenizer
             try:
                 ids = prompt_ids(seq.req, cur)

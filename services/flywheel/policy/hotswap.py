@@ -142,13 +142,30 @@ class HotSwap:
                     under = load_model(base_path, base_version, self.config)
                 else:
                     under = cur.base or cur  # the whole weights in memory
-                adapter = LoraAdapter.load(path, under.model, under.device, under.dtype)
-                loaded = dataclasses.replace(under, source=str(path), version=version, adapter=adapter, base=under)
-                self._between_steps(lambda: smoke_test(loaded))  # the tree is the serving one: between steps
+                loaded = self._on_base(under, path, version)
             except Exception as e:  # noqa: BLE001 - any failure to load is a refused version
                 raise self._refused(path, version, cur, e) from e
             mix = AdapterMix(cur, loaded) if cur is not None and self.config.mixed_drain else None
             self._switch_to(cur, loaded, mix, on_switch, t0)
+
+    def variant(self, path: str, version: int) -> LoadedModel:
+        """`Engine.adapter_variant` (which see)."""
+        cur = self._batches.serving
+        if cur is None:
+            raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)
+        try:
+            return self._on_base(cur.base or cur, path, version)
+        except Exception as e:  # noqa: BLE001 - reported like a refused version, nothing switched
+            raise errors.FailedPrecondition(
+                f"could not load adapter version {version} from {path!r} ({type(e).__name__}: {e})"
+            ) from e
+
+    def _on_base(self, under: LoadedModel, path: str, version: int) -> LoadedModel:
+        """The adapter at `path` on whole weights `under` (their module tree, shared), smoke-tested."""
+        adapter = LoraAdapter.load(path, under.model, under.device, under.dtype)
+        loaded = dataclasses.replace(under, source=str(path), version=version, adapter=adapter, base=under)
+        self._between_steps(lambda: smoke_test(loaded))  # the tree may be the serving one: between steps
+        return loaded
 
     def _refused(self, path: str, version: int, cur: LoadedModel | None, e: Exception) -> errors.FlywheelError:
         self.last_error = f"version {version} from {path}: {type(e).__name__}: {e}"

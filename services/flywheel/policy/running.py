@@ -71,7 +71,13 @@ class RunningBatches:
             del self.by_model[key]  # the last reference to an old model goes here
         self.running = sum(len(b.seqs) for b in self.by_model.values())
         cur = self.serving
-        self.draining = any(b.model is not cur or b.mix is not None for b in self.by_model.values())
+        # Rows on another copy of the weights than the serving one, or finishing on the previous version
+        # in the serving batch. Rows of another adapter on the serving weights (a GeneratePair candidate,
+        # `Engine.adapter_variant`) hold no copy of the weights.
+        self.draining = any(
+            b.mix is not None or b.model is not cur and (cur is None or b.model.model is not cur.model)
+            for b in self.by_model.values()
+        )
 
     def clear(self) -> None:
         self.by_model.clear()

@@ -25,8 +25,16 @@ class Sequence:
     generator: torch.Generator
     seen: torch.Tensor
 
-    def __init__(self, req: GenerationRequest, prompt_ids: list[int], loaded: LoadedModel, max_new: int, stream: bool):
-        self.req, self.params, self.stream = req, req.sampling(), stream
+    def __init__(
+        self,
+        req: GenerationRequest,
+        prompt_ids: list[int],
+        loaded: LoadedModel,
+        max_new: int,
+        stream: bool,
+        pinned: LoadedModel | None = None,  # the version it must run on (else the serving one at admission)
+    ):
+        self.req, self.params, self.stream, self.pinned = req, req.sampling(), stream, pinned
         self.prompt_ids, self.tokenized_by, self.max_new_tokens = prompt_ids, loaded, max_new
         self.seed = req.seed if req.seed is not None else secrets.randbits(63)
         self.loop = asyncio.get_running_loop()

@@ -30,11 +30,12 @@ from flywheel.core import bus, errors
 from flywheel.core.auth import AuthConfig, Authenticator, Caller
 from flywheel.core.config import KafkaConfig, TopicsConfig, load_bundle, require, section, setting
 from flywheel.core.limits import LimitsConfig, check_user_id
-from flywheel.core.modelstore import BaseRef, ModelStore, ModelStoreConfig
+from flywheel.core.modelstore import ModelStore, ModelStoreConfig
 from flywheel.core.server import ServiceServer, run_blocking
 from flywheel.policy.config import EngineConfig
 from flywheel.policy.engine import Engine
 from flywheel.policy.interactions import InteractionPublisher
+from flywheel.policy.kvbatch import LoadedModel
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.requests import SEED_MAX, GenerationRequest, Result, TokenEvent, validate_request
 from flywheel.policy.starter import STEPS as STARTER_STEPS
@@ -214,6 +215,7 @@ class PolicyService:
             self.engine, self.store, config.kafka, config.topics.policy_updates, p.model_name, p.updates_group
         )
         self._candidate: Candidate | None = None
+        self._variant: LoadedModel | None = None  # an adapter candidate on the serving weights
         self._candidate_lock: asyncio.Lock | None = None
         self._stopped = threading.Event()
 
@@ -271,6 +273,7 @@ class PolicyService:
         if self._candidate is not None:
             self._candidate.close()
             self._candidate = None
+        self._variant = None
         self.interactions.close()
 
     def info(self) -> dict[str, Any]:
@@ -339,10 +342,10 @@ class PolicyService:
         self.check_candidate(candidate_version, caller)
         version = candidate_version or self.config.policy.pair_candidate_version
         serving = self.engine.info().version
-        engine_b = self.engine
+        engine_b, on = self.engine, None
         req_a, req_b = dataclasses.replace(req), dataclasses.replace(req)
         if version and version != serving:
-            engine_b = await self._candidate_engine(version)
+            engine_b, on = await self._side_b(version)
         else:  # two samples of one version: they must be able to differ
             if req.temperature == 0 and not req.do_sample:
                 req_a.do_sample = req_b.do_sample = True
@@ -351,7 +354,7 @@ class PolicyService:
         limit = self.timeout(timeout_s)
         tasks = [
             asyncio.ensure_future(self.engine.generate(req_a, limit)),
-            asyncio.ensure_future(engine_b.generate(req_b, limit)),
+            asyncio.ensure_future(engine_b.generate(req_b, limit, on=on)),
         ]
         try:
             ra, rb = await asyncio.gather(*tasks)
@@ -366,7 +369,7 @@ class PolicyService:
 
     def check_candidate(self, candidate_version: int, caller: Caller) -> None:
         """InvalidArgument for a number that is no version; PermissionDenied for a version that only the
-        admin may load. Loading one is a third weight copy in memory and answers from a model nobody
+        admin may load. Loading one (a third weight copy, unless an adapter) answers from a model nobody
         gated, so a caller without the admin token gets the serving version (0) or the operator's
         pair_candidate_version only. Checked before anything is loaded."""
         if not 0 <= candidate_version <= MAX_VERSION:
@@ -385,36 +388,55 @@ class PolicyService:
 
     @property
     def candidate_loaded(self) -> int | None:
-        """The version the second (candidate) engine holds, None when there is none."""
+        """The candidate version GeneratePair holds (an adapter on the serving weights, or a second engine's)."""
+        if self._variant is not None:
+            return self._variant.version
         return self._candidate.version if self._candidate is not None else None
 
-    async def _candidate_engine(self, version: int) -> Engine:
-        """A second engine serving `version` from the model store (one cached; a third weight copy). An
-        adapter version is loaded on its base as a swap would (`Swapper.load_into`): that base must be the
-        one served, at every pair (FailedPrecondition naming both bases otherwise)."""
+    async def _side_b(self, version: int) -> tuple[Engine, LoadedModel | None]:
+        """Where side B of a pair against `version` runs: an adapter version on the serving engine itself,
+        pinned to it (`Swapper.variant`: no copy of the weights, nothing else to start); a whole-weights
+        version on a second engine (one cached; a third weight copy). An adapter's base must be the one
+        served, at every pair (FailedPrecondition naming both bases otherwise)."""
         if self._candidate_lock is None:
             self._candidate_lock = asyncio.Lock()
         async with self._candidate_lock:
-            cached = self._candidate
-            if cached is not None and cached.version == version:
-                if cached.base is None or cached.base == await run_blocking(self.swapper.serving_base):
-                    return cached.engine
-            engine = Engine(self.config.engine, limits=self.config.limits)
-            try:
-                engine.start()
-                base = await run_blocking(self.swapper.load_into, engine, version)
-            except BaseException:
-                await run_blocking(engine.stop)
-                raise
-            finally:
-                serving = self.engine.info().version
-                if serving is not None:
-                    METRICS.version.set(serving)  # the gauge is process-wide: keep it on the serving version
-            candidate = Candidate(version, engine, base)
-            old, self._candidate = self._candidate, candidate
-            if old is not None:
-                await run_blocking(old.close)
-            return candidate.engine
+            serving = self.engine.serving_model
+            whole = serving.base or serving if serving is not None else None
+            cached = self._variant
+            if cached is not None and cached.version == version and cached.base is whole:
+                return self.engine, cached
+            manifest = await run_blocking(self.store.get, self.config.policy.model_name, version)
+            if manifest.base is not None:  # one candidate at a time: a second engine goes
+                self._variant = await run_blocking(self.swapper.variant, version)
+                old, self._candidate = self._candidate, None
+                if old is not None:
+                    await run_blocking(old.close)
+                return self.engine, self._variant
+            self._variant = None
+            return await self._candidate_engine(version), None
+
+    async def _candidate_engine(self, version: int) -> Engine:
+        """The second engine for whole-weights `version` (caller holds `_candidate_lock`)."""
+        cached = self._candidate
+        if cached is not None and cached.version == version:
+            return cached.engine
+        engine = Engine(self.config.engine, limits=self.config.limits)
+        try:
+            engine.start()
+            await run_blocking(self.swapper.load_into, engine, version)
+        except BaseException:
+            await run_blocking(engine.stop)
+            raise
+        finally:
+            serving = self.engine.info().version
+            if serving is not None:
+                METRICS.version.set(serving)  # the gauge is process-wide: keep it on the serving version
+        candidate = Candidate(version, engine)
+        old, self._candidate = self._candidate, candidate
+        if old is not None:
+            await run_blocking(old.close)
+        return candidate.engine
 
     # ------------------------------------------------------------------ answers
     def _finish(
@@ -451,12 +473,10 @@ class PolicyService:
 
 @dataclasses.dataclass
 class Candidate:
-    """GeneratePair's second engine: the store `version` it serves, and that version's base (None for whole
-    weights)."""
+    """GeneratePair's second engine, for a whole-weights candidate: the store `version` it serves."""
 
     version: int
     engine: Engine
-    base: BaseRef | None
 
     def close(self) -> None:
         self.engine.stop()

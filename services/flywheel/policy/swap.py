@@ -49,6 +49,7 @@ from flywheel.core import bus, errors, modelstore
 from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import BaseRef, ModelStore
 from flywheel.policy.engine import Engine
+from flywheel.policy.kvbatch import LoadedModel
 from flywheel.policy.metrics import METRICS
 from flywheel.policy.reload import MappedWeights, map_safetensors
 from flywheel.policy.swap_worker import Snapshot, SwapWorker, WorkerSettings, refusal_reason
@@ -312,6 +313,16 @@ class Swapper:
             base = m.base
             engine.load_adapter(str(path), version, lambda: self._base_path(base))
         return m.base
+
+    def variant(self, version: int) -> LoadedModel | None:
+        """Adapter `version` of the store on the weights this replica serves, for requests pinned to it
+        (`Engine.adapter_variant`: a GeneratePair candidate without a second engine), verified and under
+        the rule of `load_into`; None for a whole-weights version."""
+        m = self.store.get(self.model, version)
+        if m.base is None:
+            return None
+        self._check_base(version, m.base)
+        return self.engine.adapter_variant(str(self.store.verify(self.model, version)), version)
 
     def load_from_store(self, version: int) -> None:
         """Serve store `version` (start-up without an announcement): `load_into` this replica's engine."""
