@@ -290,3 +290,48 @@ def test_sigkill_then_restart_resumes_a_lora_trainer_exactly(tmp_path: Path, ini
     assert [(x["cursor"], x["hash"]) for x in after] == [(x["cursor"], x["hash"]) for x in want[2:]]
     kinds = [m.kind for m in ModelStore(tmp_path / "store").list_versions("policy")]
     assert kinds == ["full", "adapter", "adapter", "adapter"]  # the starter, then one adapter per checkpoint
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_gradient_checkpointing_takes_the_same_steps(tmp_path: Path, init_path: Path, adapter: str) -> None:
+    """Activations recomputed in the backward pass (trainer.gradient_checkpointing) change memory, not the update."""
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        t = make(
+            tmp_path / f"store-{checkpointing}",
+            init_path,
+            adapter=adapter,
+            lora_dropout=0.0,
+            seed=0,
+            gradient_checkpointing=checkpointing,
+        )
+        assert t.state.policy.is_gradient_checkpointing is checkpointing
+        for _ in range(2):
+            t.train_step()
+        runs.append({n: p.detach().clone() for n, p in t.state.policy.named_parameters() if p.requires_grad})
+        t.active.release()
+    assert runs[0].keys() == runs[1].keys()
+    for n, p in runs[0].items():
+        torch.testing.assert_close(runs[1][n], p, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_a_bfloat16_base_trains_its_adapter_in_float32(tmp_path: Path, init_path: Path) -> None:
+    """trainer.base_dtype = bfloat16 (auto picks it on CUDA): the frozen base in bf16, the adapter and value
+    head in float32 (mixed precision), and the adapter version saved in float32."""
+    with pytest.raises(ConfigError, match=r"base_dtype = 'bfloat16': bfloat16 is for the frozen base"):
+        TrainerConfig(base_dtype="bfloat16")
+    t = make(tmp_path / "store", init_path, base_dtype="bfloat16")
+    params = dict(t.state.policy.named_parameters())
+    assert {p.dtype for n, p in params.items() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for n, p in params.items() if p.requires_grad} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+    m = t.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in m.items() if k in ("kl", "pg_loss", "value_loss"))
+    assert any(not torch.equal(p, before[n]) for n, p in params.items() if "lora_B" in n)
+    manifest = t.checkpointer.save(t.state)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ModelStore(tmp_path / "store").load_path("policy", manifest.version) / ADAPTER_WEIGHTS))
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    t.active.release()

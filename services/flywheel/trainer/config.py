@@ -34,6 +34,8 @@ REWARD_NORMS = ("info", "running", "none")
 PROMPT_SOURCES = ("kafka", "pool")
 Adapter = Literal["none", "lora"]
 ADAPTERS: tuple[Adapter, ...] = ("none", "lora")
+BaseDtype = Literal["auto", "float32", "bfloat16"]
+BASE_DTYPES: tuple[BaseDtype, ...] = ("auto", "float32", "bfloat16")
 # Every linear layer of a Llama/Qwen-style decoder block (attention and MLP): LoRA on all of them
 # learns close to a full fine-tune at the same rank (Hu et al. 2021; QLoRA, Dettmers et al. 2023).
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,6 +81,16 @@ class TrainerConfig:
     lora_target_modules: list[str] = setting(
         list(LORA_TARGETS),
         "Module names (their last dotted part) that get a LoRA adapter; the default suits Llama/Qwen-style models.",
+    )
+    base_dtype: BaseDtype = setting(
+        "auto",
+        "dtype of the frozen base with trainer.adapter = lora: auto is bfloat16 on a CUDA device that supports it "
+        "and float32 elsewhere. The adapter and the value head always train in float32 (mixed precision).",
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "Recompute the policy's activations in the backward pass instead of keeping them: much less memory for "
+        "long answers or large models, about a third more compute per update.",
     )
 
     # --- algorithm --------------------------------------------------------------------------
@@ -234,6 +246,14 @@ class TrainerConfig:
         n = type(self).__name__
         require(self.algo in ALGOS, n, "algo", self.algo, f"use one of {', '.join(ALGOS)}")
         require(self.adapter in ADAPTERS, n, "adapter", self.adapter, "use none (whole weights) or lora")
+        require(self.base_dtype in BASE_DTYPES, n, "base_dtype", self.base_dtype, "use auto, float32 or bfloat16")
+        require(
+            self.base_dtype != "bfloat16" or self.adapter == "lora",
+            n,
+            "base_dtype",
+            self.base_dtype,
+            "bfloat16 is for the frozen base under trainer.adapter = lora: whole weights train in float32",
+        )
         require(self.lora_rank >= 1, n, "lora_rank", self.lora_rank, "use 1 or more (16 is a good start)")
         require(self.lora_alpha > 0, n, "lora_alpha", self.lora_alpha, "use 1 or more (e.g. 2 * lora_rank)")
         require(0 <= self.lora_dropout < 1, n, "lora_dropout", self.lora_dropout, "use a probability in [0, 1)")

@@ -249,7 +249,8 @@ def _forward(
     P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
     backbone = getattr(model, model.base_model_prefix)
     mask4 = attention_mask_4d(attn, ids.shape[1], next(model.parameters()).dtype)  # (B, 1, P+T, P+T)
-    hidden = backbone(input_ids=ids, attention_mask=mask4, position_ids=pos).last_hidden_state  # (B, P+T, H)
+    out = backbone(input_ids=ids, attention_mask=mask4, position_ids=pos, use_cache=False)
+    hidden = out.last_hidden_state  # (B, P+T, H)
     hidden = hidden[:, P - 1 : P - 1 + T]  # (B, T, H)
     logits = model.get_output_embeddings()(hidden).float() / temperature  # (B, T, V)
     logprobs = logprobs_from_logits(logits, batch.response_ids)

@@ -57,7 +57,17 @@ class TrainingState:
             group["lr"] = cfg.lr * (1.0 - 0.9 * frac)
 
 
-def load_lm(store: ModelStore, cfg: TrainerConfig, version: int, model: str = "") -> PreTrainedModel:
+def base_dtype(cfg: TrainerConfig) -> torch.dtype:
+    """The frozen LoRA base's dtype (trainer.base_dtype): bfloat16 where CUDA supports it under auto."""
+    if cfg.base_dtype == "auto":
+        dev = torch.device(cfg.device)
+        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, cfg.base_dtype)
+
+
+def load_lm(
+    store: ModelStore, cfg: TrainerConfig, version: int, model: str = "", dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A version of the trained model (or of `model`) from the store (verified against its manifest), on
     cfg.device. An adapter version comes merged into a copy of its base (the gate's serving copy)."""
     name = model or cfg.model
@@ -70,16 +80,24 @@ def load_lm(store: ModelStore, cfg: TrainerConfig, version: int, model: str = ""
         merged: PreTrainedModel = peft.merge_and_unload()
         return merged
     path = store.load_path(name, version)
-    lm: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     # transformers wraps `to` with functools.wraps(nn.Module.to), which hides its bound signature.
     return lm.to(torch.device(cfg.device))  # type: ignore[arg-type]
+
+
+def checkpointed(policy: PreTrainedModel, cfg: TrainerConfig) -> PreTrainedModel:
+    """`policy` with gradient checkpointing where trainer.gradient_checkpointing asks for it. Non-reentrant:
+    it needs no input that requires grad, which a frozen LoRA base's embeddings never give."""
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy
 
 
 def load_policy(st: TrainingState, store: ModelStore, cfg: TrainerConfig, version: int) -> PreTrainedModel:
     """The policy at store `version`, for a restart: whole weights loaded anew, or with LoRA the adapter's
     tensors set in place (the base stays; `version` is an adapter on it or the base itself)."""
     if st.adapter is None:
-        return load_lm(store, cfg, version)
+        return checkpointed(load_lm(store, cfg, version), cfg)
     set_lora_weights(st.adapter, store, cfg, version)
     return st.policy
 
@@ -142,7 +160,7 @@ def build_training_state(cfg: TrainerConfig, store: ModelStore, start: int) -> T
     reference: adapters.Policy
     if cfg.adapter == "lora":
         lora_base(store, cfg)
-        base = load_lm(store, cfg, cfg.reference_version)
+        base = load_lm(store, cfg, cfg.reference_version, dtype=base_dtype(cfg))
         dev = torch.device(cfg.device)
         with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # a fresh adapter's init is the seed's, whatever ran before in the process
@@ -155,6 +173,7 @@ def build_training_state(cfg: TrainerConfig, store: ModelStore, start: int) -> T
     else:
         policy = load_lm(store, cfg, start)
         reference = load_lm(store, cfg, cfg.reference_version).eval().requires_grad_(False)
+    policy = checkpointed(policy, cfg)
     value_head = ValueHead(policy.config.hidden_size).to(torch.device(cfg.device))
     return TrainingState(
         policy=policy,
