@@ -12,9 +12,15 @@
 3. swap cost: `Swapper.apply` of the store's announcement (`ModelStore.to_update`, no Kafka) into
    a running Engine serving the base: verify + load + switch, adapter version (served unmerged on
    the base in memory, `flywheel.policy.lora`) vs full version, --swaps of each; target <= 0.1x.
-4. the price of unmerged serving: a decode step of --batch rows on the adapter against the same
+4. the price of unmerged serving: a decode step of --rows rows on the adapter against the same
    step on whole weights, and a swap's drain step (half the rows on the base, half on the adapter,
    one forward: `lora.AdapterMix`) against the adapter's steady step; medians of --steps steps.
+5. GeneratePair memory: the resident memory (VmRSS) of a fresh process with one engine serving the
+   base, then after one pair against a candidate: the adapter pinned on the serving weights
+   (target <= 1.15x), and a whole-weights candidate on a second engine (about 2x).
+6. swaps under load: callers ask without pause while the engine swaps between the base and the
+   adapter --load-swaps times; every answer must succeed and be its reported version's own
+   greedy answer (0 failed, 0 wrong versions).
 
   .venv/bin/python bench/lora.py                                  # ~0.47B, float32, CPU
   .venv/bin/python bench/lora.py --layers 12                      # half the layers
@@ -218,6 +224,125 @@ def measure_swaps(store: ModelStore, swaps: int) -> dict:
         engine.stop()
 
 
+# ---------------------------------------------------------------------- 6. swaps under load
+def measure_swaps_under_load(store: ModelStore, swaps: int, clients: int, tokens: int) -> dict:
+    """`clients` callers ask for greedy answers without pause while the engine swaps `swaps` times between
+    the base (v0) and the adapter on it (v2). Counts the answers, the failed ones, and the wrong ones: an
+    answer whose tokens are not its reported version's own greedy answer (measured alone first)."""
+    import asyncio
+
+    from flywheel.core.config import KafkaConfig
+    from flywheel.policy.config import EngineConfig
+    from flywheel.policy.engine import Engine
+    from flywheel.policy.requests import GenerationRequest
+    from flywheel.policy.swap import Swapper
+
+    engine = Engine(EngineConfig(device="cpu", dtype="float32", swap_worker=False))
+    engine.start()
+    swapper = Swapper(engine, store, KafkaConfig(), "unused", MODEL, "bench-lora")
+    req = GenerationRequest(prompt="where is my order?", temperature=0.0, max_new_tokens=tokens, ignore_eos=True)
+    ups = {v: store.to_update(store.get(MODEL, v), "bench") for v in (0, 2)}
+    try:
+        swapper.load_from_store(0)
+        want = {}
+        for v in (2, 0):
+            swapper.apply(ups[v])
+            want[v] = [t.id for t in asyncio.run(engine.generate(req)).tokens]
+        got = {"answers": 0, "failed": 0, "wrong": 0, "by_version": {0: 0, 2: 0}}
+
+        async def client(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                try:
+                    r = await engine.generate(req)
+                except Exception:  # noqa: BLE001 - counted: the figure is how many
+                    got["failed"] += 1
+                    continue
+                got["answers"] += 1
+                got["by_version"][r.version] = got["by_version"].get(r.version, 0) + 1
+                got["wrong"] += [t.id for t in r.tokens] != want.get(r.version)
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(client(stop)) for _ in range(clients)]
+            for i in range(swaps):
+                await asyncio.sleep(0.5)
+                if not await asyncio.to_thread(swapper.apply, ups[2 if i % 2 == 0 else 0]):
+                    raise RuntimeError(f"swap failed: {swapper.last_error}")
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*tasks)
+
+        asyncio.run(run())
+        return got
+    finally:
+        swapper.stop()
+        engine.stop()
+
+
+# ---------------------------------------------------------------------- 5. GeneratePair memory (child)
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def pair_memory_child(variant: str, store_root: str) -> dict:
+    """An Engine serving v0 answers; then one pair's side B on a candidate, as the policy service runs it:
+    `adapter` (v2) pinned to an adapter variant of the serving weights, or `full` (v1) on a second engine.
+    Prints the RSS after the serving engine's answer and after the pair's."""
+    import asyncio
+    import gc
+
+    from flywheel.core.config import KafkaConfig
+    from flywheel.policy.config import EngineConfig
+    from flywheel.policy.engine import Engine
+    from flywheel.policy.requests import GenerationRequest
+    from flywheel.policy.swap import Swapper
+
+    store = ModelStore(Path(store_root))
+    config = EngineConfig(device="cpu", dtype="float32", swap_worker=False)
+    engine = Engine(config)
+    engine.start()
+    engines = [engine]
+    try:
+        swapper = Swapper(engine, store, KafkaConfig(), "unused", MODEL, "bench-lora")
+        swapper.load_from_store(0)
+        req = GenerationRequest(prompt="where is my order?", temperature=0.0, max_new_tokens=8, ignore_eos=True)
+        asyncio.run(engine.generate(req))
+        gc.collect()
+        one_engine = rss_bytes()
+        if variant == "adapter":
+            on = swapper.variant(2)
+
+            async def pair() -> None:
+                await asyncio.gather(engine.generate(req), engine.generate(req, on=on))
+
+            asyncio.run(pair())
+        else:
+            second = Engine(config)
+            second.start()
+            engines.append(second)
+            swapper.load_into(second, 1)
+
+            async def pair() -> None:
+                await asyncio.gather(engine.generate(req), second.generate(req))
+
+            asyncio.run(pair())
+        gc.collect()
+        return {"one_engine_rss_bytes": one_engine, "with_pair_rss_bytes": rss_bytes()}
+    finally:
+        for e in engines:
+            e.stop()
+
+
+def measure_pair_memory(variant: str, store_root: Path) -> dict:
+    cmd = [sys.executable, __file__, "--pair-child", variant, "--child-model", str(store_root)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # ---------------------------------------------------------------------- 4. decode with an unmerged adapter
 class _Row:  # what kvbatch.Batch reads of a sequence
     def __init__(self, prompt_ids: list[int], model: object) -> None:
@@ -272,13 +397,19 @@ def main() -> None:
     ap.add_argument("--swaps", type=int, default=2, help="rounds of (adapter, full, full) swaps")
     ap.add_argument("--rows", type=int, default=4, help="rows of the decode-step measurement")
     ap.add_argument("--steps", type=int, default=20, help="decode steps measured per variant")
+    ap.add_argument("--load-swaps", type=int, default=6, help="swaps between base and adapter under load")
+    ap.add_argument("--clients", type=int, default=4, help="callers asking without pause during those swaps")
     ap.add_argument("--skip-train", action="store_true", help="leave out the trainer-memory measurement")
     ap.add_argument("--out", default="")
     ap.add_argument("--child", choices=("full", "lora"), help=argparse.SUPPRESS)
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
+    ap.add_argument("--pair-child", choices=("adapter", "full"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(train_step_child(args.child, args.child_model, args.rank, args.batch, args.seq)))
+        return
+    if args.pair_child:
+        print(json.dumps(pair_memory_child(args.pair_child, args.child_model)))
         return
 
     root = Path(tempfile.mkdtemp(prefix="flywheel-bench-lora-"))
@@ -324,6 +455,20 @@ def main() -> None:
             f" {1e3 * d['drain_s']:.1f} ms ({d['drain_s'] / d['adapter_s']:.2f}x the adapter's)",
             flush=True,
         )
+        pairs = {v: measure_pair_memory(v, root / "store") for v in ("adapter", "full")}
+        pair_ratio = {v: pairs[v]["with_pair_rss_bytes"] / pairs[v]["one_engine_rss_bytes"] for v in pairs}
+        print(
+            f"GeneratePair resident memory over one engine's: adapter candidate {pair_ratio['adapter']:.3f}x"
+            f" (target <= 1.15x), whole-weights candidate (a second engine) {pair_ratio['full']:.2f}x",
+            flush=True,
+        )
+        load = measure_swaps_under_load(store, args.load_swaps, args.clients, 8)
+        print(
+            f"{args.load_swaps} swaps between the base and the adapter under {args.clients} callers:"
+            f" {load['answers']} answers {load['by_version']}, {load['failed']} failed, {load['wrong']} wrong"
+            " (target 0 and 0)",
+            flush=True,
+        )
         out = {
             "device": "cpu",
             "dtype": "float32",
@@ -351,6 +496,9 @@ def main() -> None:
             "decode_step": {"rows": args.rows, "steps": args.steps, **{k: round(v, 5) for k, v in d.items()}},
             "decode_adapter_over_whole": round(d["adapter_s"] / d["whole_s"], 3),
             "decode_drain_over_adapter": round(d["drain_s"] / d["adapter_s"], 3),
+            "swaps_under_load": {"swaps": args.load_swaps, "clients": args.clients, **load},
+            "pair_rss_bytes": pairs,
+            "pair_rss_over_one_engine": {v: round(r, 3) for v, r in pair_ratio.items()},
         }
         print(json.dumps(out, indent=2))
         if args.out:
