@@ -35,3 +35,12 @@ def test_the_demo_config_has_no_training_knobs() -> None:
     """DemoConfig is about the panel, the evaluation and the stop rule; nothing trains differently."""
     fields = set(demo.DemoConfig.__dataclass_fields__)
     assert not {f for f in fields if f.startswith(("resume_", "kl_", "lr", "gate_"))}, fields
+
+
+def test_demo_adapter_lora_trains_adapter_versions_and_nothing_else_changes() -> None:
+    """`flywheel demo --adapter lora`: the one setting it changes is the trainer's adapter."""
+    from flywheel.loop.__main__ import build_parser
+
+    args = build_parser().parse_args(["demo", "--adapter", "lora"])
+    assert demo.demo_config(args).env == {"FLYWHEEL_TRAINER_ADAPTER": "lora"}
+    assert demo.demo_config(build_parser().parse_args(["demo"])).env == {}

@@ -35,6 +35,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-events", type=int, default=3000, help="feedback events the panel gives at most")
     p.add_argument("--events-per-s", type=float, default=4.0, help="the panel's feedback rate")
     p.add_argument("--target", type=float, default=0.8, help="stop once the win-rate reaches this twice")
+    p.add_argument(
+        "--adapter",
+        choices=("none", "lora"),
+        default=None,
+        help="lora: the trainer publishes LoRA adapter versions on the starter (trainer.adapter; default: the config's)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -345,16 +345,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def demo_main(args: Any) -> int:
-    """`flywheel demo --minutes N --out DIR`: run, print the summary, 0 if the target was reached."""
-    cfg = DemoConfig(
+def demo_config(args: Any) -> DemoConfig:
+    """The demo's settings from `flywheel demo`'s arguments."""
+    adapter = getattr(args, "adapter", None)
+    return DemoConfig(
         out=Path(getattr(args, "out", None) or "runs/demo"),
         minutes=float(getattr(args, "minutes", None) or 20.0),
         max_events=int(getattr(args, "max_events", None) or 3000),
         events_per_s=float(getattr(args, "events_per_s", None) or 4.0),
         target_win_rate=float(getattr(args, "target", None) or 0.8),
         bootstrap=os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP", ""),
+        env={"FLYWHEEL_TRAINER_ADAPTER": adapter} if adapter else {},
     )
+
+
+def demo_main(args: Any) -> int:
+    """`flywheel demo --minutes N --out DIR [--adapter lora]`: run, print the summary, 0 if the target was reached."""
+    cfg = demo_config(args)
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
