@@ -4,12 +4,16 @@ Configuration: the `trainer`, `kafka`, `topics`, `model_store` and `auth` sectio
 YAML file (FLYWHEEL_CONFIG or --config) and their FLYWHEEL_* variables; the reward service
 at `trainer.reward_addr` (FLYWHEEL_TRAINER_REWARD_ADDR, default localhost:50053). Health turns SERVING once this replica
 holds the active-trainer lock and has loaded its models; a standby stays NOT_SERVING.
+
+Under torchrun (`torchrun --nproc-per-node N -m flywheel.trainer`) rank 0 is this service and the
+other ranks follow it, data parallel (flywheel/trainer/distributed.py): they serve nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -25,6 +29,7 @@ from flywheel.core.modelstore import ModelStoreConfig
 from flywheel.core.server import ServiceServer, serve, server_config
 from flywheel.ops.lease import elector_from_env
 from flywheel.trainer.config import TrainerConfig
+from flywheel.trainer.distributed import TorchGroup, group_for
 from flywheel.trainer.loop import Trainer, build_trainer
 from flywheel.trainer.promotion import Announce
 from flywheel.trainer.prompt_sources import KafkaPrompts, PoolPrompts, PromptSource, default_pool, split_pool
@@ -38,6 +43,9 @@ log = logging.getLogger("flywheel.trainer")
 def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
     """The Trainer wired to its reward service, prompt source, model store and announcer."""
     cfg = load_section(TrainerConfig, "trainer", config_path)
+    group = group_for(cfg.device)  # torchrun: this process's rank (distributed.py)
+    if isinstance(group, TorchGroup) and group.device.type == "cuda":
+        cfg = dataclasses.replace(cfg, device=str(group.device))
     kafka = load_section(KafkaConfig, "kafka", config_path)
     topics = load_section(TopicsConfig, "topics", config_path)
     store = load_section(ModelStoreConfig, "model_store", config_path)
@@ -52,7 +60,7 @@ def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
 
     train, heldout = split_pool(cfg.prompt_pool or default_pool(), cfg.gate_prompts, cfg.seed)
     announce: Announce | None = None
-    if kafka.bootstrap:
+    if kafka.bootstrap and group.main:  # only rank 0 consumes and announces
         from flywheel.core.bus import Producer, ensure_topics
 
         ensure_topics(kafka, topics)
@@ -62,17 +70,17 @@ def build(config_path: str | None = None) -> tuple[Trainer, Authenticator]:
             producer.send_sync(topics.policy_updates, update.model, update)
 
         announce = send_update
-    else:
+    elif group.main:
         log.warning("FLYWHEEL_KAFKA_BOOTSTRAP is not set: prompts come from the pool and versions are not announced")
     prompts: PromptSource
-    if cfg.prompt_source == "kafka" and kafka.bootstrap:
+    if cfg.prompt_source == "kafka" and kafka.bootstrap and group.main:
         prefs = topics.preferences if cfg.ptx_coef > 0 and not cfg.ptx_data else None
         prompts = KafkaPrompts(
             kafka, topics.interactions, train, cfg.consumer_group, cfg.model, prefs, cfg.poll_timeout_ms
         )
     else:
         prompts = PoolPrompts(train)
-    trainer = build_trainer(cfg, store.store(), reward, prompts, heldout, announce, store.keep_last, reward_info)
+    trainer = build_trainer(cfg, store.store(), reward, prompts, heldout, announce, store.keep_last, reward_info, group)
     return trainer, auth
 
 
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except FlywheelError as e:
         print(f"flywheel trainer: {e}", file=sys.stderr)
         return 2
+    if not trainer.group.main:  # another rank of a data-parallel trainer: rank 0 leads, this one follows
+        log.info("rank %d of %d: following rank 0", trainer.group.rank, trainer.group.world)
+        trainer.follow()
+        return 0
     set_context(lambda: {"version": trainer.version, "serving_version": trainer.serving_version})
     server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(trainer, auth))
     stop = threading.Event()

@@ -23,13 +23,23 @@ class Algorithm(Protocol):
         ...
 
     def advantages(
-        self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float
+        self,
+        scores: torch.Tensor,
+        kl: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None,
+        kl_coef: float,
+        reduce: ppo.Reduce | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(advantages (B, T), the critic's returns (B, T) or None) from scores (B,) and per-token KL (B, T)."""
+        """(advantages (B, T), the critic's returns (B, T) or None) from scores (B,) and per-token KL (B, T).
+        `reduce`: whitening sees every rank's batch (groups never straddle ranks)."""
         ...
 
-    def kl_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """A KL-to-the-reference term of the loss, or None when the KL is in the reward."""
+    def kl_loss(
+        self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """A KL-to-the-reference term of the loss (`ppo.token_mean` over `n_tokens`), or None when the KL is
+        in the reward."""
         ...
 
 
@@ -46,15 +56,23 @@ class PPO:
         return True
 
     def advantages(
-        self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float
+        self,
+        scores: torch.Tensor,
+        kl: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None,
+        kl_coef: float,
+        reduce: ppo.Reduce | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if values is None:
             raise ValueError("PPO needs the critic's values")
         rewards, _ = ppo.token_rewards(scores, kl, mask, kl_coef)
         advantages, returns = ppo.gae(rewards, values, mask, self.gamma, self.lam)
-        return (ppo.whiten(advantages, mask) if self.whiten else advantages), returns  # Huang et al. 2024
+        return (ppo.whiten(advantages, mask, reduce=reduce) if self.whiten else advantages), returns  # Huang24
 
-    def kl_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def kl_loss(
+        self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None
+    ) -> torch.Tensor | None:
         return None
 
 
@@ -70,12 +88,20 @@ class RLOO:
         return False
 
     def advantages(
-        self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float
+        self,
+        scores: torch.Tensor,
+        kl: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None,
+        kl_coef: float,
+        reduce: ppo.Reduce | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         advantages = ppo.rloo_advantages(scores - kl_coef * kl.sum(1), self.group_size).unsqueeze(1) * mask
-        return (ppo.whiten(advantages, mask) if self.whiten else advantages), None
+        return (ppo.whiten(advantages, mask, reduce=reduce) if self.whiten else advantages), None
 
-    def kl_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def kl_loss(
+        self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None
+    ) -> torch.Tensor | None:
         return None
 
 
@@ -91,14 +117,22 @@ class GRPO:
         return False
 
     def advantages(
-        self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, kl_coef: float
+        self,
+        scores: torch.Tensor,
+        kl: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None,
+        kl_coef: float,
+        reduce: ppo.Reduce | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return ppo.grpo_advantages(scores, self.group_size).unsqueeze(1) * mask, None  # never whitened
 
-    def kl_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def kl_loss(
+        self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None
+    ) -> torch.Tensor | None:
         if self.beta <= 0:
             return None
-        return self.beta * ppo.masked_mean(ppo.kl_per_token(logprobs, ref_logprobs, "k3"), mask)
+        return self.beta * ppo.token_mean(ppo.kl_per_token(logprobs, ref_logprobs, "k3"), mask, n_tokens)
 
 
 def algorithm(cfg: TrainerConfig) -> Algorithm:

@@ -62,13 +62,14 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self) -> Restored:
+    def restore(self, writes: bool = True) -> Restored:
         """The training state: from the last saved checkpoint, else fresh from the serving version.
 
-        Also positions the prompt source and the RNGs (call with the active lock held).
+        Also positions the prompt source and the RNGs (call with the active lock held). `writes=False`: a
+        data-parallel trainer's other ranks, which read what rank 0's restore left and change nothing.
         """
         cfg = self.cfg
-        if not self.store.list_versions(cfg.model):
+        if writes and not self.store.list_versions(cfg.model):
             if not cfg.init_path:
                 raise errors.FailedPrecondition(
                     f"model store {self.store.root} has no {cfg.model!r} version: build the starter (flywheel models init) "
@@ -101,7 +102,8 @@ class Checkpointer:
         self.prompts.seek(saved.offsets)
         self._since = dict(saved.offsets)
         saved.rng.restore()
-        self._mark_orphans(saved.version)
+        if writes:
+            self._mark_orphans(saved.version)
         last = self.store.get(cfg.model, saved.version)
         ungated = last if last.version != cfg.reference_version and not last.gate else None
         return Restored(st, ungated)

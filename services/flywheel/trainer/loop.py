@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flywheel.core import errors
@@ -39,11 +41,12 @@ from flywheel.trainer import ppo
 from flywheel.trainer.algorithms import algorithm
 from flywheel.trainer.checkpoints import Checkpointer
 from flywheel.trainer.config import TrainerConfig
+from flywheel.trainer.distributed import Alone, Command, Group, row_seed
 from flywheel.trainer.metrics import FAILED_STEPS, GAUGES, PHASE_SECONDS
 from flywheel.trainer.promotion import Announce, Promoter
 from flywheel.trainer.prompt_sources import PromptSource, ptx_examples
 from flywheel.trainer.reward_source import RewardInfo, RewardSource, not_ready, score_each
-from flywheel.trainer.rollout import forward, generate
+from flywheel.trainer.rollout import PolicyForward, forward, generate
 from flywheel.trainer.state import ActiveLock, load_control, save_control, trainer_dir
 from flywheel.trainer.training_state import TrainingState, load_policy
 
@@ -84,8 +87,11 @@ class Trainer:
         directory: Path,  # the trainer's own folder in the store (trainer_dir)
         reward_info: Callable[[], RewardInfo | None] | None = None,
         ptx_data: list[tuple[str, str]] | None = None,  # PPO-ptx examples (else users' demonstrations)
+        group: Group | None = None,  # the ranks of a data-parallel trainer (distributed.py); alone by default
     ) -> None:
         self.cfg, self.prompts, self.reward, self.reward_info = cfg, prompts, reward, reward_info
+        self.group: Group = group or Alone()
+        self._trainable: tuple[int, nn.Module] | None = None  # (id of the policy, its DDP-wrapped forward)
         self.ptx_data = ptx_data or []
         self.checkpointer, self.promoter = checkpointer, promoter
         self.algorithm = algorithm(cfg)
@@ -138,11 +144,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the algorithm
 
-    def _normalize(self, raw: torch.Tensor, moments: ppo.RunningMoments, info: RewardInfo | None) -> torch.Tensor:
-        """Reward normalization (Huang et al. 2024: scores with mean 0, std 1 on policy samples).
-        NaN (an unscored sample) stays NaN."""
+    def _normalize(
+        self, raw: torch.Tensor, moments: ppo.RunningMoments, info: RewardInfo | None, everyone: torch.Tensor
+    ) -> torch.Tensor:
+        """Reward normalization (Huang et al. 2024: scores with mean 0, std 1 on policy samples), its
+        statistics fed `everyone`'s scores (every rank's). NaN (an unscored sample) stays NaN."""
         cfg = self.cfg
-        moments.update(raw[~raw.isnan()])
+        moments.update(everyone[~everyone.isnan()])
         mean, std = moments.mean, moments.std
         if cfg.reward_norm == "none":
             return raw
@@ -161,31 +169,48 @@ class Trainer:
             return ""
         return not_ready(self._reward_info(), self.cfg, training=self.step > 0 and not self.waiting_for)
 
-    def train_step(self) -> dict[str, float]:
-        """One rollout and one update; returns its metrics."""
-        st, algo = self.state, self.algorithm
+    def train_step(self, prompts: list[str] | None = None) -> dict[str, float]:
+        """One rollout and one update on `prompts` (else the prompt source's next batch); returns its metrics.
+        With several ranks (distributed.py) each runs it on the same prompts, its own share of the rows."""
+        st, algo, group = self.state, self.algorithm, self.group
         cfg, dev, k = self.cfg, self.device, self.cfg.group_size
         t0 = time.perf_counter()
 
-        # 1. Rollout: prompts (live traffic first), k samples each with our own policy copy.
-        prompts = [p for p in self.prompts.take(cfg.batch_size) for _ in range(k)]  # prompt-major groups
-        batch = generate(st.policy, st.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_tokens)
+        # 1. Rollout: prompts (live traffic first), k samples each with our own policy copy; this rank's
+        # share of whole groups. Data parallel, each row samples from its own generator seeded by its place
+        # in the whole batch, so the rollout is the same on any number of ranks.
+        everyone = [p for p in (prompts or self.prompts.take(cfg.batch_size)) for _ in range(k)]  # prompt-major
+        share = len(everyone) // group.world
+        first = group.rank * share
+        seeds = [row_seed(cfg.seed, st.step, first + i) for i in range(share)] if group.row_seeded else None
+        batch = generate(
+            st.policy,
+            st.tokenizer,
+            everyone[first : first + share],
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.max_prompt_tokens,
+            row_seeds=seeds,
+        )
         t1 = time.perf_counter()
 
         # 2. Score with the reward model; normalize; EOS trick (Huang et al. 2024). An empty answer
         # (or one the reward service refuses) is a legitimate sample with a fixed, low score.
         raw = torch.tensor(score_each(self.reward, batch.prompts, batch.responses), dtype=torch.float32, device=dev)
         unscored = raw.isnan()  # (B,)
-        scores = self._normalize(raw, st.moments, self._reward_info() if cfg.reward_norm == "info" else None)
+        all_raw = group.gather(raw)  # every rank's scores: the normalization's statistics see the whole batch
+        info = self._reward_info() if cfg.reward_norm == "info" else None
+        scores = self._normalize(raw, st.moments, info, all_raw)
         scores = ppo.apply_eos_trick(scores, batch.has_eos, cfg.missing_eos_penalty)
         scores = torch.where(unscored, torch.full_like(scores, cfg.empty_response_score), scores)  # (B,)
-        raw = raw[~unscored]  # the reward model's own scores, for the metrics
         t2 = time.perf_counter()
 
         # 3. Log-probs under the rollout policy and the frozen reference, values; per-token KL.
         head = st.value_head if algo.critic else None
+        trainable = self._trainable_forward(head)
+        many = group.world > 1
         B = len(batch)
-        mb_size = cfg.minibatch_size or B
+        mb_size = cfg.minibatch_size // group.world if cfg.minibatch_size else B
         # One epoch over one minibatch is on-policy: the rollout log-probs and values are the
         # update's own, detached (TRL does the same with num_iterations=1); one forward saved.
         single_pass = cfg.epochs == 1 and mb_size == B
@@ -194,7 +219,7 @@ class Trainer:
             if not single_pass:
                 old_logprobs, old_values, _ = forward(st.policy, batch, cfg.temperature, head)
         if single_pass:
-            live = forward(st.policy, batch, cfg.temperature, head, with_entropy=True)  # with grad
+            live = trainable(batch, cfg.temperature, with_entropy=True)  # with grad
             old_logprobs = live[0].detach()
             old_values = live[1].detach() if live[1] is not None else None
         mask = batch.response_mask  # (B, T)
@@ -206,8 +231,10 @@ class Trainer:
         if cfg.surprise_score is not None:
             scores = torch.where(surprising & ~unscored, torch.full_like(scores, cfg.surprise_score), scores)
 
-        # 4. Advantages: the algorithm's own (PPO: KL in the reward and GAE; RLOO; GRPO).
-        advantages, returns = algo.advantages(scores, kl, mask, old_values, st.kl_ctl.value)
+        # 4. Advantages: the algorithm's own (PPO: KL in the reward and GAE; RLOO; GRPO), whitened over
+        # every rank's batch.
+        reduce = group.sum if many else None
+        advantages, returns = algo.advantages(scores, kl, mask, old_values, st.kl_ctl.value, reduce)
 
         # 5. Update: `epochs` passes of clipped PPO over shuffled minibatches (Schulman et al. 2017).
         demos = (self.ptx_data or self.prompts.demonstrations()) if cfg.ptx_coef > 0 else []
@@ -225,47 +252,52 @@ class Trainer:
                 if single_pass:
                     logprobs, values, entropy = (x[idx] if x is not None else None for x in live)
                 else:
-                    logprobs, values, entropy = forward(
-                        st.policy, batch.index(idx), cfg.temperature, head, with_entropy=True
-                    )
+                    logprobs, values, entropy = trainable(batch.index(idx), cfg.temperature, with_entropy=True)
                 assert logprobs is not None and entropy is not None  # with_entropy=True
-                pg, pg_stats = ppo.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip_policy)
+                # Several ranks: each loss is a sum over this rank's tokens divided by every rank's, and DDP's
+                # mean over ranks is made a sum (x world), so the gradient is the whole batch's.
+                n_tokens = group.sum(mb_mask.sum()) if many else None
+                pg, pg_stats = ppo.policy_loss(
+                    logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip_policy, n_tokens
+                )
                 loss = pg
                 if returns is not None and values is not None and old_values is not None:  # the critic (PPO)
-                    vl, _ = ppo.value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.clip_value)
+                    vl, _ = ppo.value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.clip_value, n_tokens)
                     loss = loss + cfg.vf_coef * vl
-                    stats["value_loss"].append(float(vl.detach()))
-                kl_loss = algo.kl_loss(logprobs, ref_logprobs[idx], mb_mask)
+                    stats["value_loss"].append(float(vl.detach()) * group.world)
+                kl_loss = algo.kl_loss(logprobs, ref_logprobs[idx], mb_mask, n_tokens)
                 if kl_loss is not None:  # GRPO: the KL to the reference as a loss term
                     loss = loss + kl_loss
                 if demos:  # PPO-ptx (InstructGPT): keep the policy close to what users demonstrated
                     pick = random.sample(demos, min(len(demos), len(idx)))
                     loss = loss + cfg.ptx_coef * sft_loss(st.policy, st.tokenizer, pick, dev)
                 st.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * group.world).backward()
                 torch.nn.utils.clip_grad_norm_(st.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
                 st.optimizer.step()
-                stats["pg_loss"].append(float(pg.detach()))
+                stats["pg_loss"].append(float(pg.detach()) * group.world)
                 stats["clip_frac"].append(float(pg_stats["clip_frac"]))
                 stats["approx_kl"].append(float(pg_stats["approx_kl"]))
                 stats["entropy"].append(float(ppo.masked_mean(entropy.detach(), mb_mask)))
-        # Adaptive KL (Ziegler et al. 2019) is fed the mean sequence KL of this rollout.
-        st.kl_ctl.update(float(seq_kl.mean()), B)
+        # Adaptive KL (Ziegler et al. 2019) is fed the mean sequence KL of this rollout (every rank's).
+        mean_kl = float(group.sum(seq_kl.sum()) / len(everyone)) if many else float(seq_kl.mean())
+        st.kl_ctl.update(mean_kl, len(everyone))
         t3 = time.perf_counter()
 
         st.step += 1
         st.warmup_left = max(0, st.warmup_left - 1)
+        scored = all_raw[~all_raw.isnan()]  # the reward model's own scores, for the metrics
         m = {
-            "reward_mean": float(raw.mean()) if len(raw) else float("nan"),
-            "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
-            "unscored_share": float(unscored.float().mean()),
+            "reward_mean": float(scored.mean()) if len(scored) else float("nan"),
+            "reward_std": float(scored.std()) if len(scored) > 1 else 0.0,
+            "unscored_share": float(all_raw.isnan().float().mean()),
             "surprising_share": float(surprising.float().mean()),
             "score_norm_mean": float(scores.mean()),
-            "kl": float(seq_kl.mean()),
+            "kl": mean_kl,
             "kl_coef": st.kl_ctl.value,
             "eos_rate": float(batch.has_eos.float().mean()),
             "response_tokens": float(mask.sum(1).mean()),
-            "samples_per_second": B / (t3 - t0),
+            "samples_per_second": len(everyone) / (t3 - t0),
             "time_generate": t1 - t0,
             "time_score": t2 - t1,
             "time_update": t3 - t2,
@@ -274,6 +306,16 @@ class Trainer:
         st.metrics = m
         self._export(m, t0, t1, t2, t3)
         return m
+
+    def _trainable_forward(self, head: nn.Module | None) -> nn.Module:
+        """The policy's forward with grad (`rollout.PolicyForward`, with the critic's head where it trains),
+        wrapped by the group (DDP: gradients averaged across ranks). Rebuilt when a restart loads another
+        policy; every rank does so at the same step, as DDP's construction is collective."""
+        policy = self.state.policy
+        key = hash((id(policy), id(head)))
+        if self._trainable is None or self._trainable[0] != key:
+            self._trainable = (key, self.group.wrap(PolicyForward(policy, head)))
+        return self._trainable[1]
 
     def _export(self, m: dict[str, float], t0: float, t1: float, t2: float, t3: float) -> None:
         for name, g in GAUGES.items():
@@ -294,10 +336,39 @@ class Trainer:
 
     def apply_restart(self) -> None:
         """After a rollback (or gate_patience failures), train on from those weights with a fresh optimizer."""
-        version = self.promoter.take_restart()
+        self._restart(self.promoter.take_restart())
+
+    def _restart(self, version: int | None) -> None:
         if version is not None:
             policy = load_policy(self.state, self.checkpointer.store, self.cfg, version)
             self.state.restart_from(version, policy, self.cfg)
+
+    def _lead_step(self) -> None:
+        """A step of the loop; with several ranks, rank 0 takes the prompts and tells the others what to do
+        (distributed.Command) first."""
+        restart = self.promoter.take_restart()
+        prompts = None
+        if self.group.world > 1:
+            prompts = self.prompts.take(self.cfg.batch_size)
+            self.group.share(Command("step", restart, tuple(prompts)))
+        self._restart(restart)
+        self.train_step(prompts)
+
+    def follow(self) -> None:
+        """A rank other than 0: set up from the same checkpoint once rank 0 has, then take each step rank 0
+        leads until it says stop. It consumes nothing, writes nothing and serves no RPC."""
+        self.group.share(None)  # rank 0 has restored (and written what a start writes)
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        self._state = self.checkpointer.restore(writes=False).state
+        self.status = "training"
+        while True:
+            command: Command = self.group.share(None)
+            if command.op == "stop":
+                break
+            self._restart(command.restart)
+            self.train_step(list(command.prompts))
+        self.status = "stopped"
 
     # ------------------------------------------------------------------ the service loop
 
@@ -307,10 +378,14 @@ class Trainer:
         if not self.active.wait(stop, self.cfg.standby_poll_s):
             self.status = "stopped"
             return
+        led = False
         try:
             with self.lock:
                 self.setup()
                 self.status = "paused" if self.paused else "training"
+            if self.group.world > 1:
+                self.group.share("ready")  # the other ranks set up from what setup left (distributed.py)
+                led = True
             while not stop.is_set():
                 if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                     break
@@ -325,11 +400,12 @@ class Trainer:
                     if self.paused:  # paused while this thread waited for the lock
                         continue
                     self.status = "training"
-                    self.apply_restart()
                     try:
-                        self.train_step()
+                        self._lead_step()
                         self.last_lag = self.prompts.lag()  # Kafka clients are not thread-safe: read it here
                     except Exception as e:
+                        if led:  # the other ranks are inside the step's collectives: end the group (torchrun)
+                            raise
                         delay = self._step_failed(e)
                     else:
                         delay = self._step_succeeded()
@@ -338,6 +414,8 @@ class Trainer:
                 if delay:  # outside the lock: control calls go on meanwhile
                     stop.wait(delay)
         finally:
+            if led and not sys.exc_info()[0]:
+                self.group.share(Command("stop"))
             self.status = "stopped"
             self.active.release()
 
@@ -430,10 +508,23 @@ def build_trainer(
     announce: Announce | None = None,
     keep_last: int = 5,
     reward_info: Callable[[], RewardInfo | None] | None = None,
+    group: Group | None = None,
 ) -> Trainer:
-    """A Trainer of `cfg.model` in `store`, gated on the `heldout` prompts (split_pool's second part)."""
+    """A Trainer of `cfg.model` in `store`, gated on the `heldout` prompts (split_pool's second part);
+    `group`: its ranks when data parallel (distributed.py)."""
     directory = trainer_dir(store.root, cfg.model)
     checkpointer = Checkpointer(cfg, store, prompts, reward, directory, keep_last)
     promoter = Promoter(cfg, store, reward, heldout, announce)
     ptx = ptx_examples(cfg.ptx_data, cfg.seed) if cfg.ptx_coef > 0 else []
-    return Trainer(cfg, prompts, reward, checkpointer, promoter, directory, reward_info, ptx)
+    group = group or Alone()
+    if group.world > 1 and cfg.batch_size % group.world:
+        raise errors.FailedPrecondition(
+            f"trainer.batch_size = {cfg.batch_size} prompts cannot be shared by {group.world} ranks: use a multiple "
+            f"of {group.world} (each rank takes whole prompt groups)"
+        )
+    if group.world > 1 and cfg.minibatch_size % group.world:
+        raise errors.FailedPrecondition(
+            f"trainer.minibatch_size = {cfg.minibatch_size} cannot be shared by {group.world} ranks: use 0 (the "
+            f"whole rollout, the same update on any number of ranks) or a multiple of {group.world}"
+        )
+    return Trainer(cfg, prompts, reward, checkpointer, promoter, directory, reward_info, ptx, group)

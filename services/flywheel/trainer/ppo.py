@@ -16,6 +16,7 @@ including the first EOS) and 0.0 on padding after it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -38,9 +39,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over masked positions; [Huang24] whitens advantages (shift_mean=True)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # the sum over every rank's batch (distributed.Group.sum)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
+    """(x - mean) / std over masked positions; [Huang24] whitens advantages (shift_mean=True). `reduce`:
+    the statistics are those of every rank's batch together (the data-parallel trainer)."""
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        n = reduce(mask.sum())
+        mean = reduce((x * mask).sum()) / n.clamp(min=1.0)
+        var = reduce(((x - mean) ** 2 * mask).sum()) / n.clamp(min=1.0)
+        var = var * n / (n - 1) if n > 1 else var
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -206,10 +217,21 @@ class RunningMoments:
 # ----------------------------------------------------------------------------------- losses
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """A loss's token-level mean: over this batch's masked positions, or their sum over `n_tokens` (every
+    rank's tokens, so that the ranks' averaged gradients are the whole batch's)."""
+    return masked_mean(x, mask) if n_tokens is None else (x * mask).sum() / n_tokens.clamp(min=1.0)
+
+
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    n_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """[Schulman17] clipped surrogate, token-level masked mean, (B, T) -> scalar.
+    """[Schulman17] clipped surrogate, token-level masked mean (`token_mean`), (B, T) -> scalar.
 
     L = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). Also returns the clip
     fraction and the approximate KL to the rollout policy (k3, [Schulman20]) for monitoring.
@@ -218,7 +240,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).float(), mask),
@@ -228,7 +250,12 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    n_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss ([Huang24], from OpenAI's baselines): 0.5 * mean(max((V - R)^2, (V_clip - R)^2)).
 
@@ -236,7 +263,7 @@ def value_loss(
     """
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     se, se_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(se, se_clipped), mask)
+    loss = 0.5 * token_mean(torch.maximum(se, se_clipped), mask, n_tokens)
     return loss, masked_mean((se_clipped > se).float(), mask).detach()
 
 

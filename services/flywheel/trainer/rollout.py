@@ -106,11 +106,15 @@ def sample(
     temperature: float,
     eos_id: int,
     pad_id: int,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Temperature sampling with a KV cache, (B, P) -> (B, T); rows that ended are padded.
 
     Pure temperature sampling (no top-k/top-p), which is the distribution PPO's log-probs
-    describe. Draws from torch's global RNG, so a restored RNG state replays a rollout.
+    describe. Each row draws from its own generator where `generators` are given (a row's
+    tokens then do not depend on the other rows: the distributed trainer's rollouts are the
+    same on any number of ranks), else from torch's global RNG; either way a restored state
+    replays a rollout.
     """
     from transformers import DynamicCache
 
@@ -132,7 +136,10 @@ def sample(
     tokens = []
     for t in range(max_new_tokens):
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
-        nxt = torch.multinomial(probs, 1).squeeze(1)  # (B,)
+        if generators is None:
+            nxt = torch.multinomial(probs, 1).squeeze(1)  # (B,)
+        else:
+            nxt = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         done |= nxt == eos_id
@@ -160,12 +167,22 @@ def generate(
     max_prompt_tokens: int = 256,
     generator_seed: int | None = None,
     use_hf_generate: bool = False,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample one response per prompt; `use_hf_generate` takes transformers' generate() instead of `sample`.
-    `policy`: a model, or a LoRA policy's base with its adapter switched off (adapters.AdapterOff)."""
+    `policy`: a model, or a LoRA policy's base with its adapter switched off (adapters.AdapterOff).
+    `row_seeds`: each row samples from its own generator with that seed (`sample`)."""
     with as_model(policy) as model:
         return _generate(
-            model, tok, prompts, max_new_tokens, temperature, max_prompt_tokens, generator_seed, use_hf_generate
+            model,
+            tok,
+            prompts,
+            max_new_tokens,
+            temperature,
+            max_prompt_tokens,
+            generator_seed,
+            use_hf_generate,
+            row_seeds,
         )
 
 
@@ -178,8 +195,12 @@ def _generate(
     max_prompt_tokens: int,
     generator_seed: int | None,
     use_hf_generate: bool,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
     device = next(model.parameters()).device
+    generators = None
+    if row_seeds is not None:
+        generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     query_ids, query_mask = encode_prompts(tok, prompts, max_prompt_tokens, device)
     state = None
     if generator_seed is not None:  # the gate: same samples for every version, RNG left untouched
@@ -205,7 +226,16 @@ def _generate(
             )
             raw = out[:, query_ids.shape[1] :]
         else:
-            raw = sample(model, query_ids, query_mask, max_new_tokens, temperature, tok.eos_token_id, tok.pad_token_id)
+            raw = sample(
+                model,
+                query_ids,
+                query_mask,
+                max_new_tokens,
+                temperature,
+                tok.eos_token_id,
+                tok.pad_token_id,
+                generators,
+            )
     finally:
         model.train(was_training)
         if state is not None:
@@ -216,6 +246,22 @@ def _generate(
     response_ids, response_mask, has_eos = mask_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
     responses = tok.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(list(prompts), responses, query_ids, query_mask, response_ids, response_mask, has_eos)
+
+
+class PolicyForward(nn.Module):
+    """The trained policy (and the critic's value head, where one trains) as one module whose forward is
+    `_forward`: what the data-parallel trainer wraps in DistributedDataParallel, whose gradient hooks
+    arm in the wrapped module's own forward."""
+
+    def __init__(self, model: PreTrainedModel, value_head: nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(
+        self, batch: Rollout, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        head = self.value_head if isinstance(self.value_head, ValueHead) else None
+        return _forward(self.model, batch, temperature, head, with_entropy)
 
 
 def forward(
