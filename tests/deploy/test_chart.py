@@ -177,6 +177,26 @@ def test_trainer_single_active_replica_lease() -> None:
     assert all(d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for d in others)
 
 
+def test_a_trainer_with_several_gpus_runs_one_process_per_gpu_under_torchrun() -> None:
+    """trainer.gpus > 1: the pod asks for them and starts the data-parallel trainer (rank 0 serves)."""
+    pod = by_kind(render("values.yaml", "--set", "trainer.gpus=4"), "Deployment")["flywheel-trainer"]["spec"]
+    c = pod["template"]["spec"]["containers"][0]
+    assert c["command"] == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "flywheel.trainer",
+    ]
+    assert c["args"] == ["--grpc-port", "50054", "--http-port", "8084"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    one = by_kind(render("values.yaml"), "Deployment")["flywheel-trainer"]["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in one and one["args"][:2] == ["serve", "trainer"]  # one GPU: the plain service
+
+
 def test_config_and_model_store() -> None:
     objs = render("values.yaml")
     cm = by_kind(objs, "ConfigMap")["flywheel-config"]["data"]
