@@ -186,6 +186,8 @@ def test_a_trainer_with_several_gpus_runs_one_process_per_gpu_under_torchrun() -
         "-m",
         "torch.distributed.run",
         "--standalone",
+        "--max-restarts",
+        "3",
         "--nproc-per-node",
         "4",
         "-m",

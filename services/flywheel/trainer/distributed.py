@@ -104,7 +104,9 @@ class TorchGroup:
         self.device = device
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(self.backend, timeout=IDLE_TIMEOUT)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = _attempt_store(rank, world)
+            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world, timeout=IDLE_TIMEOUT)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.row_seeded = True
 
@@ -136,6 +138,21 @@ class TorchGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store of this attempt of the group (torchrun: TORCHELASTIC_RESTART_COUNT). After torchrun's
+    agent restarted a group whose rank died, its store still held the old attempt's addresses, and the new
+    ranks tried to connect to processes that were gone; a prefix per attempt keeps them apart."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves the store
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent,
+        timeout=IDLE_TIMEOUT,
+    )
+    return dist.PrefixStore(f"flywheel-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def launched_by_torchrun() -> bool:
