@@ -117,6 +117,19 @@ def test_adapters_it_cannot_serve_unmerged_are_refused_saying_why(v0, adapters, 
         with pytest.raises(UnsupportedAdapter, match=f"adapter_config {field}="):
             LoraAdapter.load(d, base.model, base.device, base.dtype)
 
+    # Non-finite matrices (the adapter's smoke test: no forward of the whole model at a swap).
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    tensors = load_file(a1 / "adapter_model.safetensors")
+    first = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    (bad / "adapter_config.json").write_text((a1 / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match=r"hold non-finite values"):
+        LoraAdapter.load(bad, base.model, base.device, base.dtype)
+
     # An adapter trained on a base of another width does not fit this base's Linears.
     cfg = AutoConfig.from_pretrained(v0)
     cfg.intermediate_size *= 2

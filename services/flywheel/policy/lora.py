@@ -65,7 +65,9 @@ class LoraAdapter:
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
-        """Read the adapter at `path` for `model`'s modules; UnsupportedAdapter or ValueError says what does not fit."""
+        """Read the adapter at `path` for `model`'s modules; UnsupportedAdapter or ValueError says what does not fit.
+        Its matrices must be finite: that is the adapter's smoke test (a forward of the whole model, as whole
+        weights get, cost a swap on a 0.5B model 0.18 s of its 0.2; the base had its own at its load)."""
         path = Path(path)
         cfg = json.loads((path / ADAPTER_CONFIG).read_text())
         scaling = _scaling(cfg)
@@ -96,6 +98,8 @@ class LoraAdapter:
                     f"the adapter's matrices for {name!r} are {tuple(a.shape)} and {tuple(b.shape)}, which do not fit "
                     f"a Linear of {mod.in_features} -> {mod.out_features}: is it for another base?"
                 )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"the adapter's matrices for {name!r} hold non-finite values")
             a, b = a.to(device, dtype), b.to(device, dtype)
             deltas.append((mod, LoraDelta(a, b, scaling)))
             nbytes += a.nbytes + b.nbytes

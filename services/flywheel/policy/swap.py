@@ -233,8 +233,19 @@ class Swapper:
 
         else:
             # sha256 of every file against the announcement, in other threads while the engine reads
-            # the new weights into a copy; nothing switches unless it passes.
-            if verified is None:
+            # the new weights into a copy; nothing switches unless it passes. Back from an adapter to its
+            # base, nothing is read: the weights in memory were verified when they were loaded.
+            cur = self.engine.serving_model
+            in_memory = (
+                cur is not None
+                and cur.base is not None
+                and (cur.base.version, cur.base.source)
+                == (
+                    u.version,
+                    str(path),
+                )
+            )
+            if verified is None and not in_memory:
                 hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
 
             def load() -> None:
