@@ -296,6 +296,11 @@ def test_queue_full_is_resource_exhausted(v0, slow):
             await until(lambda: e.info().waiting == 2, "two waiting")
             with pytest.raises(errors.ResourceExhausted, match="queue is full"):
                 await e.generate(greedy(PROMPTS[3], 5))
+            # Refused before any work on the request: neither validated nor tokenized.
+            with pytest.raises(errors.ResourceExhausted, match="queue is full"):
+                await e.generate(greedy("x" * 10_000_000, 10**9))
+            with pytest.raises(errors.ResourceExhausted, match="queue is full"):
+                e.check_capacity()
             assert e.info().waiting == 2 and e.info().running == 1
             for t in long:
                 t.cancel()

@@ -242,10 +242,19 @@ class Engine:
         finally:
             self._cancel(seq)
 
+    def check_capacity(self) -> None:
+        """ResourceExhausted now if the queue is full: a caller refuses an overload before it parses,
+        validates or tokenizes anything (a refused request then costs the serving core little)."""
+        if self._scheduler.full:
+            METRICS.requests.labels("rejected_resource_exhausted").inc()
+            raise self._scheduler.refusal()
+
     def _submit(
         self, req: GenerationRequest, stream: bool, timeout_s: float | None = None, on: LoadedModel | None = None
     ) -> Sequence:
         try:
+            if self._scheduler.full:  # before the request's validation and tokenization
+                raise self._scheduler.refusal()
             loaded = on or self._batches.serving
             if loaded is None:
                 raise errors.Unavailable("the policy model is not loaded yet: retry shortly", retry_after_s=1.0)

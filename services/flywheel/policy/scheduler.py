@@ -30,6 +30,15 @@ class Scheduler(Protocol):
         """Requests waiting for a slot."""
         ...
 
+    @property
+    def full(self) -> bool:
+        """No room for another request (read without the lock: a hint, `add` decides)."""
+        ...
+
+    def refusal(self) -> errors.ResourceExhausted:
+        """What a request is told when the queue is full."""
+        ...
+
     def add(self, seq: Sequence) -> None:
         """Queue a new request; ResourceExhausted when the queue is full."""
         ...
@@ -66,11 +75,18 @@ class FcfsScheduler:
     def waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self.max_queue
+
+    def refusal(self) -> errors.ResourceExhausted:
+        return errors.ResourceExhausted(
+            f"the queue is full ({self.max_queue} requests waiting): retry later", retry_after_s=1.0
+        )
+
     def add(self, seq: Sequence) -> None:
-        if len(self._queue) >= self.max_queue:
-            raise errors.ResourceExhausted(
-                f"the queue is full ({self.max_queue} requests waiting): retry later", retry_after_s=1.0
-            )
+        if self.full:
+            raise self.refusal()
         self._queue.append(seq)
         METRICS.queue_depth.set(len(self._queue))
 

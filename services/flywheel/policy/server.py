@@ -86,6 +86,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         return caller.end_user(msg.user_id) or caller.default_user(), caller
 
     async def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.service.check_capacity()  # an overload is refused before any other work
         user, caller = self._user(request, context)
         await _send_trace(context)
         served = await self.service.generate(request_from_proto(request), user, _deadline(context), caller=caller)
@@ -94,6 +95,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     async def GenerateStream(
         self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
+        self.service.check_capacity()
         user, caller = self._user(request, context)
         await _send_trace(context)
         req = request_from_proto(request)
@@ -104,6 +106,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             yield out
 
     async def GeneratePair(self, request: policy_pb2.GeneratePairRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.service.check_capacity()
         user, caller = self._user(request.request, context)  # the caller: a candidate_version may need admin
         await _send_trace(context)
         req = request_from_proto(request.request)

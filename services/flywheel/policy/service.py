@@ -284,10 +284,15 @@ class PolicyService:
         return info
 
     # ------------------------------------------------------------------ requests
+    def check_capacity(self) -> None:
+        """ResourceExhausted if the engine's queue is full (`Engine.check_capacity`): the first thing a route does."""
+        self.engine.check_capacity()
+
     def check(self, req: GenerationRequest, user_id: str, caller: Caller | None = None) -> None:
         """Every field of a request against the limits, before anything is tokenized, queued or loaded
         (the engine checks the request again, for its direct callers); a session `caller` refuses
-        another user here (Caller.scoped_user_id), before any work."""
+        another user here (Caller.scoped_user_id), before any work. A full queue refuses first."""
+        self.engine.check_capacity()
         check_user_id(user_id, self.config.limits)
         if caller is not None:
             caller.scoped_user_id(user_id)
