@@ -266,7 +266,7 @@ def test_pause_returns_after_the_step_in_progress(tmp_path: Path, init_path: Pat
     t.setup = lambda: None  # type: ignore[method-assign]  # already set up by make()
     in_step, release, steps = threading.Event(), threading.Event(), []
 
-    def slow_step(*_: object) -> dict:
+    def slow_step() -> dict:
         steps.append(t.step)
         in_step.set()
         release.wait(10)
@@ -329,9 +329,9 @@ RUNNER = textwrap.dedent(
     t = build_trainer(cfg, ModelStore(store), Reward(), prompts, FALLBACK_PROMPTS)
     train_step = t.train_step
 
-    def logged_step(*args):
+    def logged_step():
         before = prompts.cursor
-        m = train_step(*args)
+        m = train_step()
         h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in t.state.policy.parameters())).hexdigest()
         with open(log_path, "a") as f:
             f.write(json.dumps({"step": t.step, "cursor": before, "hash": h, "reward": m["reward_mean"]}) + "\\n")

@@ -343,14 +343,11 @@ class Trainer:
             policy = load_policy(self.state, self.checkpointer.store, self.cfg, version)
             self.state.restart_from(version, policy, self.cfg)
 
-    def _lead_step(self) -> None:
-        """A step of the loop; with several ranks, rank 0 takes the prompts and tells the others what to do
-        (distributed.Command) first."""
-        restart = self.promoter.take_restart()
-        prompts = None
-        if self.group.world > 1:
-            prompts = self.prompts.take(self.cfg.batch_size)
-            self.group.share(Command("step", restart, tuple(prompts)))
+    def _lead_step(self, restart: int | None) -> None:
+        """Rank 0's step with several ranks: take the prompts, tell the others what to do (distributed.Command),
+        then restart if asked and train, as they do."""
+        prompts = self.prompts.take(self.cfg.batch_size)
+        self.group.share(Command("step", restart, tuple(prompts)))
         self._restart(restart)
         self.train_step(prompts)
 
@@ -400,8 +397,14 @@ class Trainer:
                     if self.paused:  # paused while this thread waited for the lock
                         continue
                     self.status = "training"
+                    restart = self.promoter.take_restart()
+                    if not led:
+                        self._restart(restart)  # outside the step: a restart that fails stops the loop
                     try:
-                        self._lead_step()
+                        if led:
+                            self._lead_step(restart)
+                        else:
+                            self.train_step()
                         self.last_lag = self.prompts.lag()  # Kafka clients are not thread-safe: read it here
                     except Exception as e:
                         if led:  # the other ranks are inside the step's collectives: end the group (torchrun)
