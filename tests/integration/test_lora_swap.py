@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.core import bus, errors
@@ -20,7 +19,6 @@ from flywheel.core.auth import AuthConfig
 from flywheel.core.config import KafkaConfig
 from flywheel.core.modelstore import BaseRef, Manifest, ModelStore
 from flywheel.testing import wait_for
-from flywheel.trainer.adapters import save_adapter
 from flywheel.trainer.config import TrainerConfig
 from flywheel.trainer.loop import build_trainer
 from flywheel.trainer.prompt_sources import FALLBACK_PROMPTS, PoolPrompts
@@ -37,6 +35,7 @@ from tests.integration.test_policy_service import (
     make_store,
     perturbed,
 )
+from tests.unit.test_lora_serving import write_adapter
 from tests.unit.test_lora_trainer import TargetReward
 from tests.unit.test_starter import tiny_starter
 
@@ -44,21 +43,10 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 
 def adapter_on(store: ModelStore, base_version: int, seed: int) -> Callable[[Path], None]:
-    """A LoRA adapter (the trainer's defaults, its B matrices random so that it changes answers)
-    saved as the trainer saves one."""
-    from peft import get_peft_model
-
-    from flywheel.trainer.adapters import lora_config
+    """A LoRA adapter on the store's `base_version`, saved as the trainer saves one (test_lora_serving's)."""
 
     def write(d: Path) -> None:
-        path = store.load_path("policy", base_version)
-        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora_config(TrainerConfig(adapter="lora")))
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.3)
-        save_adapter(peft, AutoTokenizer.from_pretrained(path), d)
+        write_adapter(str(store.load_path("policy", base_version)), d, seed)
 
     return write
 

@@ -246,8 +246,9 @@ class Engine:
         """ResourceExhausted now if the queue is full: a caller refuses an overload before it parses,
         validates or tokenizes anything (a refused request then costs the serving core little)."""
         if self._scheduler.full:
-            METRICS.requests.labels("rejected_resource_exhausted").inc()
-            raise self._scheduler.refusal()
+            refusal = self._scheduler.refusal()
+            METRICS.requests.labels(f"rejected_{refusal.error_type}").inc()  # as `_submit` counts it
+            raise refusal
 
     def _submit(
         self, req: GenerationRequest, stream: bool, timeout_s: float | None = None, on: LoadedModel | None = None

@@ -103,7 +103,7 @@ class HotSwap:
                 return
             self._wait_for_drain()  # at most two copies of the weights: old + new
             t0 = time.perf_counter()
-            if cur is not None and cur.base is not None and (cur.base.version, cur.base.source) == (version, str(path)):
+            if cur is not None and cur.base is not None and cur.on_base(version, str(path)):
                 if verify is not None:  # back from an adapter to its base, which is in memory
                     verify()
                 mix = AdapterMix(cur, cur.base) if self.config.mixed_drain else None

@@ -69,6 +69,10 @@ class LoadedModel:
     _token_text: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
     _backend_decode: Callable[[list[int]], str] | None = dataclasses.field(default=None, repr=False)
 
+    def on_base(self, version: int, source: str) -> bool:
+        """Whether this is an adapter version whose base in memory is whole-weights `version` from `source`."""
+        return self.base is not None and (self.base.version, self.base.source) == (version, source)
+
     def token_text(self, token_id: int) -> str:
         """The text of one token (cached: the same id always decodes the same way alone)."""
         text = self._token_text.get(token_id)

@@ -236,15 +236,7 @@ class Swapper:
             # the new weights into a copy; nothing switches unless it passes. Back from an adapter to its
             # base, nothing is read: the weights in memory were verified when they were loaded.
             cur = self.engine.serving_model
-            in_memory = (
-                cur is not None
-                and cur.base is not None
-                and (cur.base.version, cur.base.source)
-                == (
-                    u.version,
-                    str(path),
-                )
-            )
+            in_memory = cur is not None and cur.on_base(u.version, str(path))
             if verified is None and not in_memory:
                 hashing = self._verifier.submit(modelstore.verify_digests, path, u.files)
 
@@ -308,12 +300,11 @@ class Swapper:
             )
         return str(path), base.version
 
-    def load_into(self, engine: Engine, version: int) -> BaseRef | None:
+    def load_into(self, engine: Engine, version: int) -> None:
         """Load store `version` of our model into `engine` (this replica's, or a GeneratePair candidate's),
         verified against its (signed) manifest: whole weights, or an adapter version on its base, which must
         be the base this replica serves (else FailedPrecondition, reason wrong_base, naming both; any base of
-        the store while nothing serves yet). Returns that base (None for whole weights); raises what the load
-        raises."""
+        the store while nothing serves yet). Raises what the load raises."""
         m = self.store.get(self.model, version)
         if m.base is not None:  # before any file is hashed: the precise refusal comes first
             self._check_base(version, m.base)
@@ -323,7 +314,6 @@ class Swapper:
         else:
             base = m.base
             engine.load_adapter(str(path), version, lambda: self._base_path(base))
-        return m.base
 
     def variant(self, version: int) -> LoadedModel | None:
         """Adapter `version` of the store on the weights this replica serves, for requests pinned to it

@@ -91,7 +91,8 @@ class Trainer:
     ) -> None:
         self.cfg, self.prompts, self.reward, self.reward_info = cfg, prompts, reward, reward_info
         self.group: Group = group or Alone()
-        self._trainable: tuple[int, nn.Module] | None = None  # (id of the policy, its DDP-wrapped forward)
+        # ((ids of the policy and the head), their DDP-wrapped forward)
+        self._trainable: tuple[tuple[int, int], nn.Module] | None = None
         self.ptx_data = ptx_data or []
         self.checkpointer, self.promoter = checkpointer, promoter
         self.algorithm = algorithm(cfg)
@@ -312,7 +313,7 @@ class Trainer:
         wrapped by the group (DDP: gradients averaged across ranks). Rebuilt when a restart loads another
         policy; every rank does so at the same step, as DDP's construction is collective."""
         policy = self.state.policy
-        key = hash((id(policy), id(head)))
+        key = (id(policy), id(head))
         if self._trainable is None or self._trainable[0] != key:
             self._trainable = (key, self.group.wrap(PolicyForward(policy, head)))
         return self._trainable[1]
